@@ -1,1 +1,2 @@
-//! placeholder
+//! Sans-IO Matrix key verification.
+pub mod qr;
