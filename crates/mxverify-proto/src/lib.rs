@@ -1,2 +1,6 @@
 //! Sans-IO Matrix key verification.
+pub mod b64;
+pub mod canonical;
+pub mod crypto;
+pub mod emoji;
 pub mod qr;
