@@ -1,0 +1,609 @@
+//! One message model for all verification events over both transports, and its codec
+//! ([spec: key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)).
+//!
+//! The transport shows only at the edge: to-device contents carry `transaction_id`, in-room
+//! contents carry `m.relates_to` (and the in-room request is an `m.room.message`). Parsing is
+//! strict about required fields and their types and tolerant of unknown extra fields, methods and
+//! cancel codes, which are kept verbatim.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+use crate::b64;
+use crate::cancel::CancelCode;
+
+/// The eight kinds of verification event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MsgKind {
+    /// `m.key.verification.request` (or the in-room `m.room.message` form).
+    Request,
+    /// `m.key.verification.ready`.
+    Ready,
+    /// `m.key.verification.start`.
+    Start,
+    /// `m.key.verification.accept`.
+    Accept,
+    /// `m.key.verification.key`.
+    Key,
+    /// `m.key.verification.mac`.
+    Mac,
+    /// `m.key.verification.done`.
+    Done,
+    /// `m.key.verification.cancel`.
+    Cancel,
+}
+
+impl MsgKind {
+    const ALL: [MsgKind; 8] = [
+        Self::Request,
+        Self::Ready,
+        Self::Start,
+        Self::Accept,
+        Self::Key,
+        Self::Mac,
+        Self::Done,
+        Self::Cancel,
+    ];
+
+    /// The `m.key.verification.*` event type.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Self::Request => "m.key.verification.request",
+            Self::Ready => "m.key.verification.ready",
+            Self::Start => "m.key.verification.start",
+            Self::Accept => "m.key.verification.accept",
+            Self::Key => "m.key.verification.key",
+            Self::Mac => "m.key.verification.mac",
+            Self::Done => "m.key.verification.done",
+            Self::Cancel => "m.key.verification.cancel",
+        }
+    }
+
+    /// The kind for an `m.key.verification.*` event type.
+    pub fn from_event_type(event_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.event_type() == event_type)
+    }
+}
+
+/// A verification method name (ST-02). Unknown names are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// `m.sas.v1`.
+    SasV1,
+    /// `m.qr_code.show.v1`: can show a QR code.
+    QrShowV1,
+    /// `m.qr_code.scan.v1`: can scan a QR code.
+    QrScanV1,
+    /// `m.reciprocate.v1`: the QR reciprocation.
+    ReciprocateV1,
+    /// Anything else, verbatim.
+    Custom(String),
+}
+
+impl Method {
+    /// The name on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::SasV1 => "m.sas.v1",
+            Self::QrShowV1 => "m.qr_code.show.v1",
+            Self::QrScanV1 => "m.qr_code.scan.v1",
+            Self::ReciprocateV1 => "m.reciprocate.v1",
+            Self::Custom(s) => s,
+        }
+    }
+
+    /// Parses a wire name; never fails.
+    pub fn from_wire(s: &str) -> Self {
+        match s {
+            "m.sas.v1" => Self::SasV1,
+            "m.qr_code.show.v1" => Self::QrShowV1,
+            "m.qr_code.scan.v1" => Self::QrScanV1,
+            "m.reciprocate.v1" => Self::ReciprocateV1,
+            other => Self::Custom(other.to_owned()),
+        }
+    }
+}
+
+/// `m.key.verification.request` content (EV-RQ-01, EV-RQI-02).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The requesting device.
+    pub from_device: String,
+    /// The methods the requester supports.
+    pub methods: Vec<Method>,
+    /// To-device only: when the request was made (POSIX milliseconds).
+    pub timestamp: Option<u64>,
+    /// In-room only: the user the request is for.
+    pub to: Option<String>,
+}
+
+/// `m.key.verification.ready` content (EV-RD-01).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// The accepting device.
+    pub from_device: String,
+    /// Its methods.
+    pub methods: Vec<Method>,
+}
+
+/// The offer of an `m.sas.v1` start (EV-SS-01). Lists are kept verbatim, unknown entries included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasOffer {
+    /// `key_agreement_protocols`.
+    pub key_agreement_protocols: Vec<String>,
+    /// `hashes`.
+    pub hashes: Vec<String>,
+    /// `message_authentication_codes`.
+    pub message_authentication_codes: Vec<String>,
+    /// `short_authentication_string`.
+    pub short_authentication_string: Vec<String>,
+}
+
+/// What a start asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartMethod {
+    /// `m.sas.v1` with its offer.
+    Sas(SasOffer),
+    /// `m.reciprocate.v1` with the QR secret (unpadded base64, EV-SR-01).
+    Reciprocate {
+        /// The shared secret read from the QR code.
+        secret: String,
+    },
+    /// A method this implementation does not know (answered with `m.unknown_method`).
+    Other(String),
+}
+
+/// `m.key.verification.start` content (EV-ST-01).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    /// The starting device.
+    pub from_device: String,
+    /// The method and its parameters.
+    pub method: StartMethod,
+}
+
+/// `m.key.verification.accept` content (EV-AC-01). `method` is not required (EV-AC-02).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accept {
+    /// The chosen key agreement protocol.
+    pub key_agreement_protocol: String,
+    /// The chosen hash.
+    pub hash: String,
+    /// The chosen MAC method.
+    pub message_authentication_code: String,
+    /// The SAS methods both sides understand.
+    pub short_authentication_string: Vec<String>,
+    /// The commitment (unpadded base64 SHA-256).
+    pub commitment: String,
+}
+
+/// `m.key.verification.mac` content (EV-MC-01).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacMsg {
+    /// Key ID → MAC.
+    pub mac: BTreeMap<String, String>,
+    /// MAC of the sorted, comma-joined key IDs.
+    pub keys: String,
+}
+
+/// `m.key.verification.cancel` content (EV-CN-01).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancel {
+    /// The code (unknown codes kept).
+    pub code: CancelCode,
+    /// The human-readable reason.
+    pub reason: String,
+}
+
+/// A verification message, independent of transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// request
+    Request(Request),
+    /// ready
+    Ready(Ready),
+    /// start
+    Start(Start),
+    /// accept
+    Accept(Accept),
+    /// key: the sender's ephemeral public key, unpadded base64 (EV-KY-01)
+    Key(String),
+    /// mac
+    Mac(MacMsg),
+    /// done
+    Done,
+    /// cancel
+    Cancel(Cancel),
+}
+
+impl Msg {
+    /// The kind of this message.
+    pub fn kind(&self) -> MsgKind {
+        match self {
+            Self::Request(_) => MsgKind::Request,
+            Self::Ready(_) => MsgKind::Ready,
+            Self::Start(_) => MsgKind::Start,
+            Self::Accept(_) => MsgKind::Accept,
+            Self::Key(_) => MsgKind::Key,
+            Self::Mac(_) => MsgKind::Mac,
+            Self::Done => MsgKind::Done,
+            Self::Cancel(_) => MsgKind::Cancel,
+        }
+    }
+}
+
+/// Where a message's flow id lives (FW-03).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Envelope {
+    /// To-device: `transaction_id` in the content.
+    ToDevice(String),
+    /// In-room: `m.relates_to` pointing at the request event (absent only on the request itself).
+    Room(Option<String>),
+}
+
+/// What was wrong with a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// The field is required but absent.
+    Missing,
+    /// The field has the wrong JSON type; the text names the expected one.
+    WrongType(&'static str),
+    /// The field's value is not acceptable; the text says why.
+    Invalid(&'static str),
+}
+
+/// A malformed message: which field, and what was wrong (answered with `m.invalid_message`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub struct WireError {
+    /// The content field (dotted path).
+    pub field: &'static str,
+    /// The problem.
+    pub problem: Problem,
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problem {
+            Problem::Missing => write!(f, "required field `{}` is missing", self.field),
+            Problem::WrongType(t) => write!(f, "field `{}` must be {t}", self.field),
+            Problem::Invalid(why) => write!(f, "field `{}` is invalid: {why}", self.field),
+        }
+    }
+}
+
+fn err(field: &'static str, problem: Problem) -> WireError {
+    WireError { field, problem }
+}
+
+/// A parsed incoming event: its kind, its flow id if it has a usable one, and the message or the
+/// reason it is malformed. A message without a usable flow id cannot be attributed to any flow and
+/// is dropped without an answer.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The kind of event.
+    pub kind: MsgKind,
+    /// The flow id (to-device `transaction_id` or in-room related event id); `None` for an in-room
+    /// request (its flow id is its own event id) or when missing/malformed.
+    pub flow_id: Option<String>,
+    /// The message, or what is wrong with it.
+    pub msg: Result<Msg, WireError>,
+}
+
+/// The `msgtype` of the in-room request (EV-RQI-01).
+pub const ROOM_REQUEST_MSGTYPE: &str = "m.key.verification.request";
+
+/// Parses an event's content. `in_room` selects the transport; `relates_to_fallback` is the
+/// `m.relates_to` of an encrypted event's cleartext wrapper (FW-07). Returns `None` for events
+/// that are not verification events at all.
+pub fn parse(
+    event_type: &str,
+    content: &Value,
+    in_room: bool,
+    relates_to_fallback: Option<&Value>,
+) -> Option<Parsed> {
+    let room_request = in_room
+        && event_type == "m.room.message"
+        && content.get("msgtype").and_then(Value::as_str) == Some(ROOM_REQUEST_MSGTYPE);
+    let kind = if room_request {
+        MsgKind::Request
+    } else {
+        let kind = MsgKind::from_event_type(event_type)?;
+        // EV-RQ-02: the `m.key.verification.request` event type exists only as to-device.
+        if in_room && kind == MsgKind::Request {
+            return None;
+        }
+        kind
+    };
+    let Some(obj) = content.as_object() else {
+        return Some(Parsed {
+            kind,
+            flow_id: None,
+            msg: Err(err("content", Problem::WrongType("an object"))),
+        });
+    };
+    let flow_id = if room_request {
+        None
+    } else if in_room {
+        relation(obj.get("m.relates_to").or(relates_to_fallback))
+    } else {
+        obj.get("transaction_id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let msg = parse_body(kind, obj, in_room);
+    Some(Parsed { kind, flow_id, msg })
+}
+
+fn relation(rel: Option<&Value>) -> Option<String> {
+    let rel = rel?.as_object()?;
+    // FW-06: `rel_type` can only be `m.reference`; anything else is not a verification relation.
+    if rel.get("rel_type")?.as_str()? != "m.reference" {
+        return None;
+    }
+    rel.get("event_id")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn string(obj: &Map<String, Value>, field: &'static str) -> Result<String, WireError> {
+    match obj.get(field) {
+        None => Err(err(field, Problem::Missing)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(err(field, Problem::WrongType("a string"))),
+    }
+}
+
+fn device(obj: &Map<String, Value>) -> Result<String, WireError> {
+    let d = string(obj, "from_device")?;
+    if d.is_empty() {
+        return Err(err("from_device", Problem::Invalid("empty device ID")));
+    }
+    Ok(d)
+}
+
+fn strings(obj: &Map<String, Value>, field: &'static str) -> Result<Vec<String>, WireError> {
+    match obj.get(field) {
+        None => Err(err(field, Problem::Missing)),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or(err(field, Problem::WrongType("an array of strings")))
+            })
+            .collect(),
+        Some(_) => Err(err(field, Problem::WrongType("an array of strings"))),
+    }
+}
+
+fn methods(obj: &Map<String, Value>) -> Result<Vec<Method>, WireError> {
+    Ok(strings(obj, "methods")?
+        .iter()
+        .map(|m| Method::from_wire(m))
+        .collect())
+}
+
+fn key32(obj: &Map<String, Value>, field: &'static str) -> Result<String, WireError> {
+    let s = string(obj, field)?;
+    if b64::decode32(&s).is_none() {
+        return Err(err(field, Problem::Invalid("not 32 bytes of base64")));
+    }
+    Ok(s)
+}
+
+fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<Msg, WireError> {
+    Ok(match kind {
+        MsgKind::Request => {
+            let from_device = device(obj)?;
+            let methods = methods(obj)?;
+            if in_room {
+                let to = string(obj, "to")?;
+                Msg::Request(Request {
+                    from_device,
+                    methods,
+                    timestamp: None,
+                    to: Some(to),
+                })
+            } else {
+                let timestamp = match obj.get("timestamp") {
+                    None => return Err(err("timestamp", Problem::Missing)),
+                    Some(v) => v.as_u64().ok_or(err(
+                        "timestamp",
+                        Problem::WrongType("a non-negative integer"),
+                    ))?,
+                };
+                Msg::Request(Request {
+                    from_device,
+                    methods,
+                    timestamp: Some(timestamp),
+                    to: None,
+                })
+            }
+        }
+        MsgKind::Ready => Msg::Ready(Ready {
+            from_device: device(obj)?,
+            methods: methods(obj)?,
+        }),
+        MsgKind::Start => {
+            let from_device = device(obj)?;
+            let method = match string(obj, "method")?.as_str() {
+                "m.sas.v1" => StartMethod::Sas(SasOffer {
+                    key_agreement_protocols: strings(obj, "key_agreement_protocols")?,
+                    hashes: strings(obj, "hashes")?,
+                    message_authentication_codes: strings(obj, "message_authentication_codes")?,
+                    short_authentication_string: strings(obj, "short_authentication_string")?,
+                }),
+                "m.reciprocate.v1" => {
+                    let secret = string(obj, "secret")?;
+                    if b64::decode(&secret).is_none() {
+                        return Err(err("secret", Problem::Invalid("not base64")));
+                    }
+                    StartMethod::Reciprocate { secret }
+                }
+                other => StartMethod::Other(other.to_owned()),
+            };
+            Msg::Start(Start {
+                from_device,
+                method,
+            })
+        }
+        MsgKind::Accept => Msg::Accept(Accept {
+            key_agreement_protocol: string(obj, "key_agreement_protocol")?,
+            hash: string(obj, "hash")?,
+            message_authentication_code: string(obj, "message_authentication_code")?,
+            short_authentication_string: strings(obj, "short_authentication_string")?,
+            commitment: key32(obj, "commitment")?,
+        }),
+        MsgKind::Key => Msg::Key(key32(obj, "key")?),
+        MsgKind::Mac => {
+            let mac = match obj.get("mac") {
+                None => return Err(err("mac", Problem::Missing)),
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .map(|(k, v)| {
+                        v.as_str()
+                            .map(|v| (k.clone(), v.to_owned()))
+                            .ok_or(err("mac", Problem::WrongType("an object of strings")))
+                    })
+                    .collect::<Result<BTreeMap<_, _>, _>>()?,
+                Some(_) => return Err(err("mac", Problem::WrongType("an object of strings"))),
+            };
+            if mac.is_empty() {
+                return Err(err("mac", Problem::Invalid("no keys")));
+            }
+            Msg::Mac(MacMsg {
+                mac,
+                keys: string(obj, "keys")?,
+            })
+        }
+        MsgKind::Done => Msg::Done,
+        // A cancel always ends its flow, however malformed (EV-CN-02, CX-06): missing or mistyped
+        // fields are read as an unspecified code and an empty reason.
+        MsgKind::Cancel => Msg::Cancel(Cancel {
+            code: CancelCode::from_wire(obj.get("code").and_then(Value::as_str).unwrap_or("")),
+            reason: obj
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+        }),
+    })
+}
+
+/// Encodes a message for the wire: the event type and the content. For an in-room request the
+/// type is `m.room.message` and `requester` names the sender in the fallback body.
+pub fn encode(msg: &Msg, envelope: &Envelope) -> (&'static str, Value) {
+    let mut content = match msg {
+        Msg::Request(r) => {
+            let mut c = json!({
+                "from_device": r.from_device,
+                "methods": r.methods.iter().map(Method::as_str).collect::<Vec<_>>(),
+            });
+            if let Some(ts) = r.timestamp {
+                c["timestamp"] = json!(ts);
+            }
+            if let Some(to) = &r.to {
+                c["to"] = json!(to);
+                c["msgtype"] = json!(ROOM_REQUEST_MSGTYPE);
+                c["body"] = json!(format!(
+                    "Key verification request for {to}. Your client does not support in-room key verification."
+                ));
+            }
+            c
+        }
+        Msg::Ready(r) => json!({
+            "from_device": r.from_device,
+            "methods": r.methods.iter().map(Method::as_str).collect::<Vec<_>>(),
+        }),
+        Msg::Start(s) => {
+            let mut c = json!({ "from_device": s.from_device });
+            match &s.method {
+                StartMethod::Sas(o) => {
+                    c["method"] = json!("m.sas.v1");
+                    c["key_agreement_protocols"] = json!(o.key_agreement_protocols);
+                    c["hashes"] = json!(o.hashes);
+                    c["message_authentication_codes"] = json!(o.message_authentication_codes);
+                    c["short_authentication_string"] = json!(o.short_authentication_string);
+                }
+                StartMethod::Reciprocate { secret } => {
+                    c["method"] = json!("m.reciprocate.v1");
+                    c["secret"] = json!(secret);
+                }
+                StartMethod::Other(m) => c["method"] = json!(m),
+            }
+            c
+        }
+        // `method` is sent because the spec's schema still lists it as required (EV-AC-02);
+        // receivers ignore it and we never require it.
+        Msg::Accept(a) => json!({
+            "method": "m.sas.v1",
+            "key_agreement_protocol": a.key_agreement_protocol,
+            "hash": a.hash,
+            "message_authentication_code": a.message_authentication_code,
+            "short_authentication_string": a.short_authentication_string,
+            "commitment": a.commitment,
+        }),
+        Msg::Key(k) => json!({ "key": k }),
+        Msg::Mac(m) => json!({ "mac": m.mac, "keys": m.keys }),
+        Msg::Done => json!({}),
+        Msg::Cancel(c) => json!({ "code": c.code.as_str(), "reason": c.reason }),
+    };
+    match envelope {
+        Envelope::ToDevice(txn) => content["transaction_id"] = json!(txn),
+        Envelope::Room(Some(event_id)) => {
+            content["m.relates_to"] = json!({ "rel_type": "m.reference", "event_id": event_id })
+        }
+        Envelope::Room(None) => {}
+    }
+    let event_type = match (msg, envelope) {
+        (Msg::Request(_), Envelope::Room(_)) => "m.room.message",
+        _ => msg.kind().event_type(),
+    };
+    (event_type, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_codes_and_methods_round_trip() {
+        let content = json!({"code": "org.example.nope", "reason": "x", "transaction_id": "t"});
+        let p = parse("m.key.verification.cancel", &content, false, None).unwrap();
+        let msg = p.msg.unwrap();
+        assert_eq!(encode(&msg, &Envelope::ToDevice("t".into())).1, content);
+        let ready = json!({"from_device": "D", "methods": ["m.sas.v1", "org.example.method"], "transaction_id": "t"});
+        let p = parse("m.key.verification.ready", &ready, false, None).unwrap();
+        assert_eq!(
+            encode(&p.msg.unwrap(), &Envelope::ToDevice("t".into())).1,
+            ready
+        );
+    }
+
+    #[test]
+    fn relation_from_cleartext_wrapper() {
+        let rel = json!({"rel_type": "m.reference", "event_id": "$req"});
+        let p = parse("m.key.verification.done", &json!({}), true, Some(&rel)).unwrap();
+        assert_eq!(p.flow_id.as_deref(), Some("$req"));
+        let wrong = json!({"rel_type": "m.annotation", "event_id": "$req"});
+        let p = parse(
+            "m.key.verification.done",
+            &json!({"m.relates_to": wrong}),
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.flow_id, None);
+    }
+
+    #[test]
+    fn not_verification_events() {
+        assert!(parse("m.room.message", &json!({"msgtype": "m.text"}), true, None).is_none());
+        assert!(parse("m.key.verification.request", &json!({}), true, None).is_none());
+        assert!(parse("m.room_key", &json!({}), false, None).is_none());
+    }
+}
