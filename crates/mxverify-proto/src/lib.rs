@@ -4,5 +4,12 @@ pub mod cancel;
 pub mod canonical;
 pub mod crypto;
 pub mod emoji;
+mod machine;
 pub mod qr;
+mod sas;
+pub mod types;
 pub mod wire;
+
+pub use cancel::{CancelCode, CancelInfo, LocalCause};
+pub use machine::{FlowInfo, Machine};
+pub use types::*;

@@ -1,0 +1,391 @@
+//! The vocabulary shared by the machine and its callers: flow keys, identities, inputs and outputs.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::cancel::CancelInfo;
+use crate::emoji::Emoji;
+use crate::wire::Method;
+
+/// Milliseconds since the Unix epoch, as given by the caller's clock.
+pub type Millis = u64;
+
+/// Identifies one verification flow (FW-03): a to-device `transaction_id` together with the other
+/// user, or the event ID of an in-room request together with its room.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum FlowKey {
+    /// A to-device flow.
+    ToDevice {
+        /// The other user.
+        user_id: String,
+        /// The flow's `transaction_id`.
+        transaction_id: String,
+    },
+    /// An in-room flow.
+    Room {
+        /// The room.
+        room_id: String,
+        /// The request event's ID, which is the flow id.
+        event_id: String,
+    },
+}
+
+impl FlowKey {
+    /// The flow id as the SAS info strings and QR codes use it (FW-04).
+    pub fn flow_id(&self) -> &str {
+        match self {
+            Self::ToDevice { transaction_id, .. } => transaction_id,
+            Self::Room { event_id, .. } => event_id,
+        }
+    }
+}
+
+/// This device: who we are and which keys we vouch for in our MACs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnIdentity {
+    /// Our user ID.
+    pub user_id: String,
+    /// Our device ID.
+    pub device_id: String,
+    /// Our device's Ed25519 key, unpadded base64.
+    pub ed25519: String,
+    /// Our master cross-signing key, unpadded base64, if we have one.
+    pub master_key: Option<String>,
+    /// Whether this device trusts that master key; only then is it included in our MAC (MC-07, MC-08).
+    pub trusts_master_key: bool,
+}
+
+/// What the caller knows of a user's keys, checked by the caller (signatures) before it is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserKeys {
+    /// Device ID → Ed25519 key (unpadded base64).
+    pub devices: BTreeMap<String, String>,
+    /// The master cross-signing key (unpadded base64).
+    pub master_key: Option<String>,
+    /// The self-signing and user-signing keys, used only for the device-ID clash check (TR-02).
+    pub other_cross_signing_keys: Vec<String>,
+}
+
+/// Timeouts and windows (section 7 of the requirements); the defaults are the spec's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// An outgoing request with no answer, and a whole flow, end after this long (TO-01): 10 min.
+    pub flow: Millis,
+    /// An incoming request's prompt closes this long after it was received (RQ-04): 2 min.
+    pub prompt_after_receipt: Millis,
+    /// …or this long after its timestamp (RQ-04): 10 min.
+    pub prompt_after_timestamp: Millis,
+    /// Requests older than this are ignored (RQ-03): 10 min.
+    pub max_age: Millis,
+    /// Requests further in the future than this are ignored (RQ-03): 5 min.
+    pub max_future: Millis,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            flow: 10 * 60_000,
+            prompt_after_receipt: 2 * 60_000,
+            prompt_after_timestamp: 10 * 60_000,
+            max_age: 10 * 60_000,
+            max_future: 5 * 60_000,
+        }
+    }
+}
+
+/// What this device can do, and its timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The methods we advertise in `request` and `ready`.
+    pub methods: Vec<Method>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { methods: vec![Method::SasV1], timeouts: Timeouts::default() }
+    }
+}
+
+/// A source of secret random bytes, supplied by the caller: the core has no RNG of its own.
+pub trait Entropy {
+    /// Fills `buf` with cryptographically secure random bytes.
+    fn fill(&mut self, buf: &mut [u8]);
+}
+
+/// In-room context of an incoming event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomContext {
+    /// The room.
+    pub room_id: String,
+    /// This event's ID.
+    pub event_id: String,
+    /// The server timestamp (used for the request window, RQ-05).
+    pub origin_server_ts: Millis,
+    /// `m.relates_to` from the cleartext wrapper of an encrypted event (FW-07).
+    pub relates_to_fallback: Option<Value>,
+}
+
+/// An event received from the homeserver (decrypted, if it was encrypted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingEvent {
+    /// The event's `sender`.
+    pub sender: String,
+    /// The event type.
+    pub event_type: String,
+    /// The (decrypted) content.
+    pub content: Value,
+    /// `None` for to-device events.
+    pub room: Option<RoomContext>,
+}
+
+/// Where an outgoing message goes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum Destination {
+    /// `PUT /sendToDevice` to these devices of this user (`*` = all of them).
+    ToDevice {
+        /// The user.
+        user_id: String,
+        /// The devices.
+        device_ids: Vec<String>,
+    },
+    /// `PUT /rooms/{room_id}/send` in this room.
+    Room {
+        /// The room.
+        room_id: String,
+    },
+}
+
+/// A message for the caller to send.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Outgoing {
+    /// Identifies this message; for an in-room request, report its event ID with
+    /// [`crate::Machine::room_event_sent`]. Also usable as the transaction id of the send.
+    pub id: u64,
+    /// The flow it belongs to, if it has one yet.
+    pub flow: Option<FlowKey>,
+    /// Where to send it.
+    pub destination: Destination,
+    /// The event type.
+    pub event_type: &'static str,
+    /// The content.
+    pub content: Value,
+}
+
+/// What a verified key is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// A device's Ed25519 key.
+    Device,
+    /// A user's master cross-signing key.
+    MasterKey,
+}
+
+/// A key the other side proved it holds, compared by value with our own copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifiedKey {
+    /// The key ID, e.g. `ed25519:DEVICEID` or `ed25519:<master key>`.
+    pub key_id: String,
+    /// The public key, unpadded base64.
+    pub key: String,
+    /// What it is.
+    pub kind: KeyKind,
+}
+
+/// Why an incoming event was dropped without an answer (for logs and diagnostics).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// It has no usable flow id, so it belongs to no flow.
+    NoFlowId,
+    /// A malformed request (nothing to cancel yet).
+    MalformedRequest(String),
+    /// A request outside the timestamp window (RQ-03).
+    OutsideTimeWindow,
+    /// Our own echo or a request from this very device.
+    Own,
+    /// An in-room event from someone who is not a party to the flow (EV-RQI-05, TR-03).
+    NotAParty,
+    /// An in-room request for another user.
+    NotForUs,
+    /// An event for a flow that ended (CX-07).
+    FlowEnded,
+    /// An in-room event for a flow we do not know.
+    UnknownRoomFlow,
+    /// An exact duplicate of a message already handled.
+    Duplicate,
+    /// A message from another of the other user's devices than the one in the flow (RQ-12).
+    OtherDevice,
+    /// A start of the losing side of a tie-break (ST-03).
+    LostTieBreak,
+    /// An event that waited for keys that never came.
+    KeysNeverArrived,
+}
+
+/// Something the user interface (or a bot) should know about.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Someone asks us to verify (RQ-01) — or, for a legacy start-first flow, started SAS directly.
+    IncomingRequest {
+        /// The flow.
+        flow: FlowKey,
+        /// Their device.
+        from_device: String,
+        /// Their methods.
+        methods: Vec<String>,
+        /// The methods we could use with them (empty: tell the user, do not cancel — RQ-06).
+        common_methods: Vec<String>,
+        /// `true` for a start without a request (ST-06).
+        legacy: bool,
+        /// When the prompt closes by itself (RQ-04).
+        deadline: Millis,
+    },
+    /// Our request went out.
+    RequestSent {
+        /// The flow.
+        flow: FlowKey,
+    },
+    /// Both sides are ready; a method can be started (ST-01).
+    Ready {
+        /// The flow.
+        flow: FlowKey,
+        /// The other device.
+        other_device: String,
+        /// The methods both sides support.
+        methods: Vec<String>,
+    },
+    /// A method was started.
+    Started {
+        /// The flow.
+        flow: FlowKey,
+        /// The method.
+        method: String,
+        /// Whether we started it (after the tie-break).
+        by_us: bool,
+    },
+    /// Keys exchanged: show these to the user and ask whether they match (SQ-07). Only the
+    /// negotiated representations are present.
+    Sas {
+        /// The flow.
+        flow: FlowKey,
+        /// The seven emoji, if `emoji` was agreed.
+        emoji: Option<Vec<Emoji>>,
+        /// The three numbers, if `decimal` was agreed.
+        decimals: Option<[u16; 3]>,
+    },
+    /// Verified: every check passed and `done` was exchanged (TR-04). These exact keys are trusted.
+    Done {
+        /// The flow.
+        flow: FlowKey,
+        /// The verified user.
+        user_id: String,
+        /// The verified device.
+        device_id: String,
+        /// The keys verified.
+        keys: Vec<VerifiedKey>,
+    },
+    /// The flow was cancelled (by either side) or dismissed.
+    Cancelled {
+        /// The flow.
+        flow: FlowKey,
+        /// Who, why, and the local cause.
+        #[serde(serialize_with = "ser_cancel")]
+        info: CancelInfo,
+    },
+    /// Please fetch this user's keys and pass them to [`crate::Machine::update_user_keys`]; events
+    /// that need them are held meanwhile (never dropped for lack of keys).
+    KeysNeeded {
+        /// The user.
+        user_id: String,
+    },
+    /// An incoming event was ignored; for logs.
+    Dropped {
+        /// Its sender.
+        sender: String,
+        /// Its type.
+        event_type: String,
+        /// Why.
+        reason: DropReason,
+    },
+}
+
+fn ser_cancel<S: serde::Serializer>(info: &CancelInfo, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut st = s.serialize_struct("CancelInfo", 6)?;
+    st.serialize_field("by", if info.by_us { "us" } else { "them" })?;
+    st.serialize_field("code", info.code.as_str())?;
+    st.serialize_field("reason", &info.reason)?;
+    st.serialize_field("cause", &info.cause.as_ref().map(ToString::to_string))?;
+    st.serialize_field("sent", &info.sent)?;
+    st.serialize_field("explanation", &info.explain())?;
+    st.end()
+}
+
+/// A user action that cannot be carried out (never a silent no-op).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// No such flow (or it was forgotten).
+    #[error("no verification flow {0:?}")]
+    UnknownFlow(FlowKey),
+    /// The flow is not in a state where this action is allowed.
+    #[error("cannot {action} now: the verification is {state}")]
+    WrongState {
+        /// The action attempted.
+        action: &'static str,
+        /// The state the flow is in.
+        state: &'static str,
+    },
+    /// The two sides have no method in common for this action.
+    #[error("no common verification method: {0}")]
+    NoCommonMethod(&'static str),
+    /// The other device's keys are not known yet; a [`Event::KeysNeeded`] was emitted.
+    #[error("the keys of {user_id}'s device {device_id} are not known yet")]
+    KeysUnknown {
+        /// The user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+    },
+    /// A request needs at least one device.
+    #[error("no device to send the request to")]
+    NoDevices,
+    /// The outgoing message id is not a pending in-room request.
+    #[error("no pending in-room request with outgoing id {0}")]
+    UnknownOutgoing(u64),
+}
+
+/// Deterministic [`Entropy`] from a seed (SHA-256 in counter mode), for tests, benchmarks, fuzzing
+/// and replays. **Never use it for real verifications**: anyone who knows the seed knows the keys.
+#[derive(Debug, Clone)]
+pub struct SeededEntropy {
+    seed: [u8; 32],
+    counter: u64,
+}
+
+impl SeededEntropy {
+    /// A generator for this seed.
+    pub fn new(seed: u64) -> Self {
+        let mut s = [0u8; 32];
+        s[..8].copy_from_slice(&seed.to_le_bytes());
+        Self { seed: s, counter: 0 }
+    }
+}
+
+impl Entropy for SeededEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        use sha2::Digest;
+        for chunk in buf.chunks_mut(32) {
+            let mut h = sha2::Sha256::new();
+            h.update(self.seed);
+            h.update(self.counter.to_le_bytes());
+            self.counter += 1;
+            chunk.copy_from_slice(&h.finalize()[..chunk.len()]);
+        }
+    }
+}
