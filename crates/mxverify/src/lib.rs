@@ -1,0 +1,3 @@
+//! mxverify as a library: the parts of the command-line program that can be tested alone.
+
+pub mod qr_image;
