@@ -1,1 +1,2 @@
 pub mod schema;
+pub mod net;
