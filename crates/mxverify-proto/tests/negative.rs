@@ -1,0 +1,694 @@
+//! A negative test for every check: each must end in the right cancel code, sent by the right
+//! side, with nothing trusted, at most one cancel on the wire per flow, and no cancel answered.
+
+mod support;
+
+use mxverify_proto::*;
+use serde_json::json;
+use support::net::*;
+
+const LOW_ORDER: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"; // the all-zero point
+const OTHER_HASH: &str = "Q/NmNFEUS1fS+YeEmiZkjjblKTitrKOAk7cPEumcMlg";
+
+fn pair() -> Net {
+    Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"))
+}
+
+/// Runs request → ready → A starts SAS → both confirm, with `tamper` on the wire.
+fn sas_flow(net: &mut Net, in_room: bool) {
+    let (fa, fb) = net.request_and_accept(in_room);
+    let now = net.now;
+    net.a.start_sas(&fa, now).unwrap();
+    net.run();
+    let _ = net.a.confirm(&fa, now);
+    let _ = net.b.confirm(&fb, now);
+    net.run();
+}
+
+/// Checks the outcome of a failed flow: `canceller` sent exactly one cancel with `code`, the other
+/// side received it, nobody trusted anything, and no cancel was answered.
+fn assert_cancelled(net: &Net, canceller: Side, code: &str) -> CancelInfo {
+    let sent = net.cancels_sent();
+    assert_eq!(sent, vec![(canceller, code.to_owned())], "cancels on the wire");
+    let ours = net.cancelled(canceller).expect("canceller reports the cancel");
+    assert!(ours.by_us && ours.sent && ours.code.as_str() == code, "{ours:?}");
+    assert!(ours.cause.is_some(), "our own cancels carry a local cause");
+    let theirs = net.cancelled(canceller.other()).expect("the other side reports it");
+    assert!(!theirs.by_us && theirs.code.as_str() == code, "{theirs:?}");
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none(), "nothing may be trusted");
+    ours
+}
+
+fn tamper(net: &mut Net, event_type: &'static str, f: impl Fn(&mut Wire) + 'static) {
+    net.tamper = Some(Box::new(move |w: &mut Wire| {
+        if w.out.event_type == event_type {
+            f(w);
+        }
+        true
+    }));
+}
+
+#[test]
+fn wrong_commitment() {
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.accept", |w| set(w, "commitment", json!(OTHER_HASH)));
+    sas_flow(&mut net, false);
+    let info = assert_cancelled(&net, Side::A, "m.mismatched_commitment");
+    assert_eq!(info.cause, Some(LocalCause::CommitmentMismatch));
+}
+
+#[test]
+fn wrong_device_key_mac() {
+    for in_room in [false, true] {
+        let mut net = pair();
+        tamper(&mut net, "m.key.verification.mac", |w| {
+            if w.from == Side::B {
+                w.out.content["mac"]["ed25519:B1"] = json!(OTHER_HASH);
+            }
+        });
+        sas_flow(&mut net, in_room);
+        let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
+        assert_eq!(info.cause, Some(LocalCause::KeyMacMismatch("ed25519:B1".into())));
+    }
+}
+
+#[test]
+fn wrong_key_list_mac() {
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.mac", |w| {
+        if w.from == Side::A {
+            set(w, "keys", json!(OTHER_HASH));
+        }
+    });
+    sas_flow(&mut net, false);
+    let info = assert_cancelled(&net, Side::B, "m.key_mismatch");
+    assert_eq!(info.cause, Some(LocalCause::KeyListMacMismatch));
+}
+
+#[test]
+fn removed_key_from_mac_breaks_the_key_list_mac() {
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.mac", |w| {
+        if w.from == Side::B {
+            let msk = format!("ed25519:{}", fake_key(&format!("{BOB}/msk")));
+            w.out.content["mac"].as_object_mut().unwrap().remove(&msk);
+        }
+    });
+    sas_flow(&mut net, false);
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeyListMacMismatch));
+}
+
+#[test]
+fn wrong_master_key_mac() {
+    let mut net = pair();
+    let msk = format!("ed25519:{}", fake_key(&format!("{BOB}/msk")));
+    let id = msk.clone();
+    tamper(&mut net, "m.key.verification.mac", move |w| {
+        if w.from == Side::B {
+            w.out.content["mac"][&id] = json!(OTHER_HASH);
+        }
+    });
+    sas_flow(&mut net, false);
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeyMacMismatch(msk)));
+}
+
+#[test]
+fn user_says_mismatch() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    net.b.mismatch(&fb, net.now).unwrap();
+    net.run();
+    assert!(net.a.confirm(&fa, net.now).is_err(), "no confirming a cancelled flow");
+    assert_eq!(assert_cancelled(&net, Side::B, "m.mismatched_sas").cause, Some(LocalCause::UserSaidMismatch));
+}
+
+#[test]
+fn unknown_start_method() {
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.start", |w| set(w, "method", json!("org.example.telepathy")));
+    sas_flow(&mut net, false);
+    let info = assert_cancelled(&net, Side::B, "m.unknown_method");
+    assert_eq!(info.cause, Some(LocalCause::UnsupportedMethod("org.example.telepathy".into())));
+}
+
+#[test]
+fn start_with_nothing_in_common() {
+    for (field, value, what) in [
+        ("key_agreement_protocols", json!(["org.example.ka"]), "key agreement protocol"),
+        ("hashes", json!(["sha512"]), "hash"),
+        ("message_authentication_codes", json!(["hmac-sha256"]), "message authentication code"),
+        ("short_authentication_string", json!(["org.example.octal"]), "short authentication string method"),
+    ] {
+        let mut net = pair();
+        let v = value.clone();
+        tamper(&mut net, "m.key.verification.start", move |w| set(w, field, v.clone()));
+        sas_flow(&mut net, false);
+        let info = assert_cancelled(&net, Side::B, "m.unknown_method");
+        assert_eq!(info.cause, Some(LocalCause::NoCommonMethod(what)), "{field}");
+    }
+}
+
+#[test]
+fn accept_choosing_what_was_not_offered() {
+    for (field, value, what) in [
+        ("key_agreement_protocol", json!("org.example.ka"), "key agreement protocol"),
+        ("hash", json!("sha512"), "hash"),
+        ("message_authentication_code", json!("hmac-sha256"), "message authentication code"),
+        ("short_authentication_string", json!(["decimal", "octal"]), "short authentication string method"),
+        ("short_authentication_string", json!([]), "short authentication string method"),
+    ] {
+        let mut net = pair();
+        let v = value.clone();
+        tamper(&mut net, "m.key.verification.accept", move |w| set(w, field, v.clone()));
+        sas_flow(&mut net, false);
+        let info = assert_cancelled(&net, Side::A, "m.unknown_method");
+        assert_eq!(info.cause, Some(LocalCause::AcceptNotOffered(what)), "{field}");
+    }
+}
+
+#[test]
+fn malformed_messages_are_invalid() {
+    for (ty, field, value) in [
+        ("m.key.verification.key", "key", json!("not base64!")),
+        ("m.key.verification.key", "key", json!(42)),
+        ("m.key.verification.accept", "commitment", json!("c2hvcnQ")),
+        ("m.key.verification.mac", "mac", json!(["x"])),
+        ("m.key.verification.mac", "keys", json!(null)),
+        ("m.key.verification.start", "hashes", json!("sha256")),
+        ("m.key.verification.start", "from_device", json!("")),
+    ] {
+        let mut net = pair();
+        let v = value.clone();
+        let target = ty;
+        let mut done = false;
+        // Only the first such message: MACs cross, and both would be malformed otherwise.
+        net.tamper = Some(Box::new(move |w: &mut Wire| {
+            if w.out.event_type == target && !std::mem::replace(&mut done, true) {
+                if v.is_null() {
+                    w.out.content.as_object_mut().unwrap().remove(field);
+                } else {
+                    set(w, field, v.clone());
+                }
+            }
+            true
+        }));
+        sas_flow(&mut net, false);
+        let canceller = net.cancels_sent().first().map(|c| c.0).expect("someone cancels");
+        let info = assert_cancelled(&net, canceller, "m.invalid_message");
+        assert!(matches!(info.cause, Some(LocalCause::Malformed(e)) if e.field == field), "{ty} {field}: {info:?}");
+    }
+}
+
+#[test]
+fn low_order_ephemeral_key() {
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.key", |w| {
+        if w.from == Side::A {
+            set(w, "key", json!(LOW_ORDER));
+        }
+    });
+    sas_flow(&mut net, false);
+    assert_eq!(assert_cancelled(&net, Side::B, "m.invalid_message").cause, Some(LocalCause::NonContributoryKey));
+}
+
+#[test]
+fn message_out_of_order() {
+    // A `mac` before any keys were exchanged.
+    let mut net = pair();
+    let (fa, _) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.collect();
+    let txn = fa.flow_id().to_owned();
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.mac".into(),
+            content: json!({"transaction_id": txn, "mac": {"ed25519:A1": OTHER_HASH}, "keys": OTHER_HASH}),
+            room: None,
+        },
+        net.now,
+    );
+    net.run();
+    let info = net.cancelled(Side::B).unwrap();
+    assert_eq!(info.code, CancelCode::UnexpectedMessage);
+    assert!(matches!(info.cause, Some(LocalCause::Unexpected { message: "m.key.verification.mac", .. })));
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
+    assert_eq!(net.cancels_sent().len(), 1);
+}
+
+#[test]
+fn done_before_mac_is_unexpected() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.done".into(),
+            content: json!({"transaction_id": fb.flow_id()}),
+            room: None,
+        },
+        net.now,
+    );
+    net.run();
+    assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::UnexpectedMessage);
+    assert!(net.done(Side::B).is_none());
+}
+
+#[test]
+fn colliding_starts_with_different_methods() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.collect();
+    net.queue.clear();
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.start".into(),
+            content: json!({"transaction_id": fb.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
+            room: None,
+        },
+        net.now,
+    );
+    net.b.start_sas(&fb, net.now).unwrap_err();
+    // B already started SAS itself, then sees a reciprocate start from A: ST-04.
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.b.start_sas(&fb, net.now).unwrap();
+    net.collect();
+    net.queue.clear();
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.start".into(),
+            content: json!({"transaction_id": fa.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
+            room: None,
+        },
+        net.now,
+    );
+    net.collect();
+    let info = net.cancelled(Side::B).unwrap();
+    assert_eq!(info.code, CancelCode::UnexpectedMessage);
+    assert_eq!(info.cause, Some(LocalCause::StartCollision));
+}
+
+#[test]
+fn keys_changed_during_the_flow() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    // Bob's device key changes in A's view after the start pinned it (TR-01).
+    let mut changed = keys_of(&[&net.db.clone()]);
+    changed.devices.insert("B1".into(), fake_key("rotated"));
+    net.a.update_user_keys(BOB, changed, net.now);
+    net.a.confirm(&fa, net.now).unwrap();
+    net.b.confirm(&fb, net.now).unwrap();
+    net.run();
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeysChanged));
+}
+
+#[test]
+fn device_id_equal_to_a_cross_signing_key_is_refused() {
+    let mut net = pair();
+    let mut keys = keys_of(&[&net.db.clone()]);
+    let msk = keys.master_key.clone().unwrap();
+    keys.devices.insert(msk.clone(), fake_key("evil"));
+    net.a.update_user_keys(BOB, keys, net.now);
+    let (fa, _) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
+    assert_eq!(info.cause, Some(LocalCause::DeviceIdClashesWithCrossSigningKey(msk)));
+}
+
+#[test]
+fn flow_timeout_sends_one_m_timeout() {
+    let mut net = pair();
+    let fa = net.a.request_to_device(BOB, &["B1".into()], T0).unwrap();
+    net.collect();
+    net.now += 1000; // B gets the request a second later, so A's deadline comes first
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.b.accept(&fb, net.now).unwrap();
+    net.run();
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    net.now = T0;
+    let deadline = net.a.next_deadline().unwrap();
+    assert_eq!(deadline, T0 + 10 * 60_000, "the deadline is exact and known in advance");
+    net.advance(10 * 60_000 - 1);
+    assert!(net.cancelled(Side::A).is_none());
+    net.advance(1);
+    net.run();
+    net.advance(60_000);
+    net.run();
+    let info = assert_cancelled(&net, Side::A, "m.timeout");
+    assert!(matches!(info.cause, Some(LocalCause::TimedOut(_))));
+}
+
+#[test]
+fn unanswered_prompt_closes_silently_after_two_minutes() {
+    let mut net = pair();
+    let now = net.now;
+    net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    assert_eq!(net.b.flow(&fb).unwrap().deadline, now + 2 * 60_000);
+    net.advance(2 * 60_000);
+    let info = net.cancelled(Side::B).expect("prompt dismissed");
+    assert_eq!(info.code, CancelCode::Timeout);
+    assert!(!info.sent && info.by_us);
+    assert!(net.cancels_sent().is_empty(), "a dismissed prompt sends nothing (RQ-04/RQ-06)");
+    assert!(net.b.accept(&fb, net.now).is_err());
+    // The requester gives up at its own deadline; the prompt's tombstone ignores that cancel.
+    net.advance(8 * 60_000);
+    net.run();
+    assert_eq!(net.cancels_sent(), vec![(Side::A, "m.timeout".into())]);
+}
+
+#[test]
+fn prompt_deadline_is_earlier_of_timestamp_and_receipt() {
+    let mut net = pair();
+    let now = net.now;
+    net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    net.collect();
+    net.now += 9 * 60_000; // delivered nine minutes late: one minute of the ten left
+    net.deliver(0);
+    net.collect();
+    let fb = net.flow_of(Side::B);
+    assert_eq!(net.b.flow(&fb).unwrap().deadline, now + 10 * 60_000);
+}
+
+#[test]
+fn request_time_window() {
+    for (offset, accepted) in [
+        (-10 * 60_000i64, true),
+        (-10 * 60_000 - 1, false),
+        (5 * 60_000, true),
+        (5 * 60_000 + 1, false),
+    ] {
+        let mut net = pair();
+        let ts = (T0 as i64 + offset) as u64;
+        net.b.receive(
+            IncomingEvent {
+                sender: ALICE.into(),
+                event_type: "m.key.verification.request".into(),
+                content: json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": ts, "transaction_id": "t1"}),
+                room: None,
+            },
+            T0,
+        );
+        net.collect();
+        let prompted = net.events_b.iter().any(|e| matches!(e, Event::IncomingRequest { .. }));
+        assert_eq!(prompted, accepted, "offset {offset}");
+        assert!(net.cancels_sent().is_empty(), "ignored requests get no reply");
+    }
+}
+
+#[test]
+fn cancel_is_never_answered() {
+    let mut net = pair();
+    // A cancel for an unknown flow, and one for a known flow, and a second one after that.
+    let ev = |txn: &str| IncomingEvent {
+        sender: ALICE.into(),
+        event_type: "m.key.verification.cancel".into(),
+        content: json!({"transaction_id": txn, "code": "m.user", "reason": "no"}),
+        room: None,
+    };
+    net.b.receive(ev("unknown"), T0);
+    let (_, fb) = net.request_and_accept(false);
+    net.b.receive(ev(fb.flow_id()), T0);
+    net.b.receive(ev(fb.flow_id()), T0);
+    net.run();
+    assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    let info = net.cancelled(Side::B).unwrap();
+    assert!(!info.by_us && info.code == CancelCode::User);
+}
+
+#[test]
+fn malformed_cancel_still_ends_the_flow() {
+    let mut net = pair();
+    let (_, fb) = net.request_and_accept(false);
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.cancel".into(),
+            content: json!({"transaction_id": fb.flow_id(), "code": 7}),
+            room: None,
+        },
+        T0,
+    );
+    net.run();
+    assert!(net.cancels_sent().is_empty());
+    assert!(net.cancelled(Side::B).is_some());
+}
+
+#[test]
+fn error_loop_rule_nothing_after_the_end() {
+    // B cancels with m.invalid_message; A, not knowing, sends something unexpected: no reply.
+    let mut net = pair();
+    tamper(&mut net, "m.key.verification.key", |w| {
+        if w.from == Side::A {
+            set(w, "key", json!(12));
+        }
+    });
+    sas_flow(&mut net, false);
+    net.tamper = None;
+    let fb = net.flow_of(Side::B);
+    for ty in ["m.key.verification.key", "m.key.verification.mac", "m.key.verification.done", "m.key.verification.start"] {
+        net.b.receive(
+            IncomingEvent { sender: ALICE.into(), event_type: ty.into(), content: json!({"transaction_id": fb.flow_id()}), room: None },
+            T0,
+        );
+    }
+    net.run();
+    assert_eq!(net.cancels_sent(), vec![(Side::B, "m.invalid_message".into())]);
+}
+
+#[test]
+fn unknown_transaction_answered_once() {
+    let mut net = pair();
+    for _ in 0..3 {
+        net.b.receive(
+            IncomingEvent {
+                sender: ALICE.into(),
+                event_type: "m.key.verification.key".into(),
+                content: json!({"transaction_id": "ghost", "key": OTHER_HASH}),
+                room: None,
+            },
+            T0,
+        );
+    }
+    // Unknown starts are legacy flows, not unknown transactions; unknown cancels are never answered.
+    net.collect();
+    let sent: Vec<_> = net.log.iter().map(|w| (w.from, w.out.content["code"].clone(), w.out.destination.clone())).collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1, json!("m.unknown_transaction"));
+    assert_eq!(sent[0].2, Destination::ToDevice { user_id: ALICE.into(), device_ids: vec!["*".into()] });
+}
+
+#[test]
+fn accepted_elsewhere_is_told_to_the_other_devices() {
+    let mut net = pair();
+    let now = net.now;
+    let fa = net.a.request_to_device(BOB, &["B1".into(), "B2".into(), "B3".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.b.accept(&fb, now).unwrap();
+    net.run();
+    let accepted: Vec<_> = net
+        .log
+        .iter()
+        .filter(|w| w.out.event_type == "m.key.verification.cancel")
+        .map(|w| (w.out.content["code"].clone(), w.out.destination.clone()))
+        .collect();
+    assert_eq!(
+        accepted,
+        vec![(json!("m.accepted"), Destination::ToDevice { user_id: BOB.into(), device_ids: vec!["B2".into(), "B3".into()] })]
+    );
+    assert!(net.a.flow(&fa).unwrap().cancel.is_none(), "the flow itself goes on with B1");
+    // From now on only B1 is addressed.
+    net.a.start_sas(&fa, now).unwrap();
+    net.collect();
+    assert!(matches!(&net.queue.last().unwrap().out.destination, Destination::ToDevice { device_ids, .. } if device_ids == &vec!["B1".to_string()]));
+}
+
+#[test]
+fn rejection_by_one_device_is_told_to_all() {
+    let mut net = pair();
+    let now = net.now;
+    net.a.request_to_device(BOB, &["B1".into(), "B2".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.b.cancel(&fb, now).unwrap();
+    net.run();
+    let sent: Vec<_> = net
+        .log
+        .iter()
+        .filter(|w| w.out.event_type == "m.key.verification.cancel")
+        .map(|w| (w.from, w.out.content["code"].clone()))
+        .collect();
+    assert_eq!(sent, vec![(Side::B, json!("m.user")), (Side::A, json!("m.user"))]);
+    assert!(!net.cancelled(Side::A).unwrap().by_us);
+}
+
+#[test]
+fn second_attempt_by_the_same_device_cancels_both() {
+    let mut net = pair();
+    let req = |txn: &str| IncomingEvent {
+        sender: ALICE.into(),
+        event_type: "m.key.verification.request".into(),
+        content: json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": T0, "transaction_id": txn}),
+        room: None,
+    };
+    net.b.receive(req("first"), T0);
+    net.b.receive(req("second"), T0);
+    net.collect();
+    let codes: Vec<_> = net.log.iter().map(|w| (w.out.content["transaction_id"].clone(), w.out.content["code"].clone())).collect();
+    assert_eq!(
+        codes,
+        vec![(json!("first"), json!("m.unexpected_message")), (json!("second"), json!("m.unexpected_message"))]
+    );
+    // A request from another device of the same user is a separate flow and cancels nothing.
+    let mut net = pair();
+    net.b.receive(req("first"), T0);
+    let mut other = req("other");
+    other.content["from_device"] = json!("A2");
+    net.b.receive(other, T0);
+    net.collect();
+    assert!(net.log.is_empty());
+}
+
+#[test]
+fn bystanders_and_foreign_requests_in_rooms_are_ignored() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(true);
+    // Carol, also in the room, injects events into the flow.
+    for ty in ["m.key.verification.start", "m.key.verification.cancel", "m.key.verification.mac"] {
+        let ev = IncomingEvent {
+            sender: "@carol:example.org".into(),
+            event_type: ty.into(),
+            content: json!({"m.relates_to": {"rel_type": "m.reference", "event_id": fa.flow_id()}, "from_device": "C1", "method": "m.sas.v1"}),
+            room: Some(RoomContext { room_id: ROOM.into(), event_id: "$carol".into(), origin_server_ts: T0, relates_to_fallback: None }),
+        };
+        net.a.receive(ev.clone(), T0);
+        net.b.receive(ev, T0);
+    }
+    // A request for Carol is not B's business.
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.room.message".into(),
+            content: json!({"msgtype": "m.key.verification.request", "to": "@carol:example.org", "from_device": "A1", "methods": ["m.sas.v1"]}),
+            room: Some(RoomContext { room_id: ROOM.into(), event_id: "$forcarol".into(), origin_server_ts: T0, relates_to_fallback: None }),
+        },
+        T0,
+    );
+    net.run();
+    assert!(net.cancels_sent().is_empty());
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    net.a.confirm(&fa, net.now).unwrap();
+    net.b.confirm(&fb, net.now).unwrap();
+    net.run();
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+}
+
+#[test]
+fn own_other_device_answering_in_room_dismisses_the_prompt() {
+    let mut net = pair();
+    net.a.request_in_room(ROOM, BOB, net.now);
+    net.run();
+    let fb = net.flow_of(Side::B);
+    // Bob's other device B2 answers first.
+    net.b.receive(
+        IncomingEvent {
+            sender: BOB.into(),
+            event_type: "m.key.verification.ready".into(),
+            content: json!({"m.relates_to": {"rel_type": "m.reference", "event_id": fb.flow_id()}, "from_device": "B2", "methods": ["m.sas.v1"]}),
+            room: Some(RoomContext { room_id: ROOM.into(), event_id: "$b2ready".into(), origin_server_ts: T0, relates_to_fallback: None }),
+        },
+        T0,
+    );
+    net.collect();
+    let info = net.cancelled(Side::B).unwrap();
+    assert_eq!(info.cause, Some(LocalCause::AnsweredByOwnDevice));
+    assert!(!info.sent);
+    assert!(net.cancels_sent().is_empty(), "no m.accepted in rooms (RQ-11)");
+}
+
+#[test]
+fn start_from_another_device_is_not_adopted() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.start".into(),
+            content: json!({"transaction_id": fb.flow_id(), "from_device": "A9", "method": "m.sas.v1",
+                "key_agreement_protocols": ["curve25519-hkdf-sha256"], "hashes": ["sha256"],
+                "message_authentication_codes": ["hkdf-hmac-sha256.v2"], "short_authentication_string": ["decimal"]}),
+            room: None,
+        },
+        T0,
+    );
+    net.run();
+    assert!(net.cancels_sent().is_empty());
+    assert!(net.events_b.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::OtherDevice, .. })));
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.run();
+    assert!(net.sas(Side::B).is_some());
+}
+
+#[test]
+fn duplicates_are_ignored_not_cancelled() {
+    // element-web#12849: duplicate key events must not kill the flow.
+    let mut net = pair();
+    net.tamper = None;
+    let (fa, fb) = net.request_and_accept(false);
+    net.a.start_sas(&fa, net.now).unwrap();
+    net.collect();
+    while !net.queue.is_empty() {
+        let w = net.queue[0].clone();
+        net.deliver(0);
+        net.queue.insert(0, w); // deliver everything twice
+        net.deliver(0);
+        net.collect();
+    }
+    net.a.confirm(&fa, net.now).unwrap();
+    net.b.confirm(&fb, net.now).unwrap();
+    net.collect();
+    while !net.queue.is_empty() {
+        let w = net.queue[0].clone();
+        net.deliver(0);
+        net.queue.insert(0, w);
+        net.deliver(0);
+        net.collect();
+    }
+    assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+}
+
+#[test]
+fn custom_cancel_codes_are_reported_verbatim() {
+    let mut net = pair();
+    let (_, fb) = net.request_and_accept(false);
+    net.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.cancel".into(),
+            content: json!({"transaction_id": fb.flow_id(), "code": "org.example.busy", "reason": "Busy right now"}),
+            room: None,
+        },
+        T0,
+    );
+    net.collect();
+    let info = net.cancelled(Side::B).unwrap();
+    assert_eq!(info.code, CancelCode::Custom("org.example.busy".into()));
+    assert!(info.explain().contains("Busy right now"), "{}", info.explain());
+}
