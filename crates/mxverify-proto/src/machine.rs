@@ -72,7 +72,11 @@ pub(crate) struct Flow {
 
 impl Flow {
     fn status(&self) -> FlowStatus {
-        if self.state.ended() { FlowStatus::Ended } else { FlowStatus::Active }
+        if self.state.ended() {
+            FlowStatus::Ended
+        } else {
+            FlowStatus::Active
+        }
     }
 
     fn via(&self) -> Via {
@@ -98,7 +102,9 @@ impl Flow {
                     None => self.request_devices.clone(),
                 },
             },
-            FlowKey::Room { room_id, .. } => Destination::Room { room_id: room_id.clone() },
+            FlowKey::Room { room_id, .. } => Destination::Room {
+                room_id: room_id.clone(),
+            },
         }
     }
 }
@@ -127,6 +133,9 @@ pub struct Machine {
     held: Vec<Held>,
     keys_asked: Vec<String>,
     answered_unknown: VecDeque<(String, String)>,
+    /// Ids of flows that ended and were forgotten, or were cancelled before we knew them (a
+    /// reordered cancel overtook its request): a late message must never reopen them.
+    ended_ids: VecDeque<FlowKey>,
     outgoing: VecDeque<Outgoing>,
     events: VecDeque<Event>,
     next_id: u64,
@@ -176,6 +185,7 @@ impl Machine {
             held: Vec::new(),
             keys_asked: Vec::new(),
             answered_unknown: VecDeque::new(),
+            ended_ids: VecDeque::new(),
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
             next_id: 1,
@@ -197,8 +207,9 @@ impl Machine {
     pub fn update_user_keys(&mut self, user_id: &str, keys: UserKeys, now: Millis) {
         self.keys.insert(user_id.to_owned(), keys);
         self.keys_asked.retain(|u| u != user_id);
-        let (ready, rest): (Vec<Held>, Vec<Held>) =
-            std::mem::take(&mut self.held).into_iter().partition(|h| h.event.sender == user_id);
+        let (ready, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.event.sender == user_id);
         self.held = rest;
         for h in ready {
             self.receive_inner(h.event, now, true);
@@ -247,7 +258,10 @@ impl Machine {
             State::Done | State::Cancelled(_) => f.last_activity + self.config.timeouts.flow,
             _ => f.deadline,
         });
-        let pending = self.pending_room.values().map(|p| p.created + self.config.timeouts.flow);
+        let pending = self
+            .pending_room
+            .values()
+            .map(|p| p.created + self.config.timeouts.flow);
         let held = self.held.iter().map(|h| h.until);
         flows.chain(pending).chain(held).min()
     }
@@ -260,27 +274,47 @@ impl Machine {
             .values()
             .filter(|f| match f.state {
                 State::Received { prompt_deadline } => prompt_deadline <= now,
-                State::Done | State::Cancelled(_) => f.last_activity + self.config.timeouts.flow <= now,
+                State::Done | State::Cancelled(_) => {
+                    f.last_activity + self.config.timeouts.flow <= now
+                }
                 _ => f.deadline <= now,
             })
             .map(|f| f.key.clone())
             .collect();
         for key in due {
-            let Some(mut flow) = self.flows.remove(&key) else { continue };
+            let Some(mut flow) = self.flows.remove(&key) else {
+                continue;
+            };
             match flow.state {
-                State::Done | State::Cancelled(_) => continue, // forgotten
+                State::Done | State::Cancelled(_) => {
+                    remember(&mut self.ended_ids, key);
+                    continue;
+                }
                 State::Received { .. } => {
                     // The prompt is dismissed without a message: another of our devices may still
                     // answer, and the requester times out on its own (RQ-04, RQ-06).
-                    self.end_silently(&mut flow, CancelCode::Timeout, LocalCause::TimedOut("the request was not answered in time"), now);
+                    self.end_silently(
+                        &mut flow,
+                        CancelCode::Timeout,
+                        LocalCause::TimedOut("the request was not answered in time"),
+                        now,
+                    );
                 }
-                _ => self.fail(&mut flow, None, CancelCode::Timeout, LocalCause::TimedOut("the verification did not finish in time"), now),
+                _ => self.fail(
+                    &mut flow,
+                    None,
+                    CancelCode::Timeout,
+                    LocalCause::TimedOut("the verification did not finish in time"),
+                    now,
+                ),
             }
             self.flows.insert(key, flow);
         }
         let timeout = self.config.timeouts.flow;
         self.pending_room.retain(|_, p| p.created + timeout > now);
-        let (expired, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held).into_iter().partition(|h| h.until <= now);
+        let (expired, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.until <= now);
         self.held = kept;
         for h in expired {
             self.events.push_back(Event::Dropped {
@@ -297,7 +331,12 @@ impl Machine {
 
     /// Requests verification of `user_id`'s devices over to-device messages (RQ-02): all listed
     /// devices get the same `transaction_id`; the first to answer is adopted (RQ-09).
-    pub fn request_to_device(&mut self, user_id: &str, device_ids: &[String], now: Millis) -> Result<FlowKey, ActionError> {
+    pub fn request_to_device(
+        &mut self,
+        user_id: &str,
+        device_ids: &[String],
+        now: Millis,
+    ) -> Result<FlowKey, ActionError> {
         let devices: Vec<String> = device_ids
             .iter()
             .filter(|d| !(user_id == self.own.user_id && **d == self.own.device_id))
@@ -306,7 +345,10 @@ impl Machine {
         if devices.is_empty() {
             return Err(ActionError::NoDevices);
         }
-        let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
+        let key = FlowKey::ToDevice {
+            user_id: user_id.to_owned(),
+            transaction_id: self.random_id(),
+        };
         let msg = Msg::Request(Request {
             from_device: self.own.device_id.clone(),
             methods: self.config.methods.clone(),
@@ -327,7 +369,8 @@ impl Machine {
         };
         self.send(&mut flow, msg, now);
         self.ask_keys_if_unknown(user_id, None);
-        self.events.push_back(Event::RequestSent { flow: key.clone() });
+        self.events
+            .push_back(Event::RequestSent { flow: key.clone() });
         self.flows.insert(key.clone(), flow);
         Ok(key)
     }
@@ -347,20 +390,39 @@ impl Machine {
         self.outgoing.push_back(Outgoing {
             id,
             flow: None,
-            destination: Destination::Room { room_id: room_id.to_owned() },
+            destination: Destination::Room {
+                room_id: room_id.to_owned(),
+            },
             event_type,
             content,
         });
-        self.pending_room
-            .insert(id, PendingRoomRequest { room_id: room_id.to_owned(), user_id: user_id.to_owned(), created: now });
+        self.pending_room.insert(
+            id,
+            PendingRoomRequest {
+                room_id: room_id.to_owned(),
+                user_id: user_id.to_owned(),
+                created: now,
+            },
+        );
         self.ask_keys_if_unknown(user_id, None);
         id
     }
 
     /// Reports the event ID the homeserver gave an in-room request: the flow now exists (FW-03).
-    pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, _now: Millis) -> Result<FlowKey, ActionError> {
-        let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
-        let key = FlowKey::Room { room_id: p.room_id, event_id: event_id.to_owned() };
+    pub fn room_event_sent(
+        &mut self,
+        outgoing_id: u64,
+        event_id: &str,
+        _now: Millis,
+    ) -> Result<FlowKey, ActionError> {
+        let p = self
+            .pending_room
+            .remove(&outgoing_id)
+            .ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
+        let key = FlowKey::Room {
+            room_id: p.room_id,
+            event_id: event_id.to_owned(),
+        };
         let flow = Flow {
             key: key.clone(),
             other_user: p.user_id,
@@ -374,14 +436,23 @@ impl Machine {
             state: State::Sent,
         };
         self.flows.insert(key.clone(), flow);
-        self.events.push_back(Event::RequestSent { flow: key.clone() });
+        self.events
+            .push_back(Event::RequestSent { flow: key.clone() });
         Ok(key)
     }
 
     /// Starts SAS with a device directly, without a request: the deprecated pre-1.1 to-device flow
     /// (ST-06). Only for peers that support nothing else.
-    pub fn start_sas_without_request(&mut self, user_id: &str, device_id: &str, now: Millis) -> Result<FlowKey, ActionError> {
-        let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
+    pub fn start_sas_without_request(
+        &mut self,
+        user_id: &str,
+        device_id: &str,
+        now: Millis,
+    ) -> Result<FlowKey, ActionError> {
+        let key = FlowKey::ToDevice {
+            user_id: user_id.to_owned(),
+            transaction_id: self.random_id(),
+        };
         let mut flow = Flow {
             key: key.clone(),
             other_user: user_id.to_owned(),
@@ -405,10 +476,15 @@ impl Machine {
             State::Received { .. } => {
                 let common = m.common_methods(&flow.their_methods);
                 if common.is_empty() {
-                    return Err(ActionError::NoCommonMethod("none of the requester's methods is supported here"));
+                    return Err(ActionError::NoCommonMethod(
+                        "none of the requester's methods is supported here",
+                    ));
                 }
                 // EV-RD-02: our methods that correspond to theirs.
-                let msg = Msg::Ready(Ready { from_device: m.own.device_id.clone(), methods: m.advertised_for(&flow.their_methods) });
+                let msg = Msg::Ready(Ready {
+                    from_device: m.own.device_id.clone(),
+                    methods: m.advertised_for(&flow.their_methods),
+                });
                 flow.state = State::Ready;
                 m.send(flow, msg, now);
                 m.emit_ready(flow);
@@ -418,7 +494,10 @@ impl Machine {
                 m.sas_step(flow, None, |m, flow, sas| sas.user_accepts(m, flow), now);
                 Ok(())
             }
-            other => Err(ActionError::WrongState { action: "accept", state: other.name() }),
+            other => Err(ActionError::WrongState {
+                action: "accept",
+                state: other.name(),
+            }),
         })
     }
 
@@ -432,7 +511,12 @@ impl Machine {
         self.with_flow(key, |m, flow| {
             match &flow.state {
                 State::Sas(s) if s.can_confirm() => {}
-                other => return Err(ActionError::WrongState { action: "confirm", state: other.name() }),
+                other => {
+                    return Err(ActionError::WrongState {
+                        action: "confirm",
+                        state: other.name(),
+                    });
+                }
             }
             m.sas_step(flow, None, |m, flow, sas| sas.confirm(m, flow), now);
             Ok(())
@@ -443,10 +527,19 @@ impl Machine {
     pub fn mismatch(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| match &flow.state {
             State::Sas(s) if s.can_confirm() => {
-                m.fail(flow, None, CancelCode::MismatchedSas, LocalCause::UserSaidMismatch, now);
+                m.fail(
+                    flow,
+                    None,
+                    CancelCode::MismatchedSas,
+                    LocalCause::UserSaidMismatch,
+                    now,
+                );
                 Ok(())
             }
-            other => Err(ActionError::WrongState { action: "report a mismatch", state: other.name() }),
+            other => Err(ActionError::WrongState {
+                action: "report a mismatch",
+                state: other.name(),
+            }),
         })
     }
 
@@ -454,7 +547,10 @@ impl Machine {
     pub fn cancel(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| {
             if flow.state.ended() {
-                return Err(ActionError::WrongState { action: "cancel", state: flow.state.name() });
+                return Err(ActionError::WrongState {
+                    action: "cancel",
+                    state: flow.state.name(),
+                });
             }
             m.fail(flow, None, CancelCode::User, LocalCause::UserCancelled, now);
             Ok(())
@@ -471,10 +567,19 @@ impl Machine {
 
     fn receive_inner(&mut self, event: IncomingEvent, now: Millis, retry: bool) {
         let in_room = event.room.is_some();
-        let fallback = event.room.as_ref().and_then(|r| r.relates_to_fallback.as_ref());
-        let Some(parsed) = wire::parse(&event.event_type, &event.content, in_room, fallback) else { return };
+        let fallback = event
+            .room
+            .as_ref()
+            .and_then(|r| r.relates_to_fallback.as_ref());
+        let Some(parsed) = wire::parse(&event.event_type, &event.content, in_room, fallback) else {
+            return;
+        };
         let drop = |m: &mut Self, reason| {
-            m.events.push_back(Event::Dropped { sender: event.sender.clone(), event_type: event.event_type.clone(), reason })
+            m.events.push_back(Event::Dropped {
+                sender: event.sender.clone(),
+                event_type: event.event_type.clone(),
+                reason,
+            })
         };
         if parsed.kind == MsgKind::Request {
             let msg = match parsed.msg {
@@ -484,12 +589,28 @@ impl Machine {
             };
             return self.receive_request(&event, parsed.flow_id, msg, now);
         }
-        let Some(flow_id) = parsed.flow_id else { return drop(self, DropReason::NoFlowId) };
+        let Some(flow_id) = parsed.flow_id else {
+            return drop(self, DropReason::NoFlowId);
+        };
         let key = match &event.room {
-            None => FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: flow_id },
-            Some(r) => FlowKey::Room { room_id: r.room_id.clone(), event_id: flow_id },
+            None => FlowKey::ToDevice {
+                user_id: event.sender.clone(),
+                transaction_id: flow_id,
+            },
+            Some(r) => FlowKey::Room {
+                room_id: r.room_id.clone(),
+                event_id: flow_id,
+            },
         };
         let Some(mut flow) = self.flows.remove(&key) else {
+            if parsed.kind == MsgKind::Cancel {
+                // Remember it, so that a request it overtook does not prompt the user later.
+                remember(&mut self.ended_ids, key);
+                return drop(self, DropReason::UnknownFlow);
+            }
+            if self.flow_already_ended(&key) {
+                return drop(self, DropReason::FlowEnded);
+            }
             if in_room {
                 return drop(self, DropReason::UnknownRoomFlow);
             }
@@ -510,20 +631,44 @@ impl Machine {
         }
         flow.last_activity = now;
         match parsed.msg {
-            Err(e) => self.fail(&mut flow, Some(parsed.kind), CancelCode::InvalidMessage, LocalCause::Malformed(e), now),
+            Err(e) => self.fail(
+                &mut flow,
+                Some(parsed.kind),
+                CancelCode::InvalidMessage,
+                LocalCause::Malformed(e),
+                now,
+            ),
             Ok(msg) => self.on_message(&mut flow, &event, msg, now, retry),
         }
         self.flows.insert(key, flow);
     }
 
-    fn receive_request(&mut self, event: &IncomingEvent, txn: Option<String>, req: Request, now: Millis) {
+    fn receive_request(
+        &mut self,
+        event: &IncomingEvent,
+        txn: Option<String>,
+        req: Request,
+        now: Millis,
+    ) {
         let drop = |m: &mut Self, reason| {
-            m.events.push_back(Event::Dropped { sender: event.sender.clone(), event_type: event.event_type.clone(), reason })
+            m.events.push_back(Event::Dropped {
+                sender: event.sender.clone(),
+                event_type: event.event_type.clone(),
+                reason,
+            })
         };
         let (key, ts) = match &event.room {
             None => {
-                let Some(txn) = txn else { return drop(self, DropReason::NoFlowId) };
-                (FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: txn }, req.timestamp.unwrap_or(0))
+                let Some(txn) = txn else {
+                    return drop(self, DropReason::NoFlowId);
+                };
+                (
+                    FlowKey::ToDevice {
+                        user_id: event.sender.clone(),
+                        transaction_id: txn,
+                    },
+                    req.timestamp.unwrap_or(0),
+                )
             }
             Some(r) => {
                 // Our own requests, and requests by our other devices, are not ours to answer; nor
@@ -534,7 +679,13 @@ impl Machine {
                 if req.to.as_deref() != Some(self.own.user_id.as_str()) {
                     return drop(self, DropReason::NotForUs);
                 }
-                (FlowKey::Room { room_id: r.room_id.clone(), event_id: r.event_id.clone() }, r.origin_server_ts)
+                (
+                    FlowKey::Room {
+                        room_id: r.room_id.clone(),
+                        event_id: r.event_id.clone(),
+                    },
+                    r.origin_server_ts,
+                )
             }
         };
         // RQ-02: a device never verifies itself.
@@ -548,6 +699,9 @@ impl Machine {
         }
         if self.flows.contains_key(&key) {
             return drop(self, DropReason::Duplicate);
+        }
+        if self.flow_already_ended(&key) {
+            return drop(self, DropReason::FlowEnded);
         }
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let mut flow = Flow {
@@ -563,7 +717,13 @@ impl Machine {
             state: State::Received { prompt_deadline },
         };
         if self.cancel_parallel_attempts(&event.sender, &req.from_device, now) {
-            self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
+            self.fail(
+                &mut flow,
+                None,
+                CancelCode::UnexpectedMessage,
+                LocalCause::MultipleAttempts,
+                now,
+            );
             self.flows.insert(key, flow);
             return;
         }
@@ -571,7 +731,11 @@ impl Machine {
             flow: key.clone(),
             from_device: req.from_device.clone(),
             methods: req.methods.iter().map(|m| m.as_str().to_owned()).collect(),
-            common_methods: self.common_methods(&req.methods).iter().map(|m| m.as_str().to_owned()).collect(),
+            common_methods: self
+                .common_methods(&req.methods)
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect(),
             legacy: false,
             deadline: prompt_deadline,
         });
@@ -579,26 +743,55 @@ impl Machine {
         self.flows.insert(key, flow);
     }
 
+    /// A flow id that a cancel overtook, or that we already answered as unknown: opening it now
+    /// would put a second cancel for one flow id on the wire.
+    fn flow_already_ended(&self, key: &FlowKey) -> bool {
+        self.ended_ids.contains(key)
+            || matches!(key, FlowKey::ToDevice { user_id, transaction_id }
+                if self.answered_unknown.iter().any(|(u, t)| u == user_id && t == transaction_id))
+    }
+
     /// CX-03: a new attempt from a device that already has one in progress with us cancels all.
     fn cancel_parallel_attempts(&mut self, user: &str, device: &str, now: Millis) -> bool {
         let clashing: Vec<FlowKey> = self
             .flows
             .values()
-            .filter(|f| !f.state.ended() && f.other_user == user && f.other_device.as_deref() == Some(device))
+            .filter(|f| {
+                !f.state.ended()
+                    && f.other_user == user
+                    && f.other_device.as_deref() == Some(device)
+            })
             .map(|f| f.key.clone())
             .collect();
         for key in &clashing {
             if let Some(mut flow) = self.flows.remove(key) {
-                self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
+                self.fail(
+                    &mut flow,
+                    None,
+                    CancelCode::UnexpectedMessage,
+                    LocalCause::MultipleAttempts,
+                    now,
+                );
                 self.flows.insert(key.clone(), flow);
             }
         }
         !clashing.is_empty()
     }
 
-    fn receive_legacy_start(&mut self, event: &IncomingEvent, key: FlowKey, start: wire::Start, now: Millis, retry: bool) {
+    fn receive_legacy_start(
+        &mut self,
+        event: &IncomingEvent,
+        key: FlowKey,
+        start: wire::Start,
+        now: Millis,
+        retry: bool,
+    ) {
         if !self.has_device_key(&event.sender, &start.from_device) && !retry {
-            return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt, &start.from_device);
+            return self.hold(
+                event.clone(),
+                now + self.config.timeouts.prompt_after_receipt,
+                &start.from_device,
+            );
         }
         let mut flow = Flow {
             key: key.clone(),
@@ -613,9 +806,21 @@ impl Machine {
             state: State::Ready,
         };
         if self.cancel_parallel_attempts(&event.sender, &start.from_device, now) {
-            self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
+            self.fail(
+                &mut flow,
+                None,
+                CancelCode::UnexpectedMessage,
+                LocalCause::MultipleAttempts,
+                now,
+            );
         } else if !self.config.methods.contains(&Method::SasV1) {
-            self.fail(&mut flow, Some(MsgKind::Start), CancelCode::UnknownMethod, LocalCause::UnsupportedMethod(Method::SasV1.as_str().into()), now);
+            self.fail(
+                &mut flow,
+                Some(MsgKind::Start),
+                CancelCode::UnknownMethod,
+                LocalCause::UnsupportedMethod(Method::SasV1.as_str().into()),
+                now,
+            );
         } else {
             self.on_start(&mut flow, event, start, now, retry);
         }
@@ -623,29 +828,44 @@ impl Machine {
     }
 
     /// An event for a to-device flow we do not know (CX-04), answered at most once per flow id.
-    fn answer_unknown(&mut self, event: &IncomingEvent, kind: MsgKind, key: FlowKey, msg: Option<Msg>) {
-        let Some(code) = cancel::verdict(kind, Via::ToDevice, FlowStatus::Unknown, CancelCode::UnknownTransaction) else {
+    fn answer_unknown(
+        &mut self,
+        event: &IncomingEvent,
+        kind: MsgKind,
+        key: FlowKey,
+        msg: Option<Msg>,
+    ) {
+        let Some(code) = cancel::verdict(
+            kind,
+            Via::ToDevice,
+            FlowStatus::Unknown,
+            CancelCode::UnknownTransaction,
+        ) else {
             return;
         };
         let memo = (event.sender.clone(), key.flow_id().to_owned());
         if self.answered_unknown.contains(&memo) {
             return;
         }
-        if self.answered_unknown.len() == UNKNOWN_REPLY_MEMORY {
-            self.answered_unknown.pop_front();
-        }
-        self.answered_unknown.push_back(memo);
+        remember(&mut self.answered_unknown, memo);
         let device = match msg {
             Some(Msg::Ready(r)) => r.from_device,
             _ => "*".to_owned(),
         };
-        let cancel = Msg::Cancel(wire::Cancel { code: code.clone(), reason: code.default_reason().to_owned() });
-        let (event_type, content) = wire::encode(&cancel, &Envelope::ToDevice(key.flow_id().to_owned()));
+        let cancel = Msg::Cancel(wire::Cancel {
+            code: code.clone(),
+            reason: code.default_reason().to_owned(),
+        });
+        let (event_type, content) =
+            wire::encode(&cancel, &Envelope::ToDevice(key.flow_id().to_owned()));
         let id = self.take_id();
         self.outgoing.push_back(Outgoing {
             id,
             flow: None,
-            destination: Destination::ToDevice { user_id: event.sender.clone(), device_ids: vec![device] },
+            destination: Destination::ToDevice {
+                user_id: event.sender.clone(),
+                device_ids: vec![device],
+            },
             event_type,
             content,
         });
@@ -653,26 +873,54 @@ impl Machine {
 
     /// In-room events of a flow from someone other than the peer: our own echoes, our other
     /// devices (which may have answered the request, RQ-11), or bystanders (EV-RQI-05).
-    fn room_event_from_non_peer(&mut self, flow: &mut Flow, event: &IncomingEvent, kind: MsgKind, msg: Option<Msg>, now: Millis) {
+    fn room_event_from_non_peer(
+        &mut self,
+        flow: &mut Flow,
+        event: &IncomingEvent,
+        kind: MsgKind,
+        msg: Option<Msg>,
+        now: Millis,
+    ) {
         let from_device = match &msg {
             Some(Msg::Ready(r)) => Some(r.from_device.as_str()),
             Some(Msg::Start(s)) => Some(s.from_device.as_str()),
             _ => None,
         };
-        let other_own_device = event.sender == self.own.user_id && from_device.is_some_and(|d| d != self.own.device_id);
+        let other_own_device = event.sender == self.own.user_id
+            && from_device.is_some_and(|d| d != self.own.device_id);
         let answered_elsewhere = matches!(flow.state, State::Received { .. })
             && event.sender == self.own.user_id
             && (other_own_device || kind == MsgKind::Cancel);
         if answered_elsewhere {
             flow.last_activity = now;
-            self.end_silently(flow, CancelCode::Accepted, LocalCause::AnsweredByOwnDevice, now);
+            self.end_silently(
+                flow,
+                CancelCode::Accepted,
+                LocalCause::AnsweredByOwnDevice,
+                now,
+            );
             return;
         }
-        let reason = if event.sender == self.own.user_id { DropReason::Own } else { DropReason::NotAParty };
-        self.events.push_back(Event::Dropped { sender: event.sender.clone(), event_type: event.event_type.clone(), reason });
+        let reason = if event.sender == self.own.user_id {
+            DropReason::Own
+        } else {
+            DropReason::NotAParty
+        };
+        self.events.push_back(Event::Dropped {
+            sender: event.sender.clone(),
+            event_type: event.event_type.clone(),
+            reason,
+        });
     }
 
-    fn on_message(&mut self, flow: &mut Flow, event: &IncomingEvent, msg: Msg, now: Millis, retry: bool) {
+    fn on_message(
+        &mut self,
+        flow: &mut Flow,
+        event: &IncomingEvent,
+        msg: Msg,
+        now: Millis,
+        retry: bool,
+    ) {
         let kind = msg.kind();
         if let Msg::Cancel(c) = msg {
             return self.on_cancel(flow, c, now);
@@ -687,7 +935,11 @@ impl Machine {
             && named != bound
         {
             // Our own to-device request went to several devices: a second answer is not adopted.
-            self.events.push_back(Event::Dropped { sender: event.sender.clone(), event_type: event.event_type.clone(), reason: DropReason::OtherDevice });
+            self.events.push_back(Event::Dropped {
+                sender: event.sender.clone(),
+                event_type: event.event_type.clone(),
+                reason: DropReason::OtherDevice,
+            });
             return;
         }
         match (&flow.state, msg) {
@@ -696,20 +948,43 @@ impl Machine {
             (State::Ready, Msg::Start(s)) => self.on_start(flow, event, s, now, retry),
             (State::Sas(_), Msg::Start(s)) => {
                 let s2 = s.clone();
-                self.sas_step(flow, Some(kind), |m, flow, sas| sas.on_start(m, flow, &s2, &event.content, &event.room), now);
+                self.sas_step(
+                    flow,
+                    Some(kind),
+                    |m, flow, sas| sas.on_start(m, flow, &s2, &event.content, &event.room),
+                    now,
+                );
             }
             (State::Sas(_), msg @ (Msg::Accept(_) | Msg::Key(_) | Msg::Mac(_) | Msg::Done)) => {
-                self.sas_step(flow, Some(kind), |m, flow, sas| sas.on_message(m, flow, msg), now);
+                self.sas_step(
+                    flow,
+                    Some(kind),
+                    |m, flow, sas| sas.on_message(m, flow, msg),
+                    now,
+                );
             }
             (state, _) => {
                 let state = state.name();
-                self.fail(flow, Some(kind), CancelCode::UnexpectedMessage, LocalCause::Unexpected { message: kind.event_type(), state }, now)
+                self.fail(
+                    flow,
+                    Some(kind),
+                    CancelCode::UnexpectedMessage,
+                    LocalCause::Unexpected {
+                        message: kind.event_type(),
+                        state,
+                    },
+                    now,
+                )
             }
         }
     }
 
     fn dropped(&mut self, event: &IncomingEvent, reason: DropReason) {
-        self.events.push_back(Event::Dropped { sender: event.sender.clone(), event_type: event.event_type.clone(), reason });
+        self.events.push_back(Event::Dropped {
+            sender: event.sender.clone(),
+            event_type: event.event_type.clone(),
+            reason,
+        });
     }
 
     fn on_ready(&mut self, flow: &mut Flow, ready: Ready, now: Millis) {
@@ -717,35 +992,73 @@ impl Machine {
             && !flow.request_devices.contains(&ready.from_device)
         {
             // A device we did not ask cannot adopt the request.
-            self.events.push_back(Event::Dropped { sender: flow.other_user.clone(), event_type: MsgKind::Ready.event_type().into(), reason: DropReason::OtherDevice });
+            self.events.push_back(Event::Dropped {
+                sender: flow.other_user.clone(),
+                event_type: MsgKind::Ready.event_type().into(),
+                reason: DropReason::OtherDevice,
+            });
             return;
         }
         flow.other_device = Some(ready.from_device.clone());
         flow.their_methods = ready.methods;
         // RQ-09: the other devices that got our request learn that it was accepted elsewhere.
-        let others: Vec<String> = flow.request_devices.iter().filter(|d| **d != ready.from_device).cloned().collect();
+        let others: Vec<String> = flow
+            .request_devices
+            .iter()
+            .filter(|d| **d != ready.from_device)
+            .cloned()
+            .collect();
         if !others.is_empty() {
             self.send_to_devices(flow, others, CancelCode::Accepted, now);
         }
         if self.common_methods(&flow.their_methods).is_empty() {
-            return self.fail(flow, Some(MsgKind::Ready), CancelCode::UnknownMethod, LocalCause::NoCommonMethod("verification method"), now);
+            return self.fail(
+                flow,
+                Some(MsgKind::Ready),
+                CancelCode::UnknownMethod,
+                LocalCause::NoCommonMethod("verification method"),
+                now,
+            );
         }
         flow.state = State::Ready;
         self.emit_ready(flow);
         self.ask_keys_if_unknown(&flow.other_user.clone(), Some(&ready.from_device));
     }
 
-    fn on_start(&mut self, flow: &mut Flow, event: &IncomingEvent, start: wire::Start, now: Millis, retry: bool) {
+    fn on_start(
+        &mut self,
+        flow: &mut Flow,
+        event: &IncomingEvent,
+        start: wire::Start,
+        now: Millis,
+        retry: bool,
+    ) {
         let StartMethod::Sas(_) = &start.method else {
             let method = match &start.method {
                 StartMethod::Reciprocate { .. } => "m.reciprocate.v1".to_owned(),
                 StartMethod::Other(m) => m.clone(),
                 StartMethod::Sas(_) => unreachable!(),
             };
-            return self.fail(flow, Some(MsgKind::Start), CancelCode::UnknownMethod, LocalCause::UnsupportedMethod(method), now);
+            return self.fail(
+                flow,
+                Some(MsgKind::Start),
+                CancelCode::UnknownMethod,
+                LocalCause::UnsupportedMethod(method),
+                now,
+            );
         };
-        if !self.common_methods(&flow.their_methods).contains(&Method::SasV1) && flow.from_request {
-            return self.fail(flow, Some(MsgKind::Start), CancelCode::UnknownMethod, LocalCause::UnsupportedMethod("m.sas.v1".into()), now);
+        if !self
+            .common_methods(&flow.their_methods)
+            .contains(&Method::SasV1)
+            && flow.from_request
+        {
+            return self.fail(
+                flow,
+                Some(MsgKind::Start),
+                CancelCode::UnknownMethod,
+                LocalCause::UnsupportedMethod("m.sas.v1".into()),
+                now,
+            );
         }
         if !self.has_device_key(&flow.other_user, &start.from_device) && !retry {
             // Principle 7: hold the start until the keys arrive.
@@ -753,12 +1066,24 @@ impl Machine {
         }
         let pinned = match self.pin_keys(flow) {
             Ok(p) => p,
-            Err(cause) => return self.fail(flow, Some(MsgKind::Start), CancelCode::KeyMismatch, cause, now),
+            Err(cause) => {
+                return self.fail(
+                    flow,
+                    Some(MsgKind::Start),
+                    CancelCode::KeyMismatch,
+                    cause,
+                    now,
+                );
+            }
         };
         let content = sas::start_content_for_commitment(&event.content, &flow.key);
         let (sas, step) = Sas::from_their_start(self, flow, &start, content, pinned);
         flow.state = State::Sas(Box::new(sas));
-        self.events.push_back(Event::Started { flow: flow.key.clone(), method: Method::SasV1.as_str().into(), by_us: false });
+        self.events.push_back(Event::Started {
+            flow: flow.key.clone(),
+            method: Method::SasV1.as_str().into(),
+            by_us: false,
+        });
         if !flow.from_request {
             self.events.push_back(Event::IncomingRequest {
                 flow: flow.key.clone(),
@@ -779,25 +1104,48 @@ impl Machine {
             let devices = flow.request_devices.clone();
             self.send_to_devices(flow, devices, CancelCode::User, now);
         }
-        let info = CancelInfo { by_us: false, code: c.code, reason: c.reason, cause: None, sent: false };
+        let info = CancelInfo {
+            by_us: false,
+            code: c.code,
+            reason: c.reason,
+            cause: None,
+            sent: false,
+        };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
+        self.events.push_back(Event::Cancelled {
+            flow: flow.key.clone(),
+            info,
+        });
     }
 
     // ----- SAS plumbing ---------------------------------------------------------------------
 
     fn start_sas_in(&mut self, flow: &mut Flow, now: Millis) -> Result<(), ActionError> {
         if !matches!(flow.state, State::Ready) {
-            return Err(ActionError::WrongState { action: "start SAS", state: flow.state.name() });
+            return Err(ActionError::WrongState {
+                action: "start SAS",
+                state: flow.state.name(),
+            });
         }
-        if !self.common_methods(&flow.their_methods).contains(&Method::SasV1) {
-            return Err(ActionError::NoCommonMethod("the other device does not offer m.sas.v1"));
+        if !self
+            .common_methods(&flow.their_methods)
+            .contains(&Method::SasV1)
+        {
+            return Err(ActionError::NoCommonMethod(
+                "the other device does not offer m.sas.v1",
+            ));
         }
-        let device = flow.other_device.clone().expect("a ready flow has a bound device");
+        let device = flow
+            .other_device
+            .clone()
+            .expect("a ready flow has a bound device");
         if !self.has_device_key(&flow.other_user, &device) {
             let user = flow.other_user.clone();
             self.ask_keys(&user);
-            return Err(ActionError::KeysUnknown { user_id: user, device_id: device });
+            return Err(ActionError::KeysUnknown {
+                user_id: user,
+                device_id: device,
+            });
         }
         let pinned = match self.pin_keys(flow) {
             Ok(p) => p,
@@ -808,13 +1156,23 @@ impl Machine {
         };
         let (sas, msg) = Sas::start(self, flow, pinned);
         flow.state = State::Sas(Box::new(sas));
-        self.events.push_back(Event::Started { flow: flow.key.clone(), method: Method::SasV1.as_str().into(), by_us: true });
+        self.events.push_back(Event::Started {
+            flow: flow.key.clone(),
+            method: Method::SasV1.as_str().into(),
+            by_us: true,
+        });
         self.send(flow, msg, now);
         Ok(())
     }
 
     /// Runs one SAS transition on the flow's SAS state and applies what it asks for.
-    fn sas_step(&mut self, flow: &mut Flow, incoming: Option<MsgKind>, f: impl FnOnce(&mut Self, &Flow, &mut Sas) -> SasStep, now: Millis) {
+    fn sas_step(
+        &mut self,
+        flow: &mut Flow,
+        incoming: Option<MsgKind>,
+        f: impl FnOnce(&mut Self, &Flow, &mut Sas) -> SasStep,
+        now: Millis,
+    ) {
         let State::Sas(mut sas) = std::mem::replace(&mut flow.state, State::Moving) else {
             unreachable!("sas_step on a SAS flow")
         };
@@ -823,7 +1181,13 @@ impl Machine {
         self.apply_step(flow, incoming, step, now);
     }
 
-    fn apply_step(&mut self, flow: &mut Flow, incoming: Option<MsgKind>, step: SasStep, now: Millis) {
+    fn apply_step(
+        &mut self,
+        flow: &mut Flow,
+        incoming: Option<MsgKind>,
+        step: SasStep,
+        now: Millis,
+    ) {
         for msg in step.send {
             self.send(flow, msg, now);
         }
@@ -833,7 +1197,12 @@ impl Machine {
         } else if let Some(keys) = step.verified {
             let device_id = flow.other_device.clone().unwrap_or_default();
             flow.state = State::Done;
-            self.events.push_back(Event::Done { flow: flow.key.clone(), user_id: flow.other_user.clone(), device_id, keys });
+            self.events.push_back(Event::Done {
+                flow: flow.key.clone(),
+                user_id: flow.other_user.clone(),
+                device_id,
+                keys,
+            });
         }
     }
 
@@ -846,11 +1215,20 @@ impl Machine {
             .cloned()
             .ok_or_else(|| LocalCause::DeviceKeysUnknown(device.to_owned()))?;
         let keys = keys.expect("device key found");
-        let cross: Vec<&String> = keys.master_key.iter().chain(&keys.other_cross_signing_keys).collect();
+        let cross: Vec<&String> = keys
+            .master_key
+            .iter()
+            .chain(&keys.other_cross_signing_keys)
+            .collect();
         if let Some(clash) = keys.devices.keys().find(|d| cross.contains(d)) {
-            return Err(LocalCause::DeviceIdClashesWithCrossSigningKey(clash.clone()));
+            return Err(LocalCause::DeviceIdClashesWithCrossSigningKey(
+                clash.clone(),
+            ));
         }
-        Ok(sas::Pinned { device_key, master_key: keys.master_key.clone() })
+        Ok(sas::Pinned {
+            device_key,
+            master_key: keys.master_key.clone(),
+        })
     }
 
     /// Whether the other side's keys still equal the pinned ones (TR-01).
@@ -869,8 +1247,15 @@ impl Machine {
 
     // ----- helpers ----------------------------------------------------------------------------
 
-    fn with_flow<T>(&mut self, key: &FlowKey, f: impl FnOnce(&mut Self, &mut Flow) -> Result<T, ActionError>) -> Result<T, ActionError> {
-        let mut flow = self.flows.remove(key).ok_or_else(|| ActionError::UnknownFlow(key.clone()))?;
+    fn with_flow<T>(
+        &mut self,
+        key: &FlowKey,
+        f: impl FnOnce(&mut Self, &mut Flow) -> Result<T, ActionError>,
+    ) -> Result<T, ActionError> {
+        let mut flow = self
+            .flows
+            .remove(key)
+            .ok_or_else(|| ActionError::UnknownFlow(key.clone()))?;
         let r = f(self, &mut flow);
         self.flows.insert(key.clone(), flow);
         r
@@ -878,7 +1263,12 @@ impl Machine {
 
     /// The methods both sides can use (request/ready intersection, EV-RD-02), in our order.
     fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
-        self.config.methods.iter().filter(|m| theirs.contains(m)).cloned().collect()
+        self.config
+            .methods
+            .iter()
+            .filter(|m| theirs.contains(m))
+            .cloned()
+            .collect()
     }
 
     /// What we advertise in a `ready`: our methods that correspond to theirs.
@@ -890,18 +1280,26 @@ impl Machine {
         self.events.push_back(Event::Ready {
             flow: flow.key.clone(),
             other_device: flow.other_device.clone().unwrap_or_default(),
-            methods: self.common_methods(&flow.their_methods).iter().map(|m| m.as_str().to_owned()).collect(),
+            methods: self
+                .common_methods(&flow.their_methods)
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect(),
         });
     }
 
     fn has_device_key(&self, user: &str, device: &str) -> bool {
-        self.keys.get(user).is_some_and(|k| k.devices.contains_key(device))
+        self.keys
+            .get(user)
+            .is_some_and(|k| k.devices.contains_key(device))
     }
 
     fn ask_keys(&mut self, user: &str) {
         if !self.keys_asked.iter().any(|u| u == user) {
             self.keys_asked.push(user.to_owned());
-            self.events.push_back(Event::KeysNeeded { user_id: user.to_owned() });
+            self.events.push_back(Event::KeysNeeded {
+                user_id: user.to_owned(),
+            });
         }
     }
 
@@ -919,7 +1317,11 @@ impl Machine {
         let user = event.sender.clone();
         if self.held.len() == MAX_HELD {
             let old = self.held.remove(0);
-            self.events.push_back(Event::Dropped { sender: old.event.sender, event_type: old.event.event_type, reason: DropReason::KeysNeverArrived });
+            self.events.push_back(Event::Dropped {
+                sender: old.event.sender,
+                event_type: old.event.event_type,
+                reason: DropReason::KeysNeverArrived,
+            });
         }
         self.held.push(Held { event, until });
         self.ask_keys(&user);
@@ -940,18 +1342,36 @@ impl Machine {
         flow.last_activity = now;
         let (event_type, content) = wire::encode(&msg, &flow.envelope());
         let id = self.take_id();
-        self.outgoing.push_back(Outgoing { id, flow: Some(flow.key.clone()), destination: flow.destination(), event_type, content });
+        self.outgoing.push_back(Outgoing {
+            id,
+            flow: Some(flow.key.clone()),
+            destination: flow.destination(),
+            event_type,
+            content,
+        });
     }
 
     /// A cancel to some devices of a to-device flow that does not end the flow itself (RQ-09).
-    fn send_to_devices(&mut self, flow: &Flow, devices: Vec<String>, code: CancelCode, _now: Millis) {
-        let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
+    fn send_to_devices(
+        &mut self,
+        flow: &Flow,
+        devices: Vec<String>,
+        code: CancelCode,
+        _now: Millis,
+    ) {
+        let msg = Msg::Cancel(wire::Cancel {
+            reason: code.default_reason().to_owned(),
+            code,
+        });
         let (event_type, content) = wire::encode(&msg, &flow.envelope());
         let id = self.take_id();
         self.outgoing.push_back(Outgoing {
             id,
             flow: Some(flow.key.clone()),
-            destination: Destination::ToDevice { user_id: flow.other_user.clone(), device_ids: devices },
+            destination: Destination::ToDevice {
+                user_id: flow.other_user.clone(),
+                device_ids: devices,
+            },
             event_type,
             content,
         });
@@ -959,7 +1379,14 @@ impl Machine {
 
     /// Ends a flow because of us: the only place a flow is cancelled by this device. Whether a
     /// cancel goes on the wire is decided by the error-loop rule (CX-06).
-    pub(crate) fn fail(&mut self, flow: &mut Flow, incoming: Option<MsgKind>, code: CancelCode, cause: LocalCause, now: Millis) {
+    pub(crate) fn fail(
+        &mut self,
+        flow: &mut Flow,
+        incoming: Option<MsgKind>,
+        code: CancelCode,
+        cause: LocalCause,
+        now: Millis,
+    ) {
         let wire_code = match incoming {
             Some(kind) => cancel::verdict(kind, flow.via(), flow.status(), code.clone()),
             None if flow.state.ended() => None,
@@ -970,18 +1397,47 @@ impl Machine {
         }
         let sent = wire_code.is_some();
         if let Some(code) = wire_code {
-            let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
+            let msg = Msg::Cancel(wire::Cancel {
+                reason: code.default_reason().to_owned(),
+                code,
+            });
             self.send(flow, msg, now);
         }
-        let info = CancelInfo { by_us: true, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent };
+        let info = CancelInfo {
+            by_us: true,
+            reason: code.default_reason().to_owned(),
+            code,
+            cause: Some(cause),
+            sent,
+        };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
+        self.events.push_back(Event::Cancelled {
+            flow: flow.key.clone(),
+            info,
+        });
     }
 
     fn end_silently(&mut self, flow: &mut Flow, code: CancelCode, cause: LocalCause, _now: Millis) {
         let by_us = !matches!(cause, LocalCause::AnsweredByOwnDevice);
-        let info = CancelInfo { by_us, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent: false };
+        let info = CancelInfo {
+            by_us,
+            reason: code.default_reason().to_owned(),
+            code,
+            cause: Some(cause),
+            sent: false,
+        };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
+        self.events.push_back(Event::Cancelled {
+            flow: flow.key.clone(),
+            info,
+        });
     }
+}
+
+/// Adds to a bounded memory of flow ids, forgetting the oldest first.
+fn remember<T>(memory: &mut VecDeque<T>, item: T) {
+    if memory.len() == UNKNOWN_REPLY_MEMORY {
+        memory.pop_front();
+    }
+    memory.push_back(item);
 }

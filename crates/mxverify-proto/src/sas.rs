@@ -111,25 +111,47 @@ pub(crate) struct SasStep {
 
 impl SasStep {
     fn fail(code: CancelCode, cause: LocalCause) -> Self {
-        Self { fail: Some((code, cause)), ..Self::default() }
+        Self {
+            fail: Some((code, cause)),
+            ..Self::default()
+        }
     }
 
     fn unexpected(msg: &Msg, state: &'static str) -> Self {
-        Self::fail(CancelCode::UnexpectedMessage, LocalCause::Unexpected { message: msg.kind().event_type(), state })
+        Self::fail(
+            CancelCode::UnexpectedMessage,
+            LocalCause::Unexpected {
+                message: msg.kind().event_type(),
+                state,
+            },
+        )
     }
 
     fn drop(flow: &Flow, msg: &Msg, reason: DropReason) -> Self {
-        let event = Event::Dropped { sender: flow.other_user.clone(), event_type: msg.kind().event_type().into(), reason };
-        Self { events: vec![event], ..Self::default() }
+        let event = Event::Dropped {
+            sender: flow.other_user.clone(),
+            event_type: msg.kind().event_type().into(),
+            reason,
+        };
+        Self {
+            events: vec![event],
+            ..Self::default()
+        }
     }
 }
 
 /// Our offer in a start (EV-SS-02..05): every agreement, MAC and SAS method we support, best first.
 fn our_offer() -> SasOffer {
     SasOffer {
-        key_agreement_protocols: KeyAgreement::ALL.iter().map(|k| k.as_str().to_owned()).collect(),
+        key_agreement_protocols: KeyAgreement::ALL
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect(),
         hashes: vec![SHA256.to_owned()],
-        message_authentication_codes: MacMethod::ALL.iter().map(|m| m.as_str().to_owned()).collect(),
+        message_authentication_codes: MacMethod::ALL
+            .iter()
+            .map(|m| m.as_str().to_owned())
+            .collect(),
         short_authentication_string: SAS_METHODS.iter().map(|s| (*s).to_owned()).collect(),
     }
 }
@@ -139,7 +161,8 @@ fn our_offer() -> SasOffer {
 pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Value {
     let mut content = content.clone();
     if let (FlowKey::Room { event_id, .. }, Some(obj)) = (key, content.as_object_mut()) {
-        obj.entry("m.relates_to").or_insert_with(|| json!({ "rel_type": "m.reference", "event_id": event_id }));
+        obj.entry("m.relates_to")
+            .or_insert_with(|| json!({ "rel_type": "m.reference", "event_id": event_id }));
     }
     content
 }
@@ -149,21 +172,36 @@ pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Va
 fn choose(offer: &SasOffer) -> Result<Choice, &'static str> {
     let key_agreement = KeyAgreement::ALL
         .into_iter()
-        .find(|k| offer.key_agreement_protocols.iter().any(|o| o == k.as_str()))
+        .find(|k| {
+            offer
+                .key_agreement_protocols
+                .iter()
+                .any(|o| o == k.as_str())
+        })
         .ok_or("key agreement protocol")?;
     if !offer.hashes.iter().any(|h| h == SHA256) {
         return Err("hash");
     }
     let mac = MacMethod::ALL
         .into_iter()
-        .find(|m| offer.message_authentication_codes.iter().any(|o| o == m.as_str()))
+        .find(|m| {
+            offer
+                .message_authentication_codes
+                .iter()
+                .any(|o| o == m.as_str())
+        })
         .ok_or("message authentication code")?;
     let has = |s: &str| offer.short_authentication_string.iter().any(|o| o == s);
     let (decimal, emoji) = (has("decimal"), has("emoji"));
     if !decimal && !emoji {
         return Err("short authentication string method");
     }
-    Ok(Choice { key_agreement, mac, emoji, decimal })
+    Ok(Choice {
+        key_agreement,
+        mac,
+        emoji,
+        decimal,
+    })
 }
 
 /// The starter's check of an accept (SA-06): each choice must be one we offered and support.
@@ -179,11 +217,20 @@ fn check_accept(offer: &SasOffer, accept: &Accept) -> Result<Choice, &'static st
         .filter(|m| offered(&offer.message_authentication_codes, m.as_str()))
         .ok_or("message authentication code")?;
     let sas = &accept.short_authentication_string;
-    if sas.is_empty() || sas.iter().any(|s| !SAS_METHODS.contains(&s.as_str()) || !offered(&offer.short_authentication_string, s)) {
+    if sas.is_empty()
+        || sas.iter().any(|s| {
+            !SAS_METHODS.contains(&s.as_str()) || !offered(&offer.short_authentication_string, s)
+        })
+    {
         return Err("short authentication string method");
     }
     let has = |s: &str| sas.iter().any(|o| o == s);
-    Ok(Choice { key_agreement, mac, emoji: has("emoji"), decimal: has("decimal") })
+    Ok(Choice {
+        key_agreement,
+        mac,
+        emoji: has("emoji"),
+        decimal: has("decimal"),
+    })
 }
 
 impl Sas {
@@ -191,7 +238,10 @@ impl Sas {
     pub(crate) fn start(m: &mut Machine, flow: &Flow, pinned: Pinned) -> (Sas, Msg) {
         let eph = EphemeralKey::from_random(m.random_bytes());
         let offer = our_offer();
-        let msg = Msg::Start(Start { from_device: m.own.device_id.clone(), method: StartMethod::Sas(offer.clone()) });
+        let msg = Msg::Start(Start {
+            from_device: m.own.device_id.clone(),
+            method: StartMethod::Sas(offer.clone()),
+        });
         let envelope = match &flow.key {
             FlowKey::ToDevice { transaction_id, .. } => Envelope::ToDevice(transaction_id.clone()),
             FlowKey::Room { event_id, .. } => Envelope::Room(Some(event_id.clone())),
@@ -213,8 +263,16 @@ impl Sas {
 
     /// Their start arrived: we are A. In a request flow the user already agreed, so we accept at
     /// once; a legacy start waits for the user (ST-06).
-    pub(crate) fn from_their_start(m: &mut Machine, flow: &Flow, start: &Start, content: Value, pinned: Pinned) -> (Sas, SasStep) {
-        let StartMethod::Sas(offer) = &start.method else { unreachable!("only SAS starts reach here") };
+    pub(crate) fn from_their_start(
+        m: &mut Machine,
+        flow: &Flow,
+        start: &Start,
+        content: Value,
+        pinned: Pinned,
+    ) -> (Sas, SasStep) {
+        let StartMethod::Sas(offer) = &start.method else {
+            unreachable!("only SAS starts reach here")
+        };
         let mut sas = Sas {
             we_start: false,
             starter_device: start.from_device.clone(),
@@ -225,7 +283,11 @@ impl Sas {
             pinned,
             phase: SasPhase::AwaitUserAccept,
         };
-        let step = if flow.from_request { sas.user_accepts(m, flow) } else { SasStep::default() };
+        let step = if flow.from_request {
+            sas.user_accepts(m, flow)
+        } else {
+            SasStep::default()
+        };
         (sas, step)
     }
 
@@ -233,13 +295,18 @@ impl Sas {
     pub(crate) fn user_accepts(&mut self, m: &mut Machine, _flow: &Flow) -> SasStep {
         let choice = match choose(&self.offer) {
             Ok(c) => c,
-            Err(what) => return SasStep::fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what)),
+            Err(what) => {
+                return SasStep::fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what));
+            }
         };
         let eph = EphemeralKey::from_random(m.random_bytes());
         let commitment = match crypto::commitment(&eph.public_b64(), &self.start_content) {
             Ok(c) => c,
             Err(_) => {
-                let e = wire::WireError { field: "content", problem: wire::Problem::Invalid("no canonical JSON form") };
+                let e = wire::WireError {
+                    field: "content",
+                    problem: wire::Problem::Invalid("no canonical JSON form"),
+                };
                 return SasStep::fail(CancelCode::InvalidMessage, LocalCause::Malformed(e));
             }
         };
@@ -258,7 +325,10 @@ impl Sas {
         self.choice = Some(choice);
         self.accept = Some(accept.clone());
         self.phase = SasPhase::AwaitStarterKey(eph);
-        SasStep { send: vec![Msg::Accept(accept)], ..SasStep::default() }
+        SasStep {
+            send: vec![Msg::Accept(accept)],
+            ..SasStep::default()
+        }
     }
 
     /// Whether the user can now confirm or deny the SAS.
@@ -267,14 +337,25 @@ impl Sas {
     }
 
     /// A start while SAS is already running: a collision (ST-03, ST-04) or a duplicate.
-    pub(crate) fn on_start(&mut self, m: &mut Machine, flow: &Flow, start: &Start, raw: &Value, _room: &Option<crate::types::RoomContext>) -> SasStep {
+    pub(crate) fn on_start(
+        &mut self,
+        m: &mut Machine,
+        flow: &Flow,
+        start: &Start,
+        raw: &Value,
+        _room: &Option<crate::types::RoomContext>,
+    ) -> SasStep {
         let msg = Msg::Start(start.clone());
         let StartMethod::Sas(_) = &start.method else {
             return SasStep::fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
         };
         if !self.we_start {
             let same = start_content_for_commitment(raw, &flow.key) == self.start_content;
-            return if same { SasStep::drop(flow, &msg, DropReason::Duplicate) } else { SasStep::unexpected(&msg, self.phase.name()) };
+            return if same {
+                SasStep::drop(flow, &msg, DropReason::Duplicate)
+            } else {
+                SasStep::unexpected(&msg, self.phase.name())
+            };
         }
         // ST-03, ST-05: the smaller user ID wins; for one user, the smaller device ID. Byte order
         // of UTF-8 strings is code-point order.
@@ -292,9 +373,22 @@ impl Sas {
             return SasStep::unexpected(&msg, self.phase.name());
         }
         // We lost: our start is void (its key is dropped and zeroized); we accept theirs.
-        let (mut sas, mut step) = Sas::from_their_start(m, flow, start, start_content_for_commitment(raw, &flow.key), self.pinned.clone());
+        let (mut sas, mut step) = Sas::from_their_start(
+            m,
+            flow,
+            start,
+            start_content_for_commitment(raw, &flow.key),
+            self.pinned.clone(),
+        );
         std::mem::swap(self, &mut sas);
-        step.events.insert(0, Event::Started { flow: flow.key.clone(), method: "m.sas.v1".into(), by_us: false });
+        step.events.insert(
+            0,
+            Event::Started {
+                flow: flow.key.clone(),
+                method: "m.sas.v1".into(),
+                by_us: false,
+            },
+        );
         step
     }
 
@@ -302,16 +396,30 @@ impl Sas {
     pub(crate) fn on_message(&mut self, m: &mut Machine, flow: &Flow, msg: Msg) -> SasStep {
         let phase = std::mem::replace(&mut self.phase, SasPhase::Moving);
         let (phase, step) = match (phase, msg) {
-            (SasPhase::AwaitAccept(eph), Msg::Accept(accept)) => match check_accept(&self.offer, &accept) {
-                Err(field) => (SasPhase::AwaitAccept(eph), SasStep::fail(CancelCode::UnknownMethod, LocalCause::AcceptNotOffered(field))),
-                Ok(choice) => {
-                    // SQ-03: store the commitment, send our key.
-                    self.choice = Some(choice);
-                    self.accept = Some(accept);
-                    let key = Msg::Key(eph.public_b64());
-                    (SasPhase::AwaitAccepterKey(eph), SasStep { send: vec![key], ..SasStep::default() })
+            (SasPhase::AwaitAccept(eph), Msg::Accept(accept)) => {
+                match check_accept(&self.offer, &accept) {
+                    Err(field) => (
+                        SasPhase::AwaitAccept(eph),
+                        SasStep::fail(
+                            CancelCode::UnknownMethod,
+                            LocalCause::AcceptNotOffered(field),
+                        ),
+                    ),
+                    Ok(choice) => {
+                        // SQ-03: store the commitment, send our key.
+                        self.choice = Some(choice);
+                        self.accept = Some(accept);
+                        let key = Msg::Key(eph.public_b64());
+                        (
+                            SasPhase::AwaitAccepterKey(eph),
+                            SasStep {
+                                send: vec![key],
+                                ..SasStep::default()
+                            },
+                        )
+                    }
                 }
-            },
+            }
             (SasPhase::AwaitStarterKey(eph), Msg::Key(theirs)) => {
                 // SQ-04: only now does A reveal its key.
                 let ours = eph.public_b64();
@@ -319,17 +427,31 @@ impl Sas {
             }
             (SasPhase::AwaitAccepterKey(eph), Msg::Key(theirs)) => {
                 // SQ-05: the accepter's key must hash to its commitment.
-                let committed = self.accept.as_ref().map(|a| a.commitment.as_str()).unwrap_or_default();
+                let committed = self
+                    .accept
+                    .as_ref()
+                    .map(|a| a.commitment.as_str())
+                    .unwrap_or_default();
                 let expected = crypto::commitment(&theirs, &self.start_content).unwrap_or_default();
                 if !bool::from(expected.as_bytes().ct_eq(committed.as_bytes())) {
-                    (SasPhase::AwaitAccepterKey(eph), SasStep::fail(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch))
+                    (
+                        SasPhase::AwaitAccepterKey(eph),
+                        SasStep::fail(
+                            CancelCode::MismatchedCommitment,
+                            LocalCause::CommitmentMismatch,
+                        ),
+                    )
                 } else {
                     self.exchange(m, flow, eph, theirs, None)
                 }
             }
             (SasPhase::Exchanged(mut x), Msg::Mac(mac)) => {
                 let step = if let Some((seen, _)) = &x.their_mac {
-                    if *seen == mac { SasStep::drop(flow, &Msg::Mac(mac), DropReason::Duplicate) } else { SasStep::unexpected(&Msg::Mac(mac), x.name()) }
+                    if *seen == mac {
+                        SasStep::drop(flow, &Msg::Mac(mac), DropReason::Duplicate)
+                    } else {
+                        SasStep::unexpected(&Msg::Mac(mac), x.name())
+                    }
                 } else {
                     match self.check_mac(m, flow, &x.secret, &mac) {
                         Err(cause) => SasStep::fail(CancelCode::KeyMismatch, cause),
@@ -352,14 +474,19 @@ impl Sas {
                 };
                 (SasPhase::Exchanged(x), step)
             }
-            (SasPhase::Exchanged(x), Msg::Key(k)) if k == x.their_key => {
-                (SasPhase::Exchanged(x), SasStep::drop(flow, &Msg::Key(k), DropReason::Duplicate))
-            }
-            (phase @ (SasPhase::AwaitAccepterKey(_) | SasPhase::AwaitStarterKey(_) | SasPhase::Exchanged(_)), Msg::Accept(a))
-                if self.we_start && self.accept.as_ref() == Some(&a) =>
-            {
-                (phase, SasStep::drop(flow, &Msg::Accept(a), DropReason::Duplicate))
-            }
+            (SasPhase::Exchanged(x), Msg::Key(k)) if k == x.their_key => (
+                SasPhase::Exchanged(x),
+                SasStep::drop(flow, &Msg::Key(k), DropReason::Duplicate),
+            ),
+            (
+                phase @ (SasPhase::AwaitAccepterKey(_)
+                | SasPhase::AwaitStarterKey(_)
+                | SasPhase::Exchanged(_)),
+                Msg::Accept(a),
+            ) if self.we_start && self.accept.as_ref() == Some(&a) => (
+                phase,
+                SasStep::drop(flow, &Msg::Accept(a), DropReason::Duplicate),
+            ),
             (phase, msg) => {
                 let step = SasStep::unexpected(&msg, phase.name());
                 (phase, step)
@@ -371,7 +498,8 @@ impl Sas {
 
     /// The user confirmed that the SAS match (SQ-09): send our MAC.
     pub(crate) fn confirm(&mut self, m: &mut Machine, flow: &Flow) -> SasStep {
-        let SasPhase::Exchanged(mut x) = std::mem::replace(&mut self.phase, SasPhase::Moving) else {
+        let SasPhase::Exchanged(mut x) = std::mem::replace(&mut self.phase, SasPhase::Moving)
+        else {
             unreachable!("confirm is only offered once keys are exchanged")
         };
         x.confirmed = true;
@@ -382,21 +510,49 @@ impl Sas {
         step
     }
 
-    fn exchange(&mut self, m: &mut Machine, flow: &Flow, eph: EphemeralKey, theirs: String, reply: Option<Msg>) -> (SasPhase, SasStep) {
+    fn exchange(
+        &mut self,
+        m: &mut Machine,
+        flow: &Flow,
+        eph: EphemeralKey,
+        theirs: String,
+        reply: Option<Msg>,
+    ) -> (SasPhase, SasStep) {
         let ours = eph.public_b64();
         let secret = match eph.agree(&theirs) {
             Ok(s) => s,
             // The key is consumed either way; the flow is over.
-            Err(_) => return (SasPhase::Moving, SasStep::fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey)),
+            Err(_) => {
+                return (
+                    SasPhase::Moving,
+                    SasStep::fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey),
+                );
+            }
         };
         let choice = self.choice.clone().expect("choice made before keys");
-        let own = (m.own.user_id.as_str(), m.own.device_id.as_str(), ours.as_str());
+        let own = (
+            m.own.user_id.as_str(),
+            m.own.device_id.as_str(),
+            ours.as_str(),
+        );
         let other_device = flow.other_device.as_deref().unwrap_or_default();
         let other = (flow.other_user.as_str(), other_device, theirs.as_str());
-        let (s, a) = if self.we_start { (own, other) } else { (other, own) };
+        let (s, a) = if self.we_start {
+            (own, other)
+        } else {
+            (other, own)
+        };
         let info = choice.key_agreement.sas_info(
-            &Party { user_id: s.0, device_id: s.1, ephemeral_key: s.2 },
-            &Party { user_id: a.0, device_id: a.1, ephemeral_key: a.2 },
+            &Party {
+                user_id: s.0,
+                device_id: s.1,
+                ephemeral_key: s.2,
+            },
+            &Party {
+                user_id: a.0,
+                device_id: a.1,
+                ephemeral_key: a.2,
+            },
             flow.key.flow_id(),
         );
         debug_assert_eq!(s.1, self.starter_device);
@@ -404,35 +560,79 @@ impl Sas {
         // RS#6944: show only what was negotiated.
         let event = Event::Sas {
             flow: flow.key.clone(),
-            emoji: choice.emoji.then(|| crypto::emoji_indices(&bytes).iter().map(|&i| emoji::emoji(i)).collect()),
+            emoji: choice.emoji.then(|| {
+                crypto::emoji_indices(&bytes)
+                    .iter()
+                    .map(|&i| emoji::emoji(i))
+                    .collect()
+            }),
             decimals: choice.decimal.then(|| crypto::decimals(&bytes)),
         };
-        let x = Exchanged { secret, their_key: theirs, confirmed: false, their_mac: None, done_sent: false, their_done: false };
-        (SasPhase::Exchanged(Box::new(x)), SasStep { send: reply.into_iter().collect(), events: vec![event], ..SasStep::default() })
+        let x = Exchanged {
+            secret,
+            their_key: theirs,
+            confirmed: false,
+            their_mac: None,
+            done_sent: false,
+            their_done: false,
+        };
+        (
+            SasPhase::Exchanged(Box::new(x)),
+            SasStep {
+                send: reply.into_iter().collect(),
+                events: vec![event],
+                ..SasStep::default()
+            },
+        )
     }
 
     /// Our `mac` (MC-01..MC-07): our device key, and our master key if this device trusts it.
     fn our_mac(&self, m: &Machine, flow: &Flow, secret: &SharedSecret) -> MacMsg {
         let method = self.choice.as_ref().expect("choice made").mac;
-        let mut keys = vec![(format!("ed25519:{}", m.own.device_id), m.own.ed25519.clone())];
+        let mut keys = vec![(
+            format!("ed25519:{}", m.own.device_id),
+            m.own.ed25519.clone(),
+        )];
         if let (Some(msk), true) = (&m.own.master_key, m.own.trusts_master_key) {
             keys.push((format!("ed25519:{msk}"), msk.clone()));
         }
         keys.sort();
         let sender = (m.own.user_id.as_str(), m.own.device_id.as_str());
-        let receiver = (flow.other_user.as_str(), flow.other_device.as_deref().unwrap_or_default());
+        let receiver = (
+            flow.other_user.as_str(),
+            flow.other_device.as_deref().unwrap_or_default(),
+        );
         let flow_id = flow.key.flow_id();
         let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-        let list = secret.mac_encoded(method, &ids.join(","), &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"));
+        let list = secret.mac_encoded(
+            method,
+            &ids.join(","),
+            &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"),
+        );
         let mac = keys
             .iter()
-            .map(|(id, key)| (id.clone(), secret.mac_encoded(method, key, &crypto::mac_info(sender, receiver, flow_id, id))))
+            .map(|(id, key)| {
+                (
+                    id.clone(),
+                    secret.mac_encoded(
+                        method,
+                        key,
+                        &crypto::mac_info(sender, receiver, flow_id, id),
+                    ),
+                )
+            })
             .collect();
         MacMsg { mac, keys: list }
     }
 
     /// Checks their `mac` against our own copies of their keys (SQ-10, MV-01..MV-04).
-    fn check_mac(&self, m: &Machine, flow: &Flow, secret: &SharedSecret, mac: &MacMsg) -> Result<Vec<VerifiedKey>, LocalCause> {
+    fn check_mac(
+        &self,
+        m: &Machine,
+        flow: &Flow,
+        secret: &SharedSecret,
+        mac: &MacMsg,
+    ) -> Result<Vec<VerifiedKey>, LocalCause> {
         let method = self.choice.as_ref().expect("choice made").mac;
         let other_device = flow.other_device.as_deref().unwrap_or_default();
         let sender = (flow.other_user.as_str(), other_device);
@@ -440,25 +640,49 @@ impl Sas {
         let flow_id = flow.key.flow_id();
         // MV-01: the key list first (BTreeMap keys are sorted lexicographically).
         let ids: Vec<&str> = mac.mac.keys().map(String::as_str).collect();
-        if !secret.verify_mac(method, &ids.join(","), &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"), &mac.keys) {
+        if !secret.verify_mac(
+            method,
+            &ids.join(","),
+            &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"),
+            &mac.keys,
+        ) {
             return Err(LocalCause::KeyListMacMismatch);
         }
         let device_id = format!("ed25519:{other_device}");
-        let master_id = self.pinned.master_key.as_ref().map(|k| format!("ed25519:{k}"));
+        let master_id = self
+            .pinned
+            .master_key
+            .as_ref()
+            .map(|k| format!("ed25519:{k}"));
         let mut verified = Vec::new();
         for (id, value) in &mac.mac {
             // MV-02: MAC over our own copy; MV-04: key IDs we have no key for are skipped.
             let (key, kind) = if *id == device_id {
                 (&self.pinned.device_key, KeyKind::Device)
             } else if Some(id) == master_id.as_ref() {
-                (self.pinned.master_key.as_ref().expect("master id implies key"), KeyKind::MasterKey)
+                (
+                    self.pinned
+                        .master_key
+                        .as_ref()
+                        .expect("master id implies key"),
+                    KeyKind::MasterKey,
+                )
             } else {
                 continue;
             };
-            if !secret.verify_mac(method, key, &crypto::mac_info(sender, receiver, flow_id, id), value) {
+            if !secret.verify_mac(
+                method,
+                key,
+                &crypto::mac_info(sender, receiver, flow_id, id),
+                value,
+            ) {
                 return Err(LocalCause::KeyMacMismatch(id.clone()));
             }
-            verified.push(VerifiedKey { key_id: id.clone(), key: key.clone(), kind });
+            verified.push(VerifiedKey {
+                key_id: id.clone(),
+                key: key.clone(),
+                kind,
+            });
         }
         if verified.is_empty() {
             return Err(LocalCause::NothingVerified);
@@ -470,7 +694,9 @@ impl Sas {
     /// are exchanged (a legacy start-first peer sends none).
     fn try_finish(&mut self, m: &Machine, flow: &Flow, x: &mut Exchanged) -> SasStep {
         let mut step = SasStep::default();
-        let Some((_, keys)) = &x.their_mac else { return step };
+        let Some((_, keys)) = &x.their_mac else {
+            return step;
+        };
         if !x.confirmed {
             return step;
         }

@@ -106,7 +106,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { methods: vec![Method::SasV1], timeouts: Timeouts::default() }
+        Self {
+            methods: vec![Method::SasV1],
+            timeouts: Timeouts::default(),
+        }
     }
 }
 
@@ -217,6 +220,8 @@ pub enum DropReason {
     FlowEnded,
     /// An in-room event for a flow we do not know.
     UnknownRoomFlow,
+    /// A cancel for a flow we do not know (never answered).
+    UnknownFlow,
     /// An exact duplicate of a message already handled.
     Duplicate,
     /// A message from another of the other user's devices than the one in the flow (RQ-12).
@@ -373,7 +378,10 @@ impl SeededEntropy {
     pub fn new(seed: u64) -> Self {
         let mut s = [0u8; 32];
         s[..8].copy_from_slice(&seed.to_le_bytes());
-        Self { seed: s, counter: 0 }
+        Self {
+            seed: s,
+            counter: 0,
+        }
     }
 }
 

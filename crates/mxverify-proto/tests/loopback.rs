@@ -6,16 +6,29 @@ use mxverify_proto::*;
 use support::net::*;
 
 fn assert_verified_both(net: &Net) {
-    let (sa, sb) = (net.sas(Side::A).expect("A shows SAS"), net.sas(Side::B).expect("B shows SAS"));
+    let (sa, sb) = (
+        net.sas(Side::A).expect("A shows SAS"),
+        net.sas(Side::B).expect("B shows SAS"),
+    );
     assert_eq!(sa, sb, "both sides must show the same emoji and decimals");
     let ka = net.done(Side::A).expect("A verified");
     let kb = net.done(Side::B).expect("B verified");
     // Each side verified exactly the other's device key and master key.
-    let ids = |keys: &[VerifiedKey]| keys.iter().map(|k| (k.key_id.clone(), k.key.clone())).collect::<Vec<_>>();
+    let ids = |keys: &[VerifiedKey]| {
+        keys.iter()
+            .map(|k| (k.key_id.clone(), k.key.clone()))
+            .collect::<Vec<_>>()
+    };
     let mut want_a = vec![(format!("ed25519:{}", net.db.device), net.db.ed25519.clone())];
     let mut want_b = vec![(format!("ed25519:{}", net.da.device), net.da.ed25519.clone())];
-    want_a.push((format!("ed25519:{}", net.db.msk.clone().unwrap()), net.db.msk.clone().unwrap()));
-    want_b.push((format!("ed25519:{}", net.da.msk.clone().unwrap()), net.da.msk.clone().unwrap()));
+    want_a.push((
+        format!("ed25519:{}", net.db.msk.clone().unwrap()),
+        net.db.msk.clone().unwrap(),
+    ));
+    want_b.push((
+        format!("ed25519:{}", net.da.msk.clone().unwrap()),
+        net.da.msk.clone().unwrap(),
+    ));
     want_a.sort();
     want_b.sort();
     let (mut ga, mut gb) = (ids(&ka), ids(&kb));
@@ -23,11 +36,19 @@ fn assert_verified_both(net: &Net) {
     gb.sort();
     assert_eq!(ga, want_a);
     assert_eq!(gb, want_b);
-    assert!(net.cancels_sent().is_empty(), "no cancel in a good flow: {:?}", net.cancels_sent());
+    assert!(
+        net.cancels_sent().is_empty(),
+        "no cancel in a good flow: {:?}",
+        net.cancels_sent()
+    );
 }
 
 fn full_flow(in_room: bool, same_user: bool, requester_starts: bool) -> Net {
-    let db = if same_user { Dev::new(ALICE, "ALICE2") } else { Dev::new(BOB, "BOBDEVICE") };
+    let db = if same_user {
+        Dev::new(ALICE, "ALICE2")
+    } else {
+        Dev::new(BOB, "BOBDEVICE")
+    };
     let mut net = Net::new(Dev::new(ALICE, "ALICE1"), db);
     let (fa, fb) = net.request_and_accept(in_room);
     let now = net.now;
@@ -111,13 +132,25 @@ fn accepter_sends_its_key_only_after_the_starters() {
     net.collect();
     net.deliver(0); // start → B, which answers with accept
     net.collect();
-    let accept = net.queue.iter().position(|w| w.out.event_type == "m.key.verification.accept").unwrap();
+    let accept = net
+        .queue
+        .iter()
+        .position(|w| w.out.event_type == "m.key.verification.accept")
+        .unwrap();
     net.deliver(accept);
     net.collect();
     // Now A's key is queued; B has sent no key yet.
-    assert!(net.log.iter().all(|w| !(w.from == Side::B && w.out.event_type == "m.key.verification.key")));
+    assert!(
+        net.log
+            .iter()
+            .all(|w| !(w.from == Side::B && w.out.event_type == "m.key.verification.key"))
+    );
     net.run();
-    assert!(net.log.iter().any(|w| w.from == Side::B && w.out.event_type == "m.key.verification.key"));
+    assert!(
+        net.log
+            .iter()
+            .any(|w| w.from == Side::B && w.out.event_type == "m.key.verification.key")
+    );
 }
 
 #[test]
@@ -127,7 +160,11 @@ fn legacy_start_without_request() {
     let fa = net.a.start_sas_without_request(BOB, "B1", now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    assert!(net.events_b.iter().any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. })));
+    assert!(
+        net.events_b
+            .iter()
+            .any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. }))
+    );
     net.b.accept(&fb, now).unwrap();
     net.run();
     net.a.confirm(&fa, now).unwrap();
@@ -152,7 +189,12 @@ fn simultaneous_starts_smaller_user_wins() {
         net.run();
         assert_verified_both(&net);
         // The winner (smaller user ID, ST-03) is the one whose start was answered with an accept.
-        let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
+        let accepter = net
+            .log
+            .iter()
+            .find(|w| w.out.event_type == "m.key.verification.accept")
+            .unwrap()
+            .from;
         let winner = if a_user < b_user { Side::A } else { Side::B };
         assert_eq!(accepter, winner.other());
     }
@@ -170,8 +212,17 @@ fn simultaneous_starts_same_user_smaller_device_wins() {
     net.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
-    let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
-    assert_eq!(accepter, Side::A, "device AAA (side B) wins, so side A accepts");
+    let accepter = net
+        .log
+        .iter()
+        .find(|w| w.out.event_type == "m.key.verification.accept")
+        .unwrap()
+        .from;
+    assert_eq!(
+        accepter,
+        Side::A,
+        "device AAA (side B) wins, so side A accepts"
+    );
 }
 
 #[test]
@@ -198,7 +249,10 @@ fn mac_before_confirmation_is_kept_until_the_user_confirms() {
     net.run();
     net.a.confirm(&fa, net.now).unwrap();
     net.run();
-    assert!(net.done(Side::B).is_none(), "B must not verify before its user confirmed");
+    assert!(
+        net.done(Side::B).is_none(),
+        "B must not verify before its user confirmed"
+    );
     assert!(net.done(Side::A).is_none());
     net.b.confirm(&fb, net.now).unwrap();
     net.run();
@@ -209,18 +263,30 @@ fn mac_before_confirmation_is_kept_until_the_user_confirms() {
 fn keys_arriving_late_do_not_lose_the_start() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     // B forgets A's keys: the start must be held, keys asked for, and the flow resumed.
-    net.b = Machine::new(net.db.identity(), Config::default(), Box::new(SeededEntropy::new(9)));
+    net.b = Machine::new(
+        net.db.identity(),
+        Config::default(),
+        Box::new(SeededEntropy::new(9)),
+    );
     let now = net.now;
     let fa = net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
     net.run();
-    assert!(net.events_b.iter().any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE)));
+    assert!(
+        net.events_b
+            .iter()
+            .any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE))
+    );
     let fb = net.flow_of(Side::B);
     net.b.accept(&fb, now).unwrap();
     net.run();
     net.a.start_sas(&fa, now).unwrap();
     net.run();
-    assert!(net.sas(Side::B).is_none(), "start held while keys are unknown");
-    net.b.update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
+    assert!(
+        net.sas(Side::B).is_none(),
+        "start held while keys are unknown"
+    );
+    net.b
+        .update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
     net.run();
     assert!(net.sas(Side::B).is_some());
     net.a.confirm(&fa, now).unwrap();
@@ -232,7 +298,11 @@ fn keys_arriving_late_do_not_lose_the_start() {
 #[test]
 fn start_without_keys_is_a_typed_error() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    net.a = Machine::new(net.da.identity(), Config::default(), Box::new(SeededEntropy::new(3)));
+    net.a = Machine::new(
+        net.da.identity(),
+        Config::default(),
+        Box::new(SeededEntropy::new(3)),
+    );
     let (fa, _) = net.request_and_accept(false);
     let err = net.a.start_sas(&fa, net.now).unwrap_err();
     assert!(matches!(err, ActionError::KeysUnknown { .. }), "{err}");
@@ -243,12 +313,33 @@ fn wrong_state_actions_are_errors() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let now = net.now;
     let fa = net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
-    assert!(matches!(net.a.confirm(&fa, now), Err(ActionError::WrongState { .. })));
-    assert!(matches!(net.a.start_sas(&fa, now), Err(ActionError::WrongState { .. })));
-    assert!(matches!(net.a.accept(&fa, now), Err(ActionError::WrongState { .. })));
-    assert!(matches!(net.a.mismatch(&fa, now), Err(ActionError::WrongState { .. })));
-    let bogus = FlowKey::ToDevice { user_id: BOB.into(), transaction_id: "nope".into() };
-    assert!(matches!(net.a.cancel(&bogus, now), Err(ActionError::UnknownFlow(_))));
+    assert!(matches!(
+        net.a.confirm(&fa, now),
+        Err(ActionError::WrongState { .. })
+    ));
+    assert!(matches!(
+        net.a.start_sas(&fa, now),
+        Err(ActionError::WrongState { .. })
+    ));
+    assert!(matches!(
+        net.a.accept(&fa, now),
+        Err(ActionError::WrongState { .. })
+    ));
+    assert!(matches!(
+        net.a.mismatch(&fa, now),
+        Err(ActionError::WrongState { .. })
+    ));
+    let bogus = FlowKey::ToDevice {
+        user_id: BOB.into(),
+        transaction_id: "nope".into(),
+    };
+    assert!(matches!(
+        net.a.cancel(&bogus, now),
+        Err(ActionError::UnknownFlow(_))
+    ));
     net.a.cancel(&fa, now).unwrap();
-    assert!(matches!(net.a.cancel(&fa, now), Err(ActionError::WrongState { .. })));
+    assert!(matches!(
+        net.a.cancel(&fa, now),
+        Err(ActionError::WrongState { .. })
+    ));
 }

@@ -72,6 +72,9 @@ pub struct Wire {
     pub out: Outgoing,
 }
 
+/// The emoji names and decimals a side showed.
+pub type Shown = (Option<Vec<String>>, Option<[u16; 3]>);
+
 pub type Tamper = Box<dyn FnMut(&mut Wire) -> bool>;
 
 pub struct Net {
@@ -96,7 +99,11 @@ pub fn keys_of(devs: &[&Dev]) -> UserKeys {
     for d in devs {
         devices.insert(d.device.clone(), d.ed25519.clone());
     }
-    UserKeys { devices, master_key: devs[0].msk.clone(), other_cross_signing_keys: vec![] }
+    UserKeys {
+        devices,
+        master_key: devs[0].msk.clone(),
+        other_cross_signing_keys: vec![],
+    }
 }
 
 impl Net {
@@ -156,7 +163,10 @@ impl Net {
     pub fn collect(&mut self) {
         for side in [Side::A, Side::B] {
             while let Some(out) = self.m(side).poll_outgoing() {
-                self.log.push(Wire { from: side, out: out.clone() });
+                self.log.push(Wire {
+                    from: side,
+                    out: out.clone(),
+                });
                 self.queue.push(Wire { from: side, out });
             }
             while let Some(e) = self.m(side).poll_event() {
@@ -181,8 +191,13 @@ impl Net {
         let to_dev = self.dev(to).clone();
         let now = self.now;
         match &w.out.destination {
-            Destination::ToDevice { user_id, device_ids } => {
-                if *user_id == to_dev.user && device_ids.iter().any(|d| *d == to_dev.device || d == "*") {
+            Destination::ToDevice {
+                user_id,
+                device_ids,
+            } => {
+                if *user_id == to_dev.user
+                    && device_ids.iter().any(|d| *d == to_dev.device || d == "*")
+                {
                     let ev = IncomingEvent {
                         sender: from.user.clone(),
                         event_type: w.out.event_type.to_string(),
@@ -241,7 +256,9 @@ impl Net {
     pub fn flow_of(&self, side: Side) -> FlowKey {
         for e in self.events(side) {
             match e {
-                Event::IncomingRequest { flow, .. } | Event::RequestSent { flow } | Event::Started { flow, .. } => {
+                Event::IncomingRequest { flow, .. }
+                | Event::RequestSent { flow }
+                | Event::Started { flow, .. } => {
                     return flow.clone();
                 }
                 _ => {}
@@ -250,10 +267,14 @@ impl Net {
         panic!("no flow on {side:?}: {:?}", self.events(side))
     }
 
-    pub fn sas(&self, side: Side) -> Option<(Option<Vec<String>>, Option<[u16; 3]>)> {
+    pub fn sas(&self, side: Side) -> Option<Shown> {
         self.events(side).iter().find_map(|e| match e {
-            Event::Sas { emoji, decimals, .. } => Some((
-                emoji.as_ref().map(|v| v.iter().map(|e| e.description.to_string()).collect()),
+            Event::Sas {
+                emoji, decimals, ..
+            } => Some((
+                emoji
+                    .as_ref()
+                    .map(|v| v.iter().map(|e| e.description.to_string()).collect()),
                 *decimals,
             )),
             _ => None,
@@ -279,12 +300,21 @@ impl Net {
         self.log
             .iter()
             .filter(|w| w.out.event_type == "m.key.verification.cancel")
-            .map(|w| (w.from, w.out.content["code"].as_str().unwrap_or("").to_owned()))
+            .map(|w| {
+                (
+                    w.from,
+                    w.out.content["code"].as_str().unwrap_or("").to_owned(),
+                )
+            })
             .collect()
     }
 
     pub fn sent_types(&self, side: Side) -> Vec<&'static str> {
-        self.log.iter().filter(|w| w.from == side).map(|w| w.out.event_type).collect()
+        self.log
+            .iter()
+            .filter(|w| w.from == side)
+            .map(|w| w.out.event_type)
+            .collect()
     }
 
     /// Runs a whole request → ready → SAS → confirm exchange. `starter` starts SAS.
@@ -295,7 +325,9 @@ impl Net {
         if in_room {
             self.a.request_in_room(ROOM, &target_user, now);
         } else {
-            self.a.request_to_device(&target_user, &[target_device], now).unwrap();
+            self.a
+                .request_to_device(&target_user, &[target_device], now)
+                .unwrap();
         }
         self.run();
         let fb = self.flow_of(Side::B);
