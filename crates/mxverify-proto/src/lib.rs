@@ -4,6 +4,7 @@ pub mod cancel;
 pub mod canonical;
 pub mod crypto;
 pub mod emoji;
+pub mod loopback;
 mod machine;
 pub mod qr;
 mod sas;

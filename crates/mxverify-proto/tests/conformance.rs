@@ -110,7 +110,7 @@ fn as_event(w: &Wire, net: &Net, n: usize) -> Value {
 }
 
 fn validate_log(net: &Net, seen: &mut std::collections::BTreeSet<String>) {
-    for (n, w) in net.log.iter().enumerate() {
+    for (n, w) in net.lb.log.iter().enumerate() {
         let ev = as_event(w, net, n);
         validate_event(&ev).unwrap_or_else(|e| panic!("{ev:#}\n{e:?}"));
         let transport = if matches!(w.out.destination, Destination::Room { .. }) {
@@ -129,31 +129,32 @@ fn everything_the_machine_emits_validates() {
         // A whole flow.
         let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
         let (fa, fb) = net.request_and_accept(in_room);
-        net.a.start_sas(&fa, net.now).unwrap();
+        net.lb.a.start_sas(&fa, net.lb.now).unwrap();
         net.run();
-        net.a.confirm(&fa, net.now).unwrap();
-        net.b.confirm(&fb, net.now).unwrap();
+        net.lb.a.confirm(&fa, net.lb.now).unwrap();
+        net.lb.b.confirm(&fb, net.lb.now).unwrap();
         net.run();
         validate_log(&net, &mut seen);
         // Cancels, each code we send.
         let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
         let (fa, fb) = net.request_and_accept(in_room);
-        net.a.start_sas(&fa, net.now).unwrap();
+        net.lb.a.start_sas(&fa, net.lb.now).unwrap();
         net.run();
-        net.b.mismatch(&fb, net.now).unwrap();
+        net.lb.b.mismatch(&fb, net.lb.now).unwrap();
         net.run();
         validate_log(&net, &mut seen);
     }
     // m.accepted, m.unknown_transaction and m.timeout (to-device only by nature).
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    net.a
+    net.lb
+        .a
         .request_to_device(BOB, &["B1".into(), "B2".into()], T0)
         .unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    net.b.accept(&fb, T0).unwrap();
+    net.lb.b.accept(&fb, T0).unwrap();
     net.run();
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.key".into(),

@@ -90,12 +90,12 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
         Dev::new(BOB, "B1")
     };
     let mut net = Net::new(Dev::new(ALICE, "A1"), db);
-    let now = net.now;
+    let now = net.lb.now;
     if in_room && !same_user {
-        net.a.request_in_room(ROOM, BOB, now);
+        net.lb.a.request_in_room(ROOM, BOB, now);
     } else {
         let (user, dev) = (net.db.user.clone(), net.db.device.clone());
-        net.a.request_to_device(&user, &[dev], now).unwrap();
+        net.lb.a.request_to_device(&user, &[dev], now).unwrap();
     }
     net.collect();
     // Index into the log from which each side had received a cancel for a flow id.
@@ -126,7 +126,7 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
         }
     };
     let deliver = |net: &mut Net, i: usize, got_cancel: &mut Vec<(Side, String, usize)>| {
-        let w = net.queue[i].clone();
+        let w = net.lb.queue[i].clone();
         let receiver = net.dev(w.from.other()).clone();
         let reaches = match &w.out.destination {
             Destination::ToDevice {
@@ -142,34 +142,34 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
             && reaches
             && let Some(f) = flow_id_of(&w)
         {
-            got_cancel.push((w.from.other(), f, net.log.len()));
+            got_cancel.push((w.from.other(), f, net.lb.log.len()));
         }
         net.deliver(i);
         net.collect();
     };
     for op in ops {
-        let n = net.queue.len();
+        let n = net.lb.queue.len();
         match op {
             Op::Deliver(i) if n > 0 => deliver(&mut net, i % n, &mut got_cancel),
             Op::Drop(i) if n > 0 => {
-                net.queue.remove(i % n);
+                net.lb.queue.remove(i % n);
             }
             Op::Duplicate(i) if n > 0 => {
-                let w = net.queue[i % n].clone();
-                net.queue.push(w);
+                let w = net.lb.queue[i % n].clone();
+                net.lb.queue.push(w);
             }
-            Op::Swap(a, b) if n > 0 => net.queue.swap(a % n, b % n),
+            Op::Swap(a, b) if n > 0 => net.lb.queue.swap(a % n, b % n),
             Op::Corrupt(i, which, how) if n > 0 => {
-                corrupt(&mut net.queue[i % n].out.content, which, how)
+                corrupt(&mut net.lb.queue[i % n].out.content, which, how)
             }
             Op::Inject(i, to_a) if n > 0 => {
                 // Eve replays a queued message's content as her own.
-                let w = net.queue[i % n].clone();
+                let w = net.lb.queue[i % n].clone();
                 let room = match &w.out.destination {
                     Destination::Room { room_id } => Some(RoomContext {
                         room_id: room_id.clone(),
                         event_id: format!("$eve{i}"),
-                        origin_server_ts: net.now,
+                        origin_server_ts: net.lb.now,
                         relates_to_fallback: None,
                     }),
                     Destination::ToDevice { .. } => None,
@@ -180,18 +180,18 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
                     content: w.out.content,
                     room,
                 };
-                let now = net.now;
+                let now = net.lb.now;
                 if to_a {
-                    net.a.receive(ev, now)
+                    net.lb.a.receive(ev, now)
                 } else {
-                    net.b.receive(ev, now)
+                    net.lb.b.receive(ev, now)
                 }
                 net.collect();
             }
             Op::Act(on_a, what) => {
                 let side = if on_a { Side::A } else { Side::B };
                 let flows: Vec<FlowKey> = net.m(side).flows().cloned().collect();
-                let now = net.now;
+                let now = net.lb.now;
                 for f in flows {
                     let m = net.m(side);
                     let r = match what % 8 {
@@ -213,7 +213,7 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
     }
     // Drain: deliver everything, then let every deadline pass.
     for _ in 0..3 {
-        while !net.queue.is_empty() {
+        while !net.lb.queue.is_empty() {
             deliver(&mut net, 0, &mut got_cancel);
         }
         net.advance(11 * 60_000);
@@ -221,7 +221,7 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
 
     // Never a cancel in reply to a cancel: after receiving one for a flow, no cancel for it.
     for (side, flow, at) in &got_cancel {
-        for w in &net.log[*at..] {
+        for w in &net.lb.log[*at..] {
             if w.from == *side && w.out.event_type == "m.key.verification.cancel" {
                 assert_ne!(
                     flow_id_of(w).as_ref(),
@@ -234,7 +234,7 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
     }
     // At most one cancel per flow and side.
     let mut count: BTreeMap<(bool, String), usize> = BTreeMap::new();
-    for w in &net.log {
+    for w in &net.lb.log {
         if w.out.event_type == "m.key.verification.cancel" {
             *count
                 .entry((w.from == Side::A, flow_id_of(w).unwrap_or_default()))

@@ -51,15 +51,15 @@ fn full_flow(in_room: bool, same_user: bool, requester_starts: bool) -> Net {
     };
     let mut net = Net::new(Dev::new(ALICE, "ALICE1"), db);
     let (fa, fb) = net.request_and_accept(in_room);
-    let now = net.now;
+    let now = net.lb.now;
     if requester_starts {
-        net.a.start_sas(&fa, now).unwrap();
+        net.lb.a.start_sas(&fa, now).unwrap();
     } else {
-        net.b.start_sas(&fb, now).unwrap();
+        net.lb.b.start_sas(&fb, now).unwrap();
     }
     net.run();
-    net.a.confirm(&fa, now).unwrap();
-    net.b.confirm(&fb, now).unwrap();
+    net.lb.a.confirm(&fa, now).unwrap();
+    net.lb.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
     net
@@ -85,7 +85,7 @@ fn to_device_self_verification_both_starters() {
 fn in_room_requester_starts() {
     let net = full_flow(true, false, true);
     // In-room messages carry the relation and no transaction id.
-    for w in &net.log {
+    for w in &net.lb.log {
         if w.out.event_type != "m.room.message" {
             assert!(w.out.content.get("m.relates_to").is_some(), "{:?}", w.out);
             assert!(w.out.content.get("transaction_id").is_none());
@@ -128,7 +128,7 @@ fn accepter_sends_its_key_only_after_the_starters() {
     // SQ-04: hold back A's key and check B has not sent its own.
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let (fa, _) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.collect();
     net.deliver(0); // start → B, which answers with accept
     net.collect();
@@ -141,13 +141,15 @@ fn accepter_sends_its_key_only_after_the_starters() {
     net.collect();
     // Now A's key is queued; B has sent no key yet.
     assert!(
-        net.log
+        net.lb
+            .log
             .iter()
             .all(|w| !(w.from == Side::B && w.out.event_type == "m.key.verification.key"))
     );
     net.run();
     assert!(
-        net.log
+        net.lb
+            .log
             .iter()
             .any(|w| w.from == Side::B && w.out.event_type == "m.key.verification.key")
     );
@@ -156,19 +158,19 @@ fn accepter_sends_its_key_only_after_the_starters() {
 #[test]
 fn legacy_start_without_request() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    let now = net.now;
-    let fa = net.a.start_sas_without_request(BOB, "B1", now).unwrap();
+    let now = net.lb.now;
+    let fa = net.lb.a.start_sas_without_request(BOB, "B1", now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
     assert!(
-        net.events_b
-            .iter()
+        net.events(Side::B)
+            .into_iter()
             .any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. }))
     );
-    net.b.accept(&fb, now).unwrap();
+    net.lb.b.accept(&fb, now).unwrap();
     net.run();
-    net.a.confirm(&fa, now).unwrap();
-    net.b.confirm(&fb, now).unwrap();
+    net.lb.a.confirm(&fa, now).unwrap();
+    net.lb.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
 }
@@ -178,14 +180,14 @@ fn simultaneous_starts_smaller_user_wins() {
     for (a_user, b_user) in [(ALICE, BOB), (BOB, ALICE)] {
         let mut net = Net::new(Dev::new(a_user, "DEV1"), Dev::new(b_user, "DEV2"));
         let (fa, fb) = net.request_and_accept(false);
-        let now = net.now;
-        net.a.start_sas(&fa, now).unwrap();
-        net.b.start_sas(&fb, now).unwrap();
+        let now = net.lb.now;
+        net.lb.a.start_sas(&fa, now).unwrap();
+        net.lb.b.start_sas(&fb, now).unwrap();
         net.run();
-        let (ma, mb) = (net.a.flow(&fa).unwrap(), net.b.flow(&fb).unwrap());
+        let (ma, mb) = (net.lb.a.flow(&fa).unwrap(), net.lb.b.flow(&fb).unwrap());
         assert!(ma.cancel.is_none() && mb.cancel.is_none(), "{ma:?} {mb:?}");
-        net.a.confirm(&fa, now).unwrap();
-        net.b.confirm(&fb, now).unwrap();
+        net.lb.a.confirm(&fa, now).unwrap();
+        net.lb.b.confirm(&fb, now).unwrap();
         net.run();
         assert_verified_both(&net);
         // The winner (smaller user ID, ST-03) is the one whose start was answered with an accept.
@@ -204,12 +206,12 @@ fn simultaneous_starts_smaller_user_wins() {
 fn simultaneous_starts_same_user_smaller_device_wins() {
     let mut net = Net::new(Dev::new(ALICE, "ZZZ"), Dev::new(ALICE, "AAA"));
     let (fa, fb) = net.request_and_accept(false);
-    let now = net.now;
-    net.a.start_sas(&fa, now).unwrap();
-    net.b.start_sas(&fb, now).unwrap();
+    let now = net.lb.now;
+    net.lb.a.start_sas(&fa, now).unwrap();
+    net.lb.b.start_sas(&fb, now).unwrap();
     net.run();
-    net.a.confirm(&fa, now).unwrap();
-    net.b.confirm(&fb, now).unwrap();
+    net.lb.a.confirm(&fa, now).unwrap();
+    net.lb.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
     let accepter = net
@@ -231,10 +233,10 @@ fn master_key_left_out_when_not_trusted() {
     da.trusts_msk = false;
     let mut net = Net::new(da, Dev::new(BOB, "B1"));
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.a.confirm(&fa, net.now).unwrap();
-    net.b.confirm(&fb, net.now).unwrap();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
     let kb = net.done(Side::B).unwrap();
     assert_eq!(kb.len(), 1);
@@ -245,16 +247,16 @@ fn master_key_left_out_when_not_trusted() {
 fn mac_before_confirmation_is_kept_until_the_user_confirms() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.a.confirm(&fa, net.now).unwrap();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
     net.run();
     assert!(
         net.done(Side::B).is_none(),
         "B must not verify before its user confirmed"
     );
     assert!(net.done(Side::A).is_none());
-    net.b.confirm(&fb, net.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
     assert_verified_both(&net);
 }
@@ -263,34 +265,39 @@ fn mac_before_confirmation_is_kept_until_the_user_confirms() {
 fn keys_arriving_late_do_not_lose_the_start() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     // B forgets A's keys: the start must be held, keys asked for, and the flow resumed.
-    net.b = Machine::new(
+    net.lb.b = Machine::new(
         net.db.identity(),
         Config::default(),
         Box::new(SeededEntropy::new(9)),
     );
-    let now = net.now;
-    let fa = net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    let now = net.lb.now;
+    let fa = net
+        .lb
+        .a
+        .request_to_device(BOB, &["B1".into()], now)
+        .unwrap();
     net.run();
     assert!(
-        net.events_b
-            .iter()
+        net.events(Side::B)
+            .into_iter()
             .any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE))
     );
     let fb = net.flow_of(Side::B);
-    net.b.accept(&fb, now).unwrap();
+    net.lb.b.accept(&fb, now).unwrap();
     net.run();
-    net.a.start_sas(&fa, now).unwrap();
+    net.lb.a.start_sas(&fa, now).unwrap();
     net.run();
     assert!(
         net.sas(Side::B).is_none(),
         "start held while keys are unknown"
     );
-    net.b
+    net.lb
+        .b
         .update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
     net.run();
     assert!(net.sas(Side::B).is_some());
-    net.a.confirm(&fa, now).unwrap();
-    net.b.confirm(&fb, now).unwrap();
+    net.lb.a.confirm(&fa, now).unwrap();
+    net.lb.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
 }
@@ -298,35 +305,39 @@ fn keys_arriving_late_do_not_lose_the_start() {
 #[test]
 fn start_without_keys_is_a_typed_error() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    net.a = Machine::new(
+    net.lb.a = Machine::new(
         net.da.identity(),
         Config::default(),
         Box::new(SeededEntropy::new(3)),
     );
     let (fa, _) = net.request_and_accept(false);
-    let err = net.a.start_sas(&fa, net.now).unwrap_err();
+    let err = net.lb.a.start_sas(&fa, net.lb.now).unwrap_err();
     assert!(matches!(err, ActionError::KeysUnknown { .. }), "{err}");
 }
 
 #[test]
 fn wrong_state_actions_are_errors() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    let now = net.now;
-    let fa = net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    let now = net.lb.now;
+    let fa = net
+        .lb
+        .a
+        .request_to_device(BOB, &["B1".into()], now)
+        .unwrap();
     assert!(matches!(
-        net.a.confirm(&fa, now),
+        net.lb.a.confirm(&fa, now),
         Err(ActionError::WrongState { .. })
     ));
     assert!(matches!(
-        net.a.start_sas(&fa, now),
+        net.lb.a.start_sas(&fa, now),
         Err(ActionError::WrongState { .. })
     ));
     assert!(matches!(
-        net.a.accept(&fa, now),
+        net.lb.a.accept(&fa, now),
         Err(ActionError::WrongState { .. })
     ));
     assert!(matches!(
-        net.a.mismatch(&fa, now),
+        net.lb.a.mismatch(&fa, now),
         Err(ActionError::WrongState { .. })
     ));
     let bogus = FlowKey::ToDevice {
@@ -334,12 +345,12 @@ fn wrong_state_actions_are_errors() {
         transaction_id: "nope".into(),
     };
     assert!(matches!(
-        net.a.cancel(&bogus, now),
+        net.lb.a.cancel(&bogus, now),
         Err(ActionError::UnknownFlow(_))
     ));
-    net.a.cancel(&fa, now).unwrap();
+    net.lb.a.cancel(&fa, now).unwrap();
     assert!(matches!(
-        net.a.cancel(&fa, now),
+        net.lb.a.cancel(&fa, now),
         Err(ActionError::WrongState { .. })
     ));
 }

@@ -17,11 +17,11 @@ fn pair() -> Net {
 /// Runs request → ready → A starts SAS → both confirm, with `tamper` on the wire.
 fn sas_flow(net: &mut Net, in_room: bool) {
     let (fa, fb) = net.request_and_accept(in_room);
-    let now = net.now;
-    net.a.start_sas(&fa, now).unwrap();
+    let now = net.lb.now;
+    net.lb.a.start_sas(&fa, now).unwrap();
     net.run();
-    let _ = net.a.confirm(&fa, now);
-    let _ = net.b.confirm(&fb, now);
+    let _ = net.lb.a.confirm(&fa, now);
+    let _ = net.lb.b.confirm(&fb, now);
     net.run();
 }
 
@@ -54,12 +54,12 @@ fn assert_cancelled(net: &Net, canceller: Side, code: &str) -> CancelInfo {
 }
 
 fn tamper(net: &mut Net, event_type: &'static str, f: impl Fn(&mut Wire) + 'static) {
-    net.tamper = Some(Box::new(move |w: &mut Wire| {
+    net.set_tamper(move |w: &mut Wire| {
         if w.out.event_type == event_type {
             f(w);
         }
         true
-    }));
+    });
 }
 
 #[test]
@@ -141,12 +141,12 @@ fn wrong_master_key_mac() {
 fn user_says_mismatch() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.b.mismatch(&fb, net.now).unwrap();
+    net.lb.b.mismatch(&fb, net.lb.now).unwrap();
     net.run();
     assert!(
-        net.a.confirm(&fa, net.now).is_err(),
+        net.lb.a.confirm(&fa, net.lb.now).is_err(),
         "no confirming a cancelled flow"
     );
     assert_eq!(
@@ -262,7 +262,7 @@ fn malformed_messages_are_invalid() {
         let target = ty;
         let mut done = false;
         // Only the first such message: MACs cross, and both would be malformed otherwise.
-        net.tamper = Some(Box::new(move |w: &mut Wire| {
+        net.set_tamper(move |w: &mut Wire| {
             if w.out.event_type == target && !std::mem::replace(&mut done, true) {
                 if v.is_null() {
                     w.out.content.as_object_mut().unwrap().remove(field);
@@ -271,7 +271,7 @@ fn malformed_messages_are_invalid() {
                 }
             }
             true
-        }));
+        });
         sas_flow(&mut net, false);
         let canceller = net
             .cancels_sent()
@@ -306,17 +306,17 @@ fn message_out_of_order() {
     // A `mac` before any keys were exchanged.
     let mut net = pair();
     let (fa, _) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.collect();
     let txn = fa.flow_id().to_owned();
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.mac".into(),
             content: json!({"transaction_id": txn, "mac": {"ed25519:A1": OTHER_HASH}, "keys": OTHER_HASH}),
             room: None,
         },
-        net.now,
+        net.lb.now,
     );
     net.run();
     let info = net.cancelled(Side::B).unwrap();
@@ -336,16 +336,16 @@ fn message_out_of_order() {
 fn done_before_mac_is_unexpected() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.done".into(),
             content: json!({"transaction_id": fb.flow_id()}),
             room: None,
         },
-        net.now,
+        net.lb.now,
     );
     net.run();
     assert_eq!(
@@ -359,33 +359,33 @@ fn done_before_mac_is_unexpected() {
 fn colliding_starts_with_different_methods() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.collect();
-    net.queue.clear();
-    net.b.receive(
+    net.lb.queue.clear();
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.start".into(),
             content: json!({"transaction_id": fb.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
             room: None,
         },
-        net.now,
+        net.lb.now,
     );
-    net.b.start_sas(&fb, net.now).unwrap_err();
+    net.lb.b.start_sas(&fb, net.lb.now).unwrap_err();
     // B already started SAS itself, then sees a reciprocate start from A: ST-04.
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.b.start_sas(&fb, net.now).unwrap();
+    net.lb.b.start_sas(&fb, net.lb.now).unwrap();
     net.collect();
-    net.queue.clear();
-    net.b.receive(
+    net.lb.queue.clear();
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.start".into(),
             content: json!({"transaction_id": fa.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
             room: None,
         },
-        net.now,
+        net.lb.now,
     );
     net.collect();
     let info = net.cancelled(Side::B).unwrap();
@@ -397,14 +397,14 @@ fn colliding_starts_with_different_methods() {
 fn keys_changed_during_the_flow() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     // Bob's device key changes in A's view after the start pinned it (TR-01).
     let mut changed = keys_of(&[&net.db.clone()]);
     changed.devices.insert("B1".into(), fake_key("rotated"));
-    net.a.update_user_keys(BOB, changed, net.now);
-    net.a.confirm(&fa, net.now).unwrap();
-    net.b.confirm(&fb, net.now).unwrap();
+    net.lb.a.update_user_keys(BOB, changed, net.lb.now);
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
     assert_eq!(
         assert_cancelled(&net, Side::A, "m.key_mismatch").cause,
@@ -418,9 +418,9 @@ fn device_id_equal_to_a_cross_signing_key_is_refused() {
     let mut keys = keys_of(&[&net.db.clone()]);
     let msk = keys.master_key.clone().unwrap();
     keys.devices.insert(msk.clone(), fake_key("evil"));
-    net.a.update_user_keys(BOB, keys, net.now);
+    net.lb.a.update_user_keys(BOB, keys, net.lb.now);
     let (fa, _) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
     assert_eq!(
@@ -432,17 +432,17 @@ fn device_id_equal_to_a_cross_signing_key_is_refused() {
 #[test]
 fn flow_timeout_sends_one_m_timeout() {
     let mut net = pair();
-    let fa = net.a.request_to_device(BOB, &["B1".into()], T0).unwrap();
+    let fa = net.lb.a.request_to_device(BOB, &["B1".into()], T0).unwrap();
     net.collect();
-    net.now += 1000; // B gets the request a second later, so A's deadline comes first
+    net.lb.now += 1000; // B gets the request a second later, so A's deadline comes first
     net.run();
     let fb = net.flow_of(Side::B);
-    net.b.accept(&fb, net.now).unwrap();
+    net.lb.b.accept(&fb, net.lb.now).unwrap();
     net.run();
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.now = T0;
-    let deadline = net.a.next_deadline().unwrap();
+    net.lb.now = T0;
+    let deadline = net.lb.a.next_deadline().unwrap();
     assert_eq!(
         deadline,
         T0 + 10 * 60_000,
@@ -461,11 +461,14 @@ fn flow_timeout_sends_one_m_timeout() {
 #[test]
 fn unanswered_prompt_closes_silently_after_two_minutes() {
     let mut net = pair();
-    let now = net.now;
-    net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    let now = net.lb.now;
+    net.lb
+        .a
+        .request_to_device(BOB, &["B1".into()], now)
+        .unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    assert_eq!(net.b.flow(&fb).unwrap().deadline, now + 2 * 60_000);
+    assert_eq!(net.lb.b.flow(&fb).unwrap().deadline, now + 2 * 60_000);
     net.advance(2 * 60_000);
     let info = net.cancelled(Side::B).expect("prompt dismissed");
     assert_eq!(info.code, CancelCode::Timeout);
@@ -474,7 +477,7 @@ fn unanswered_prompt_closes_silently_after_two_minutes() {
         net.cancels_sent().is_empty(),
         "a dismissed prompt sends nothing (RQ-04/RQ-06)"
     );
-    assert!(net.b.accept(&fb, net.now).is_err());
+    assert!(net.lb.b.accept(&fb, net.lb.now).is_err());
     // The requester gives up at its own deadline; the prompt's tombstone ignores that cancel.
     net.advance(8 * 60_000);
     net.run();
@@ -484,14 +487,17 @@ fn unanswered_prompt_closes_silently_after_two_minutes() {
 #[test]
 fn prompt_deadline_is_earlier_of_timestamp_and_receipt() {
     let mut net = pair();
-    let now = net.now;
-    net.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    let now = net.lb.now;
+    net.lb
+        .a
+        .request_to_device(BOB, &["B1".into()], now)
+        .unwrap();
     net.collect();
-    net.now += 9 * 60_000; // delivered nine minutes late: one minute of the ten left
+    net.lb.now += 9 * 60_000; // delivered nine minutes late: one minute of the ten left
     net.deliver(0);
     net.collect();
     let fb = net.flow_of(Side::B);
-    assert_eq!(net.b.flow(&fb).unwrap().deadline, now + 10 * 60_000);
+    assert_eq!(net.lb.b.flow(&fb).unwrap().deadline, now + 10 * 60_000);
 }
 
 #[test]
@@ -504,7 +510,7 @@ fn request_time_window() {
     ] {
         let mut net = pair();
         let ts = (T0 as i64 + offset) as u64;
-        net.b.receive(
+        net.lb.b.receive(
             IncomingEvent {
                 sender: ALICE.into(),
                 event_type: "m.key.verification.request".into(),
@@ -515,8 +521,8 @@ fn request_time_window() {
         );
         net.collect();
         let prompted = net
-            .events_b
-            .iter()
+            .events(Side::B)
+            .into_iter()
             .any(|e| matches!(e, Event::IncomingRequest { .. }));
         assert_eq!(prompted, accepted, "offset {offset}");
         assert!(
@@ -536,10 +542,10 @@ fn cancel_is_never_answered() {
         content: json!({"transaction_id": txn, "code": "m.user", "reason": "no"}),
         room: None,
     };
-    net.b.receive(ev("unknown"), T0);
+    net.lb.b.receive(ev("unknown"), T0);
     let (_, fb) = net.request_and_accept(false);
-    net.b.receive(ev(fb.flow_id()), T0);
-    net.b.receive(ev(fb.flow_id()), T0);
+    net.lb.b.receive(ev(fb.flow_id()), T0);
+    net.lb.b.receive(ev(fb.flow_id()), T0);
     net.run();
     assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
     let info = net.cancelled(Side::B).unwrap();
@@ -550,7 +556,7 @@ fn cancel_is_never_answered() {
 fn malformed_cancel_still_ends_the_flow() {
     let mut net = pair();
     let (_, fb) = net.request_and_accept(false);
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.cancel".into(),
@@ -574,7 +580,7 @@ fn error_loop_rule_nothing_after_the_end() {
         }
     });
     sas_flow(&mut net, false);
-    net.tamper = None;
+    net.lb.filter = None;
     let fb = net.flow_of(Side::B);
     for ty in [
         "m.key.verification.key",
@@ -582,7 +588,7 @@ fn error_loop_rule_nothing_after_the_end() {
         "m.key.verification.done",
         "m.key.verification.start",
     ] {
-        net.b.receive(
+        net.lb.b.receive(
             IncomingEvent {
                 sender: ALICE.into(),
                 event_type: ty.into(),
@@ -603,7 +609,7 @@ fn error_loop_rule_nothing_after_the_end() {
 fn unknown_transaction_answered_once() {
     let mut net = pair();
     for _ in 0..3 {
-        net.b.receive(
+        net.lb.b.receive(
             IncomingEvent {
                 sender: ALICE.into(),
                 event_type: "m.key.verification.key".into(),
@@ -640,14 +646,14 @@ fn unknown_transaction_answered_once() {
 #[test]
 fn accepted_elsewhere_is_told_to_the_other_devices() {
     let mut net = pair();
-    let now = net.now;
+    let now = net.lb.now;
     let fa = net
         .a
         .request_to_device(BOB, &["B1".into(), "B2".into(), "B3".into()], now)
         .unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    net.b.accept(&fb, now).unwrap();
+    net.lb.b.accept(&fb, now).unwrap();
     net.run();
     let accepted: Vec<_> = net
         .log
@@ -666,27 +672,28 @@ fn accepted_elsewhere_is_told_to_the_other_devices() {
         )]
     );
     assert!(
-        net.a.flow(&fa).unwrap().cancel.is_none(),
+        net.lb.a.flow(&fa).unwrap().cancel.is_none(),
         "the flow itself goes on with B1"
     );
     // From now on only B1 is addressed.
-    net.a.start_sas(&fa, now).unwrap();
+    net.lb.a.start_sas(&fa, now).unwrap();
     net.collect();
     assert!(
-        matches!(&net.queue.last().unwrap().out.destination, Destination::ToDevice { device_ids, .. } if device_ids == &vec!["B1".to_string()])
+        matches!(&net.lb.queue.last().unwrap().out.destination, Destination::ToDevice { device_ids, .. } if device_ids == &vec!["B1".to_string()])
     );
 }
 
 #[test]
 fn rejection_by_one_device_is_told_to_all() {
     let mut net = pair();
-    let now = net.now;
-    net.a
+    let now = net.lb.now;
+    net.lb
+        .a
         .request_to_device(BOB, &["B1".into(), "B2".into()], now)
         .unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    net.b.cancel(&fb, now).unwrap();
+    net.lb.b.cancel(&fb, now).unwrap();
     net.run();
     let sent: Vec<_> = net
         .log
@@ -710,8 +717,8 @@ fn second_attempt_by_the_same_device_cancels_both() {
         content: json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": T0, "transaction_id": txn}),
         room: None,
     };
-    net.b.receive(req("first"), T0);
-    net.b.receive(req("second"), T0);
+    net.lb.b.receive(req("first"), T0);
+    net.lb.b.receive(req("second"), T0);
     net.collect();
     let codes: Vec<_> = net
         .log
@@ -732,12 +739,12 @@ fn second_attempt_by_the_same_device_cancels_both() {
     );
     // A request from another device of the same user is a separate flow and cancels nothing.
     let mut net = pair();
-    net.b.receive(req("first"), T0);
+    net.lb.b.receive(req("first"), T0);
     let mut other = req("other");
     other.content["from_device"] = json!("A2");
-    net.b.receive(other, T0);
+    net.lb.b.receive(other, T0);
     net.collect();
-    assert!(net.log.is_empty());
+    assert!(net.lb.log.is_empty());
 }
 
 #[test]
@@ -761,11 +768,11 @@ fn bystanders_and_foreign_requests_in_rooms_are_ignored() {
                 relates_to_fallback: None,
             }),
         };
-        net.a.receive(ev.clone(), T0);
-        net.b.receive(ev, T0);
+        net.lb.a.receive(ev.clone(), T0);
+        net.lb.b.receive(ev, T0);
     }
     // A request for Carol is not B's business.
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.room.message".into(),
@@ -776,10 +783,10 @@ fn bystanders_and_foreign_requests_in_rooms_are_ignored() {
     );
     net.run();
     assert!(net.cancels_sent().is_empty());
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.a.confirm(&fa, net.now).unwrap();
-    net.b.confirm(&fb, net.now).unwrap();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
     assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
 }
@@ -787,11 +794,11 @@ fn bystanders_and_foreign_requests_in_rooms_are_ignored() {
 #[test]
 fn own_other_device_answering_in_room_dismisses_the_prompt() {
     let mut net = pair();
-    net.a.request_in_room(ROOM, BOB, net.now);
+    net.lb.a.request_in_room(ROOM, BOB, net.lb.now);
     net.run();
     let fb = net.flow_of(Side::B);
     // Bob's other device B2 answers first.
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: BOB.into(),
             event_type: "m.key.verification.ready".into(),
@@ -814,7 +821,7 @@ fn own_other_device_answering_in_room_dismisses_the_prompt() {
 fn start_from_another_device_is_not_adopted() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(false);
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.start".into(),
@@ -827,14 +834,14 @@ fn start_from_another_device_is_not_adopted() {
     );
     net.run();
     assert!(net.cancels_sent().is_empty());
-    assert!(net.events_b.iter().any(|e| matches!(
+    assert!(net.events(Side::B).into_iter().any(|e| matches!(
         e,
         Event::Dropped {
             reason: DropReason::OtherDevice,
             ..
         }
     )));
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     assert!(net.sas(Side::B).is_some());
 }
@@ -843,24 +850,24 @@ fn start_from_another_device_is_not_adopted() {
 fn duplicates_are_ignored_not_cancelled() {
     // element-web#12849: duplicate key events must not kill the flow.
     let mut net = pair();
-    net.tamper = None;
+    net.lb.filter = None;
     let (fa, fb) = net.request_and_accept(false);
-    net.a.start_sas(&fa, net.now).unwrap();
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.collect();
-    while !net.queue.is_empty() {
-        let w = net.queue[0].clone();
+    while !net.lb.queue.is_empty() {
+        let w = net.lb.queue[0].clone();
         net.deliver(0);
-        net.queue.insert(0, w); // deliver everything twice
+        net.lb.queue.insert(0, w); // deliver everything twice
         net.deliver(0);
         net.collect();
     }
-    net.a.confirm(&fa, net.now).unwrap();
-    net.b.confirm(&fb, net.now).unwrap();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.collect();
-    while !net.queue.is_empty() {
-        let w = net.queue[0].clone();
+    while !net.lb.queue.is_empty() {
+        let w = net.lb.queue[0].clone();
         net.deliver(0);
-        net.queue.insert(0, w);
+        net.lb.queue.insert(0, w);
         net.deliver(0);
         net.collect();
     }
@@ -872,7 +879,7 @@ fn duplicates_are_ignored_not_cancelled() {
 fn custom_cancel_codes_are_reported_verbatim() {
     let mut net = pair();
     let (_, fb) = net.request_and_accept(false);
-    net.b.receive(
+    net.lb.b.receive(
         IncomingEvent {
             sender: ALICE.into(),
             event_type: "m.key.verification.cancel".into(),

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use mxverify_proto::loopback::Loopback;
 use mxverify_proto::*;
 use serde_json::Value;
 
@@ -49,49 +50,31 @@ impl Dev {
     }
 }
 
-/// Which side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    A,
-    B,
-}
+pub use mxverify_proto::loopback::{InFlight as Wire, Side};
 
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::A => Side::B,
-            Side::B => Side::A,
-        }
-    }
-}
-
-/// A message in flight.
-#[derive(Clone, Debug)]
-pub struct Wire {
-    pub from: Side,
-    pub out: Outgoing,
-}
+pub type Tamper = mxverify_proto::loopback::Filter;
 
 /// The emoji names and decimals a side showed.
 pub type Shown = (Option<Vec<String>>, Option<[u16; 3]>);
 
-pub type Tamper = Box<dyn FnMut(&mut Wire) -> bool>;
-
+/// The library's loopback plus what the tests know about both devices.
 pub struct Net {
-    pub a: Machine,
-    pub b: Machine,
+    pub lb: Loopback,
     pub da: Dev,
     pub db: Dev,
-    pub now: u64,
-    pub events_a: Vec<Event>,
-    pub events_b: Vec<Event>,
-    /// Everything sent, in order.
-    pub log: Vec<Wire>,
-    /// Messages queued but not yet delivered.
-    pub queue: Vec<Wire>,
-    /// Returns `false` to drop the message.
-    pub tamper: Option<Tamper>,
-    next_event: u64,
+}
+
+impl std::ops::Deref for Net {
+    type Target = Loopback;
+    fn deref(&self) -> &Loopback {
+        &self.lb
+    }
+}
+
+impl std::ops::DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut Loopback {
+        &mut self.lb
+    }
 }
 
 pub fn keys_of(devs: &[&Dev]) -> UserKeys {
@@ -112,37 +95,15 @@ impl Net {
     }
 
     pub fn with_config(da: Dev, db: Dev, ca: Config, cb: Config) -> Self {
-        let mut a = Machine::new(da.identity(), ca, Box::new(SeededEntropy::new(1)));
-        let mut b = Machine::new(db.identity(), cb, Box::new(SeededEntropy::new(2)));
-        // Each side knows the other's keys (and its own user's, for self-verification).
-        let (ka, kb) = if da.user == db.user {
-            let k = keys_of(&[&da, &db]);
-            (k.clone(), k)
-        } else {
-            (keys_of(&[&db]), keys_of(&[&da]))
-        };
-        a.update_user_keys(&db.user, ka, T0);
-        b.update_user_keys(&da.user, kb, T0);
-        Net {
-            a,
-            b,
-            da,
-            db,
-            now: T0,
-            events_a: vec![],
-            events_b: vec![],
-            log: vec![],
-            queue: vec![],
-            tamper: None,
-            next_event: 1,
-        }
+        let a = Machine::new(da.identity(), ca, Box::new(SeededEntropy::new(1)));
+        let b = Machine::new(db.identity(), cb, Box::new(SeededEntropy::new(2)));
+        let mut lb = Loopback::new(a, b, T0);
+        lb.exchange_device_keys();
+        Net { lb, da, db }
     }
 
     pub fn m(&mut self, side: Side) -> &mut Machine {
-        match side {
-            Side::A => &mut self.a,
-            Side::B => &mut self.b,
-        }
+        self.lb.machine(side)
     }
 
     pub fn dev(&self, side: Side) -> &Dev {
@@ -152,119 +113,24 @@ impl Net {
         }
     }
 
-    pub fn events(&self, side: Side) -> &Vec<Event> {
-        match side {
-            Side::A => &self.events_a,
-            Side::B => &self.events_b,
-        }
+    pub fn set_tamper(&mut self, f: impl FnMut(&mut Wire) -> bool + 'static) {
+        self.lb.filter = Some(Box::new(f));
     }
 
-    /// Moves everything both machines want to send into the queue, and drains their events.
-    pub fn collect(&mut self) {
-        for side in [Side::A, Side::B] {
-            while let Some(out) = self.m(side).poll_outgoing() {
-                self.log.push(Wire {
-                    from: side,
-                    out: out.clone(),
-                });
-                self.queue.push(Wire { from: side, out });
-            }
-            while let Some(e) = self.m(side).poll_event() {
-                match side {
-                    Side::A => self.events_a.push(e),
-                    Side::B => self.events_b.push(e),
-                }
-            }
-        }
-    }
-
-    /// Delivers one queued message (index `i`).
-    pub fn deliver(&mut self, i: usize) {
-        let mut w = self.queue.remove(i);
-        if let Some(t) = self.tamper.as_mut()
-            && !t(&mut w)
-        {
-            return;
-        }
-        let from = self.dev(w.from).clone();
-        let to = w.from.other();
-        let to_dev = self.dev(to).clone();
-        let now = self.now;
-        match &w.out.destination {
-            Destination::ToDevice {
-                user_id,
-                device_ids,
-            } => {
-                if *user_id == to_dev.user
-                    && device_ids.iter().any(|d| *d == to_dev.device || d == "*")
-                {
-                    let ev = IncomingEvent {
-                        sender: from.user.clone(),
-                        event_type: w.out.event_type.to_string(),
-                        content: w.out.content.clone(),
-                        room: None,
-                    };
-                    self.m(to).receive(ev, now);
-                }
-            }
-            Destination::Room { room_id } => {
-                let event_id = format!("$ev{}:example.org", self.next_event);
-                self.next_event += 1;
-                if w.out.flow.is_none() && w.out.event_type == "m.room.message" {
-                    let _ = self.m(w.from).room_event_sent(w.out.id, &event_id, now);
-                }
-                let ctx = RoomContext {
-                    room_id: room_id.clone(),
-                    event_id,
-                    origin_server_ts: now,
-                    relates_to_fallback: None,
-                };
-                let ev = IncomingEvent {
-                    sender: from.user.clone(),
-                    event_type: w.out.event_type.to_string(),
-                    content: w.out.content.clone(),
-                    room: Some(ctx),
-                };
-                // The sender sees its own echo first, like a real sync.
-                self.m(w.from).receive(ev.clone(), now);
-                self.m(to).receive(ev, now);
-            }
-        }
-    }
-
-    /// Delivers in order until nothing is left.
-    pub fn run(&mut self) {
-        self.collect();
-        let mut guard = 0;
-        while !self.queue.is_empty() {
-            self.deliver(0);
-            self.collect();
-            guard += 1;
-            assert!(guard < 1000, "message storm");
-        }
-    }
-
-    pub fn advance(&mut self, ms: u64) {
-        self.now += ms;
-        let now = self.now;
-        self.a.handle_timeout(now);
-        self.b.handle_timeout(now);
-        self.collect();
+    pub fn events(&self, side: Side) -> Vec<&Event> {
+        self.lb
+            .events
+            .iter()
+            .filter(|(s, _)| *s == side)
+            .map(|(_, e)| e)
+            .collect()
     }
 
     /// The flow key of the first request/started flow seen on `side`.
     pub fn flow_of(&self, side: Side) -> FlowKey {
-        for e in self.events(side) {
-            match e {
-                Event::IncomingRequest { flow, .. }
-                | Event::RequestSent { flow }
-                | Event::Started { flow, .. } => {
-                    return flow.clone();
-                }
-                _ => {}
-            }
-        }
-        panic!("no flow on {side:?}: {:?}", self.events(side))
+        self.lb
+            .flow_of(side)
+            .unwrap_or_else(|| panic!("no flow on {side:?}: {:?}", self.events(side)))
     }
 
     pub fn sas(&self, side: Side) -> Option<Shown> {
@@ -297,7 +163,8 @@ impl Net {
 
     /// Every cancel that went on the wire, with its sender.
     pub fn cancels_sent(&self) -> Vec<(Side, String)> {
-        self.log
+        self.lb
+            .log
             .iter()
             .filter(|w| w.out.event_type == "m.key.verification.cancel")
             .map(|w| {
@@ -310,7 +177,8 @@ impl Net {
     }
 
     pub fn sent_types(&self, side: Side) -> Vec<&'static str> {
-        self.log
+        self.lb
+            .log
             .iter()
             .filter(|w| w.from == side)
             .map(|w| w.out.event_type)
@@ -319,19 +187,20 @@ impl Net {
 
     /// Runs a whole request → ready → SAS → confirm exchange. `starter` starts SAS.
     pub fn request_and_accept(&mut self, in_room: bool) -> (FlowKey, FlowKey) {
-        let now = self.now;
+        let now = self.lb.now;
         let target_user = self.db.user.clone();
         let target_device = self.db.device.clone();
         if in_room {
-            self.a.request_in_room(ROOM, &target_user, now);
+            self.lb.a.request_in_room(ROOM, &target_user, now);
         } else {
-            self.a
+            self.lb
+                .a
                 .request_to_device(&target_user, &[target_device], now)
                 .unwrap();
         }
         self.run();
         let fb = self.flow_of(Side::B);
-        self.b.accept(&fb, now).unwrap();
+        self.lb.b.accept(&fb, now).unwrap();
         self.run();
         (self.flow_of(Side::A), fb)
     }
