@@ -101,16 +101,14 @@ impl CancelCode {
             Self::UnknownTransaction => "the other device did not recognise this verification",
             Self::UnknownMethod => "the two devices have no verification method in common",
             Self::UnexpectedMessage => "a message arrived out of order",
-            Self::KeyMismatch => "a key could not be verified — this may be an attack",
+            Self::KeyMismatch => "a key could not be verified",
             Self::UserMismatch => {
                 "a message came from a different user than the one being verified"
             }
             Self::InvalidMessage => "a message was malformed",
             Self::Accepted => "another device answered the request",
-            Self::MismatchedCommitment => {
-                "the other device's key did not match its commitment — this may be an attack"
-            }
-            Self::MismatchedSas => "the emoji or numbers did not match — this may be an attack",
+            Self::MismatchedCommitment => "the other device's key did not match its commitment",
+            Self::MismatchedSas => "the emoji or numbers did not match",
             Self::Custom(_) => "the other side gave a reason this program does not know",
         }
     }
@@ -180,7 +178,7 @@ impl fmt::Display for LocalCause {
         match self {
             Self::UserCancelled => f.write_str("you cancelled"),
             Self::UserSaidMismatch => f.write_str("you said the emoji or numbers do not match"),
-            Self::TimedOut(what) => write!(f, "timed out: {what}"),
+            Self::TimedOut(what) => f.write_str(what),
             Self::NoCommonMethod(what) => write!(f, "no {what} in common"),
             Self::UnsupportedMethod(m) => {
                 write!(f, "the other side started the unsupported method {m:?}")
@@ -243,11 +241,12 @@ pub struct CancelInfo {
 impl CancelInfo {
     /// One plain sentence: who cancelled, why, and what to do next.
     pub fn explain(&self) -> String {
-        let why = match (&self.code, &self.cause) {
-            (CancelCode::Custom(_), _) if !self.by_us => {
-                format!("they said: {:?} (code {})", self.reason, self.code)
+        let why = match (&self.cause, self.by_us, &self.code) {
+            (Some(cause), true, _) => cause.to_string(),
+            // EV-CN-02: the reason is for codes we do not understand.
+            (_, false, CancelCode::Custom(_)) if !self.reason.is_empty() => {
+                format!("they said “{}”", self.reason)
             }
-            (_, Some(cause)) => format!("{} ({cause})", self.code.explanation()),
             _ => self.code.explanation().to_owned(),
         };
         let who = if self.by_us {
@@ -259,17 +258,19 @@ impl CancelInfo {
             CancelCode::KeyMismatch
             | CancelCode::MismatchedCommitment
             | CancelCode::MismatchedSas => {
-                "Do not trust the other device; check with its owner in person and try again."
+                "Nothing was verified and this may be an attack: do not trust the other device, check with its owner in person, and try again."
             }
             CancelCode::User | CancelCode::Accepted => {
                 "Nothing was verified; start a new verification if you still want one."
             }
-            CancelCode::Timeout => "Start again and answer on both devices within a few minutes.",
+            CancelCode::Timeout => {
+                "Nothing was verified; start again and answer on both devices within a few minutes."
+            }
             _ => {
                 "Nothing was verified; try again, and update the other client if it keeps happening."
             }
         };
-        format!("{who}: {why}. {next}")
+        format!("{who} ({}): {why}. {next}", self.code)
     }
 }
 

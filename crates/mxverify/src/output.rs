@@ -1,0 +1,147 @@
+//! What people and programs see: the `--json` event lines (a stable interface, documented in the
+//! README) and the human-mode rendering of SAS and cancellations.
+
+use mxverify_proto::emoji::Emoji;
+use mxverify_proto::{Event, FlowKey, KeyKind};
+use serde_json::{Value, json};
+
+/// How a run ended, as the process exit code says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Every verification finished and was verified.
+    Verified = 0,
+    /// An error outside the protocol (bad arguments, I/O).
+    Error = 1,
+    /// A verification was cancelled (by either side, any code but `m.timeout`).
+    Cancelled = 3,
+    /// A verification timed out.
+    TimedOut = 4,
+}
+
+fn flow_json(flow: &FlowKey) -> Value {
+    match flow {
+        FlowKey::ToDevice {
+            user_id,
+            transaction_id,
+        } => {
+            json!({"flow_id": transaction_id, "transport": "to_device", "user": user_id})
+        }
+        FlowKey::Room { room_id, event_id } => {
+            json!({"flow_id": event_id, "transport": "room", "room": room_id})
+        }
+    }
+}
+
+fn merge(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    base
+}
+
+/// The `--json` line for an event, or `None` for internal events that have no line.
+/// `device` names which local device saw it (the demo runs two).
+pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
+    let (name, flow, body) = match event {
+        Event::IncomingRequest {
+            flow,
+            from_device,
+            methods,
+            common_methods,
+            legacy,
+            deadline,
+        } => (
+            "request",
+            flow,
+            json!({"direction": "incoming", "device": from_device, "methods": methods,
+                   "common_methods": common_methods, "legacy": legacy, "deadline_ms": deadline}),
+        ),
+        Event::RequestSent { flow } => ("request", flow, json!({"direction": "outgoing"})),
+        Event::Ready {
+            flow,
+            other_device,
+            methods,
+        } => (
+            "ready",
+            flow,
+            json!({"device": other_device, "methods": methods}),
+        ),
+        Event::Started {
+            flow,
+            method,
+            by_us,
+        } => (
+            "started",
+            flow,
+            json!({"method": method, "by": if *by_us { "us" } else { "them" }}),
+        ),
+        Event::Sas {
+            flow,
+            emoji,
+            decimals,
+        } => (
+            "sas",
+            flow,
+            json!({
+                "emoji": emoji.as_ref().map(|e| e.iter().map(|e| json!({"symbol": e.symbol, "name": e.description, "index": e.index})).collect::<Vec<_>>()),
+                "decimals": decimals,
+            }),
+        ),
+        Event::Done {
+            flow,
+            user_id,
+            device_id,
+            keys,
+        } => (
+            "done",
+            flow,
+            json!({"verified_user": user_id, "verified_device": device_id,
+                   "keys": keys.iter().map(|k| json!({"key_id": k.key_id, "key": k.key, "kind": match k.kind { KeyKind::Device => "device", KeyKind::MasterKey => "master_key" }})).collect::<Vec<_>>()}),
+        ),
+        Event::Cancelled { flow, info } => (
+            "cancelled",
+            flow,
+            json!({"by": if info.by_us { "us" } else { "them" }, "code": info.code.as_str(), "reason": info.reason,
+                   "cause": info.cause.as_ref().map(ToString::to_string), "sent": info.sent, "explanation": info.explain()}),
+        ),
+        Event::KeysNeeded { user_id } => {
+            return Some(with_device(
+                device,
+                json!({"event": "keys_needed", "user": user_id}),
+            ));
+        }
+        Event::Dropped { .. } => return None,
+    };
+    Some(with_device(
+        device,
+        merge(merge(json!({"event": name}), flow_json(flow)), body),
+    ))
+}
+
+fn with_device(device: Option<&str>, v: Value) -> Value {
+    match device {
+        Some(d) => merge(json!({"local_device": d}), v),
+        None => v,
+    }
+}
+
+/// The seven emoji (or the numbers) as two aligned columns, one per device, for human mode.
+pub fn sas_side_by_side(left: (&str, &[Emoji]), right: (&str, &[Emoji])) -> String {
+    let mut out = format!("      {:<26}{}\n", left.0, right.0);
+    for (i, (l, r)) in left.1.iter().zip(right.1).enumerate() {
+        out.push_str(&format!(
+            "  {}   {}  {:<22}{}  {}\n",
+            i + 1,
+            l.symbol,
+            l.description,
+            r.symbol,
+            r.description
+        ));
+    }
+    out
+}
+
+/// Decimals as the spec suggests (DC-02): three groups with dashes.
+pub fn decimals(d: &[u16; 3]) -> String {
+    format!("{}-{}-{}", d[0], d[1], d[2])
+}
