@@ -1,0 +1,165 @@
+//! One complete SAS verification in process, beside the bare cryptography it cannot avoid.
+//!
+//! * `full_sas_verification`: two machines, request → ready → start → accept → key → key → mac → mac
+//!   → done → done, every message serialised to JSON text and parsed back on delivery.
+//! * `crypto_floor`: the same flow's cryptography alone — 2 X25519 key generations, 2 agreements,
+//!   the commitment hash (made and checked), SAS bytes on both sides, and every MAC made and checked
+//!   (device key, master key and key list, both directions).
+//!
+//! Run: `cargo bench -p mxverify-proto --bench flow`. Before the timings, it prints the heap bytes
+//! held per request waiting for an answer (measured with a counting allocator).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use mxverify_proto::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party};
+use mxverify_proto::loopback::{Loopback, Side};
+use mxverify_proto::*;
+use serde_json::json;
+
+struct Counting;
+
+static HELD: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HELD.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HELD.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn identity(user: &str, device: &str) -> OwnIdentity {
+    OwnIdentity {
+        user_id: user.into(),
+        device_id: device.into(),
+        ed25519: b64::encode([device.len() as u8; 32]),
+        master_key: Some(b64::encode([user.len() as u8 + 100; 32])),
+        trusts_master_key: true,
+    }
+}
+
+fn pair(seed: u64) -> Loopback {
+    let a = Machine::new(identity("@alice:example.org", "ALICEDEVICE"), Config::default(), Box::new(SeededEntropy::new(seed)));
+    let b = Machine::new(identity("@bob:example.org", "BOBDEVICE"), Config::default(), Box::new(SeededEntropy::new(seed + 1)));
+    let mut net = Loopback::new(a, b, NOW);
+    net.exchange_device_keys();
+    // Every message goes over the wire as JSON text.
+    net.filter = Some(Box::new(|m| {
+        let text = serde_json::to_string(&m.out.content).unwrap();
+        m.out.content = serde_json::from_str(&text).unwrap();
+        true
+    }));
+    net
+}
+
+fn full_flow(mut net: Loopback) -> Loopback {
+    let fa = net.a.request_to_device("@bob:example.org", &["BOBDEVICE".into()], NOW).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B).unwrap();
+    net.b.accept(&fb, NOW).unwrap();
+    net.run();
+    net.a.start_sas(&fa, NOW).unwrap();
+    net.run();
+    net.a.confirm(&fa, NOW).unwrap();
+    net.b.confirm(&fb, NOW).unwrap();
+    net.run();
+    assert_eq!(net.events.iter().filter(|(_, e)| matches!(e, Event::Done { .. })).count(), 2);
+    net
+}
+
+#[divan::bench]
+fn full_sas_verification(bencher: divan::Bencher) {
+    let mut seed = 0;
+    bencher
+        .with_inputs(|| {
+            seed += 2;
+            pair(seed)
+        })
+        .bench_local_values(full_flow);
+}
+
+#[divan::bench]
+fn crypto_floor(bencher: divan::Bencher) {
+    let start = json!({"from_device":"ALICEDEVICE","method":"m.sas.v1","transaction_id":"0123456789abcdef0123456789abcdef",
+        "key_agreement_protocols":["curve25519-hkdf-sha256","curve25519"],"hashes":["sha256"],
+        "message_authentication_codes":["hkdf-hmac-sha256.v2","org.matrix.msc3783.hkdf-hmac-sha256","hkdf-hmac-sha256"],
+        "short_authentication_string":["decimal","emoji"]});
+    let mut seed = SeededEntropy::new(9);
+    bencher
+        .with_inputs(|| {
+            let (mut s, mut a) = ([0u8; 32], [0u8; 32]);
+            seed.fill(&mut s);
+            seed.fill(&mut a);
+            (s, a)
+        })
+        .bench_local_values(|(s, a)| {
+            let (ks, ka) = (EphemeralKey::from_random(s), EphemeralKey::from_random(a));
+            let (ps, pa) = (ks.public_b64(), ka.public_b64());
+            let commitment = crypto::commitment(&pa, &start).unwrap();
+            assert_eq!(crypto::commitment(&pa, &start).unwrap(), commitment);
+            let (ss, sa) = (ks.agree(&pa).unwrap(), ka.agree(&ps).unwrap());
+            let info = KeyAgreement::Curve25519HkdfSha256.sas_info(
+                &Party { user_id: "@alice:example.org", device_id: "ALICEDEVICE", ephemeral_key: &ps },
+                &Party { user_id: "@bob:example.org", device_id: "BOBDEVICE", ephemeral_key: &pa },
+                "0123456789abcdef0123456789abcdef",
+            );
+            assert_eq!(ss.sas_bytes(&info), sa.sas_bytes(&info));
+            // Three MACs each way (device key, master key, key list), each made and checked.
+            for (mine, theirs) in [(&ss, &sa), (&sa, &ss)] {
+                for item in ["ed25519:DEVICE", "ed25519:MASTERKEYMASTERKEYMASTERKEYMASTERKEYMASTE", "KEY_IDS"] {
+                    let info = crypto::mac_info(("@alice:example.org", "ALICEDEVICE"), ("@bob:example.org", "BOBDEVICE"), "txn", item);
+                    let mac = mine.mac_encoded(MacMethod::HkdfHmacSha256V2, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", &info);
+                    assert!(theirs.verify_mac(MacMethod::HkdfHmacSha256V2, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", &info, &mac));
+                }
+            }
+        });
+}
+
+/// Heap bytes held by one machine per request waiting for an answer, outgoing and incoming.
+fn heap_per_waiting_request() {
+    const N: usize = 1000;
+    let devices: Vec<String> = vec!["BOBDEVICE".into()];
+    let mut m = Machine::new(identity("@alice:example.org", "ALICEDEVICE"), Config::default(), Box::new(SeededEntropy::new(1)));
+    m.update_user_keys("@bob:example.org", UserKeys::default(), NOW);
+    while m.poll_event().is_some() {}
+    let before = HELD.load(Ordering::Relaxed);
+    for _ in 0..N {
+        m.request_to_device("@bob:example.org", &devices, NOW).unwrap();
+        while m.poll_outgoing().is_some() {}
+        while m.poll_event().is_some() {}
+    }
+    let outgoing = (HELD.load(Ordering::Relaxed) - before) / N as isize;
+
+    let mut m = Machine::new(identity("@bob:example.org", "BOBDEVICE"), Config::default(), Box::new(SeededEntropy::new(2)));
+    let before = HELD.load(Ordering::Relaxed);
+    for i in 0..N {
+        let ev = IncomingEvent {
+            sender: format!("@user{i}:example.org"),
+            event_type: "m.key.verification.request".into(),
+            content: json!({"from_device": "DEVICEID", "methods": ["m.sas.v1"], "timestamp": NOW, "transaction_id": format!("{i:032x}")}),
+            room: None,
+        };
+        m.receive(ev, NOW);
+        while m.poll_event().is_some() {}
+    }
+    let incoming = (HELD.load(Ordering::Relaxed) - before) / N as isize;
+    println!("heap per waiting request: outgoing {outgoing} bytes, incoming {incoming} bytes (mean over {N})");
+}
+
+fn main() {
+    heap_per_waiting_request();
+    divan::main();
+}
