@@ -8,7 +8,7 @@ use crate::cancel::{CancelCode, LocalCause};
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
 use crate::machine::{Flow, Machine};
-use crate::types::{DropReason, Event, FlowKey, KeyKind, VerifiedKey};
+use crate::types::{DropReason, Event, FlowKey, KeyKind, SasParams, VerifiedKey};
 use crate::wire::{self, Accept, Envelope, MacMsg, Msg, SasOffer, Start, StartMethod};
 
 /// The SAS methods we know, in our order.
@@ -140,19 +140,17 @@ impl SasStep {
     }
 }
 
-/// Our offer in a start (EV-SS-02..05): every agreement, MAC and SAS method we support, best first.
-fn our_offer() -> SasOffer {
+/// Our offer in a start (EV-SS-02..05): what the configuration allows, best first.
+fn our_offer(p: &SasParams) -> SasOffer {
     SasOffer {
-        key_agreement_protocols: KeyAgreement::ALL
+        key_agreement_protocols: p
+            .key_agreements
             .iter()
             .map(|k| k.as_str().to_owned())
             .collect(),
         hashes: vec![SHA256.to_owned()],
-        message_authentication_codes: MacMethod::ALL
-            .iter()
-            .map(|m| m.as_str().to_owned())
-            .collect(),
-        short_authentication_string: SAS_METHODS.iter().map(|s| (*s).to_owned()).collect(),
+        message_authentication_codes: p.macs.iter().map(|m| m.as_str().to_owned()).collect(),
+        short_authentication_string: p.sas_methods().iter().map(|s| (*s).to_owned()).collect(),
     }
 }
 
@@ -169,30 +167,25 @@ pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Va
 
 /// The accepter's choices from a start's offer (SA-05, SA-06, SA-07): our preferred key agreement
 /// and MAC among those offered, `sha256`, and every SAS method both know.
-fn choose(offer: &SasOffer) -> Result<Choice, &'static str> {
-    let key_agreement = KeyAgreement::ALL
-        .into_iter()
-        .find(|k| {
-            offer
-                .key_agreement_protocols
-                .iter()
-                .any(|o| o == k.as_str())
-        })
+fn choose(offer: &SasOffer, p: &SasParams) -> Result<Choice, &'static str> {
+    let offered = |list: &[String], v: &str| list.iter().any(|o| o == v);
+    let key_agreement = p
+        .key_agreements
+        .iter()
+        .copied()
+        .find(|k| offered(&offer.key_agreement_protocols, k.as_str()))
         .ok_or("key agreement protocol")?;
-    if !offer.hashes.iter().any(|h| h == SHA256) {
+    if !offered(&offer.hashes, SHA256) {
         return Err("hash");
     }
-    let mac = MacMethod::ALL
-        .into_iter()
-        .find(|m| {
-            offer
-                .message_authentication_codes
-                .iter()
-                .any(|o| o == m.as_str())
-        })
+    let mac = p
+        .macs
+        .iter()
+        .copied()
+        .find(|m| offered(&offer.message_authentication_codes, m.as_str()))
         .ok_or("message authentication code")?;
-    let has = |s: &str| offer.short_authentication_string.iter().any(|o| o == s);
-    let (decimal, emoji) = (has("decimal"), has("emoji"));
+    let decimal = p.decimal && offered(&offer.short_authentication_string, "decimal");
+    let emoji = p.emoji && offered(&offer.short_authentication_string, "emoji");
     if !decimal && !emoji {
         return Err("short authentication string method");
     }
@@ -237,7 +230,7 @@ impl Sas {
     /// We start SAS (SQ-01): a fresh ephemeral key and our offer.
     pub(crate) fn start(m: &mut Machine, flow: &Flow, pinned: Pinned) -> (Sas, Msg) {
         let eph = EphemeralKey::from_random(m.random_bytes());
-        let offer = our_offer();
+        let offer = our_offer(&m.config.sas);
         let msg = Msg::Start(Start {
             from_device: m.own.device_id.clone(),
             method: StartMethod::Sas(offer.clone()),
@@ -293,7 +286,7 @@ impl Sas {
 
     /// A accepts the start (SQ-02): choose, commit to a fresh ephemeral key, send `accept`.
     pub(crate) fn user_accepts(&mut self, m: &mut Machine, _flow: &Flow) -> SasStep {
-        let choice = match choose(&self.offer) {
+        let choice = match choose(&self.offer, &m.config.sas) {
             Ok(c) => c,
             Err(what) => {
                 return SasStep::fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what));

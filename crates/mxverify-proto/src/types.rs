@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::cancel::CancelInfo;
+use crate::crypto::{KeyAgreement, MacMethod};
 use crate::emoji::Emoji;
 use crate::wire::Method;
 
@@ -95,11 +96,49 @@ impl Default for Timeouts {
     }
 }
 
+/// Which SAS parameters this device offers and accepts (SA-01..SA-07), best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasParams {
+    /// Key agreement protocols.
+    pub key_agreements: Vec<KeyAgreement>,
+    /// MAC methods; keep the legacy `hkdf-hmac-sha256` after `.v2` so that it is never chosen
+    /// when both support `.v2` (SA-05).
+    pub macs: Vec<MacMethod>,
+    /// Whether emoji may be shown.
+    pub emoji: bool,
+    /// Whether decimals may be shown.
+    pub decimal: bool,
+}
+
+impl SasParams {
+    /// The SAS methods as named on the wire.
+    pub fn sas_methods(&self) -> Vec<&'static str> {
+        [("decimal", self.decimal), ("emoji", self.emoji)]
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(m, _)| m)
+            .collect()
+    }
+}
+
+impl Default for SasParams {
+    fn default() -> Self {
+        Self {
+            key_agreements: KeyAgreement::ALL.to_vec(),
+            macs: MacMethod::ALL.to_vec(),
+            emoji: true,
+            decimal: true,
+        }
+    }
+}
+
 /// What this device can do, and its timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The methods we advertise in `request` and `ready`.
     pub methods: Vec<Method>,
+    /// SAS parameters.
+    pub sas: SasParams,
     /// Timeouts.
     pub timeouts: Timeouts,
 }
@@ -108,6 +147,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             methods: vec![Method::SasV1],
+            sas: SasParams::default(),
             timeouts: Timeouts::default(),
         }
     }

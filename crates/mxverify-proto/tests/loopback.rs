@@ -354,3 +354,86 @@ fn wrong_state_actions_are_errors() {
         Err(ActionError::WrongState { .. })
     ));
 }
+
+#[test]
+fn every_key_agreement_mac_and_sas_method_combination() {
+    use mxverify_proto::crypto::{KeyAgreement, MacMethod};
+    let only = |ka: Vec<KeyAgreement>, macs: Vec<MacMethod>, emoji: bool, decimal: bool| Config {
+        sas: SasParams {
+            key_agreements: ka,
+            macs,
+            emoji,
+            decimal,
+        },
+        ..Config::default()
+    };
+    let all_ka = KeyAgreement::ALL.to_vec();
+    let all_mac = MacMethod::ALL.to_vec();
+    for ka in KeyAgreement::ALL {
+        for mac in MacMethod::ALL {
+            for (emoji, decimal) in [(true, true), (true, false), (false, true)] {
+                for in_room in [false, true] {
+                    // The starter offers everything; the accepter supports only this combination.
+                    let mut net = Net::with_config(
+                        Dev::new(ALICE, "A1"),
+                        Dev::new(BOB, "B1"),
+                        Config::default(),
+                        only(vec![ka], vec![mac], emoji, decimal),
+                    );
+                    let (fa, fb) = net.request_and_accept(in_room);
+                    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+                    net.run();
+                    let accept = net
+                        .lb
+                        .log
+                        .iter()
+                        .find(|w| w.out.event_type == "m.key.verification.accept")
+                        .unwrap();
+                    assert_eq!(accept.out.content["key_agreement_protocol"], ka.as_str());
+                    assert_eq!(
+                        accept.out.content["message_authentication_code"],
+                        mac.as_str()
+                    );
+                    let (e, d) = net.sas(Side::A).unwrap();
+                    assert_eq!(
+                        (e.is_some(), d.is_some()),
+                        (emoji, decimal),
+                        "only negotiated representations"
+                    );
+                    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+                    net.lb.b.confirm(&fb, net.lb.now).unwrap();
+                    net.run();
+                    assert!(
+                        net.done(Side::A).is_some() && net.done(Side::B).is_some(),
+                        "{ka:?} {mac:?} {emoji} {decimal}"
+                    );
+                    assert_eq!(net.sas(Side::A), net.sas(Side::B));
+                }
+            }
+        }
+    }
+    // SA-05: with both sides supporting everything, the deprecated choices are never made.
+    let mut net = Net::with_config(
+        Dev::new(ALICE, "A1"),
+        Dev::new(BOB, "B1"),
+        only(all_ka.clone(), all_mac.clone(), true, true),
+        only(all_ka, all_mac, true, true),
+    );
+    let (fa, _) = net.request_and_accept(false);
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    let accept = net
+        .lb
+        .log
+        .iter()
+        .find(|w| w.out.event_type == "m.key.verification.accept")
+        .unwrap();
+    assert_eq!(
+        accept.out.content["key_agreement_protocol"],
+        "curve25519-hkdf-sha256"
+    );
+    assert_eq!(
+        accept.out.content["message_authentication_code"],
+        "hkdf-hmac-sha256.v2"
+    );
+}
