@@ -297,12 +297,13 @@ pub(crate) enum Via {
 ///
 /// * never answer a cancel;
 /// * never send anything for a flow that has ended;
-/// * an unknown to-device flow gets `m.unknown_transaction`, except for `request` and `start`, which
-///   may open a flow;
+/// * an unknown to-device flow gets `m.unknown_transaction`, except for messages that may open a
+///   flow (`request`, and a `start` of a method that can begin without a request);
 /// * never answer in-room events of flows that are not ours;
 /// * an active flow is cancelled with `wanted` (the flow then ends, so at most one cancel is sent).
 pub(crate) fn verdict(
     incoming: crate::wire::MsgKind,
+    may_open_flow: bool,
     via: Via,
     status: FlowStatus,
     wanted: CancelCode,
@@ -313,10 +314,9 @@ pub(crate) fn verdict(
     }
     match status {
         FlowStatus::Ended => None,
-        FlowStatus::Unknown => match (via, incoming) {
-            (Via::Room, _) | (_, MsgKind::Request | MsgKind::Start) => None,
-            (Via::ToDevice, _) => Some(CancelCode::UnknownTransaction),
-        },
+        // A request, or a start that can open a flow (ST-06), is not an unknown transaction.
+        FlowStatus::Unknown if via == Via::Room || may_open_flow => None,
+        FlowStatus::Unknown => Some(CancelCode::UnknownTransaction),
         FlowStatus::Active => Some(wanted),
     }
 }
@@ -351,13 +351,13 @@ mod tests {
         for kind in all {
             for via in [Via::ToDevice, Via::Room] {
                 for status in [FlowStatus::Unknown, FlowStatus::Active, FlowStatus::Ended] {
-                    let v = verdict(kind, via, status, CancelCode::InvalidMessage);
+                    let v = verdict(kind, false, via, status, CancelCode::InvalidMessage);
                     if kind == MsgKind::Cancel || status == FlowStatus::Ended {
                         assert_eq!(v, None, "{kind:?} {via:?} {status:?}");
                     }
                 }
                 assert_eq!(
-                    verdict(kind, Via::Room, FlowStatus::Unknown, CancelCode::User),
+                    verdict(kind, true, Via::Room, FlowStatus::Unknown, CancelCode::User),
                     None
                 );
             }
@@ -365,6 +365,7 @@ mod tests {
         assert_eq!(
             verdict(
                 MsgKind::Key,
+                false,
                 Via::ToDevice,
                 FlowStatus::Unknown,
                 CancelCode::User
@@ -374,15 +375,28 @@ mod tests {
         assert_eq!(
             verdict(
                 MsgKind::Start,
+                true,
                 Via::ToDevice,
                 FlowStatus::Unknown,
                 CancelCode::User
             ),
             None
         );
+        // A reciprocation cannot open a flow: for an unknown flow it is an unknown transaction.
+        assert_eq!(
+            verdict(
+                MsgKind::Start,
+                false,
+                Via::ToDevice,
+                FlowStatus::Unknown,
+                CancelCode::User
+            ),
+            Some(CancelCode::UnknownTransaction)
+        );
         assert_eq!(
             verdict(
                 MsgKind::Mac,
+                false,
                 Via::Room,
                 FlowStatus::Active,
                 CancelCode::KeyMismatch

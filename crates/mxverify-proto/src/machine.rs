@@ -23,8 +23,14 @@ pub(crate) enum State {
     Sent,
     /// Their request waits for our user, until the prompt deadline (RQ-04).
     Received { prompt_deadline: Millis },
-    /// Both ready; either side may start a method (ST-01).
-    Ready,
+    /// Both ready; either side may start a method (ST-01). Holds our QR code if we show one.
+    Ready(Option<Box<crate::qr::flow::ShownQr>>),
+    /// Displayer: the other device scanned our code with the right secret; waiting for our user
+    /// to confirm that it shows success (QR-05).
+    QrScanned(Box<crate::qr::flow::ShownQr>),
+    /// QR: our side is satisfied and `done` was sent (displayer) or the reciprocation was sent
+    /// (scanner); waiting for the other side's `done`. Holds what will be trusted.
+    QrWaitingForDone(crate::qr::flow::QrTrust),
     /// SAS in progress.
     Sas(Box<Sas>),
     /// Verified.
@@ -40,7 +46,11 @@ impl State {
         match self {
             Self::Sent => "waiting for the other device to accept",
             Self::Received { .. } => "waiting for you to accept",
-            Self::Ready => "ready to start a method",
+            Self::Ready(_) => "ready to start a method",
+            Self::QrScanned(_) => {
+                "waiting for you to confirm that the other device scanned the code"
+            }
+            Self::QrWaitingForDone(_) => "waiting for the other device to finish",
             Self::Sas(s) => s.phase.name(),
             Self::Done => "done",
             Self::Cancelled(_) => "cancelled",
@@ -64,7 +74,7 @@ pub(crate) struct Flow {
     pub(crate) we_requested: bool,
     /// `false` for the legacy start-first flow (ST-06), which needs no `done` from the peer.
     pub(crate) from_request: bool,
-    their_methods: Vec<Method>,
+    pub(crate) their_methods: Vec<Method>,
     deadline: Millis,
     last_activity: Millis,
     pub(crate) state: State,
@@ -136,8 +146,8 @@ pub struct Machine {
     /// Ids of flows that ended and were forgotten, or were cancelled before we knew them (a
     /// reordered cancel overtook its request): a late message must never reopen them.
     ended_ids: VecDeque<FlowKey>,
-    outgoing: VecDeque<Outgoing>,
-    events: VecDeque<Event>,
+    pub(crate) outgoing: VecDeque<Outgoing>,
+    pub(crate) events: VecDeque<Event>,
     next_id: u64,
 }
 
@@ -214,6 +224,22 @@ impl Machine {
         for h in ready {
             self.receive_inner(h.event, now, true);
         }
+        // Ready flows that could not show a QR code for lack of keys may now.
+        let waiting: Vec<FlowKey> = self
+            .flows
+            .values()
+            .filter(|f| {
+                matches!(f.state, State::Ready(None))
+                    && (f.other_user == user_id || user_id == self.own.user_id)
+            })
+            .map(|f| f.key.clone())
+            .collect();
+        for key in waiting {
+            let _ = self.with_flow(&key, |m, flow| {
+                m.offer_qr(flow);
+                Ok(())
+            });
+        }
     }
 
     /// The next message to send, if any.
@@ -244,6 +270,10 @@ impl Machine {
             },
             verified: matches!(f.state, State::Done),
         })
+    }
+
+    pub(crate) fn flow_state(&self, key: &FlowKey) -> Option<&State> {
+        self.flows.get(key).map(|f| &f.state)
     }
 
     /// Every flow the machine still remembers (active ones and recently ended ones).
@@ -463,7 +493,7 @@ impl Machine {
             their_methods: vec![Method::SasV1],
             deadline: now + self.config.timeouts.flow,
             last_activity: now,
-            state: State::Ready,
+            state: State::Ready(None),
         };
         self.start_sas_in(&mut flow, now)?;
         self.flows.insert(key.clone(), flow);
@@ -485,9 +515,10 @@ impl Machine {
                     from_device: m.own.device_id.clone(),
                     methods: m.advertised_for(&flow.their_methods),
                 });
-                flow.state = State::Ready;
+                flow.state = State::Ready(None);
                 m.send(flow, msg, now);
                 m.emit_ready(flow);
+                m.offer_qr(flow);
                 Ok(())
             }
             State::Sas(s) if matches!(s.phase, SasPhase::AwaitUserAccept) => {
@@ -509,6 +540,10 @@ impl Machine {
     /// The user says the emoji/numbers match: send our MAC (SQ-09).
     pub fn confirm(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| {
+            if matches!(flow.state, State::QrScanned(_)) {
+                m.qr_confirm_scanned(flow, now);
+                return Ok(());
+            }
             match &flow.state {
                 State::Sas(s) if s.can_confirm() => {}
                 other => {
@@ -534,6 +569,12 @@ impl Machine {
                     LocalCause::UserSaidMismatch,
                     now,
                 );
+                Ok(())
+            }
+            State::QrScanned(_) => {
+                let cause =
+                    LocalCause::QrMismatch("you said the other device did not show success".into());
+                m.fail(flow, None, CancelCode::KeyMismatch, cause, now);
                 Ok(())
             }
             other => Err(ActionError::WrongState {
@@ -614,7 +655,9 @@ impl Machine {
             if in_room {
                 return drop(self, DropReason::UnknownRoomFlow);
             }
-            if let (MsgKind::Start, Ok(Msg::Start(start))) = (parsed.kind, &parsed.msg) {
+            if let (MsgKind::Start, Ok(Msg::Start(start))) = (parsed.kind, &parsed.msg)
+                && !matches!(start.method, StartMethod::Reciprocate { .. })
+            {
                 return self.receive_legacy_start(&event, key, start.clone(), now, retry);
             }
             return self.answer_unknown(&event, parsed.kind, key, parsed.msg.ok());
@@ -803,7 +846,7 @@ impl Machine {
             their_methods: vec![Method::SasV1],
             deadline: now + self.config.timeouts.flow,
             last_activity: now,
-            state: State::Ready,
+            state: State::Ready(None),
         };
         if self.cancel_parallel_attempts(&event.sender, &start.from_device, now) {
             self.fail(
@@ -835,8 +878,19 @@ impl Machine {
         key: FlowKey,
         msg: Option<Msg>,
     ) {
+        // Only a request, or a start of a method that can begin a flow, may open one (ST-06).
+        let may_open = kind == MsgKind::Request
+            || (kind == MsgKind::Start
+                && !matches!(
+                    msg,
+                    Some(Msg::Start(wire::Start {
+                        method: StartMethod::Reciprocate { .. },
+                        ..
+                    }))
+                ));
         let Some(code) = cancel::verdict(
             kind,
+            may_open,
             Via::ToDevice,
             FlowStatus::Unknown,
             CancelCode::UnknownTransaction,
@@ -944,8 +998,9 @@ impl Machine {
         }
         match (&flow.state, msg) {
             (State::Sent, Msg::Ready(r)) => self.on_ready(flow, r, now),
-            (State::Ready, Msg::Ready(_)) => self.dropped(event, DropReason::Duplicate),
-            (State::Ready, Msg::Start(s)) => self.on_start(flow, event, s, now, retry),
+            (State::Ready(_), Msg::Ready(_)) => self.dropped(event, DropReason::Duplicate),
+            (State::Ready(_), Msg::Start(s)) => self.on_start(flow, event, s, now, retry),
+            (State::QrWaitingForDone(_), Msg::Done) => self.qr_on_done(flow, now),
             (State::Sas(_), Msg::Start(s)) => {
                 let s2 = s.clone();
                 self.sas_step(
@@ -1020,8 +1075,9 @@ impl Machine {
                 now,
             );
         }
-        flow.state = State::Ready;
+        flow.state = State::Ready(None);
         self.emit_ready(flow);
+        self.offer_qr(flow);
         self.ask_keys_if_unknown(&flow.other_user.clone(), Some(&ready.from_device));
     }
 
@@ -1033,6 +1089,11 @@ impl Machine {
         now: Millis,
         retry: bool,
     ) {
+        if let (StartMethod::Reciprocate { secret }, State::Ready(Some(_))) =
+            (&start.method, &flow.state)
+        {
+            return self.qr_on_reciprocate(flow, secret, now);
+        }
         let StartMethod::Sas(_) = &start.method else {
             let method = match &start.method {
                 StartMethod::Reciprocate { .. } => "m.reciprocate.v1".to_owned(),
@@ -1121,7 +1182,7 @@ impl Machine {
     // ----- SAS plumbing ---------------------------------------------------------------------
 
     fn start_sas_in(&mut self, flow: &mut Flow, now: Millis) -> Result<(), ActionError> {
-        if !matches!(flow.state, State::Ready) {
+        if !matches!(flow.state, State::Ready(_)) {
             return Err(ActionError::WrongState {
                 action: "start SAS",
                 state: flow.state.name(),
@@ -1247,7 +1308,7 @@ impl Machine {
 
     // ----- helpers ----------------------------------------------------------------------------
 
-    fn with_flow<T>(
+    pub(crate) fn with_flow<T>(
         &mut self,
         key: &FlowKey,
         f: impl FnOnce(&mut Self, &mut Flow) -> Result<T, ActionError>,
@@ -1261,14 +1322,30 @@ impl Machine {
         r
     }
 
-    /// The methods both sides can use (request/ready intersection, EV-RD-02), in our order.
-    fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
-        self.config
-            .methods
+    /// Our methods that correspond to theirs (EV-RD-02, QR-01): SAS for SAS, showing a QR code
+    /// for their scanning and scanning for their showing (each needing `m.reciprocate.v1` on both
+    /// sides), and the reciprocation whenever a QR method remains.
+    pub(crate) fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
+        let ours = &self.config.methods;
+        let both_reciprocate =
+            ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
+        let mut common: Vec<Method> = ours
             .iter()
-            .filter(|m| theirs.contains(m))
+            .filter(|m| match m {
+                Method::QrShowV1 => both_reciprocate && theirs.contains(&Method::QrScanV1),
+                Method::QrScanV1 => both_reciprocate && theirs.contains(&Method::QrShowV1),
+                Method::ReciprocateV1 => false,
+                other => theirs.contains(other),
+            })
             .cloned()
-            .collect()
+            .collect();
+        if common
+            .iter()
+            .any(|m| matches!(m, Method::QrShowV1 | Method::QrScanV1))
+        {
+            common.push(Method::ReciprocateV1);
+        }
+        common
     }
 
     /// What we advertise in a `ready`: our methods that correspond to theirs.
@@ -1388,7 +1465,7 @@ impl Machine {
         now: Millis,
     ) {
         let wire_code = match incoming {
-            Some(kind) => cancel::verdict(kind, flow.via(), flow.status(), code.clone()),
+            Some(kind) => cancel::verdict(kind, false, flow.via(), flow.status(), code.clone()),
             None if flow.state.ended() => None,
             None => Some(code.clone()),
         };

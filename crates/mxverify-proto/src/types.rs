@@ -324,6 +324,22 @@ pub enum Event {
         /// The three numbers, if `decimal` was agreed.
         decimals: Option<[u16; 3]>,
     },
+    /// We show this QR code (the raw `MATRIX` payload) for the other device to scan (QR-01).
+    QrCode {
+        /// The flow.
+        flow: FlowKey,
+        /// The payload bytes (base64 in JSON).
+        #[serde(serialize_with = "ser_b64")]
+        payload: Vec<u8>,
+        /// The QR mode byte (0, 1 or 2).
+        mode: u8,
+    },
+    /// The other device scanned our code and proved it with the right secret: ask the user to
+    /// confirm that the other device shows success, then call [`crate::Machine::confirm`] (QR-05).
+    QrScanned {
+        /// The flow.
+        flow: FlowKey,
+    },
     /// Verified: every check passed and `done` was exchanged (TR-04). These exact keys are trusted.
     Done {
         /// The flow.
@@ -358,6 +374,10 @@ pub enum Event {
         /// Why.
         reason: DropReason,
     },
+}
+
+fn ser_b64<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::b64::encode(bytes))
 }
 
 fn ser_cancel<S: serde::Serializer>(info: &CancelInfo, s: S) -> Result<S::Ok, S::Error> {
@@ -400,6 +420,9 @@ pub enum ActionError {
     /// A request needs at least one device.
     #[error("no device to send the request to")]
     NoDevices,
+    /// The scanned bytes are not a verification QR code.
+    #[error("not a verification QR code: {0}")]
+    InvalidQr(crate::qr::QrDecodeError),
     /// The outgoing message id is not a pending in-room request.
     #[error("no pending in-room request with outgoing id {0}")]
     UnknownOutgoing(u64),

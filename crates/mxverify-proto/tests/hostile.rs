@@ -22,6 +22,7 @@ enum Op {
     Corrupt(usize, usize, u8),
     Inject(usize, bool),
     Act(bool, u8),
+    Scan(bool, u8),
     Advance(u32),
 }
 
@@ -34,6 +35,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), any::<usize>(), any::<u8>()).prop_map(|(a, b, c)| Op::Corrupt(a, b, c)),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(a, b)| Op::Inject(a, b)),
         3 => (any::<bool>(), any::<u8>()).prop_map(|(a, b)| Op::Act(a, b)),
+        1 => (any::<bool>(), any::<u8>()).prop_map(|(a, b)| Op::Scan(a, b)),
         1 => (0u32..400_000).prop_map(Op::Advance),
     ]
 }
@@ -83,13 +85,27 @@ fn corrupt(v: &mut Value, which: usize, how: u8) {
     }
 }
 
-fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
+/// Runs one case; returns whether each side verified.
+fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2] {
     let db = if same_user {
         Dev::new(ALICE, "A2")
     } else {
         Dev::new(BOB, "B1")
     };
-    let mut net = Net::new(Dev::new(ALICE, "A1"), db);
+    let config = if qr {
+        Config {
+            methods: vec![
+                wire::Method::SasV1,
+                wire::Method::QrShowV1,
+                wire::Method::QrScanV1,
+                wire::Method::ReciprocateV1,
+            ],
+            ..Config::default()
+        }
+    } else {
+        Config::default()
+    };
+    let mut net = Net::with_config(Dev::new(ALICE, "A1"), db, config.clone(), config);
     let now = net.lb.now;
     if in_room && !same_user {
         net.lb.a.request_in_room(ROOM, BOB, now);
@@ -207,6 +223,32 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
                 }
                 net.collect();
             }
+            Op::Scan(on_a, corrupt) => {
+                // The user points the camera at the other side's code (perhaps misread).
+                let side = if on_a { Side::A } else { Side::B };
+                let code = net
+                    .events(side.other())
+                    .into_iter()
+                    .rev()
+                    .find_map(|e| match e {
+                        Event::QrCode { payload, .. } => Some(payload.clone()),
+                        _ => None,
+                    });
+                if let Some(mut code) = code {
+                    if corrupt % 4 == 0 {
+                        let i = usize::from(corrupt) % code.len();
+                        code[i] ^= 1;
+                    }
+                    let flows: Vec<FlowKey> = net.m(side).flows().cloned().collect();
+                    let now = net.lb.now;
+                    for f in flows {
+                        if net.m(side).scan_qr(&f, &code, now).is_ok() {
+                            confirmed[on_a as usize] = true; // scanning is the scanner's confirmation
+                        }
+                    }
+                    net.collect();
+                }
+            }
             Op::Advance(ms) => net.advance(u64::from(ms)),
             _ => {}
         }
@@ -281,6 +323,7 @@ fn scenario(in_room: bool, same_user: bool, ops: Vec<Op>) {
         assert_eq!(net.m(side).flows().count(), 0, "{side:?} still has flows");
         assert_eq!(net.m(side).next_deadline(), None);
     }
+    [net.done(Side::A).is_some(), net.done(Side::B).is_some()]
 }
 
 proptest! {
@@ -291,38 +334,49 @@ proptest! {
     })]
 
     #[test]
-    fn hostile_channel_to_device(same_user in any::<bool>(), ops in proptest::collection::vec(op(), 0..80)) {
-        scenario(false, same_user, ops);
+    fn hostile_channel_to_device(same_user in any::<bool>(), qr in any::<bool>(), ops in proptest::collection::vec(op(), 0..80)) {
+        let _ = scenario(false, same_user, qr, ops);
     }
 
     #[test]
-    fn hostile_channel_in_room(ops in proptest::collection::vec(op(), 0..80)) {
-        scenario(true, false, ops);
+    fn hostile_channel_in_room(qr in any::<bool>(), ops in proptest::collection::vec(op(), 0..80)) {
+        let _ = scenario(true, false, qr, ops);
     }
 }
 
-/// The happy path through the same harness, so the properties are not vacuous.
+/// The happy paths through the same harness, so the properties are not vacuous.
 #[test]
 fn harness_reaches_done() {
-    let ops = vec![
-        Op::Deliver(0),
-        Op::Act(false, 0),
-        Op::Deliver(0),
-        Op::Act(true, 2),
-        Op::Deliver(0),
-        Op::Deliver(0),
-        Op::Deliver(0),
-        Op::Deliver(0),
-        Op::Act(true, 4),
-        Op::Act(false, 4),
-        Op::Deliver(0),
-        Op::Deliver(0),
-        Op::Deliver(0),
-        Op::Deliver(0),
+    use Op::*;
+    let sas = vec![
+        Deliver(0),
+        Act(false, 0),
+        Deliver(0),
+        Act(true, 2),
+        Deliver(0),
+        Deliver(0),
+        Deliver(0),
+        Deliver(0),
+        Act(true, 4),
+        Act(false, 4),
+        Deliver(0),
+        Deliver(0),
+        Deliver(0),
+        Deliver(0),
     ];
-    let db = Dev::new(BOB, "B1");
-    let mut net = Net::new(Dev::new(ALICE, "A1"), db);
-    let _ = &mut net;
-    scenario(false, false, ops.clone());
-    scenario(true, false, ops);
+    assert_eq!(scenario(false, false, false, sas.clone()), [true, true]);
+    assert_eq!(scenario(true, false, true, sas), [true, true]);
+    // QR: B scans A's code, A's user confirms.
+    let qr = vec![
+        Deliver(0),
+        Act(false, 0),
+        Deliver(0),
+        Scan(false, 1),
+        Deliver(0),
+        Act(true, 4),
+        Deliver(0),
+        Deliver(0),
+    ];
+    assert_eq!(scenario(false, false, true, qr.clone()), [true, true]);
+    assert_eq!(scenario(false, true, true, qr), [true, true]);
 }

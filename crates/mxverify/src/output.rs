@@ -87,6 +87,16 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
                 "decimals": decimals,
             }),
         ),
+        Event::QrCode {
+            flow,
+            payload,
+            mode,
+        } => (
+            "qr",
+            flow,
+            json!({"payload": mxverify_proto::b64::encode(payload), "mode": mode}),
+        ),
+        Event::QrScanned { flow } => ("qr_scanned", flow, json!({})),
         Event::Done {
             flow,
             user_id,

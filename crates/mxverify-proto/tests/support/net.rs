@@ -23,10 +23,13 @@ pub struct Dev {
     pub trusts_msk: bool,
 }
 
-/// Deterministic fake Ed25519-looking keys (the core only compares and MACs them).
+/// Deterministic Ed25519 public keys (valid curve points, as QR codes need), from a label.
 pub fn fake_key(label: &str) -> String {
     use sha2::Digest;
-    mxverify_proto::b64::encode(sha2::Sha256::digest(label.as_bytes()))
+    let seed: [u8; 32] = sha2::Sha256::digest(label.as_bytes()).into();
+    vodozemac::Ed25519SecretKey::from_slice(&seed)
+        .public_key()
+        .to_base64()
 }
 
 impl Dev {
@@ -39,6 +42,12 @@ impl Dev {
             trusts_msk: true,
         }
     }
+    /// A device that does not trust its user's master key (for QR mode 0x02).
+    pub fn untrusting(mut self) -> Self {
+        self.trusts_msk = false;
+        self
+    }
+
     pub fn identity(&self) -> OwnIdentity {
         OwnIdentity {
             user_id: self.user.clone(),
