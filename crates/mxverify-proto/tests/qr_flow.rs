@@ -225,11 +225,11 @@ fn advertising_follows_capabilities() {
     ));
 }
 
+/// The fields of a payload: mode, flow id, key 1, key 2, secret.
+type Parts = (QrMode, String, [u8; 32], [u8; 32], Vec<u8>);
+
 /// Rebuilds a shown code with one field changed.
-fn altered(
-    payload: &[u8],
-    f: impl FnOnce(&mut (QrMode, String, [u8; 32], [u8; 32], Vec<u8>)),
-) -> Vec<u8> {
+fn altered(payload: &[u8], f: impl FnOnce(&mut Parts)) -> Vec<u8> {
     let p = QrPayload::decode(payload).unwrap();
     let mut parts = (
         p.mode(),
@@ -255,10 +255,7 @@ fn other_point() -> [u8; 32] {
 }
 
 /// Scanner B scans A's (altered) code; returns the cancel B reports.
-fn scan_altered(
-    net: &mut Net,
-    f: impl FnOnce(&mut (QrMode, String, [u8; 32], [u8; 32], Vec<u8>)),
-) -> CancelInfo {
+fn scan_altered(net: &mut Net, f: impl FnOnce(&mut Parts)) -> CancelInfo {
     let (payload, _) = shown(net, Side::A).unwrap();
     let bad = altered(&payload, f);
     let fb = net.flow_of(Side::B);
@@ -274,7 +271,7 @@ fn scan_altered(
 
 #[test]
 fn scanner_checks_every_key_and_the_flow_id() {
-    let cases: [(&str, fn(&mut (QrMode, String, [u8; 32], [u8; 32], Vec<u8>))); 3] = [
+    let cases: [(&str, fn(&mut Parts)); 3] = [
         ("first key", |p| p.2 = other_point()),
         ("second key", |p| p.3 = other_point()),
         ("another verification", |p| p.1 = "$not-this-flow".into()),
@@ -295,10 +292,7 @@ fn scanner_checks_every_key_and_the_flow_id() {
     }
     // The same for the self-verification modes, each key position.
     for (mode_pos, f) in [
-        (
-            "first key",
-            (|p| p.2 = other_point()) as fn(&mut (QrMode, String, [u8; 32], [u8; 32], Vec<u8>)),
-        ),
+        ("first key", (|p| p.2 = other_point()) as fn(&mut Parts)),
         ("second key", |p| p.3 = other_point()),
     ] {
         for a in [Dev::new(ALICE, "A1"), Dev::new(ALICE, "A1").untrusting()] {
