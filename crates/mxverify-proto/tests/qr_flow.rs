@@ -228,6 +228,9 @@ fn advertising_follows_capabilities() {
 /// The fields of a payload: mode, flow id, key 1, key 2, secret.
 type Parts = (QrMode, String, [u8; 32], [u8; 32], Vec<u8>);
 
+/// A named change to a payload.
+type Alteration = (&'static str, fn(&mut Parts));
+
 /// Rebuilds a shown code with one field changed.
 fn altered(payload: &[u8], f: impl FnOnce(&mut Parts)) -> Vec<u8> {
     let p = QrPayload::decode(payload).unwrap();
@@ -271,7 +274,7 @@ fn scan_altered(net: &mut Net, f: impl FnOnce(&mut Parts)) -> CancelInfo {
 
 #[test]
 fn scanner_checks_every_key_and_the_flow_id() {
-    let cases: [(&str, fn(&mut Parts)); 3] = [
+    let cases: [Alteration; 3] = [
         ("first key", |p| p.2 = other_point()),
         ("second key", |p| p.3 = other_point()),
         ("another verification", |p| p.1 = "$not-this-flow".into()),
