@@ -24,23 +24,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(Value::Array(events)) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let a = Machine::new(
-        identity("@alice:x", "A"),
-        Config::default(),
-        Box::new(SeededEntropy::new(1)),
-    );
-    let b = Machine::new(
-        identity("@bob:x", "B"),
-        Config::default(),
-        Box::new(SeededEntropy::new(2)),
-    );
+    let a = Machine::new(identity("@alice:x", "A"), Config::default(), Box::new(SeededEntropy::new(1)));
+    let b = Machine::new(identity("@bob:x", "B"), Config::default(), Box::new(SeededEntropy::new(2)));
     let mut net = Loopback::new(a, b, 1_700_000_000_000);
     net.exchange_device_keys();
     // A flow up to the SAS, so the events meet a machine in an interesting state.
-    let fa = net
-        .a
-        .request_to_device("@bob:x", &["B".into()], net.now)
-        .unwrap();
+    let fa = net.a.request_to_device("@bob:x", &["B".into()], net.now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B).unwrap();
     net.b.accept(&fb, net.now).unwrap();
@@ -53,26 +42,18 @@ fuzz_target!(|data: &[u8]| {
     let mut got_cancel: Vec<String> = vec![];
     for ev in events {
         let Value::Array(parts) = ev else { continue };
-        let (Some(sender), Some(ty), Some(content)) = (
-            parts.first().and_then(Value::as_str),
-            parts.get(1).and_then(Value::as_str),
-            parts.get(2),
-        ) else {
+        let (Some(sender), Some(ty), Some(content)) =
+            (parts.first().and_then(Value::as_str), parts.get(1).and_then(Value::as_str), parts.get(2))
+        else {
             continue;
         };
-        let room = parts
-            .get(3)
-            .and_then(Value::as_str)
-            .map(|event_id| RoomContext {
-                room_id: "!r:x".into(),
-                event_id: event_id.into(),
-                origin_server_ts: net.now,
-                relates_to_fallback: None,
-            });
-        let flow_id = content
-            .get("transaction_id")
-            .and_then(Value::as_str)
-            .map(|t| format!("{sender}|{t}"));
+        let room = parts.get(3).and_then(Value::as_str).map(|event_id| RoomContext {
+            room_id: "!r:x".into(),
+            event_id: event_id.into(),
+            origin_server_ts: net.now,
+            relates_to_fallback: None,
+        });
+        let flow_id = content.get("transaction_id").and_then(Value::as_str).map(|t| format!("{sender}|{t}"));
         if ty == "m.key.verification.cancel"
             && room.is_none()
             && let Some(f) = &flow_id
@@ -81,22 +62,14 @@ fuzz_target!(|data: &[u8]| {
         }
         let now = net.now;
         net.b.receive(
-            IncomingEvent {
-                sender: sender.into(),
-                event_type: ty.into(),
-                content: content.clone(),
-                room,
-            },
+            IncomingEvent { sender: sender.into(), event_type: ty.into(), content: content.clone(), room },
             now,
         );
         while let Some(out) = net.b.poll_outgoing() {
             if out.event_type == "m.key.verification.cancel"
                 && let Destination::ToDevice { user_id, .. } = &out.destination
             {
-                let f = format!(
-                    "{user_id}|{}",
-                    out.content["transaction_id"].as_str().unwrap_or("")
-                );
+                let f = format!("{user_id}|{}", out.content["transaction_id"].as_str().unwrap_or(""));
                 assert!(!got_cancel.contains(&f), "answered a cancel: {out:?}");
                 let n = cancels.entry(f).or_default();
                 *n += 1;

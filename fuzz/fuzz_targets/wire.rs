@@ -36,8 +36,7 @@ fuzz_target!(|data: &[u8]| {
             Envelope::ToDevice(parsed.flow_id.clone().unwrap_or_default())
         };
         let (ty, encoded) = wire::encode(&msg, &envelope);
-        let again = wire::parse(ty, &encoded, in_room, None)
-            .expect("our own encoding is a verification event");
+        let again = wire::parse(ty, &encoded, in_room, None).expect("our own encoding is a verification event");
         assert_eq!(again.msg.expect("our own encoding parses"), msg);
     }
 });

@@ -31,10 +31,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -77,10 +74,7 @@ fn pair(seed: u64) -> Loopback {
 }
 
 fn full_flow(mut net: Loopback) -> Loopback {
-    let fa = net
-        .a
-        .request_to_device("@bob:example.org", &["BOBDEVICE".into()], NOW)
-        .unwrap();
+    let fa = net.a.request_to_device("@bob:example.org", &["BOBDEVICE".into()], NOW).unwrap();
     net.run();
     let fb = net.flow_of(Side::B).unwrap();
     net.b.accept(&fb, NOW).unwrap();
@@ -90,13 +84,7 @@ fn full_flow(mut net: Loopback) -> Loopback {
     net.a.confirm(&fa, NOW).unwrap();
     net.b.confirm(&fb, NOW).unwrap();
     net.run();
-    assert_eq!(
-        net.events
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::Done { .. }))
-            .count(),
-        2
-    );
+    assert_eq!(net.events.iter().filter(|(_, e)| matches!(e, Event::Done { .. })).count(), 2);
     net
 }
 
@@ -132,26 +120,14 @@ fn crypto_floor(bencher: divan::Bencher) {
             assert_eq!(crypto::commitment(&pa, &start).unwrap(), commitment);
             let (ss, sa) = (ks.agree(&pa).unwrap(), ka.agree(&ps).unwrap());
             let info = KeyAgreement::Curve25519HkdfSha256.sas_info(
-                &Party {
-                    user_id: "@alice:example.org",
-                    device_id: "ALICEDEVICE",
-                    ephemeral_key: &ps,
-                },
-                &Party {
-                    user_id: "@bob:example.org",
-                    device_id: "BOBDEVICE",
-                    ephemeral_key: &pa,
-                },
+                &Party { user_id: "@alice:example.org", device_id: "ALICEDEVICE", ephemeral_key: &ps },
+                &Party { user_id: "@bob:example.org", device_id: "BOBDEVICE", ephemeral_key: &pa },
                 "0123456789abcdef0123456789abcdef",
             );
             assert_eq!(ss.sas_bytes(&info), sa.sas_bytes(&info));
             // Three MACs each way (device key, master key, key list), each made and checked.
             for (mine, theirs) in [(&ss, &sa), (&sa, &ss)] {
-                for item in [
-                    "ed25519:DEVICE",
-                    "ed25519:MASTERKEYMASTERKEYMASTERKEYMASTERKEYMASTE",
-                    "KEY_IDS",
-                ] {
+                for item in ["ed25519:DEVICE", "ed25519:MASTERKEYMASTERKEYMASTERKEYMASTERKEYMASTE", "KEY_IDS"] {
                     let info = crypto::mac_info(
                         ("@alice:example.org", "ALICEDEVICE"),
                         ("@bob:example.org", "BOBDEVICE"),
@@ -178,27 +154,20 @@ fn crypto_floor(bencher: divan::Bencher) {
 fn heap_per_waiting_request() {
     const N: usize = 1000;
     let devices: Vec<String> = vec!["BOBDEVICE".into()];
-    let mut m = Machine::new(
-        identity("@alice:example.org", "ALICEDEVICE"),
-        Config::default(),
-        Box::new(SeededEntropy::new(1)),
-    );
+    let mut m =
+        Machine::new(identity("@alice:example.org", "ALICEDEVICE"), Config::default(), Box::new(SeededEntropy::new(1)));
     m.update_user_keys("@bob:example.org", UserKeys::default(), NOW);
     while m.poll_event().is_some() {}
     let before = HELD.load(Ordering::Relaxed);
     for _ in 0..N {
-        m.request_to_device("@bob:example.org", &devices, NOW)
-            .unwrap();
+        m.request_to_device("@bob:example.org", &devices, NOW).unwrap();
         while m.poll_outgoing().is_some() {}
         while m.poll_event().is_some() {}
     }
     let outgoing = (HELD.load(Ordering::Relaxed) - before) / N as isize;
 
-    let mut m = Machine::new(
-        identity("@bob:example.org", "BOBDEVICE"),
-        Config::default(),
-        Box::new(SeededEntropy::new(2)),
-    );
+    let mut m =
+        Machine::new(identity("@bob:example.org", "BOBDEVICE"), Config::default(), Box::new(SeededEntropy::new(2)));
     let before = HELD.load(Ordering::Relaxed);
     for i in 0..N {
         let ev = IncomingEvent {
@@ -211,9 +180,7 @@ fn heap_per_waiting_request() {
         while m.poll_event().is_some() {}
     }
     let incoming = (HELD.load(Ordering::Relaxed) - before) / N as isize;
-    println!(
-        "heap per waiting request: outgoing {outgoing} bytes, incoming {incoming} bytes (mean over {N})"
-    );
+    println!("heap per waiting request: outgoing {outgoing} bytes, incoming {incoming} bytes (mean over {N})");
 }
 
 fn main() {

@@ -3,10 +3,8 @@
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
-const ENCODER: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_encode_padding(false),
-);
+const ENCODER: GeneralPurpose =
+    GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_encode_padding(false));
 
 // B64-02: decoders accept input with or without `=` padding. Non-zero trailing bits are tolerated,
 // as ruma does (matrix-spec#838), because some encoders emit them.

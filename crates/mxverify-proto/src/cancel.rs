@@ -69,10 +69,7 @@ impl CancelCode {
 
     /// Parses a wire code; never fails.
     pub fn from_wire(s: &str) -> Self {
-        Self::SPEC
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .unwrap_or_else(|| Self::Custom(s.to_owned()))
+        Self::SPEC.into_iter().find(|c| c.as_str() == s).unwrap_or_else(|| Self::Custom(s.to_owned()))
     }
 
     /// The short, fixed reason we put on the wire with this code (EV-CN-01).
@@ -102,9 +99,7 @@ impl CancelCode {
             Self::UnknownMethod => "the two devices have no verification method in common",
             Self::UnexpectedMessage => "a message arrived out of order",
             Self::KeyMismatch => "a key could not be verified",
-            Self::UserMismatch => {
-                "a message came from a different user than the one being verified"
-            }
+            Self::UserMismatch => "a message came from a different user than the one being verified",
             Self::InvalidMessage => "a message was malformed",
             Self::Accepted => "another device answered the request",
             Self::MismatchedCommitment => "the other device's key did not match its commitment",
@@ -189,34 +184,19 @@ impl fmt::Display for LocalCause {
             Self::Unexpected { message, state } => write!(f, "received {message} while {state}"),
             Self::Malformed(e) => write!(f, "malformed message: {e}"),
             Self::StartCollision => f.write_str("both sides started different methods at once"),
-            Self::CommitmentMismatch => {
-                f.write_str("the other side's key does not match its commitment")
-            }
-            Self::NonContributoryKey => {
-                f.write_str("the other side sent a low-order ephemeral key")
-            }
+            Self::CommitmentMismatch => f.write_str("the other side's key does not match its commitment"),
+            Self::NonContributoryKey => f.write_str("the other side sent a low-order ephemeral key"),
             Self::KeyListMacMismatch => f.write_str("the MAC of the key list did not verify"),
             Self::KeyMacMismatch(id) => write!(f, "the MAC of key {id} did not verify"),
-            Self::NothingVerified => {
-                f.write_str("the MAC message contained no key we could verify")
-            }
-            Self::KeysChanged => {
-                f.write_str("the other side's keys changed during the verification")
-            }
+            Self::NothingVerified => f.write_str("the MAC message contained no key we could verify"),
+            Self::KeysChanged => f.write_str("the other side's keys changed during the verification"),
             Self::DeviceIdClashesWithCrossSigningKey(d) => {
-                write!(
-                    f,
-                    "the other user has a device ID {d:?} equal to a cross-signing key"
-                )
+                write!(f, "the other user has a device ID {d:?} equal to a cross-signing key")
             }
             Self::DeviceKeysUnknown(d) => write!(f, "the keys of device {d} are not known"),
-            Self::MultipleAttempts => {
-                f.write_str("the other device started a second verification at the same time")
-            }
+            Self::MultipleAttempts => f.write_str("the other device started a second verification at the same time"),
             Self::OtherDeviceAnswered => f.write_str("another of their devices answered first"),
-            Self::AnsweredByOwnDevice => {
-                f.write_str("another of your devices answered the request")
-            }
+            Self::AnsweredByOwnDevice => f.write_str("another of your devices answered the request"),
             Self::QrMismatch(what) => write!(f, "the QR code did not match: {what}"),
         }
     }
@@ -255,20 +235,14 @@ impl CancelInfo {
             "The other side cancelled the verification"
         };
         let next = match self.code {
-            CancelCode::KeyMismatch
-            | CancelCode::MismatchedCommitment
-            | CancelCode::MismatchedSas => {
+            CancelCode::KeyMismatch | CancelCode::MismatchedCommitment | CancelCode::MismatchedSas => {
                 "Nothing was verified and this may be an attack: do not trust the other device, check with its owner in person, and try again."
             }
             CancelCode::User | CancelCode::Accepted => {
                 "Nothing was verified; start a new verification if you still want one."
             }
-            CancelCode::Timeout => {
-                "Nothing was verified; start again and answer on both devices within a few minutes."
-            }
-            _ => {
-                "Nothing was verified; try again, and update the other client if it keeps happening."
-            }
+            CancelCode::Timeout => "Nothing was verified; start again and answer on both devices within a few minutes.",
+            _ => "Nothing was verified; try again, and update the other client if it keeps happening.",
         };
         format!("{who} ({}): {why}. {next}", self.code)
     }
@@ -356,51 +330,21 @@ mod tests {
                         assert_eq!(v, None, "{kind:?} {via:?} {status:?}");
                     }
                 }
-                assert_eq!(
-                    verdict(kind, true, Via::Room, FlowStatus::Unknown, CancelCode::User),
-                    None
-                );
+                assert_eq!(verdict(kind, true, Via::Room, FlowStatus::Unknown, CancelCode::User), None);
             }
         }
         assert_eq!(
-            verdict(
-                MsgKind::Key,
-                false,
-                Via::ToDevice,
-                FlowStatus::Unknown,
-                CancelCode::User
-            ),
+            verdict(MsgKind::Key, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
             Some(CancelCode::UnknownTransaction)
         );
-        assert_eq!(
-            verdict(
-                MsgKind::Start,
-                true,
-                Via::ToDevice,
-                FlowStatus::Unknown,
-                CancelCode::User
-            ),
-            None
-        );
+        assert_eq!(verdict(MsgKind::Start, true, Via::ToDevice, FlowStatus::Unknown, CancelCode::User), None);
         // A reciprocation cannot open a flow: for an unknown flow it is an unknown transaction.
         assert_eq!(
-            verdict(
-                MsgKind::Start,
-                false,
-                Via::ToDevice,
-                FlowStatus::Unknown,
-                CancelCode::User
-            ),
+            verdict(MsgKind::Start, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
             Some(CancelCode::UnknownTransaction)
         );
         assert_eq!(
-            verdict(
-                MsgKind::Mac,
-                false,
-                Via::Room,
-                FlowStatus::Active,
-                CancelCode::KeyMismatch
-            ),
+            verdict(MsgKind::Mac, false, Via::Room, FlowStatus::Active, CancelCode::KeyMismatch),
             Some(CancelCode::KeyMismatch)
         );
     }

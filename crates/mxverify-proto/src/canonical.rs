@@ -73,26 +73,14 @@ mod tests {
     #[test]
     fn sorts_and_compacts() {
         let v = json!({"b": [1, {"z": null, "a": true}], "a": "é\n\"", "日": 1});
-        assert_eq!(
-            to_string(&v).unwrap(),
-            r#"{"a":"é\n\"","b":[1,{"a":true,"z":null}],"日":1}"#
-        );
+        assert_eq!(to_string(&v).unwrap(), r#"{"a":"é\n\"","b":[1,{"a":true,"z":null}],"日":1}"#);
     }
 
     #[test]
     fn rejects_floats_and_big_integers() {
-        assert!(matches!(
-            to_string(&json!({"a": 1.5})),
-            Err(CanonicalError::Float(_))
-        ));
-        assert!(matches!(
-            to_string(&json!(9_007_199_254_740_992_i64)),
-            Err(CanonicalError::OutOfRange(_))
-        ));
+        assert!(matches!(to_string(&json!({"a": 1.5})), Err(CanonicalError::Float(_))));
+        assert!(matches!(to_string(&json!(9_007_199_254_740_992_i64)), Err(CanonicalError::OutOfRange(_))));
         assert!(to_string(&json!(-9_007_199_254_740_991_i64)).is_ok());
-        assert!(matches!(
-            to_string(&json!(u64::MAX)),
-            Err(CanonicalError::OutOfRange(_))
-        ));
+        assert!(matches!(to_string(&json!(u64::MAX)), Err(CanonicalError::OutOfRange(_))));
     }
 }

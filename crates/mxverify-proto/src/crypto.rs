@@ -36,9 +36,7 @@ pub struct EphemeralKey {
 
 impl std::fmt::Debug for EphemeralKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EphemeralKey")
-            .field("public", &self.public_b64())
-            .finish_non_exhaustive()
+        f.debug_struct("EphemeralKey").field("public", &self.public_b64()).finish_non_exhaustive()
     }
 }
 
@@ -84,18 +82,14 @@ impl SharedSecret {
     /// The six SAS bytes for `info` (SK-02: decimals use the first five).
     pub fn sas_bytes(&self, info: &str) -> [u8; 6] {
         let mut out = [0u8; 6];
-        self.hkdf()
-            .expand(info.as_bytes(), &mut out)
-            .expect("6 <= 255 * 32");
+        self.hkdf().expand(info.as_bytes(), &mut out).expect("6 <= 255 * 32");
         out
     }
 
     fn mac_key(&self, info: &str) -> Hmac<Sha256> {
         // MC-01: HKDF-SHA256 to a 32-byte key, then HMAC-SHA256.
         let mut key = zeroize::Zeroizing::new([0u8; 32]);
-        self.hkdf()
-            .expand(info.as_bytes(), key.as_mut())
-            .expect("32 <= 255 * 32");
+        self.hkdf().expand(info.as_bytes(), key.as_mut()).expect("32 <= 255 * 32");
         <Hmac<Sha256> as KeyInit>::new_from_slice(key.as_ref()).expect("HMAC takes any key size")
     }
 
@@ -201,11 +195,7 @@ pub enum MacMethod {
 
 impl MacMethod {
     /// In order of preference (SA-05: legacy never chosen when `.v2` is common).
-    pub const ALL: [MacMethod; 3] = [
-        Self::HkdfHmacSha256V2,
-        Self::Msc3783,
-        Self::HkdfHmacSha256Legacy,
-    ];
+    pub const ALL: [MacMethod; 3] = [Self::HkdfHmacSha256V2, Self::Msc3783, Self::HkdfHmacSha256Legacy];
 
     /// The identifier on the wire.
     pub fn as_str(self) -> &'static str {
@@ -268,18 +258,12 @@ pub fn emoji_indices(bytes: &[u8; 6]) -> [u8; 7] {
 
 /// The MAC info string (MC-02): sender's IDs, receiver's IDs, flow id, then the key ID or `KEY_IDS`.
 pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, item: &str) -> String {
-    format!(
-        "MATRIX_KEY_VERIFICATION_MAC{}{}{}{}{}{}",
-        sender.0, sender.1, receiver.0, receiver.1, flow_id, item
-    )
+    format!("MATRIX_KEY_VERIFICATION_MAC{}{}{}{}{}{}", sender.0, sender.1, receiver.0, receiver.1, flow_id, item)
 }
 
 /// The `commitment` of an `m.key.verification.accept` (CM-01, CM-02): SHA-256 over the accepter's
 /// base64 ephemeral key followed by the canonical JSON of the start's content.
-pub fn commitment(
-    accepter_key_b64: &str,
-    start_content: &Value,
-) -> Result<String, canonical::CanonicalError> {
+pub fn commitment(accepter_key_b64: &str, start_content: &Value) -> Result<String, canonical::CanonicalError> {
     let json = canonical::to_string(start_content)?;
     let mut hash = Sha256::new();
     hash.update(accepter_key_b64.as_bytes());
@@ -295,17 +279,11 @@ mod tests {
     fn legacy_base64_matches_libolm_vector() {
         // VECTORS.md V4
         let mac: [u8; 32] = [
-            121, 105, 187, 19, 37, 94, 119, 248, 224, 34, 94, 29, 157, 5, 15, 230, 246, 115, 236,
-            217, 80, 78, 56, 200, 80, 200, 82, 158, 168, 179, 10, 230,
+            121, 105, 187, 19, 37, 94, 119, 248, 224, 34, 94, 29, 157, 5, 15, 230, 246, 115, 236, 217, 80, 78, 56, 200,
+            80, 200, 82, 158, 168, 179, 10, 230,
         ];
-        assert_eq!(
-            libolm_inplace_base64(&mac),
-            "eWm7NyVeVmXgbVhnYlZobllsWm9ibGxzV205aWJHeHo"
-        );
-        assert_eq!(
-            b64::encode(mac),
-            "eWm7EyVed/jgIl4dnQUP5vZz7NlQTjjIUMhSnqizCuY"
-        );
+        assert_eq!(libolm_inplace_base64(&mac), "eWm7NyVeVmXgbVhnYlZobllsWm9ibGxzV205aWJHeHo");
+        assert_eq!(b64::encode(mac), "eWm7EyVed/jgIl4dnQUP5vZz7NlQTjjIUMhSnqizCuY");
     }
 
     #[test]
@@ -315,35 +293,16 @@ mod tests {
         let cases: [Case; 7] = [
             ([0; 6], [1000, 1000, 1000], [0; 7]),
             ([0xff; 6], [9191, 9191, 9191], [63; 7]),
-            (
-                [0x01, 0x23, 0x45, 0x67, 0x89, 0xab],
-                [1036, 4349, 6060],
-                [0, 18, 13, 5, 25, 56, 38],
-            ),
-            (
-                [0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54],
-                [9155, 5842, 4131],
-                [63, 45, 50, 58, 38, 7, 25],
-            ),
-            (
-                [0x80, 0, 0, 0, 0, 0],
-                [5096, 1000, 1000],
-                [32, 0, 0, 0, 0, 0, 0],
-            ),
+            ([0x01, 0x23, 0x45, 0x67, 0x89, 0xab], [1036, 4349, 6060], [0, 18, 13, 5, 25, 56, 38]),
+            ([0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54], [9155, 5842, 4131], [63, 45, 50, 58, 38, 7, 25]),
+            ([0x80, 0, 0, 0, 0, 0], [5096, 1000, 1000], [32, 0, 0, 0, 0, 0, 0]),
             ([0, 0, 0, 0, 0, 1], [1000, 1000, 1000], [0; 7]),
-            (
-                [0, 0, 0, 0, 1, 0],
-                [1000, 1000, 1000],
-                [0, 0, 0, 0, 0, 0, 4],
-            ),
+            ([0, 0, 0, 0, 1, 0], [1000, 1000, 1000], [0, 0, 0, 0, 0, 0, 4]),
         ];
         for (bytes, dec, emo) in cases {
             assert_eq!(decimals(&bytes), dec, "{bytes:02x?}");
             assert_eq!(emoji_indices(&bytes), emo, "{bytes:02x?}");
         }
-        assert_eq!(
-            decimals(&[0x00, 0x01, 0x02, 0x03, 0x04, 0x99]),
-            [1000, 2032, 1386]
-        );
+        assert_eq!(decimals(&[0x00, 0x01, 0x02, 0x03, 0x04, 0x99]), [1000, 2032, 1386]);
     }
 }

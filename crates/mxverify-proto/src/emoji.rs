@@ -5,8 +5,7 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-const TABLE_JSON: &str =
-    include_str!("../../../testdata/spec-data/data-definitions/sas-emoji.json");
+const TABLE_JSON: &str = include_str!("../../../testdata/spec-data/data-definitions/sas-emoji.json");
 
 /// One of the 64 SAS emoji.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -41,11 +40,7 @@ fn table() -> &'static Table {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
-                assert_eq!(
-                    usize::from(e.number),
-                    i,
-                    "sas-emoji.json is ordered by number"
-                );
+                assert_eq!(usize::from(e.number), i, "sas-emoji.json is ordered by number");
                 let emoji = Emoji {
                     index: e.number,
                     symbol: Box::leak(e.emoji.into_boxed_str()),
@@ -66,10 +61,7 @@ pub fn emoji(index: u8) -> Emoji {
 /// The description of emoji `index` in language `lang` (e.g. `de`, `pt_BR`), if the spec has a
 /// translation for it (EM-03; some entries are untranslated).
 pub fn translated_description(index: u8, lang: &str) -> Option<&'static str> {
-    table().entries[usize::from(index & 63)]
-        .1
-        .get(lang)?
-        .as_deref()
+    table().entries[usize::from(index & 63)].1.get(lang)?.as_deref()
 }
 
 #[cfg(test)]
@@ -88,9 +80,7 @@ mod tests {
         assert_eq!(translated_description(0, "de"), Some("Hund"));
         assert_eq!(translated_description(0, "szl"), None);
         assert_eq!(translated_description(0, "xx"), None);
-        let with_vs16: Vec<u8> = (0..64)
-            .filter(|&i| emoji(i).symbol.contains('\u{FE0F}'))
-            .collect();
+        let with_vs16: Vec<u8> = (0..64).filter(|&i| emoji(i).symbol.contains('\u{FE0F}')).collect();
         assert_eq!(with_vs16, [21, 29, 37, 43, 45, 49, 53]);
     }
 }

@@ -91,16 +91,7 @@ pub struct Loopback {
 impl Loopback {
     /// Wires two machines together at time `now`.
     pub fn new(a: Machine, b: Machine, now: Millis) -> Self {
-        Self {
-            a,
-            b,
-            now,
-            queue: vec![],
-            log: vec![],
-            events: vec![],
-            filter: None,
-            next_event: 1,
-        }
+        Self { a, b, now, queue: vec![], log: vec![], events: vec![], filter: None, next_event: 1 }
     }
 
     /// Gives each machine the other's device key and master key (and, for two devices of one
@@ -108,10 +99,7 @@ impl Loopback {
     pub fn exchange_device_keys(&mut self) {
         let (ia, ib) = (self.a.own_identity().clone(), self.b.own_identity().clone());
         let keys_of = |ids: &[&OwnIdentity]| UserKeys {
-            devices: ids
-                .iter()
-                .map(|i| (i.device_id.clone(), i.ed25519.clone()))
-                .collect(),
+            devices: ids.iter().map(|i| (i.device_id.clone(), i.ed25519.clone())).collect(),
             master_key: ids[0].master_key.clone(),
             other_cross_signing_keys: vec![],
         };
@@ -137,10 +125,7 @@ impl Loopback {
     pub fn collect(&mut self) {
         for side in [Side::A, Side::B] {
             while let Some(out) = self.machine(side).poll_outgoing() {
-                self.log.push(InFlight {
-                    from: side,
-                    out: out.clone(),
-                });
+                self.log.push(InFlight { from: side, out: out.clone() });
                 self.queue.push(InFlight { from: side, out });
             }
             while let Some(e) = self.machine(side).poll_event() {
@@ -158,21 +143,12 @@ impl Loopback {
             return;
         }
         let to = msg.from.other();
-        let (sender, receiver) = (
-            self.machine(msg.from).own_identity().clone(),
-            self.machine(to).own_identity().clone(),
-        );
+        let (sender, receiver) =
+            (self.machine(msg.from).own_identity().clone(), self.machine(to).own_identity().clone());
         let now = self.now;
         match &msg.out.destination {
-            Destination::ToDevice {
-                user_id,
-                device_ids,
-            } => {
-                if *user_id == receiver.user_id
-                    && device_ids
-                        .iter()
-                        .any(|d| *d == receiver.device_id || d == "*")
-                {
+            Destination::ToDevice { user_id, device_ids } => {
+                if *user_id == receiver.user_id && device_ids.iter().any(|d| *d == receiver.device_id || d == "*") {
                     let ev = IncomingEvent {
                         sender: sender.user_id,
                         event_type: msg.out.event_type.to_owned(),
@@ -187,9 +163,7 @@ impl Loopback {
                 self.next_event += 1;
                 if msg.out.flow.is_none() && msg.out.event_type == "m.room.message" {
                     // The homeserver's answer to the send gives the request its event ID.
-                    let _ = self
-                        .machine(msg.from)
-                        .room_event_sent(msg.out.id, &event_id, now);
+                    let _ = self.machine(msg.from).room_event_sent(msg.out.id, &event_id, now);
                 }
                 let room = RoomContext {
                     room_id: room_id.clone(),
@@ -231,9 +205,7 @@ impl Loopback {
     /// The first flow `side` heard of (a request it got or sent, or a start).
     pub fn flow_of(&self, side: Side) -> Option<FlowKey> {
         self.events.iter().find_map(|(s, e)| match e {
-            Event::IncomingRequest { flow, .. }
-            | Event::RequestSent { flow }
-            | Event::Started { flow, .. }
+            Event::IncomingRequest { flow, .. } | Event::RequestSent { flow } | Event::Started { flow, .. }
                 if *s == side =>
             {
                 Some(flow.clone())

@@ -47,9 +47,7 @@ impl State {
             Self::Sent => "waiting for the other device to accept",
             Self::Received { .. } => "waiting for you to accept",
             Self::Ready(_) => "ready to start a method",
-            Self::QrScanned(_) => {
-                "waiting for you to confirm that the other device scanned the code"
-            }
+            Self::QrScanned(_) => "waiting for you to confirm that the other device scanned the code",
             Self::QrWaitingForDone(_) => "waiting for the other device to finish",
             Self::Sas(s) => s.phase.name(),
             Self::Done => "done",
@@ -82,11 +80,7 @@ pub(crate) struct Flow {
 
 impl Flow {
     fn status(&self) -> FlowStatus {
-        if self.state.ended() {
-            FlowStatus::Ended
-        } else {
-            FlowStatus::Active
-        }
+        if self.state.ended() { FlowStatus::Ended } else { FlowStatus::Active }
     }
 
     fn via(&self) -> Via {
@@ -112,9 +106,7 @@ impl Flow {
                     None => self.request_devices.clone(),
                 },
             },
-            FlowKey::Room { room_id, .. } => Destination::Room {
-                room_id: room_id.clone(),
-            },
+            FlowKey::Room { room_id, .. } => Destination::Room { room_id: room_id.clone() },
         }
     }
 }
@@ -153,10 +145,7 @@ pub struct Machine {
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine")
-            .field("own", &self.own)
-            .field("flows", &self.flows.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Machine").field("own", &self.own).field("flows", &self.flows.len()).finish_non_exhaustive()
     }
 }
 
@@ -217,9 +206,8 @@ impl Machine {
     pub fn update_user_keys(&mut self, user_id: &str, keys: UserKeys, now: Millis) {
         self.keys.insert(user_id.to_owned(), keys);
         self.keys_asked.retain(|u| u != user_id);
-        let (ready, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| h.event.sender == user_id);
+        let (ready, rest): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| h.event.sender == user_id);
         self.held = rest;
         for h in ready {
             self.receive_inner(h.event, now, true);
@@ -229,8 +217,7 @@ impl Machine {
             .flows
             .values()
             .filter(|f| {
-                matches!(f.state, State::Ready(None))
-                    && (f.other_user == user_id || user_id == self.own.user_id)
+                matches!(f.state, State::Ready(None)) && (f.other_user == user_id || user_id == self.own.user_id)
             })
             .map(|f| f.key.clone())
             .collect();
@@ -288,10 +275,7 @@ impl Machine {
             State::Done | State::Cancelled(_) => f.last_activity + self.config.timeouts.flow,
             _ => f.deadline,
         });
-        let pending = self
-            .pending_room
-            .values()
-            .map(|p| p.created + self.config.timeouts.flow);
+        let pending = self.pending_room.values().map(|p| p.created + self.config.timeouts.flow);
         let held = self.held.iter().map(|h| h.until);
         flows.chain(pending).chain(held).min()
     }
@@ -304,9 +288,7 @@ impl Machine {
             .values()
             .filter(|f| match f.state {
                 State::Received { prompt_deadline } => prompt_deadline <= now,
-                State::Done | State::Cancelled(_) => {
-                    f.last_activity + self.config.timeouts.flow <= now
-                }
+                State::Done | State::Cancelled(_) => f.last_activity + self.config.timeouts.flow <= now,
                 _ => f.deadline <= now,
             })
             .map(|f| f.key.clone())
@@ -342,9 +324,8 @@ impl Machine {
         }
         let timeout = self.config.timeouts.flow;
         self.pending_room.retain(|_, p| p.created + timeout > now);
-        let (expired, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| h.until <= now);
+        let (expired, kept): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| h.until <= now);
         self.held = kept;
         for h in expired {
             self.events.push_back(Event::Dropped {
@@ -375,10 +356,7 @@ impl Machine {
         if devices.is_empty() {
             return Err(ActionError::NoDevices);
         }
-        let key = FlowKey::ToDevice {
-            user_id: user_id.to_owned(),
-            transaction_id: self.random_id(),
-        };
+        let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
         let msg = Msg::Request(Request {
             from_device: self.own.device_id.clone(),
             methods: self.config.methods.clone(),
@@ -399,8 +377,7 @@ impl Machine {
         };
         self.send(&mut flow, msg, now);
         self.ask_keys_if_unknown(user_id, None);
-        self.events
-            .push_back(Event::RequestSent { flow: key.clone() });
+        self.events.push_back(Event::RequestSent { flow: key.clone() });
         self.flows.insert(key.clone(), flow);
         Ok(key)
     }
@@ -420,39 +397,20 @@ impl Machine {
         self.outgoing.push_back(Outgoing {
             id,
             flow: None,
-            destination: Destination::Room {
-                room_id: room_id.to_owned(),
-            },
+            destination: Destination::Room { room_id: room_id.to_owned() },
             event_type,
             content,
         });
-        self.pending_room.insert(
-            id,
-            PendingRoomRequest {
-                room_id: room_id.to_owned(),
-                user_id: user_id.to_owned(),
-                created: now,
-            },
-        );
+        self.pending_room
+            .insert(id, PendingRoomRequest { room_id: room_id.to_owned(), user_id: user_id.to_owned(), created: now });
         self.ask_keys_if_unknown(user_id, None);
         id
     }
 
     /// Reports the event ID the homeserver gave an in-room request: the flow now exists (FW-03).
-    pub fn room_event_sent(
-        &mut self,
-        outgoing_id: u64,
-        event_id: &str,
-        _now: Millis,
-    ) -> Result<FlowKey, ActionError> {
-        let p = self
-            .pending_room
-            .remove(&outgoing_id)
-            .ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
-        let key = FlowKey::Room {
-            room_id: p.room_id,
-            event_id: event_id.to_owned(),
-        };
+    pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, _now: Millis) -> Result<FlowKey, ActionError> {
+        let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
+        let key = FlowKey::Room { room_id: p.room_id, event_id: event_id.to_owned() };
         let flow = Flow {
             key: key.clone(),
             other_user: p.user_id,
@@ -466,8 +424,7 @@ impl Machine {
             state: State::Sent,
         };
         self.flows.insert(key.clone(), flow);
-        self.events
-            .push_back(Event::RequestSent { flow: key.clone() });
+        self.events.push_back(Event::RequestSent { flow: key.clone() });
         Ok(key)
     }
 
@@ -479,10 +436,7 @@ impl Machine {
         device_id: &str,
         now: Millis,
     ) -> Result<FlowKey, ActionError> {
-        let key = FlowKey::ToDevice {
-            user_id: user_id.to_owned(),
-            transaction_id: self.random_id(),
-        };
+        let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
         let mut flow = Flow {
             key: key.clone(),
             other_user: user_id.to_owned(),
@@ -506,9 +460,7 @@ impl Machine {
             State::Received { .. } => {
                 let common = m.common_methods(&flow.their_methods);
                 if common.is_empty() {
-                    return Err(ActionError::NoCommonMethod(
-                        "none of the requester's methods is supported here",
-                    ));
+                    return Err(ActionError::NoCommonMethod("none of the requester's methods is supported here"));
                 }
                 // EV-RD-02: our methods that correspond to theirs.
                 let msg = Msg::Ready(Ready {
@@ -525,10 +477,7 @@ impl Machine {
                 m.sas_step(flow, None, |m, flow, sas| sas.user_accepts(m, flow), now);
                 Ok(())
             }
-            other => Err(ActionError::WrongState {
-                action: "accept",
-                state: other.name(),
-            }),
+            other => Err(ActionError::WrongState { action: "accept", state: other.name() }),
         })
     }
 
@@ -547,10 +496,7 @@ impl Machine {
             match &flow.state {
                 State::Sas(s) if s.can_confirm() => {}
                 other => {
-                    return Err(ActionError::WrongState {
-                        action: "confirm",
-                        state: other.name(),
-                    });
+                    return Err(ActionError::WrongState { action: "confirm", state: other.name() });
                 }
             }
             m.sas_step(flow, None, |m, flow, sas| sas.confirm(m, flow), now);
@@ -562,25 +508,15 @@ impl Machine {
     pub fn mismatch(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| match &flow.state {
             State::Sas(s) if s.can_confirm() => {
-                m.fail(
-                    flow,
-                    None,
-                    CancelCode::MismatchedSas,
-                    LocalCause::UserSaidMismatch,
-                    now,
-                );
+                m.fail(flow, None, CancelCode::MismatchedSas, LocalCause::UserSaidMismatch, now);
                 Ok(())
             }
             State::QrScanned(_) => {
-                let cause =
-                    LocalCause::QrMismatch("you said the other device did not show success".into());
+                let cause = LocalCause::QrMismatch("you said the other device did not show success".into());
                 m.fail(flow, None, CancelCode::KeyMismatch, cause, now);
                 Ok(())
             }
-            other => Err(ActionError::WrongState {
-                action: "report a mismatch",
-                state: other.name(),
-            }),
+            other => Err(ActionError::WrongState { action: "report a mismatch", state: other.name() }),
         })
     }
 
@@ -588,10 +524,7 @@ impl Machine {
     pub fn cancel(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| {
             if flow.state.ended() {
-                return Err(ActionError::WrongState {
-                    action: "cancel",
-                    state: flow.state.name(),
-                });
+                return Err(ActionError::WrongState { action: "cancel", state: flow.state.name() });
             }
             m.fail(flow, None, CancelCode::User, LocalCause::UserCancelled, now);
             Ok(())
@@ -608,10 +541,7 @@ impl Machine {
 
     fn receive_inner(&mut self, event: IncomingEvent, now: Millis, retry: bool) {
         let in_room = event.room.is_some();
-        let fallback = event
-            .room
-            .as_ref()
-            .and_then(|r| r.relates_to_fallback.as_ref());
+        let fallback = event.room.as_ref().and_then(|r| r.relates_to_fallback.as_ref());
         let Some(parsed) = wire::parse(&event.event_type, &event.content, in_room, fallback) else {
             return;
         };
@@ -634,14 +564,8 @@ impl Machine {
             return drop(self, DropReason::NoFlowId);
         };
         let key = match &event.room {
-            None => FlowKey::ToDevice {
-                user_id: event.sender.clone(),
-                transaction_id: flow_id,
-            },
-            Some(r) => FlowKey::Room {
-                room_id: r.room_id.clone(),
-                event_id: flow_id,
-            },
+            None => FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: flow_id },
+            Some(r) => FlowKey::Room { room_id: r.room_id.clone(), event_id: flow_id },
         };
         let Some(mut flow) = self.flows.remove(&key) else {
             if parsed.kind == MsgKind::Cancel {
@@ -674,25 +598,15 @@ impl Machine {
         }
         flow.last_activity = now;
         match parsed.msg {
-            Err(e) => self.fail(
-                &mut flow,
-                Some(parsed.kind),
-                CancelCode::InvalidMessage,
-                LocalCause::Malformed(e),
-                now,
-            ),
+            Err(e) => {
+                self.fail(&mut flow, Some(parsed.kind), CancelCode::InvalidMessage, LocalCause::Malformed(e), now)
+            }
             Ok(msg) => self.on_message(&mut flow, &event, msg, now, retry),
         }
         self.flows.insert(key, flow);
     }
 
-    fn receive_request(
-        &mut self,
-        event: &IncomingEvent,
-        txn: Option<String>,
-        req: Request,
-        now: Millis,
-    ) {
+    fn receive_request(&mut self, event: &IncomingEvent, txn: Option<String>, req: Request, now: Millis) {
         let drop = |m: &mut Self, reason| {
             m.events.push_back(Event::Dropped {
                 sender: event.sender.clone(),
@@ -705,13 +619,7 @@ impl Machine {
                 let Some(txn) = txn else {
                     return drop(self, DropReason::NoFlowId);
                 };
-                (
-                    FlowKey::ToDevice {
-                        user_id: event.sender.clone(),
-                        transaction_id: txn,
-                    },
-                    req.timestamp.unwrap_or(0),
-                )
+                (FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: txn }, req.timestamp.unwrap_or(0))
             }
             Some(r) => {
                 // Our own requests, and requests by our other devices, are not ours to answer; nor
@@ -722,13 +630,7 @@ impl Machine {
                 if req.to.as_deref() != Some(self.own.user_id.as_str()) {
                     return drop(self, DropReason::NotForUs);
                 }
-                (
-                    FlowKey::Room {
-                        room_id: r.room_id.clone(),
-                        event_id: r.event_id.clone(),
-                    },
-                    r.origin_server_ts,
-                )
+                (FlowKey::Room { room_id: r.room_id.clone(), event_id: r.event_id.clone() }, r.origin_server_ts)
             }
         };
         // RQ-02: a device never verifies itself.
@@ -760,13 +662,7 @@ impl Machine {
             state: State::Received { prompt_deadline },
         };
         if self.cancel_parallel_attempts(&event.sender, &req.from_device, now) {
-            self.fail(
-                &mut flow,
-                None,
-                CancelCode::UnexpectedMessage,
-                LocalCause::MultipleAttempts,
-                now,
-            );
+            self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
             self.flows.insert(key, flow);
             return;
         }
@@ -774,11 +670,7 @@ impl Machine {
             flow: key.clone(),
             from_device: req.from_device.clone(),
             methods: req.methods.iter().map(|m| m.as_str().to_owned()).collect(),
-            common_methods: self
-                .common_methods(&req.methods)
-                .iter()
-                .map(|m| m.as_str().to_owned())
-                .collect(),
+            common_methods: self.common_methods(&req.methods).iter().map(|m| m.as_str().to_owned()).collect(),
             legacy: false,
             deadline: prompt_deadline,
         });
@@ -799,22 +691,12 @@ impl Machine {
         let clashing: Vec<FlowKey> = self
             .flows
             .values()
-            .filter(|f| {
-                !f.state.ended()
-                    && f.other_user == user
-                    && f.other_device.as_deref() == Some(device)
-            })
+            .filter(|f| !f.state.ended() && f.other_user == user && f.other_device.as_deref() == Some(device))
             .map(|f| f.key.clone())
             .collect();
         for key in &clashing {
             if let Some(mut flow) = self.flows.remove(key) {
-                self.fail(
-                    &mut flow,
-                    None,
-                    CancelCode::UnexpectedMessage,
-                    LocalCause::MultipleAttempts,
-                    now,
-                );
+                self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
                 self.flows.insert(key.clone(), flow);
             }
         }
@@ -830,11 +712,7 @@ impl Machine {
         retry: bool,
     ) {
         if !self.has_device_key(&event.sender, &start.from_device) && !retry {
-            return self.hold(
-                event.clone(),
-                now + self.config.timeouts.prompt_after_receipt,
-                &start.from_device,
-            );
+            return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt, &start.from_device);
         }
         let mut flow = Flow {
             key: key.clone(),
@@ -849,13 +727,7 @@ impl Machine {
             state: State::Ready(None),
         };
         if self.cancel_parallel_attempts(&event.sender, &start.from_device, now) {
-            self.fail(
-                &mut flow,
-                None,
-                CancelCode::UnexpectedMessage,
-                LocalCause::MultipleAttempts,
-                now,
-            );
+            self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
         } else if !self.config.methods.contains(&Method::SasV1) {
             self.fail(
                 &mut flow,
@@ -871,30 +743,14 @@ impl Machine {
     }
 
     /// An event for a to-device flow we do not know (CX-04), answered at most once per flow id.
-    fn answer_unknown(
-        &mut self,
-        event: &IncomingEvent,
-        kind: MsgKind,
-        key: FlowKey,
-        msg: Option<Msg>,
-    ) {
+    fn answer_unknown(&mut self, event: &IncomingEvent, kind: MsgKind, key: FlowKey, msg: Option<Msg>) {
         // Only a request, or a start of a method that can begin a flow, may open one (ST-06).
         let may_open = kind == MsgKind::Request
             || (kind == MsgKind::Start
-                && !matches!(
-                    msg,
-                    Some(Msg::Start(wire::Start {
-                        method: StartMethod::Reciprocate { .. },
-                        ..
-                    }))
-                ));
-        let Some(code) = cancel::verdict(
-            kind,
-            may_open,
-            Via::ToDevice,
-            FlowStatus::Unknown,
-            CancelCode::UnknownTransaction,
-        ) else {
+                && !matches!(msg, Some(Msg::Start(wire::Start { method: StartMethod::Reciprocate { .. }, .. }))));
+        let Some(code) =
+            cancel::verdict(kind, may_open, Via::ToDevice, FlowStatus::Unknown, CancelCode::UnknownTransaction)
+        else {
             return;
         };
         let memo = (event.sender.clone(), key.flow_id().to_owned());
@@ -906,20 +762,13 @@ impl Machine {
             Some(Msg::Ready(r)) => r.from_device,
             _ => "*".to_owned(),
         };
-        let cancel = Msg::Cancel(wire::Cancel {
-            code: code.clone(),
-            reason: code.default_reason().to_owned(),
-        });
-        let (event_type, content) =
-            wire::encode(&cancel, &Envelope::ToDevice(key.flow_id().to_owned()));
+        let cancel = Msg::Cancel(wire::Cancel { code: code.clone(), reason: code.default_reason().to_owned() });
+        let (event_type, content) = wire::encode(&cancel, &Envelope::ToDevice(key.flow_id().to_owned()));
         let id = self.take_id();
         self.outgoing.push_back(Outgoing {
             id,
             flow: None,
-            destination: Destination::ToDevice {
-                user_id: event.sender.clone(),
-                device_ids: vec![device],
-            },
+            destination: Destination::ToDevice { user_id: event.sender.clone(), device_ids: vec![device] },
             event_type,
             content,
         });
@@ -940,26 +789,16 @@ impl Machine {
             Some(Msg::Start(s)) => Some(s.from_device.as_str()),
             _ => None,
         };
-        let other_own_device = event.sender == self.own.user_id
-            && from_device.is_some_and(|d| d != self.own.device_id);
+        let other_own_device = event.sender == self.own.user_id && from_device.is_some_and(|d| d != self.own.device_id);
         let answered_elsewhere = matches!(flow.state, State::Received { .. })
             && event.sender == self.own.user_id
             && (other_own_device || kind == MsgKind::Cancel);
         if answered_elsewhere {
             flow.last_activity = now;
-            self.end_silently(
-                flow,
-                CancelCode::Accepted,
-                LocalCause::AnsweredByOwnDevice,
-                now,
-            );
+            self.end_silently(flow, CancelCode::Accepted, LocalCause::AnsweredByOwnDevice, now);
             return;
         }
-        let reason = if event.sender == self.own.user_id {
-            DropReason::Own
-        } else {
-            DropReason::NotAParty
-        };
+        let reason = if event.sender == self.own.user_id { DropReason::Own } else { DropReason::NotAParty };
         self.events.push_back(Event::Dropped {
             sender: event.sender.clone(),
             event_type: event.event_type.clone(),
@@ -967,14 +806,7 @@ impl Machine {
         });
     }
 
-    fn on_message(
-        &mut self,
-        flow: &mut Flow,
-        event: &IncomingEvent,
-        msg: Msg,
-        now: Millis,
-        retry: bool,
-    ) {
+    fn on_message(&mut self, flow: &mut Flow, event: &IncomingEvent, msg: Msg, now: Millis, retry: bool) {
         let kind = msg.kind();
         if let Msg::Cancel(c) = msg {
             return self.on_cancel(flow, c, now);
@@ -1011,12 +843,7 @@ impl Machine {
                 );
             }
             (State::Sas(_), msg @ (Msg::Accept(_) | Msg::Key(_) | Msg::Mac(_) | Msg::Done)) => {
-                self.sas_step(
-                    flow,
-                    Some(kind),
-                    |m, flow, sas| sas.on_message(m, flow, msg),
-                    now,
-                );
+                self.sas_step(flow, Some(kind), |m, flow, sas| sas.on_message(m, flow, msg), now);
             }
             (state, _) => {
                 let state = state.name();
@@ -1024,10 +851,7 @@ impl Machine {
                     flow,
                     Some(kind),
                     CancelCode::UnexpectedMessage,
-                    LocalCause::Unexpected {
-                        message: kind.event_type(),
-                        state,
-                    },
+                    LocalCause::Unexpected { message: kind.event_type(), state },
                     now,
                 )
             }
@@ -1057,12 +881,7 @@ impl Machine {
         flow.other_device = Some(ready.from_device.clone());
         flow.their_methods = ready.methods;
         // RQ-09: the other devices that got our request learn that it was accepted elsewhere.
-        let others: Vec<String> = flow
-            .request_devices
-            .iter()
-            .filter(|d| **d != ready.from_device)
-            .cloned()
-            .collect();
+        let others: Vec<String> = flow.request_devices.iter().filter(|d| **d != ready.from_device).cloned().collect();
         if !others.is_empty() {
             self.send_to_devices(flow, others, CancelCode::Accepted, now);
         }
@@ -1081,17 +900,8 @@ impl Machine {
         self.ask_keys_if_unknown(&flow.other_user.clone(), Some(&ready.from_device));
     }
 
-    fn on_start(
-        &mut self,
-        flow: &mut Flow,
-        event: &IncomingEvent,
-        start: wire::Start,
-        now: Millis,
-        retry: bool,
-    ) {
-        if let (StartMethod::Reciprocate { secret }, State::Ready(Some(_))) =
-            (&start.method, &flow.state)
-        {
+    fn on_start(&mut self, flow: &mut Flow, event: &IncomingEvent, start: wire::Start, now: Millis, retry: bool) {
+        if let (StartMethod::Reciprocate { secret }, State::Ready(Some(_))) = (&start.method, &flow.state) {
             return self.qr_on_reciprocate(flow, secret, now);
         }
         let StartMethod::Sas(_) = &start.method else {
@@ -1108,11 +918,7 @@ impl Machine {
                 now,
             );
         };
-        if !self
-            .common_methods(&flow.their_methods)
-            .contains(&Method::SasV1)
-            && flow.from_request
-        {
+        if !self.common_methods(&flow.their_methods).contains(&Method::SasV1) && flow.from_request {
             return self.fail(
                 flow,
                 Some(MsgKind::Start),
@@ -1128,13 +934,7 @@ impl Machine {
         let pinned = match self.pin_keys(flow) {
             Ok(p) => p,
             Err(cause) => {
-                return self.fail(
-                    flow,
-                    Some(MsgKind::Start),
-                    CancelCode::KeyMismatch,
-                    cause,
-                    now,
-                );
+                return self.fail(flow, Some(MsgKind::Start), CancelCode::KeyMismatch, cause, now);
             }
         };
         let content = sas::start_content_for_commitment(&event.content, &flow.key);
@@ -1165,48 +965,25 @@ impl Machine {
             let devices = flow.request_devices.clone();
             self.send_to_devices(flow, devices, CancelCode::User, now);
         }
-        let info = CancelInfo {
-            by_us: false,
-            code: c.code,
-            reason: c.reason,
-            cause: None,
-            sent: false,
-        };
+        let info = CancelInfo { by_us: false, code: c.code, reason: c.reason, cause: None, sent: false };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled {
-            flow: flow.key.clone(),
-            info,
-        });
+        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
     }
 
     // ----- SAS plumbing ---------------------------------------------------------------------
 
     fn start_sas_in(&mut self, flow: &mut Flow, now: Millis) -> Result<(), ActionError> {
         if !matches!(flow.state, State::Ready(_)) {
-            return Err(ActionError::WrongState {
-                action: "start SAS",
-                state: flow.state.name(),
-            });
+            return Err(ActionError::WrongState { action: "start SAS", state: flow.state.name() });
         }
-        if !self
-            .common_methods(&flow.their_methods)
-            .contains(&Method::SasV1)
-        {
-            return Err(ActionError::NoCommonMethod(
-                "the other device does not offer m.sas.v1",
-            ));
+        if !self.common_methods(&flow.their_methods).contains(&Method::SasV1) {
+            return Err(ActionError::NoCommonMethod("the other device does not offer m.sas.v1"));
         }
-        let device = flow
-            .other_device
-            .clone()
-            .expect("a ready flow has a bound device");
+        let device = flow.other_device.clone().expect("a ready flow has a bound device");
         if !self.has_device_key(&flow.other_user, &device) {
             let user = flow.other_user.clone();
             self.ask_keys(&user);
-            return Err(ActionError::KeysUnknown {
-                user_id: user,
-                device_id: device,
-            });
+            return Err(ActionError::KeysUnknown { user_id: user, device_id: device });
         }
         let pinned = match self.pin_keys(flow) {
             Ok(p) => p,
@@ -1242,13 +1019,7 @@ impl Machine {
         self.apply_step(flow, incoming, step, now);
     }
 
-    fn apply_step(
-        &mut self,
-        flow: &mut Flow,
-        incoming: Option<MsgKind>,
-        step: SasStep,
-        now: Millis,
-    ) {
+    fn apply_step(&mut self, flow: &mut Flow, incoming: Option<MsgKind>, step: SasStep, now: Millis) {
         for msg in step.send {
             self.send(flow, msg, now);
         }
@@ -1276,20 +1047,11 @@ impl Machine {
             .cloned()
             .ok_or_else(|| LocalCause::DeviceKeysUnknown(device.to_owned()))?;
         let keys = keys.expect("device key found");
-        let cross: Vec<&String> = keys
-            .master_key
-            .iter()
-            .chain(&keys.other_cross_signing_keys)
-            .collect();
+        let cross: Vec<&String> = keys.master_key.iter().chain(&keys.other_cross_signing_keys).collect();
         if let Some(clash) = keys.devices.keys().find(|d| cross.contains(d)) {
-            return Err(LocalCause::DeviceIdClashesWithCrossSigningKey(
-                clash.clone(),
-            ));
+            return Err(LocalCause::DeviceIdClashesWithCrossSigningKey(clash.clone()));
         }
-        Ok(sas::Pinned {
-            device_key,
-            master_key: keys.master_key.clone(),
-        })
+        Ok(sas::Pinned { device_key, master_key: keys.master_key.clone() })
     }
 
     /// Whether the other side's keys still equal the pinned ones (TR-01).
@@ -1313,10 +1075,7 @@ impl Machine {
         key: &FlowKey,
         f: impl FnOnce(&mut Self, &mut Flow) -> Result<T, ActionError>,
     ) -> Result<T, ActionError> {
-        let mut flow = self
-            .flows
-            .remove(key)
-            .ok_or_else(|| ActionError::UnknownFlow(key.clone()))?;
+        let mut flow = self.flows.remove(key).ok_or_else(|| ActionError::UnknownFlow(key.clone()))?;
         let r = f(self, &mut flow);
         self.flows.insert(key.clone(), flow);
         r
@@ -1327,8 +1086,7 @@ impl Machine {
     /// sides), and the reciprocation whenever a QR method remains.
     pub(crate) fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
         let ours = &self.config.methods;
-        let both_reciprocate =
-            ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
+        let both_reciprocate = ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
         let mut common: Vec<Method> = ours
             .iter()
             .filter(|m| match m {
@@ -1339,10 +1097,7 @@ impl Machine {
             })
             .cloned()
             .collect();
-        if common
-            .iter()
-            .any(|m| matches!(m, Method::QrShowV1 | Method::QrScanV1))
-        {
+        if common.iter().any(|m| matches!(m, Method::QrShowV1 | Method::QrScanV1)) {
             common.push(Method::ReciprocateV1);
         }
         common
@@ -1357,26 +1112,18 @@ impl Machine {
         self.events.push_back(Event::Ready {
             flow: flow.key.clone(),
             other_device: flow.other_device.clone().unwrap_or_default(),
-            methods: self
-                .common_methods(&flow.their_methods)
-                .iter()
-                .map(|m| m.as_str().to_owned())
-                .collect(),
+            methods: self.common_methods(&flow.their_methods).iter().map(|m| m.as_str().to_owned()).collect(),
         });
     }
 
     fn has_device_key(&self, user: &str, device: &str) -> bool {
-        self.keys
-            .get(user)
-            .is_some_and(|k| k.devices.contains_key(device))
+        self.keys.get(user).is_some_and(|k| k.devices.contains_key(device))
     }
 
     fn ask_keys(&mut self, user: &str) {
         if !self.keys_asked.iter().any(|u| u == user) {
             self.keys_asked.push(user.to_owned());
-            self.events.push_back(Event::KeysNeeded {
-                user_id: user.to_owned(),
-            });
+            self.events.push_back(Event::KeysNeeded { user_id: user.to_owned() });
         }
     }
 
@@ -1429,26 +1176,14 @@ impl Machine {
     }
 
     /// A cancel to some devices of a to-device flow that does not end the flow itself (RQ-09).
-    fn send_to_devices(
-        &mut self,
-        flow: &Flow,
-        devices: Vec<String>,
-        code: CancelCode,
-        _now: Millis,
-    ) {
-        let msg = Msg::Cancel(wire::Cancel {
-            reason: code.default_reason().to_owned(),
-            code,
-        });
+    fn send_to_devices(&mut self, flow: &Flow, devices: Vec<String>, code: CancelCode, _now: Millis) {
+        let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
         let (event_type, content) = wire::encode(&msg, &flow.envelope());
         let id = self.take_id();
         self.outgoing.push_back(Outgoing {
             id,
             flow: Some(flow.key.clone()),
-            destination: Destination::ToDevice {
-                user_id: flow.other_user.clone(),
-                device_ids: devices,
-            },
+            destination: Destination::ToDevice { user_id: flow.other_user.clone(), device_ids: devices },
             event_type,
             content,
         });
@@ -1474,40 +1209,20 @@ impl Machine {
         }
         let sent = wire_code.is_some();
         if let Some(code) = wire_code {
-            let msg = Msg::Cancel(wire::Cancel {
-                reason: code.default_reason().to_owned(),
-                code,
-            });
+            let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
             self.send(flow, msg, now);
         }
-        let info = CancelInfo {
-            by_us: true,
-            reason: code.default_reason().to_owned(),
-            code,
-            cause: Some(cause),
-            sent,
-        };
+        let info = CancelInfo { by_us: true, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled {
-            flow: flow.key.clone(),
-            info,
-        });
+        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
     }
 
     fn end_silently(&mut self, flow: &mut Flow, code: CancelCode, cause: LocalCause, _now: Millis) {
         let by_us = !matches!(cause, LocalCause::AnsweredByOwnDevice);
-        let info = CancelInfo {
-            by_us,
-            reason: code.default_reason().to_owned(),
-            code,
-            cause: Some(cause),
-            sent: false,
-        };
+        let info =
+            CancelInfo { by_us, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent: false };
         flow.state = State::Cancelled(info.clone());
-        self.events.push_back(Event::Cancelled {
-            flow: flow.key.clone(),
-            info,
-        });
+        self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
     }
 }
 

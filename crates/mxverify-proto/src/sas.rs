@@ -111,43 +111,24 @@ pub(crate) struct SasStep {
 
 impl SasStep {
     fn fail(code: CancelCode, cause: LocalCause) -> Self {
-        Self {
-            fail: Some((code, cause)),
-            ..Self::default()
-        }
+        Self { fail: Some((code, cause)), ..Self::default() }
     }
 
     fn unexpected(msg: &Msg, state: &'static str) -> Self {
-        Self::fail(
-            CancelCode::UnexpectedMessage,
-            LocalCause::Unexpected {
-                message: msg.kind().event_type(),
-                state,
-            },
-        )
+        Self::fail(CancelCode::UnexpectedMessage, LocalCause::Unexpected { message: msg.kind().event_type(), state })
     }
 
     fn drop(flow: &Flow, msg: &Msg, reason: DropReason) -> Self {
-        let event = Event::Dropped {
-            sender: flow.other_user.clone(),
-            event_type: msg.kind().event_type().into(),
-            reason,
-        };
-        Self {
-            events: vec![event],
-            ..Self::default()
-        }
+        let event =
+            Event::Dropped { sender: flow.other_user.clone(), event_type: msg.kind().event_type().into(), reason };
+        Self { events: vec![event], ..Self::default() }
     }
 }
 
 /// Our offer in a start (EV-SS-02..05): what the configuration allows, best first.
 fn our_offer(p: &SasParams) -> SasOffer {
     SasOffer {
-        key_agreement_protocols: p
-            .key_agreements
-            .iter()
-            .map(|k| k.as_str().to_owned())
-            .collect(),
+        key_agreement_protocols: p.key_agreements.iter().map(|k| k.as_str().to_owned()).collect(),
         hashes: vec![SHA256.to_owned()],
         message_authentication_codes: p.macs.iter().map(|m| m.as_str().to_owned()).collect(),
         short_authentication_string: p.sas_methods().iter().map(|s| (*s).to_owned()).collect(),
@@ -159,8 +140,7 @@ fn our_offer(p: &SasParams) -> SasOffer {
 pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Value {
     let mut content = content.clone();
     if let (FlowKey::Room { event_id, .. }, Some(obj)) = (key, content.as_object_mut()) {
-        obj.entry("m.relates_to")
-            .or_insert_with(|| json!({ "rel_type": "m.reference", "event_id": event_id }));
+        obj.entry("m.relates_to").or_insert_with(|| json!({ "rel_type": "m.reference", "event_id": event_id }));
     }
     content
 }
@@ -189,12 +169,7 @@ fn choose(offer: &SasOffer, p: &SasParams) -> Result<Choice, &'static str> {
     if !decimal && !emoji {
         return Err("short authentication string method");
     }
-    Ok(Choice {
-        key_agreement,
-        mac,
-        emoji,
-        decimal,
-    })
+    Ok(Choice { key_agreement, mac, emoji, decimal })
 }
 
 /// The starter's check of an accept (SA-06): each choice must be one we offered and support.
@@ -211,19 +186,12 @@ fn check_accept(offer: &SasOffer, accept: &Accept) -> Result<Choice, &'static st
         .ok_or("message authentication code")?;
     let sas = &accept.short_authentication_string;
     if sas.is_empty()
-        || sas.iter().any(|s| {
-            !SAS_METHODS.contains(&s.as_str()) || !offered(&offer.short_authentication_string, s)
-        })
+        || sas.iter().any(|s| !SAS_METHODS.contains(&s.as_str()) || !offered(&offer.short_authentication_string, s))
     {
         return Err("short authentication string method");
     }
     let has = |s: &str| sas.iter().any(|o| o == s);
-    Ok(Choice {
-        key_agreement,
-        mac,
-        emoji: has("emoji"),
-        decimal: has("decimal"),
-    })
+    Ok(Choice { key_agreement, mac, emoji: has("emoji"), decimal: has("decimal") })
 }
 
 impl Sas {
@@ -231,10 +199,7 @@ impl Sas {
     pub(crate) fn start(m: &mut Machine, flow: &Flow, pinned: Pinned) -> (Sas, Msg) {
         let eph = EphemeralKey::from_random(m.random_bytes());
         let offer = our_offer(&m.config.sas);
-        let msg = Msg::Start(Start {
-            from_device: m.own.device_id.clone(),
-            method: StartMethod::Sas(offer.clone()),
-        });
+        let msg = Msg::Start(Start { from_device: m.own.device_id.clone(), method: StartMethod::Sas(offer.clone()) });
         let envelope = match &flow.key {
             FlowKey::ToDevice { transaction_id, .. } => Envelope::ToDevice(transaction_id.clone()),
             FlowKey::Room { event_id, .. } => Envelope::Room(Some(event_id.clone())),
@@ -263,9 +228,7 @@ impl Sas {
         content: Value,
         pinned: Pinned,
     ) -> (Sas, SasStep) {
-        let StartMethod::Sas(offer) = &start.method else {
-            unreachable!("only SAS starts reach here")
-        };
+        let StartMethod::Sas(offer) = &start.method else { unreachable!("only SAS starts reach here") };
         let mut sas = Sas {
             we_start: false,
             starter_device: start.from_device.clone(),
@@ -276,11 +239,7 @@ impl Sas {
             pinned,
             phase: SasPhase::AwaitUserAccept,
         };
-        let step = if flow.from_request {
-            sas.user_accepts(m, flow)
-        } else {
-            SasStep::default()
-        };
+        let step = if flow.from_request { sas.user_accepts(m, flow) } else { SasStep::default() };
         (sas, step)
     }
 
@@ -296,10 +255,7 @@ impl Sas {
         let commitment = match crypto::commitment(&eph.public_b64(), &self.start_content) {
             Ok(c) => c,
             Err(_) => {
-                let e = wire::WireError {
-                    field: "content",
-                    problem: wire::Problem::Invalid("no canonical JSON form"),
-                };
+                let e = wire::WireError { field: "content", problem: wire::Problem::Invalid("no canonical JSON form") };
                 return SasStep::fail(CancelCode::InvalidMessage, LocalCause::Malformed(e));
             }
         };
@@ -318,10 +274,7 @@ impl Sas {
         self.choice = Some(choice);
         self.accept = Some(accept.clone());
         self.phase = SasPhase::AwaitStarterKey(eph);
-        SasStep {
-            send: vec![Msg::Accept(accept)],
-            ..SasStep::default()
-        }
+        SasStep { send: vec![Msg::Accept(accept)], ..SasStep::default() }
     }
 
     /// Whether the user can now confirm or deny the SAS.
@@ -366,22 +319,10 @@ impl Sas {
             return SasStep::unexpected(&msg, self.phase.name());
         }
         // We lost: our start is void (its key is dropped and zeroized); we accept theirs.
-        let (mut sas, mut step) = Sas::from_their_start(
-            m,
-            flow,
-            start,
-            start_content_for_commitment(raw, &flow.key),
-            self.pinned.clone(),
-        );
+        let (mut sas, mut step) =
+            Sas::from_their_start(m, flow, start, start_content_for_commitment(raw, &flow.key), self.pinned.clone());
         std::mem::swap(self, &mut sas);
-        step.events.insert(
-            0,
-            Event::Started {
-                flow: flow.key.clone(),
-                method: "m.sas.v1".into(),
-                by_us: false,
-            },
-        );
+        step.events.insert(0, Event::Started { flow: flow.key.clone(), method: "m.sas.v1".into(), by_us: false });
         step
     }
 
@@ -393,23 +334,14 @@ impl Sas {
                 match check_accept(&self.offer, &accept) {
                     Err(field) => (
                         SasPhase::AwaitAccept(eph),
-                        SasStep::fail(
-                            CancelCode::UnknownMethod,
-                            LocalCause::AcceptNotOffered(field),
-                        ),
+                        SasStep::fail(CancelCode::UnknownMethod, LocalCause::AcceptNotOffered(field)),
                     ),
                     Ok(choice) => {
                         // SQ-03: store the commitment, send our key.
                         self.choice = Some(choice);
                         self.accept = Some(accept);
                         let key = Msg::Key(eph.public_b64());
-                        (
-                            SasPhase::AwaitAccepterKey(eph),
-                            SasStep {
-                                send: vec![key],
-                                ..SasStep::default()
-                            },
-                        )
+                        (SasPhase::AwaitAccepterKey(eph), SasStep { send: vec![key], ..SasStep::default() })
                     }
                 }
             }
@@ -420,19 +352,12 @@ impl Sas {
             }
             (SasPhase::AwaitAccepterKey(eph), Msg::Key(theirs)) => {
                 // SQ-05: the accepter's key must hash to its commitment.
-                let committed = self
-                    .accept
-                    .as_ref()
-                    .map(|a| a.commitment.as_str())
-                    .unwrap_or_default();
+                let committed = self.accept.as_ref().map(|a| a.commitment.as_str()).unwrap_or_default();
                 let expected = crypto::commitment(&theirs, &self.start_content).unwrap_or_default();
                 if !bool::from(expected.as_bytes().ct_eq(committed.as_bytes())) {
                     (
                         SasPhase::AwaitAccepterKey(eph),
-                        SasStep::fail(
-                            CancelCode::MismatchedCommitment,
-                            LocalCause::CommitmentMismatch,
-                        ),
+                        SasStep::fail(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch),
                     )
                 } else {
                     self.exchange(m, flow, eph, theirs, None)
@@ -467,19 +392,15 @@ impl Sas {
                 };
                 (SasPhase::Exchanged(x), step)
             }
-            (SasPhase::Exchanged(x), Msg::Key(k)) if k == x.their_key => (
-                SasPhase::Exchanged(x),
-                SasStep::drop(flow, &Msg::Key(k), DropReason::Duplicate),
-            ),
+            (SasPhase::Exchanged(x), Msg::Key(k)) if k == x.their_key => {
+                (SasPhase::Exchanged(x), SasStep::drop(flow, &Msg::Key(k), DropReason::Duplicate))
+            }
             (
-                phase @ (SasPhase::AwaitAccepterKey(_)
-                | SasPhase::AwaitStarterKey(_)
-                | SasPhase::Exchanged(_)),
+                phase @ (SasPhase::AwaitAccepterKey(_) | SasPhase::AwaitStarterKey(_) | SasPhase::Exchanged(_)),
                 Msg::Accept(a),
-            ) if self.we_start && self.accept.as_ref() == Some(&a) => (
-                phase,
-                SasStep::drop(flow, &Msg::Accept(a), DropReason::Duplicate),
-            ),
+            ) if self.we_start && self.accept.as_ref() == Some(&a) => {
+                (phase, SasStep::drop(flow, &Msg::Accept(a), DropReason::Duplicate))
+            }
             (phase, msg) => {
                 let step = SasStep::unexpected(&msg, phase.name());
                 (phase, step)
@@ -491,8 +412,7 @@ impl Sas {
 
     /// The user confirmed that the SAS match (SQ-09): send our MAC.
     pub(crate) fn confirm(&mut self, m: &mut Machine, flow: &Flow) -> SasStep {
-        let SasPhase::Exchanged(mut x) = std::mem::replace(&mut self.phase, SasPhase::Moving)
-        else {
+        let SasPhase::Exchanged(mut x) = std::mem::replace(&mut self.phase, SasPhase::Moving) else {
             unreachable!("confirm is only offered once keys are exchanged")
         };
         x.confirmed = true;
@@ -516,36 +436,17 @@ impl Sas {
             Ok(s) => s,
             // The key is consumed either way; the flow is over.
             Err(_) => {
-                return (
-                    SasPhase::Moving,
-                    SasStep::fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey),
-                );
+                return (SasPhase::Moving, SasStep::fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey));
             }
         };
         let choice = self.choice.clone().expect("choice made before keys");
-        let own = (
-            m.own.user_id.as_str(),
-            m.own.device_id.as_str(),
-            ours.as_str(),
-        );
+        let own = (m.own.user_id.as_str(), m.own.device_id.as_str(), ours.as_str());
         let other_device = flow.other_device.as_deref().unwrap_or_default();
         let other = (flow.other_user.as_str(), other_device, theirs.as_str());
-        let (s, a) = if self.we_start {
-            (own, other)
-        } else {
-            (other, own)
-        };
+        let (s, a) = if self.we_start { (own, other) } else { (other, own) };
         let info = choice.key_agreement.sas_info(
-            &Party {
-                user_id: s.0,
-                device_id: s.1,
-                ephemeral_key: s.2,
-            },
-            &Party {
-                user_id: a.0,
-                device_id: a.1,
-                ephemeral_key: a.2,
-            },
+            &Party { user_id: s.0, device_id: s.1, ephemeral_key: s.2 },
+            &Party { user_id: a.0, device_id: a.1, ephemeral_key: a.2 },
             flow.key.flow_id(),
         );
         debug_assert_eq!(s.1, self.starter_device);
@@ -553,12 +454,7 @@ impl Sas {
         // RS#6944: show only what was negotiated.
         let event = Event::Sas {
             flow: flow.key.clone(),
-            emoji: choice.emoji.then(|| {
-                crypto::emoji_indices(&bytes)
-                    .iter()
-                    .map(|&i| emoji::emoji(i))
-                    .collect()
-            }),
+            emoji: choice.emoji.then(|| crypto::emoji_indices(&bytes).iter().map(|&i| emoji::emoji(i)).collect()),
             decimals: choice.decimal.then(|| crypto::decimals(&bytes)),
         };
         let x = Exchanged {
@@ -571,48 +467,27 @@ impl Sas {
         };
         (
             SasPhase::Exchanged(Box::new(x)),
-            SasStep {
-                send: reply.into_iter().collect(),
-                events: vec![event],
-                ..SasStep::default()
-            },
+            SasStep { send: reply.into_iter().collect(), events: vec![event], ..SasStep::default() },
         )
     }
 
     /// Our `mac` (MC-01..MC-07): our device key, and our master key if this device trusts it.
     fn our_mac(&self, m: &Machine, flow: &Flow, secret: &SharedSecret) -> MacMsg {
         let method = self.choice.as_ref().expect("choice made").mac;
-        let mut keys = vec![(
-            format!("ed25519:{}", m.own.device_id),
-            m.own.ed25519.clone(),
-        )];
+        let mut keys = vec![(format!("ed25519:{}", m.own.device_id), m.own.ed25519.clone())];
         if let (Some(msk), true) = (&m.own.master_key, m.own.trusts_master_key) {
             keys.push((format!("ed25519:{msk}"), msk.clone()));
         }
         keys.sort();
         let sender = (m.own.user_id.as_str(), m.own.device_id.as_str());
-        let receiver = (
-            flow.other_user.as_str(),
-            flow.other_device.as_deref().unwrap_or_default(),
-        );
+        let receiver = (flow.other_user.as_str(), flow.other_device.as_deref().unwrap_or_default());
         let flow_id = flow.key.flow_id();
         let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-        let list = secret.mac_encoded(
-            method,
-            &ids.join(","),
-            &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"),
-        );
+        let list = secret.mac_encoded(method, &ids.join(","), &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"));
         let mac = keys
             .iter()
             .map(|(id, key)| {
-                (
-                    id.clone(),
-                    secret.mac_encoded(
-                        method,
-                        key,
-                        &crypto::mac_info(sender, receiver, flow_id, id),
-                    ),
-                )
+                (id.clone(), secret.mac_encoded(method, key, &crypto::mac_info(sender, receiver, flow_id, id)))
             })
             .collect();
         MacMsg { mac, keys: list }
@@ -642,40 +517,21 @@ impl Sas {
             return Err(LocalCause::KeyListMacMismatch);
         }
         let device_id = format!("ed25519:{other_device}");
-        let master_id = self
-            .pinned
-            .master_key
-            .as_ref()
-            .map(|k| format!("ed25519:{k}"));
+        let master_id = self.pinned.master_key.as_ref().map(|k| format!("ed25519:{k}"));
         let mut verified = Vec::new();
         for (id, value) in &mac.mac {
             // MV-02: MAC over our own copy; MV-04: key IDs we have no key for are skipped.
             let (key, kind) = if *id == device_id {
                 (&self.pinned.device_key, KeyKind::Device)
             } else if Some(id) == master_id.as_ref() {
-                (
-                    self.pinned
-                        .master_key
-                        .as_ref()
-                        .expect("master id implies key"),
-                    KeyKind::MasterKey,
-                )
+                (self.pinned.master_key.as_ref().expect("master id implies key"), KeyKind::MasterKey)
             } else {
                 continue;
             };
-            if !secret.verify_mac(
-                method,
-                key,
-                &crypto::mac_info(sender, receiver, flow_id, id),
-                value,
-            ) {
+            if !secret.verify_mac(method, key, &crypto::mac_info(sender, receiver, flow_id, id), value) {
                 return Err(LocalCause::KeyMacMismatch(id.clone()));
             }
-            verified.push(VerifiedKey {
-                key_id: id.clone(),
-                key: key.clone(),
-                kind,
-            });
+            verified.push(VerifiedKey { key_id: id.clone(), key: key.clone(), kind });
         }
         if verified.is_empty() {
             return Err(LocalCause::NothingVerified);

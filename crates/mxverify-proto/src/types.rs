@@ -113,22 +113,13 @@ pub struct SasParams {
 impl SasParams {
     /// The SAS methods as named on the wire.
     pub fn sas_methods(&self) -> Vec<&'static str> {
-        [("decimal", self.decimal), ("emoji", self.emoji)]
-            .into_iter()
-            .filter(|(_, on)| *on)
-            .map(|(m, _)| m)
-            .collect()
+        [("decimal", self.decimal), ("emoji", self.emoji)].into_iter().filter(|(_, on)| *on).map(|(m, _)| m).collect()
     }
 }
 
 impl Default for SasParams {
     fn default() -> Self {
-        Self {
-            key_agreements: KeyAgreement::ALL.to_vec(),
-            macs: MacMethod::ALL.to_vec(),
-            emoji: true,
-            decimal: true,
-        }
+        Self { key_agreements: KeyAgreement::ALL.to_vec(), macs: MacMethod::ALL.to_vec(), emoji: true, decimal: true }
     }
 }
 
@@ -145,11 +136,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            methods: vec![Method::SasV1],
-            sas: SasParams::default(),
-            timeouts: Timeouts::default(),
-        }
+        Self { methods: vec![Method::SasV1], sas: SasParams::default(), timeouts: Timeouts::default() }
     }
 }
 
@@ -441,10 +428,7 @@ impl SeededEntropy {
     pub fn new(seed: u64) -> Self {
         let mut s = [0u8; 32];
         s[..8].copy_from_slice(&seed.to_le_bytes());
-        Self {
-            seed: s,
-            counter: 0,
-        }
+        Self { seed: s, counter: 0 }
     }
 }
 

@@ -36,16 +36,8 @@ pub enum MsgKind {
 }
 
 impl MsgKind {
-    const ALL: [MsgKind; 8] = [
-        Self::Request,
-        Self::Ready,
-        Self::Start,
-        Self::Accept,
-        Self::Key,
-        Self::Mac,
-        Self::Done,
-        Self::Cancel,
-    ];
+    const ALL: [MsgKind; 8] =
+        [Self::Request, Self::Ready, Self::Start, Self::Accept, Self::Key, Self::Mac, Self::Done, Self::Cancel];
 
     /// The `m.key.verification.*` event type.
     pub fn event_type(self) -> &'static str {
@@ -297,12 +289,7 @@ pub const ROOM_REQUEST_MSGTYPE: &str = "m.key.verification.request";
 /// Parses an event's content. `in_room` selects the transport; `relates_to_fallback` is the
 /// `m.relates_to` of an encrypted event's cleartext wrapper (FW-07). Returns `None` for events
 /// that are not verification events at all.
-pub fn parse(
-    event_type: &str,
-    content: &Value,
-    in_room: bool,
-    relates_to_fallback: Option<&Value>,
-) -> Option<Parsed> {
+pub fn parse(event_type: &str, content: &Value, in_room: bool, relates_to_fallback: Option<&Value>) -> Option<Parsed> {
     let room_request = in_room
         && event_type == "m.room.message"
         && content.get("msgtype").and_then(Value::as_str) == Some(ROOM_REQUEST_MSGTYPE);
@@ -317,21 +304,14 @@ pub fn parse(
         kind
     };
     let Some(obj) = content.as_object() else {
-        return Some(Parsed {
-            kind,
-            flow_id: None,
-            msg: Err(err("content", Problem::WrongType("an object"))),
-        });
+        return Some(Parsed { kind, flow_id: None, msg: Err(err("content", Problem::WrongType("an object"))) });
     };
     let flow_id = if room_request {
         None
     } else if in_room {
         relation(obj.get("m.relates_to").or(relates_to_fallback))
     } else {
-        obj.get("transaction_id")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
+        obj.get("transaction_id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
     };
     let msg = parse_body(kind, obj, in_room);
     Some(Parsed { kind, flow_id, msg })
@@ -343,10 +323,7 @@ fn relation(rel: Option<&Value>) -> Option<String> {
     if rel.get("rel_type")?.as_str()? != "m.reference" {
         return None;
     }
-    rel.get("event_id")?
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+    rel.get("event_id")?.as_str().filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
 fn string(obj: &Map<String, Value>, field: &'static str) -> Result<String, WireError> {
@@ -370,21 +347,14 @@ fn strings(obj: &Map<String, Value>, field: &'static str) -> Result<Vec<String>,
         None => Err(err(field, Problem::Missing)),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or(err(field, Problem::WrongType("an array of strings")))
-            })
+            .map(|v| v.as_str().map(str::to_owned).ok_or(err(field, Problem::WrongType("an array of strings"))))
             .collect(),
         Some(_) => Err(err(field, Problem::WrongType("an array of strings"))),
     }
 }
 
 fn methods(obj: &Map<String, Value>) -> Result<Vec<Method>, WireError> {
-    Ok(strings(obj, "methods")?
-        .iter()
-        .map(|m| Method::from_wire(m))
-        .collect())
+    Ok(strings(obj, "methods")?.iter().map(|m| Method::from_wire(m)).collect())
 }
 
 fn key32(obj: &Map<String, Value>, field: &'static str) -> Result<String, WireError> {
@@ -402,32 +372,16 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
             let methods = methods(obj)?;
             if in_room {
                 let to = string(obj, "to")?;
-                Msg::Request(Request {
-                    from_device,
-                    methods,
-                    timestamp: None,
-                    to: Some(to),
-                })
+                Msg::Request(Request { from_device, methods, timestamp: None, to: Some(to) })
             } else {
                 let timestamp = match obj.get("timestamp") {
                     None => return Err(err("timestamp", Problem::Missing)),
-                    Some(v) => v.as_u64().ok_or(err(
-                        "timestamp",
-                        Problem::WrongType("a non-negative integer"),
-                    ))?,
+                    Some(v) => v.as_u64().ok_or(err("timestamp", Problem::WrongType("a non-negative integer")))?,
                 };
-                Msg::Request(Request {
-                    from_device,
-                    methods,
-                    timestamp: Some(timestamp),
-                    to: None,
-                })
+                Msg::Request(Request { from_device, methods, timestamp: Some(timestamp), to: None })
             }
         }
-        MsgKind::Ready => Msg::Ready(Ready {
-            from_device: device(obj)?,
-            methods: methods(obj)?,
-        }),
+        MsgKind::Ready => Msg::Ready(Ready { from_device: device(obj)?, methods: methods(obj)? }),
         MsgKind::Start => {
             let from_device = device(obj)?;
             let method = match string(obj, "method")?.as_str() {
@@ -446,10 +400,7 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
                 }
                 other => StartMethod::Other(other.to_owned()),
             };
-            Msg::Start(Start {
-                from_device,
-                method,
-            })
+            Msg::Start(Start { from_device, method })
         }
         MsgKind::Accept => Msg::Accept(Accept {
             key_agreement_protocol: string(obj, "key_agreement_protocol")?,
@@ -475,21 +426,14 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
             if mac.is_empty() {
                 return Err(err("mac", Problem::Invalid("no keys")));
             }
-            Msg::Mac(MacMsg {
-                mac,
-                keys: string(obj, "keys")?,
-            })
+            Msg::Mac(MacMsg { mac, keys: string(obj, "keys")? })
         }
         MsgKind::Done => Msg::Done,
         // A cancel always ends its flow, however malformed (EV-CN-02, CX-06): missing or mistyped
         // fields are read as an unspecified code and an empty reason.
         MsgKind::Cancel => Msg::Cancel(Cancel {
             code: CancelCode::from_wire(obj.get("code").and_then(Value::as_str).unwrap_or("")),
-            reason: obj
-                .get("reason")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
+            reason: obj.get("reason").and_then(Value::as_str).unwrap_or("").to_owned(),
         }),
     })
 }
@@ -578,10 +522,7 @@ mod tests {
         assert_eq!(encode(&msg, &Envelope::ToDevice("t".into())).1, content);
         let ready = json!({"from_device": "D", "methods": ["m.sas.v1", "org.example.method"], "transaction_id": "t"});
         let p = parse("m.key.verification.ready", &ready, false, None).unwrap();
-        assert_eq!(
-            encode(&p.msg.unwrap(), &Envelope::ToDevice("t".into())).1,
-            ready
-        );
+        assert_eq!(encode(&p.msg.unwrap(), &Envelope::ToDevice("t".into())).1, ready);
     }
 
     #[test]
@@ -590,13 +531,7 @@ mod tests {
         let p = parse("m.key.verification.done", &json!({}), true, Some(&rel)).unwrap();
         assert_eq!(p.flow_id.as_deref(), Some("$req"));
         let wrong = json!({"rel_type": "m.annotation", "event_id": "$req"});
-        let p = parse(
-            "m.key.verification.done",
-            &json!({"m.relates_to": wrong}),
-            true,
-            None,
-        )
-        .unwrap();
+        let p = parse("m.key.verification.done", &json!({"m.relates_to": wrong}), true, None).unwrap();
         assert_eq!(p.flow_id, None);
     }
 

@@ -18,18 +18,12 @@ fn samples() -> Vec<(PathBuf, Value)> {
             if p.is_dir() {
                 walk(&p, out);
             } else if p.extension().is_some_and(|x| x == "json") {
-                out.push((
-                    p.clone(),
-                    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(),
-                ));
+                out.push((p.clone(), serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()));
             }
         }
     }
     let mut out = vec![];
-    walk(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/js-sdk-wire/samples"),
-        &mut out,
-    );
+    walk(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/js-sdk-wire/samples"), &mut out);
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
@@ -43,51 +37,31 @@ fn every_js_sdk_sample_parses_into_the_right_message() {
         let in_room = ev.get("room_id").is_some();
         let ty = ev["type"].as_str().unwrap();
         let content = &ev["content"];
-        let p = wire::parse(ty, content, in_room, None)
-            .unwrap_or_else(|| panic!("{name}: not a verification event"));
+        let p = wire::parse(ty, content, in_room, None).unwrap_or_else(|| panic!("{name}: not a verification event"));
         let msg = p.msg.unwrap_or_else(|e| panic!("{name}: {e}"));
-        let want_kind = if ty == "m.room.message" {
-            MsgKind::Request
-        } else {
-            MsgKind::from_event_type(ty).unwrap()
-        };
+        let want_kind = if ty == "m.room.message" { MsgKind::Request } else { MsgKind::from_event_type(ty).unwrap() };
         assert_eq!(msg.kind(), want_kind, "{name}");
         let envelope = if in_room {
             assert_eq!(
                 p.flow_id.as_deref(),
-                content
-                    .pointer("/m.relates_to/event_id")
-                    .and_then(Value::as_str),
+                content.pointer("/m.relates_to/event_id").and_then(Value::as_str),
                 "{name}"
             );
             Envelope::Room(p.flow_id.clone())
         } else {
-            assert_eq!(
-                p.flow_id.as_deref(),
-                content["transaction_id"].as_str(),
-                "{name}"
-            );
+            assert_eq!(p.flow_id.as_deref(), content["transaction_id"].as_str(), "{name}");
             Envelope::ToDevice(p.flow_id.clone().unwrap())
         };
         // Re-encoding gives the same message back.
         let (ty2, content2) = wire::encode(&msg, &envelope);
         assert_eq!(ty2, ty, "{name}");
-        let again = wire::parse(ty2, &content2, in_room, None)
-            .unwrap()
-            .msg
-            .unwrap();
+        let again = wire::parse(ty2, &content2, in_room, None).unwrap().msg.unwrap();
         assert_eq!(again, msg, "{name}");
         // And the known fields are carried exactly.
         match &msg {
             Msg::Cancel(c) => {
                 assert_eq!(c.code.as_str(), content["code"].as_str().unwrap(), "{name}");
-                assert!(
-                    path.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with(c.code.as_str()),
-                    "{name}"
-                );
+                assert!(path.file_name().unwrap().to_string_lossy().starts_with(c.code.as_str()), "{name}");
             }
             Msg::Mac(m) => assert_eq!(json!(m.mac), content["mac"], "{name}"),
             Msg::Start(s) => assert_eq!(s.from_device, content["from_device"].as_str().unwrap()),
@@ -113,11 +87,7 @@ fn validate_log(net: &Net, seen: &mut std::collections::BTreeSet<String>) {
     for (n, w) in net.lb.log.iter().enumerate() {
         let ev = as_event(w, net, n);
         validate_event(&ev).unwrap_or_else(|e| panic!("{ev:#}\n{e:?}"));
-        let transport = if matches!(w.out.destination, Destination::Room { .. }) {
-            "room"
-        } else {
-            "to-device"
-        };
+        let transport = if matches!(w.out.destination, Destination::Room { .. }) { "room" } else { "to-device" };
         seen.insert(format!("{transport} {}", w.out.event_type));
     }
 }
@@ -146,10 +116,7 @@ fn everything_the_machine_emits_validates() {
     }
     // m.accepted, m.unknown_transaction and m.timeout (to-device only by nature).
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    net.lb
-        .a
-        .request_to_device(BOB, &["B1".into(), "B2".into()], T0)
-        .unwrap();
+    net.lb.a.request_to_device(BOB, &["B1".into(), "B2".into()], T0).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
     net.lb.b.accept(&fb, T0).unwrap();
@@ -169,19 +136,11 @@ fn everything_the_machine_emits_validates() {
     legacy.a.start_sas_without_request(BOB, "B1", T0).unwrap();
     legacy.run();
     validate_log(legacy, &mut seen);
-    for ty in [
-        "request", "ready", "start", "accept", "key", "mac", "done", "cancel",
-    ] {
+    for ty in ["request", "ready", "start", "accept", "key", "mac", "done", "cancel"] {
         let t = format!("m.key.verification.{ty}");
-        assert!(
-            seen.contains(&format!("to-device {t}")),
-            "{t} not covered: {seen:?}"
-        );
+        assert!(seen.contains(&format!("to-device {t}")), "{t} not covered: {seen:?}");
         if ty != "request" {
-            assert!(
-                seen.contains(&format!("room {t}")),
-                "{t} not covered in rooms: {seen:?}"
-            );
+            assert!(seen.contains(&format!("room {t}")), "{t} not covered in rooms: {seen:?}");
         }
     }
     assert!(seen.contains("room m.room.message"));

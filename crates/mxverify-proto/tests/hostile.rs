@@ -58,10 +58,7 @@ fn corrupt(v: &mut Value, which: usize, how: u8) {
             obj.insert(key.clone(), json!([]));
         }
         3 => {
-            obj.insert(
-                key.clone(),
-                json!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
-            );
+            obj.insert(key.clone(), json!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
         }
         _ => {
             // Flip one character of a string (a key, MAC, commitment, id...), or of a nested one.
@@ -87,11 +84,7 @@ fn corrupt(v: &mut Value, which: usize, how: u8) {
 
 /// Runs one case; returns whether each side verified.
 fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2] {
-    let db = if same_user {
-        Dev::new(ALICE, "A2")
-    } else {
-        Dev::new(BOB, "B1")
-    };
+    let db = if same_user { Dev::new(ALICE, "A2") } else { Dev::new(BOB, "B1") };
     let config = if qr {
         Config {
             methods: vec![
@@ -123,16 +116,10 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
         let c = &w.out.content;
         match &w.out.destination {
             Destination::ToDevice { user_id, .. } => {
-                let sender = if w.from == Side::A {
-                    ALICE
-                } else {
-                    b_user.as_str()
-                };
+                let sender = if w.from == Side::A { ALICE } else { b_user.as_str() };
                 let mut pair = [sender.to_owned(), user_id.clone()];
                 pair.sort();
-                c.get("transaction_id")
-                    .and_then(Value::as_str)
-                    .map(|t| format!("{pair:?}{t}"))
+                c.get("transaction_id").and_then(Value::as_str).map(|t| format!("{pair:?}{t}"))
             }
             Destination::Room { .. } => c
                 .pointer("/m.relates_to/event_id")
@@ -145,12 +132,8 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
         let w = net.lb.queue[i].clone();
         let receiver = net.dev(w.from.other()).clone();
         let reaches = match &w.out.destination {
-            Destination::ToDevice {
-                user_id,
-                device_ids,
-            } => {
-                *user_id == receiver.user
-                    && device_ids.iter().any(|d| *d == receiver.device || d == "*")
+            Destination::ToDevice { user_id, device_ids } => {
+                *user_id == receiver.user && device_ids.iter().any(|d| *d == receiver.device || d == "*")
             }
             Destination::Room { .. } => true,
         };
@@ -175,9 +158,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
                 net.lb.queue.push(w);
             }
             Op::Swap(a, b) if n > 0 => net.lb.queue.swap(a % n, b % n),
-            Op::Corrupt(i, which, how) if n > 0 => {
-                corrupt(&mut net.lb.queue[i % n].out.content, which, how)
-            }
+            Op::Corrupt(i, which, how) if n > 0 => corrupt(&mut net.lb.queue[i % n].out.content, which, how),
             Op::Inject(i, to_a) if n > 0 => {
                 // Eve replays a queued message's content as her own.
                 let w = net.lb.queue[i % n].clone();
@@ -226,14 +207,10 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
             Op::Scan(on_a, corrupt) => {
                 // The user points the camera at the other side's code (perhaps misread).
                 let side = if on_a { Side::A } else { Side::B };
-                let code = net
-                    .events(side.other())
-                    .into_iter()
-                    .rev()
-                    .find_map(|e| match e {
-                        Event::QrCode { payload, .. } => Some(payload.clone()),
-                        _ => None,
-                    });
+                let code = net.events(side.other()).into_iter().rev().find_map(|e| match e {
+                    Event::QrCode { payload, .. } => Some(payload.clone()),
+                    _ => None,
+                });
                 if let Some(mut code) = code {
                     if corrupt % 4 == 0 {
                         let i = usize::from(corrupt) % code.len();
@@ -265,12 +242,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
     for (side, flow, at) in &got_cancel {
         for w in &net.lb.log[*at..] {
             if w.from == *side && w.out.event_type == "m.key.verification.cancel" {
-                assert_ne!(
-                    flow_id_of(w).as_ref(),
-                    Some(flow),
-                    "{side:?} answered a cancel: {:?}",
-                    w.out
-                );
+                assert_ne!(flow_id_of(w).as_ref(), Some(flow), "{side:?} answered a cancel: {:?}", w.out);
             }
         }
     }
@@ -278,9 +250,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
     let mut count: BTreeMap<(bool, String), usize> = BTreeMap::new();
     for w in &net.lb.log {
         if w.out.event_type == "m.key.verification.cancel" {
-            *count
-                .entry((w.from == Side::A, flow_id_of(w).unwrap_or_default()))
-                .or_default() += 1;
+            *count.entry((w.from == Side::A, flow_id_of(w).unwrap_or_default())).or_default() += 1;
         }
     }
     assert!(count.values().all(|&c| c <= 1), "{count:?}");
@@ -288,15 +258,8 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
     // trusting side confirmed, and the keys are exactly the other side's real ones.
     for side in [Side::A, Side::B] {
         if let Some(keys) = net.done(side) {
-            assert!(
-                confirmed[(side == Side::A) as usize],
-                "{side:?} trusted without its user confirming"
-            );
-            assert_eq!(
-                net.sas(side),
-                net.sas(side.other()),
-                "{side:?} trusted different SAS"
-            );
+            assert!(confirmed[(side == Side::A) as usize], "{side:?} trusted without its user confirming");
+            assert_eq!(net.sas(side), net.sas(side.other()), "{side:?} trusted different SAS");
             let other = net.dev(side.other()).clone();
             for k in keys {
                 let real = match k.kind {
@@ -306,14 +269,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
                 assert_eq!(k.key, real);
                 assert_eq!(
                     k.key_id,
-                    format!(
-                        "ed25519:{}",
-                        if k.kind == KeyKind::Device {
-                            other.device.clone()
-                        } else {
-                            real.clone()
-                        }
-                    )
+                    format!("ed25519:{}", if k.kind == KeyKind::Device { other.device.clone() } else { real.clone() })
                 );
             }
         }
@@ -367,16 +323,8 @@ fn harness_reaches_done() {
     assert_eq!(scenario(false, false, false, sas.clone()), [true, true]);
     assert_eq!(scenario(true, false, true, sas), [true, true]);
     // QR: B scans A's code, A's user confirms.
-    let qr = vec![
-        Deliver(0),
-        Act(false, 0),
-        Deliver(0),
-        Scan(false, 1),
-        Deliver(0),
-        Act(true, 4),
-        Deliver(0),
-        Deliver(0),
-    ];
+    let qr =
+        vec![Deliver(0), Act(false, 0), Deliver(0), Scan(false, 1), Deliver(0), Act(true, 4), Deliver(0), Deliver(0)];
     assert_eq!(scenario(false, false, true, qr.clone()), [true, true]);
     assert_eq!(scenario(false, true, true, qr), [true, true]);
 }

@@ -6,29 +6,16 @@ use mxverify_proto::*;
 use support::net::*;
 
 fn assert_verified_both(net: &Net) {
-    let (sa, sb) = (
-        net.sas(Side::A).expect("A shows SAS"),
-        net.sas(Side::B).expect("B shows SAS"),
-    );
+    let (sa, sb) = (net.sas(Side::A).expect("A shows SAS"), net.sas(Side::B).expect("B shows SAS"));
     assert_eq!(sa, sb, "both sides must show the same emoji and decimals");
     let ka = net.done(Side::A).expect("A verified");
     let kb = net.done(Side::B).expect("B verified");
     // Each side verified exactly the other's device key and master key.
-    let ids = |keys: &[VerifiedKey]| {
-        keys.iter()
-            .map(|k| (k.key_id.clone(), k.key.clone()))
-            .collect::<Vec<_>>()
-    };
+    let ids = |keys: &[VerifiedKey]| keys.iter().map(|k| (k.key_id.clone(), k.key.clone())).collect::<Vec<_>>();
     let mut want_a = vec![(format!("ed25519:{}", net.db.device), net.db.ed25519.clone())];
     let mut want_b = vec![(format!("ed25519:{}", net.da.device), net.da.ed25519.clone())];
-    want_a.push((
-        format!("ed25519:{}", net.db.msk.clone().unwrap()),
-        net.db.msk.clone().unwrap(),
-    ));
-    want_b.push((
-        format!("ed25519:{}", net.da.msk.clone().unwrap()),
-        net.da.msk.clone().unwrap(),
-    ));
+    want_a.push((format!("ed25519:{}", net.db.msk.clone().unwrap()), net.db.msk.clone().unwrap()));
+    want_b.push((format!("ed25519:{}", net.da.msk.clone().unwrap()), net.da.msk.clone().unwrap()));
     want_a.sort();
     want_b.sort();
     let (mut ga, mut gb) = (ids(&ka), ids(&kb));
@@ -36,19 +23,11 @@ fn assert_verified_both(net: &Net) {
     gb.sort();
     assert_eq!(ga, want_a);
     assert_eq!(gb, want_b);
-    assert!(
-        net.cancels_sent().is_empty(),
-        "no cancel in a good flow: {:?}",
-        net.cancels_sent()
-    );
+    assert!(net.cancels_sent().is_empty(), "no cancel in a good flow: {:?}", net.cancels_sent());
 }
 
 fn full_flow(in_room: bool, same_user: bool, requester_starts: bool) -> Net {
-    let db = if same_user {
-        Dev::new(ALICE, "ALICE2")
-    } else {
-        Dev::new(BOB, "BOBDEVICE")
-    };
+    let db = if same_user { Dev::new(ALICE, "ALICE2") } else { Dev::new(BOB, "BOBDEVICE") };
     let mut net = Net::new(Dev::new(ALICE, "ALICE1"), db);
     let (fa, fb) = net.request_and_accept(in_room);
     let now = net.lb.now;
@@ -132,27 +111,13 @@ fn accepter_sends_its_key_only_after_the_starters() {
     net.collect();
     net.deliver(0); // start → B, which answers with accept
     net.collect();
-    let accept = net
-        .queue
-        .iter()
-        .position(|w| w.out.event_type == "m.key.verification.accept")
-        .unwrap();
+    let accept = net.queue.iter().position(|w| w.out.event_type == "m.key.verification.accept").unwrap();
     net.deliver(accept);
     net.collect();
     // Now A's key is queued; B has sent no key yet.
-    assert!(
-        net.lb
-            .log
-            .iter()
-            .all(|w| !(w.from == Side::B && w.out.event_type == "m.key.verification.key"))
-    );
+    assert!(net.lb.log.iter().all(|w| !(w.from == Side::B && w.out.event_type == "m.key.verification.key")));
     net.run();
-    assert!(
-        net.lb
-            .log
-            .iter()
-            .any(|w| w.from == Side::B && w.out.event_type == "m.key.verification.key")
-    );
+    assert!(net.lb.log.iter().any(|w| w.from == Side::B && w.out.event_type == "m.key.verification.key"));
 }
 
 #[test]
@@ -162,11 +127,7 @@ fn legacy_start_without_request() {
     let fa = net.lb.a.start_sas_without_request(BOB, "B1", now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
-    assert!(
-        net.events(Side::B)
-            .into_iter()
-            .any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. }))
-    );
+    assert!(net.events(Side::B).into_iter().any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. })));
     net.lb.b.accept(&fb, now).unwrap();
     net.run();
     net.lb.a.confirm(&fa, now).unwrap();
@@ -191,12 +152,7 @@ fn simultaneous_starts_smaller_user_wins() {
         net.run();
         assert_verified_both(&net);
         // The winner (smaller user ID, ST-03) is the one whose start was answered with an accept.
-        let accepter = net
-            .log
-            .iter()
-            .find(|w| w.out.event_type == "m.key.verification.accept")
-            .unwrap()
-            .from;
+        let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
         let winner = if a_user < b_user { Side::A } else { Side::B };
         assert_eq!(accepter, winner.other());
     }
@@ -214,17 +170,8 @@ fn simultaneous_starts_same_user_smaller_device_wins() {
     net.lb.b.confirm(&fb, now).unwrap();
     net.run();
     assert_verified_both(&net);
-    let accepter = net
-        .log
-        .iter()
-        .find(|w| w.out.event_type == "m.key.verification.accept")
-        .unwrap()
-        .from;
-    assert_eq!(
-        accepter,
-        Side::A,
-        "device AAA (side B) wins, so side A accepts"
-    );
+    let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
+    assert_eq!(accepter, Side::A, "device AAA (side B) wins, so side A accepts");
 }
 
 #[test]
@@ -251,10 +198,7 @@ fn mac_before_confirmation_is_kept_until_the_user_confirms() {
     net.run();
     net.lb.a.confirm(&fa, net.lb.now).unwrap();
     net.run();
-    assert!(
-        net.done(Side::B).is_none(),
-        "B must not verify before its user confirmed"
-    );
+    assert!(net.done(Side::B).is_none(), "B must not verify before its user confirmed");
     assert!(net.done(Side::A).is_none());
     net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
@@ -265,35 +209,18 @@ fn mac_before_confirmation_is_kept_until_the_user_confirms() {
 fn keys_arriving_late_do_not_lose_the_start() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     // B forgets A's keys: the start must be held, keys asked for, and the flow resumed.
-    net.lb.b = Machine::new(
-        net.db.identity(),
-        Config::default(),
-        Box::new(SeededEntropy::new(9)),
-    );
+    net.lb.b = Machine::new(net.db.identity(), Config::default(), Box::new(SeededEntropy::new(9)));
     let now = net.lb.now;
-    let fa = net
-        .lb
-        .a
-        .request_to_device(BOB, &["B1".into()], now)
-        .unwrap();
+    let fa = net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
     net.run();
-    assert!(
-        net.events(Side::B)
-            .into_iter()
-            .any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE))
-    );
+    assert!(net.events(Side::B).into_iter().any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE)));
     let fb = net.flow_of(Side::B);
     net.lb.b.accept(&fb, now).unwrap();
     net.run();
     net.lb.a.start_sas(&fa, now).unwrap();
     net.run();
-    assert!(
-        net.sas(Side::B).is_none(),
-        "start held while keys are unknown"
-    );
-    net.lb
-        .b
-        .update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
+    assert!(net.sas(Side::B).is_none(), "start held while keys are unknown");
+    net.lb.b.update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
     net.run();
     assert!(net.sas(Side::B).is_some());
     net.lb.a.confirm(&fa, now).unwrap();
@@ -305,11 +232,7 @@ fn keys_arriving_late_do_not_lose_the_start() {
 #[test]
 fn start_without_keys_is_a_typed_error() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    net.lb.a = Machine::new(
-        net.da.identity(),
-        Config::default(),
-        Box::new(SeededEntropy::new(3)),
-    );
+    net.lb.a = Machine::new(net.da.identity(), Config::default(), Box::new(SeededEntropy::new(3)));
     let (fa, _) = net.request_and_accept(false);
     let err = net.lb.a.start_sas(&fa, net.lb.now).unwrap_err();
     assert!(matches!(err, ActionError::KeysUnknown { .. }), "{err}");
@@ -319,52 +242,22 @@ fn start_without_keys_is_a_typed_error() {
 fn wrong_state_actions_are_errors() {
     let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let now = net.lb.now;
-    let fa = net
-        .lb
-        .a
-        .request_to_device(BOB, &["B1".into()], now)
-        .unwrap();
-    assert!(matches!(
-        net.lb.a.confirm(&fa, now),
-        Err(ActionError::WrongState { .. })
-    ));
-    assert!(matches!(
-        net.lb.a.start_sas(&fa, now),
-        Err(ActionError::WrongState { .. })
-    ));
-    assert!(matches!(
-        net.lb.a.accept(&fa, now),
-        Err(ActionError::WrongState { .. })
-    ));
-    assert!(matches!(
-        net.lb.a.mismatch(&fa, now),
-        Err(ActionError::WrongState { .. })
-    ));
-    let bogus = FlowKey::ToDevice {
-        user_id: BOB.into(),
-        transaction_id: "nope".into(),
-    };
-    assert!(matches!(
-        net.lb.a.cancel(&bogus, now),
-        Err(ActionError::UnknownFlow(_))
-    ));
+    let fa = net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    assert!(matches!(net.lb.a.confirm(&fa, now), Err(ActionError::WrongState { .. })));
+    assert!(matches!(net.lb.a.start_sas(&fa, now), Err(ActionError::WrongState { .. })));
+    assert!(matches!(net.lb.a.accept(&fa, now), Err(ActionError::WrongState { .. })));
+    assert!(matches!(net.lb.a.mismatch(&fa, now), Err(ActionError::WrongState { .. })));
+    let bogus = FlowKey::ToDevice { user_id: BOB.into(), transaction_id: "nope".into() };
+    assert!(matches!(net.lb.a.cancel(&bogus, now), Err(ActionError::UnknownFlow(_))));
     net.lb.a.cancel(&fa, now).unwrap();
-    assert!(matches!(
-        net.lb.a.cancel(&fa, now),
-        Err(ActionError::WrongState { .. })
-    ));
+    assert!(matches!(net.lb.a.cancel(&fa, now), Err(ActionError::WrongState { .. })));
 }
 
 #[test]
 fn every_key_agreement_mac_and_sas_method_combination() {
     use mxverify_proto::crypto::{KeyAgreement, MacMethod};
     let only = |ka: Vec<KeyAgreement>, macs: Vec<MacMethod>, emoji: bool, decimal: bool| Config {
-        sas: SasParams {
-            key_agreements: ka,
-            macs,
-            emoji,
-            decimal,
-        },
+        sas: SasParams { key_agreements: ka, macs, emoji, decimal },
         ..Config::default()
     };
     let all_ka = KeyAgreement::ALL.to_vec();
@@ -383,23 +276,11 @@ fn every_key_agreement_mac_and_sas_method_combination() {
                     let (fa, fb) = net.request_and_accept(in_room);
                     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
                     net.run();
-                    let accept = net
-                        .lb
-                        .log
-                        .iter()
-                        .find(|w| w.out.event_type == "m.key.verification.accept")
-                        .unwrap();
+                    let accept = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap();
                     assert_eq!(accept.out.content["key_agreement_protocol"], ka.as_str());
-                    assert_eq!(
-                        accept.out.content["message_authentication_code"],
-                        mac.as_str()
-                    );
+                    assert_eq!(accept.out.content["message_authentication_code"], mac.as_str());
                     let (e, d) = net.sas(Side::A).unwrap();
-                    assert_eq!(
-                        (e.is_some(), d.is_some()),
-                        (emoji, decimal),
-                        "only negotiated representations"
-                    );
+                    assert_eq!((e.is_some(), d.is_some()), (emoji, decimal), "only negotiated representations");
                     net.lb.a.confirm(&fa, net.lb.now).unwrap();
                     net.lb.b.confirm(&fb, net.lb.now).unwrap();
                     net.run();
@@ -422,18 +303,7 @@ fn every_key_agreement_mac_and_sas_method_combination() {
     let (fa, _) = net.request_and_accept(false);
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    let accept = net
-        .lb
-        .log
-        .iter()
-        .find(|w| w.out.event_type == "m.key.verification.accept")
-        .unwrap();
-    assert_eq!(
-        accept.out.content["key_agreement_protocol"],
-        "curve25519-hkdf-sha256"
-    );
-    assert_eq!(
-        accept.out.content["message_authentication_code"],
-        "hkdf-hmac-sha256.v2"
-    );
+    let accept = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap();
+    assert_eq!(accept.out.content["key_agreement_protocol"], "curve25519-hkdf-sha256");
+    assert_eq!(accept.out.content["message_authentication_code"], "hkdf-hmac-sha256.v2");
 }

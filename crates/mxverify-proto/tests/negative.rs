@@ -29,27 +29,13 @@ fn sas_flow(net: &mut Net, in_room: bool) {
 /// side received it, nobody trusted anything, and no cancel was answered.
 fn assert_cancelled(net: &Net, canceller: Side, code: &str) -> CancelInfo {
     let sent = net.cancels_sent();
-    assert_eq!(
-        sent,
-        vec![(canceller, code.to_owned())],
-        "cancels on the wire"
-    );
-    let ours = net
-        .cancelled(canceller)
-        .expect("canceller reports the cancel");
-    assert!(
-        ours.by_us && ours.sent && ours.code.as_str() == code,
-        "{ours:?}"
-    );
+    assert_eq!(sent, vec![(canceller, code.to_owned())], "cancels on the wire");
+    let ours = net.cancelled(canceller).expect("canceller reports the cancel");
+    assert!(ours.by_us && ours.sent && ours.code.as_str() == code, "{ours:?}");
     assert!(ours.cause.is_some(), "our own cancels carry a local cause");
-    let theirs = net
-        .cancelled(canceller.other())
-        .expect("the other side reports it");
+    let theirs = net.cancelled(canceller.other()).expect("the other side reports it");
     assert!(!theirs.by_us && theirs.code.as_str() == code, "{theirs:?}");
-    assert!(
-        net.done(Side::A).is_none() && net.done(Side::B).is_none(),
-        "nothing may be trusted"
-    );
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none(), "nothing may be trusted");
     ours
 }
 
@@ -65,9 +51,7 @@ fn tamper(net: &mut Net, event_type: &'static str, f: impl Fn(&mut Wire) + 'stat
 #[test]
 fn wrong_commitment() {
     let mut net = pair();
-    tamper(&mut net, "m.key.verification.accept", |w| {
-        set(w, "commitment", json!(OTHER_HASH))
-    });
+    tamper(&mut net, "m.key.verification.accept", |w| set(w, "commitment", json!(OTHER_HASH)));
     sas_flow(&mut net, false);
     let info = assert_cancelled(&net, Side::A, "m.mismatched_commitment");
     assert_eq!(info.cause, Some(LocalCause::CommitmentMismatch));
@@ -84,10 +68,7 @@ fn wrong_device_key_mac() {
         });
         sas_flow(&mut net, in_room);
         let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
-        assert_eq!(
-            info.cause,
-            Some(LocalCause::KeyMacMismatch("ed25519:B1".into()))
-        );
+        assert_eq!(info.cause, Some(LocalCause::KeyMacMismatch("ed25519:B1".into())));
     }
 }
 
@@ -114,10 +95,7 @@ fn removed_key_from_mac_breaks_the_key_list_mac() {
         }
     });
     sas_flow(&mut net, false);
-    assert_eq!(
-        assert_cancelled(&net, Side::A, "m.key_mismatch").cause,
-        Some(LocalCause::KeyListMacMismatch)
-    );
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeyListMacMismatch));
 }
 
 #[test]
@@ -131,10 +109,7 @@ fn wrong_master_key_mac() {
         }
     });
     sas_flow(&mut net, false);
-    assert_eq!(
-        assert_cancelled(&net, Side::A, "m.key_mismatch").cause,
-        Some(LocalCause::KeyMacMismatch(msk))
-    );
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeyMacMismatch(msk)));
 }
 
 #[test]
@@ -145,104 +120,51 @@ fn user_says_mismatch() {
     net.run();
     net.lb.b.mismatch(&fb, net.lb.now).unwrap();
     net.run();
-    assert!(
-        net.lb.a.confirm(&fa, net.lb.now).is_err(),
-        "no confirming a cancelled flow"
-    );
-    assert_eq!(
-        assert_cancelled(&net, Side::B, "m.mismatched_sas").cause,
-        Some(LocalCause::UserSaidMismatch)
-    );
+    assert!(net.lb.a.confirm(&fa, net.lb.now).is_err(), "no confirming a cancelled flow");
+    assert_eq!(assert_cancelled(&net, Side::B, "m.mismatched_sas").cause, Some(LocalCause::UserSaidMismatch));
 }
 
 #[test]
 fn unknown_start_method() {
     let mut net = pair();
-    tamper(&mut net, "m.key.verification.start", |w| {
-        set(w, "method", json!("org.example.telepathy"))
-    });
+    tamper(&mut net, "m.key.verification.start", |w| set(w, "method", json!("org.example.telepathy")));
     sas_flow(&mut net, false);
     let info = assert_cancelled(&net, Side::B, "m.unknown_method");
-    assert_eq!(
-        info.cause,
-        Some(LocalCause::UnsupportedMethod(
-            "org.example.telepathy".into()
-        ))
-    );
+    assert_eq!(info.cause, Some(LocalCause::UnsupportedMethod("org.example.telepathy".into())));
 }
 
 #[test]
 fn start_with_nothing_in_common() {
     for (field, value, what) in [
-        (
-            "key_agreement_protocols",
-            json!(["org.example.ka"]),
-            "key agreement protocol",
-        ),
+        ("key_agreement_protocols", json!(["org.example.ka"]), "key agreement protocol"),
         ("hashes", json!(["sha512"]), "hash"),
-        (
-            "message_authentication_codes",
-            json!(["hmac-sha256"]),
-            "message authentication code",
-        ),
-        (
-            "short_authentication_string",
-            json!(["org.example.octal"]),
-            "short authentication string method",
-        ),
+        ("message_authentication_codes", json!(["hmac-sha256"]), "message authentication code"),
+        ("short_authentication_string", json!(["org.example.octal"]), "short authentication string method"),
     ] {
         let mut net = pair();
         let v = value.clone();
-        tamper(&mut net, "m.key.verification.start", move |w| {
-            set(w, field, v.clone())
-        });
+        tamper(&mut net, "m.key.verification.start", move |w| set(w, field, v.clone()));
         sas_flow(&mut net, false);
         let info = assert_cancelled(&net, Side::B, "m.unknown_method");
-        assert_eq!(
-            info.cause,
-            Some(LocalCause::NoCommonMethod(what)),
-            "{field}"
-        );
+        assert_eq!(info.cause, Some(LocalCause::NoCommonMethod(what)), "{field}");
     }
 }
 
 #[test]
 fn accept_choosing_what_was_not_offered() {
     for (field, value, what) in [
-        (
-            "key_agreement_protocol",
-            json!("org.example.ka"),
-            "key agreement protocol",
-        ),
+        ("key_agreement_protocol", json!("org.example.ka"), "key agreement protocol"),
         ("hash", json!("sha512"), "hash"),
-        (
-            "message_authentication_code",
-            json!("hmac-sha256"),
-            "message authentication code",
-        ),
-        (
-            "short_authentication_string",
-            json!(["decimal", "octal"]),
-            "short authentication string method",
-        ),
-        (
-            "short_authentication_string",
-            json!([]),
-            "short authentication string method",
-        ),
+        ("message_authentication_code", json!("hmac-sha256"), "message authentication code"),
+        ("short_authentication_string", json!(["decimal", "octal"]), "short authentication string method"),
+        ("short_authentication_string", json!([]), "short authentication string method"),
     ] {
         let mut net = pair();
         let v = value.clone();
-        tamper(&mut net, "m.key.verification.accept", move |w| {
-            set(w, field, v.clone())
-        });
+        tamper(&mut net, "m.key.verification.accept", move |w| set(w, field, v.clone()));
         sas_flow(&mut net, false);
         let info = assert_cancelled(&net, Side::A, "m.unknown_method");
-        assert_eq!(
-            info.cause,
-            Some(LocalCause::AcceptNotOffered(what)),
-            "{field}"
-        );
+        assert_eq!(info.cause, Some(LocalCause::AcceptNotOffered(what)), "{field}");
     }
 }
 
@@ -273,16 +195,9 @@ fn malformed_messages_are_invalid() {
             true
         });
         sas_flow(&mut net, false);
-        let canceller = net
-            .cancels_sent()
-            .first()
-            .map(|c| c.0)
-            .expect("someone cancels");
+        let canceller = net.cancels_sent().first().map(|c| c.0).expect("someone cancels");
         let info = assert_cancelled(&net, canceller, "m.invalid_message");
-        assert!(
-            matches!(info.cause, Some(LocalCause::Malformed(e)) if e.field == field),
-            "{ty} {field}: {info:?}"
-        );
+        assert!(matches!(info.cause, Some(LocalCause::Malformed(e)) if e.field == field), "{ty} {field}: {info:?}");
     }
 }
 
@@ -295,10 +210,7 @@ fn low_order_ephemeral_key() {
         }
     });
     sas_flow(&mut net, false);
-    assert_eq!(
-        assert_cancelled(&net, Side::B, "m.invalid_message").cause,
-        Some(LocalCause::NonContributoryKey)
-    );
+    assert_eq!(assert_cancelled(&net, Side::B, "m.invalid_message").cause, Some(LocalCause::NonContributoryKey));
 }
 
 #[test]
@@ -321,13 +233,7 @@ fn message_out_of_order() {
     net.run();
     let info = net.cancelled(Side::B).unwrap();
     assert_eq!(info.code, CancelCode::UnexpectedMessage);
-    assert!(matches!(
-        info.cause,
-        Some(LocalCause::Unexpected {
-            message: "m.key.verification.mac",
-            ..
-        })
-    ));
+    assert!(matches!(info.cause, Some(LocalCause::Unexpected { message: "m.key.verification.mac", .. })));
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
     assert_eq!(net.cancels_sent().len(), 1);
 }
@@ -348,10 +254,7 @@ fn done_before_mac_is_unexpected() {
         net.lb.now,
     );
     net.run();
-    assert_eq!(
-        net.cancelled(Side::B).unwrap().code,
-        CancelCode::UnexpectedMessage
-    );
+    assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::UnexpectedMessage);
     assert!(net.done(Side::B).is_none());
 }
 
@@ -406,10 +309,7 @@ fn keys_changed_during_the_flow() {
     net.lb.a.confirm(&fa, net.lb.now).unwrap();
     net.lb.b.confirm(&fb, net.lb.now).unwrap();
     net.run();
-    assert_eq!(
-        assert_cancelled(&net, Side::A, "m.key_mismatch").cause,
-        Some(LocalCause::KeysChanged)
-    );
+    assert_eq!(assert_cancelled(&net, Side::A, "m.key_mismatch").cause, Some(LocalCause::KeysChanged));
 }
 
 #[test]
@@ -423,10 +323,7 @@ fn device_id_equal_to_a_cross_signing_key_is_refused() {
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
-    assert_eq!(
-        info.cause,
-        Some(LocalCause::DeviceIdClashesWithCrossSigningKey(msk))
-    );
+    assert_eq!(info.cause, Some(LocalCause::DeviceIdClashesWithCrossSigningKey(msk)));
 }
 
 #[test]
@@ -443,11 +340,7 @@ fn flow_timeout_sends_one_m_timeout() {
     net.run();
     net.lb.now = T0;
     let deadline = net.lb.a.next_deadline().unwrap();
-    assert_eq!(
-        deadline,
-        T0 + 10 * 60_000,
-        "the deadline is exact and known in advance"
-    );
+    assert_eq!(deadline, T0 + 10 * 60_000, "the deadline is exact and known in advance");
     net.advance(10 * 60_000 - 1);
     assert!(net.cancelled(Side::A).is_none());
     net.advance(1);
@@ -462,10 +355,7 @@ fn flow_timeout_sends_one_m_timeout() {
 fn unanswered_prompt_closes_silently_after_two_minutes() {
     let mut net = pair();
     let now = net.lb.now;
-    net.lb
-        .a
-        .request_to_device(BOB, &["B1".into()], now)
-        .unwrap();
+    net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
     assert_eq!(net.lb.b.flow(&fb).unwrap().deadline, now + 2 * 60_000);
@@ -473,10 +363,7 @@ fn unanswered_prompt_closes_silently_after_two_minutes() {
     let info = net.cancelled(Side::B).expect("prompt dismissed");
     assert_eq!(info.code, CancelCode::Timeout);
     assert!(!info.sent && info.by_us);
-    assert!(
-        net.cancels_sent().is_empty(),
-        "a dismissed prompt sends nothing (RQ-04/RQ-06)"
-    );
+    assert!(net.cancels_sent().is_empty(), "a dismissed prompt sends nothing (RQ-04/RQ-06)");
     assert!(net.lb.b.accept(&fb, net.lb.now).is_err());
     // The requester gives up at its own deadline; the prompt's tombstone ignores that cancel.
     net.advance(8 * 60_000);
@@ -488,10 +375,7 @@ fn unanswered_prompt_closes_silently_after_two_minutes() {
 fn prompt_deadline_is_earlier_of_timestamp_and_receipt() {
     let mut net = pair();
     let now = net.lb.now;
-    net.lb
-        .a
-        .request_to_device(BOB, &["B1".into()], now)
-        .unwrap();
+    net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
     net.collect();
     net.lb.now += 9 * 60_000; // delivered nine minutes late: one minute of the ten left
     net.deliver(0);
@@ -502,12 +386,9 @@ fn prompt_deadline_is_earlier_of_timestamp_and_receipt() {
 
 #[test]
 fn request_time_window() {
-    for (offset, accepted) in [
-        (-10 * 60_000i64, true),
-        (-10 * 60_000 - 1, false),
-        (5 * 60_000, true),
-        (5 * 60_000 + 1, false),
-    ] {
+    for (offset, accepted) in
+        [(-10 * 60_000i64, true), (-10 * 60_000 - 1, false), (5 * 60_000, true), (5 * 60_000 + 1, false)]
+    {
         let mut net = pair();
         let ts = (T0 as i64 + offset) as u64;
         net.lb.b.receive(
@@ -520,15 +401,9 @@ fn request_time_window() {
             T0,
         );
         net.collect();
-        let prompted = net
-            .events(Side::B)
-            .into_iter()
-            .any(|e| matches!(e, Event::IncomingRequest { .. }));
+        let prompted = net.events(Side::B).into_iter().any(|e| matches!(e, Event::IncomingRequest { .. }));
         assert_eq!(prompted, accepted, "offset {offset}");
-        assert!(
-            net.cancels_sent().is_empty(),
-            "ignored requests get no reply"
-        );
+        assert!(net.cancels_sent().is_empty(), "ignored requests get no reply");
     }
 }
 
@@ -582,12 +457,9 @@ fn error_loop_rule_nothing_after_the_end() {
     sas_flow(&mut net, false);
     net.lb.filter = None;
     let fb = net.flow_of(Side::B);
-    for ty in [
-        "m.key.verification.key",
-        "m.key.verification.mac",
-        "m.key.verification.done",
-        "m.key.verification.start",
-    ] {
+    for ty in
+        ["m.key.verification.key", "m.key.verification.mac", "m.key.verification.done", "m.key.verification.start"]
+    {
         net.lb.b.receive(
             IncomingEvent {
                 sender: ALICE.into(),
@@ -599,10 +471,7 @@ fn error_loop_rule_nothing_after_the_end() {
         );
     }
     net.run();
-    assert_eq!(
-        net.cancels_sent(),
-        vec![(Side::B, "m.invalid_message".into())]
-    );
+    assert_eq!(net.cancels_sent(), vec![(Side::B, "m.invalid_message".into())]);
 }
 
 #[test]
@@ -621,36 +490,18 @@ fn unknown_transaction_answered_once() {
     }
     // Unknown starts are legacy flows, not unknown transactions; unknown cancels are never answered.
     net.collect();
-    let sent: Vec<_> = net
-        .log
-        .iter()
-        .map(|w| {
-            (
-                w.from,
-                w.out.content["code"].clone(),
-                w.out.destination.clone(),
-            )
-        })
-        .collect();
+    let sent: Vec<_> =
+        net.log.iter().map(|w| (w.from, w.out.content["code"].clone(), w.out.destination.clone())).collect();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].1, json!("m.unknown_transaction"));
-    assert_eq!(
-        sent[0].2,
-        Destination::ToDevice {
-            user_id: ALICE.into(),
-            device_ids: vec!["*".into()]
-        }
-    );
+    assert_eq!(sent[0].2, Destination::ToDevice { user_id: ALICE.into(), device_ids: vec!["*".into()] });
 }
 
 #[test]
 fn accepted_elsewhere_is_told_to_the_other_devices() {
     let mut net = pair();
     let now = net.lb.now;
-    let fa = net
-        .a
-        .request_to_device(BOB, &["B1".into(), "B2".into(), "B3".into()], now)
-        .unwrap();
+    let fa = net.a.request_to_device(BOB, &["B1".into(), "B2".into(), "B3".into()], now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
     net.lb.b.accept(&fb, now).unwrap();
@@ -665,16 +516,10 @@ fn accepted_elsewhere_is_told_to_the_other_devices() {
         accepted,
         vec![(
             json!("m.accepted"),
-            Destination::ToDevice {
-                user_id: BOB.into(),
-                device_ids: vec!["B2".into(), "B3".into()]
-            }
+            Destination::ToDevice { user_id: BOB.into(), device_ids: vec!["B2".into(), "B3".into()] }
         )]
     );
-    assert!(
-        net.lb.a.flow(&fa).unwrap().cancel.is_none(),
-        "the flow itself goes on with B1"
-    );
+    assert!(net.lb.a.flow(&fa).unwrap().cancel.is_none(), "the flow itself goes on with B1");
     // From now on only B1 is addressed.
     net.lb.a.start_sas(&fa, now).unwrap();
     net.collect();
@@ -687,10 +532,7 @@ fn accepted_elsewhere_is_told_to_the_other_devices() {
 fn rejection_by_one_device_is_told_to_all() {
     let mut net = pair();
     let now = net.lb.now;
-    net.lb
-        .a
-        .request_to_device(BOB, &["B1".into(), "B2".into()], now)
-        .unwrap();
+    net.lb.a.request_to_device(BOB, &["B1".into(), "B2".into()], now).unwrap();
     net.run();
     let fb = net.flow_of(Side::B);
     net.lb.b.cancel(&fb, now).unwrap();
@@ -701,10 +543,7 @@ fn rejection_by_one_device_is_told_to_all() {
         .filter(|w| w.out.event_type == "m.key.verification.cancel")
         .map(|w| (w.from, w.out.content["code"].clone()))
         .collect();
-    assert_eq!(
-        sent,
-        vec![(Side::B, json!("m.user")), (Side::A, json!("m.user"))]
-    );
+    assert_eq!(sent, vec![(Side::B, json!("m.user")), (Side::A, json!("m.user"))]);
     assert!(!net.cancelled(Side::A).unwrap().by_us);
 }
 
@@ -720,22 +559,11 @@ fn second_attempt_by_the_same_device_cancels_both() {
     net.lb.b.receive(req("first"), T0);
     net.lb.b.receive(req("second"), T0);
     net.collect();
-    let codes: Vec<_> = net
-        .log
-        .iter()
-        .map(|w| {
-            (
-                w.out.content["transaction_id"].clone(),
-                w.out.content["code"].clone(),
-            )
-        })
-        .collect();
+    let codes: Vec<_> =
+        net.log.iter().map(|w| (w.out.content["transaction_id"].clone(), w.out.content["code"].clone())).collect();
     assert_eq!(
         codes,
-        vec![
-            (json!("first"), json!("m.unexpected_message")),
-            (json!("second"), json!("m.unexpected_message"))
-        ]
+        vec![(json!("first"), json!("m.unexpected_message")), (json!("second"), json!("m.unexpected_message"))]
     );
     // A request from another device of the same user is a separate flow and cancels nothing.
     let mut net = pair();
@@ -752,11 +580,7 @@ fn bystanders_and_foreign_requests_in_rooms_are_ignored() {
     let mut net = pair();
     let (fa, fb) = net.request_and_accept(true);
     // Carol, also in the room, injects events into the flow.
-    for ty in [
-        "m.key.verification.start",
-        "m.key.verification.cancel",
-        "m.key.verification.mac",
-    ] {
+    for ty in ["m.key.verification.start", "m.key.verification.cancel", "m.key.verification.mac"] {
         let ev = IncomingEvent {
             sender: "@carol:example.org".into(),
             event_type: ty.into(),
@@ -811,10 +635,7 @@ fn own_other_device_answering_in_room_dismisses_the_prompt() {
     let info = net.cancelled(Side::B).unwrap();
     assert_eq!(info.cause, Some(LocalCause::AnsweredByOwnDevice));
     assert!(!info.sent);
-    assert!(
-        net.cancels_sent().is_empty(),
-        "no m.accepted in rooms (RQ-11)"
-    );
+    assert!(net.cancels_sent().is_empty(), "no m.accepted in rooms (RQ-11)");
 }
 
 #[test]
@@ -834,13 +655,9 @@ fn start_from_another_device_is_not_adopted() {
     );
     net.run();
     assert!(net.cancels_sent().is_empty());
-    assert!(net.events(Side::B).into_iter().any(|e| matches!(
-        e,
-        Event::Dropped {
-            reason: DropReason::OtherDevice,
-            ..
-        }
-    )));
+    assert!(
+        net.events(Side::B).into_iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::OtherDevice, .. }))
+    );
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     assert!(net.sas(Side::B).is_some());
@@ -891,9 +708,5 @@ fn custom_cancel_codes_are_reported_verbatim() {
     net.collect();
     let info = net.cancelled(Side::B).unwrap();
     assert_eq!(info.code, CancelCode::Custom("org.example.busy".into()));
-    assert!(
-        info.explain().contains("Busy right now"),
-        "{}",
-        info.explain()
-    );
+    assert!(info.explain().contains("Busy right now"), "{}", info.explain());
 }

@@ -11,12 +11,7 @@ use support::net::*;
 
 fn qr_config() -> Config {
     Config {
-        methods: vec![
-            Method::SasV1,
-            Method::QrShowV1,
-            Method::QrScanV1,
-            Method::ReciprocateV1,
-        ],
+        methods: vec![Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1],
         ..Config::default()
     }
 }
@@ -40,28 +35,18 @@ fn flows(net: &Net) -> (FlowKey, FlowKey) {
 /// `scanner` scans the other side's code; the displayer's user confirms.
 fn scan_and_confirm(net: &mut Net, scanner: Side, payload: &[u8]) {
     let (fa, fb) = flows(net);
-    let (fs, fd) = if scanner == Side::A {
-        (fa, fb)
-    } else {
-        (fb, fa)
-    };
+    let (fs, fd) = if scanner == Side::A { (fa, fb) } else { (fb, fa) };
     let now = net.lb.now;
     net.m(scanner).scan_qr(&fs, payload, now).unwrap();
     net.run();
-    if net
-        .events(scanner.other())
-        .iter()
-        .any(|e| matches!(e, Event::QrScanned { .. }))
-    {
+    if net.events(scanner.other()).iter().any(|e| matches!(e, Event::QrScanned { .. })) {
         net.m(scanner.other()).confirm(&fd, now).unwrap();
         net.run();
     }
 }
 
 fn done_keys(net: &Net, side: Side) -> Vec<(String, KeyKind)> {
-    net.done(side)
-        .map(|k| k.into_iter().map(|k| (k.key, k.kind)).collect())
-        .unwrap_or_default()
+    net.done(side).map(|k| k.into_iter().map(|k| (k.key, k.kind)).collect()).unwrap_or_default()
 }
 
 #[test]
@@ -77,23 +62,13 @@ fn mode_0_other_user_each_side_shows_and_scans() {
             scan_and_confirm(&mut net, scanner, &payload);
             let (s, d) = (net.dev(scanner).clone(), net.dev(scanner.other()).clone());
             // QR-07: each trusts the other's master key.
-            assert_eq!(
-                done_keys(&net, scanner),
-                vec![(d.msk.clone().unwrap(), KeyKind::MasterKey)]
-            );
-            assert_eq!(
-                done_keys(&net, scanner.other()),
-                vec![(s.msk.clone().unwrap(), KeyKind::MasterKey)]
-            );
+            assert_eq!(done_keys(&net, scanner), vec![(d.msk.clone().unwrap(), KeyKind::MasterKey)]);
+            assert_eq!(done_keys(&net, scanner.other()), vec![(s.msk.clone().unwrap(), KeyKind::MasterKey)]);
             assert!(net.cancels_sent().is_empty());
             assert_eq!(
                 net.sent_types(scanner),
                 [
-                    if scanner == Side::A {
-                        "m.key.verification.request"
-                    } else {
-                        "m.key.verification.ready"
-                    },
+                    if scanner == Side::A { "m.key.verification.request" } else { "m.key.verification.ready" },
                     "m.key.verification.start",
                     "m.key.verification.done"
                 ]
@@ -121,20 +96,11 @@ fn mode_1_and_2_self_verification() {
         if scanner == Side::B {
             // Mode 0x01 scanned by A2: it checks key1 = the master key and key2 = its own device
             // key, then trusts the master key; A trusts A2's device key.
-            assert_eq!(
-                done_keys(&net, Side::B),
-                vec![(msk.clone(), KeyKind::MasterKey)]
-            );
-            assert_eq!(
-                done_keys(&net, Side::A),
-                vec![(net.db.ed25519.clone(), KeyKind::Device)]
-            );
+            assert_eq!(done_keys(&net, Side::B), vec![(msk.clone(), KeyKind::MasterKey)]);
+            assert_eq!(done_keys(&net, Side::A), vec![(net.db.ed25519.clone(), KeyKind::Device)]);
         } else {
             // Mode 0x02 scanned by the trusting device: it trusts A2's device; A2 trusts the MSK.
-            assert_eq!(
-                done_keys(&net, Side::A),
-                vec![(net.db.ed25519.clone(), KeyKind::Device)]
-            );
+            assert_eq!(done_keys(&net, Side::A), vec![(net.db.ed25519.clone(), KeyKind::Device)]);
             assert_eq!(done_keys(&net, Side::B), vec![(msk, KeyKind::MasterKey)]);
         }
         assert!(net.cancels_sent().is_empty());
@@ -149,10 +115,7 @@ fn shown_codes_decode_to_the_right_fields() {
     let p = QrPayload::decode(&payload).unwrap();
     assert_eq!(p.mode(), QrMode::OtherUser);
     assert_eq!(p.flow_id(), net.flow_of(Side::A).flow_id());
-    assert!(
-        p.flow_id().starts_with('$'),
-        "in-room codes carry the request event ID"
-    );
+    assert!(p.flow_id().starts_with('$'), "in-room codes carry the request event ID");
     assert_eq!(b64::encode(p.key1()), net.da.msk.clone().unwrap());
     assert_eq!(b64::encode(p.key2()), net.db.msk.clone().unwrap());
     assert_eq!(p.secret().len(), 16);
@@ -171,58 +134,29 @@ fn qr_then_sas() {
     net.run();
     assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
     assert!(net.cancels_sent().is_empty());
-    assert_eq!(
-        net.lb.a.qr_code(&fa),
-        None,
-        "the code is gone once SAS started"
-    );
+    assert_eq!(net.lb.a.qr_code(&fa), None, "the code is gone once SAS started");
 }
 
 #[test]
 fn advertising_follows_capabilities() {
     // A can only show, B can only scan: A advertises show, B scan; only A shows a code.
-    let show = Config {
-        methods: vec![Method::QrShowV1, Method::ReciprocateV1],
-        ..Config::default()
-    };
-    let scan = Config {
-        methods: vec![Method::QrScanV1, Method::ReciprocateV1],
-        ..Config::default()
-    };
+    let show = Config { methods: vec![Method::QrShowV1, Method::ReciprocateV1], ..Config::default() };
+    let scan = Config { methods: vec![Method::QrScanV1, Method::ReciprocateV1], ..Config::default() };
     let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), show, scan);
     let (_, fb) = net.request_and_accept(false);
-    let ready = net
-        .lb
-        .log
-        .iter()
-        .find(|w| w.out.event_type == "m.key.verification.ready")
-        .unwrap();
-    assert_eq!(
-        ready.out.content["methods"],
-        json!(["m.qr_code.scan.v1", "m.reciprocate.v1"])
-    );
+    let ready = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.ready").unwrap();
+    assert_eq!(ready.out.content["methods"], json!(["m.qr_code.scan.v1", "m.reciprocate.v1"]));
     assert!(shown(&net, Side::A).is_some());
     assert!(shown(&net, Side::B).is_none());
-    assert!(matches!(
-        net.lb.b.start_sas(&fb, net.lb.now),
-        Err(ActionError::NoCommonMethod(_))
-    ));
+    assert!(matches!(net.lb.b.start_sas(&fb, net.lb.now), Err(ActionError::NoCommonMethod(_))));
     let (payload, _) = shown(&net, Side::A).unwrap();
     scan_and_confirm(&mut net, Side::B, &payload);
     assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
     // Nobody who can scan on the other side: no code, and scanning is refused.
-    let mut net = Net::with_config(
-        Dev::new(ALICE, "A1"),
-        Dev::new(BOB, "B1"),
-        qr_config(),
-        Config::default(),
-    );
+    let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), qr_config(), Config::default());
     let (fa, _) = net.request_and_accept(false);
     assert!(shown(&net, Side::A).is_none());
-    assert!(matches!(
-        net.lb.a.scan_qr(&fa, b"MATRIX", net.lb.now),
-        Err(ActionError::NoCommonMethod(_))
-    ));
+    assert!(matches!(net.lb.a.scan_qr(&fa, b"MATRIX", net.lb.now), Err(ActionError::NoCommonMethod(_))));
 }
 
 /// The fields of a payload: mode, flow id, key 1, key 2, secret.
@@ -234,23 +168,9 @@ type Alteration = (&'static str, fn(&mut Parts));
 /// Rebuilds a shown code with one field changed.
 fn altered(payload: &[u8], f: impl FnOnce(&mut Parts)) -> Vec<u8> {
     let p = QrPayload::decode(payload).unwrap();
-    let mut parts = (
-        p.mode(),
-        p.flow_id().to_owned(),
-        *p.key1(),
-        *p.key2(),
-        p.secret().as_bytes().to_vec(),
-    );
+    let mut parts = (p.mode(), p.flow_id().to_owned(), *p.key1(), *p.key2(), p.secret().as_bytes().to_vec());
     f(&mut parts);
-    QrPayload::new(
-        parts.0,
-        parts.1,
-        parts.2,
-        parts.3,
-        QrSecret::from_bytes(parts.4),
-    )
-    .unwrap()
-    .encode()
+    QrPayload::new(parts.0, parts.1, parts.2, parts.3, QrSecret::from_bytes(parts.4)).unwrap().encode()
 }
 
 fn other_point() -> [u8; 32] {
@@ -264,10 +184,7 @@ fn scan_altered(net: &mut Net, f: impl FnOnce(&mut Parts)) -> CancelInfo {
     let fb = net.flow_of(Side::B);
     net.lb.b.scan_qr(&fb, &bad, net.lb.now).unwrap();
     net.run();
-    assert!(
-        net.done(Side::A).is_none() && net.done(Side::B).is_none(),
-        "nothing trusted"
-    );
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none(), "nothing trusted");
     assert_eq!(net.cancels_sent().len(), 1);
     net.cancelled(Side::B).expect("the scanner cancels")
 }
@@ -284,29 +201,19 @@ fn scanner_checks_every_key_and_the_flow_id() {
         net.request_and_accept(false);
         let info = scan_altered(&mut net, f);
         assert_eq!(info.code, CancelCode::KeyMismatch, "{what}");
-        assert!(
-            matches!(&info.cause, Some(LocalCause::QrMismatch(m)) if m.contains(what)),
-            "{what}: {info:?}"
-        );
-        assert_eq!(
-            net.cancelled(Side::A).unwrap().code,
-            CancelCode::KeyMismatch
-        );
+        assert!(matches!(&info.cause, Some(LocalCause::QrMismatch(m)) if m.contains(what)), "{what}: {info:?}");
+        assert_eq!(net.cancelled(Side::A).unwrap().code, CancelCode::KeyMismatch);
     }
     // The same for the self-verification modes, each key position.
-    for (mode_pos, f) in [
-        ("first key", (|p| p.2 = other_point()) as fn(&mut Parts)),
-        ("second key", |p| p.3 = other_point()),
-    ] {
+    for (mode_pos, f) in
+        [("first key", (|p| p.2 = other_point()) as fn(&mut Parts)), ("second key", |p| p.3 = other_point())]
+    {
         for a in [Dev::new(ALICE, "A1"), Dev::new(ALICE, "A1").untrusting()] {
             let mut net = qr_net(a, Dev::new(ALICE, "A2"));
             net.request_and_accept(false);
             let info = scan_altered(&mut net, f);
             assert_eq!(info.code, CancelCode::KeyMismatch, "{mode_pos}");
-            assert!(
-                matches!(&info.cause, Some(LocalCause::QrMismatch(m)) if m.contains(mode_pos)),
-                "{info:?}"
-            );
+            assert!(matches!(&info.cause, Some(LocalCause::QrMismatch(m)) if m.contains(mode_pos)), "{info:?}");
         }
     }
 }
@@ -326,10 +233,7 @@ fn wrong_mode_for_the_relationship_is_a_user_mismatch() {
 #[test]
 fn mode_2_needs_a_scanner_that_trusts_the_master_key() {
     // Both untrusting: A shows mode 0x02, and B cannot vouch for the master key.
-    let mut net = qr_net(
-        Dev::new(ALICE, "A1").untrusting(),
-        Dev::new(ALICE, "A2").untrusting(),
-    );
+    let mut net = qr_net(Dev::new(ALICE, "A1").untrusting(), Dev::new(ALICE, "A2").untrusting());
     net.request_and_accept(false);
     assert_eq!(shown(&net, Side::A).unwrap().1, 2);
     let info = scan_altered(&mut net, |_| {});
@@ -360,31 +264,19 @@ fn displayer_trusts_only_after_its_user_confirms() {
     let fb = net.flow_of(Side::B);
     net.lb.b.scan_qr(&fb, &payload, net.lb.now).unwrap();
     net.run();
-    assert!(
-        net.events(Side::A)
-            .iter()
-            .any(|e| matches!(e, Event::QrScanned { .. }))
-    );
+    assert!(net.events(Side::A).iter().any(|e| matches!(e, Event::QrScanned { .. })));
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
     // The user says the other device did not show success.
     net.lb.a.mismatch(&fa, net.lb.now).unwrap();
     net.run();
-    assert_eq!(
-        net.cancelled(Side::A).unwrap().code,
-        CancelCode::KeyMismatch
-    );
+    assert_eq!(net.cancelled(Side::A).unwrap().code, CancelCode::KeyMismatch);
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
 }
 
 #[test]
 fn reciprocation_without_a_shown_code_or_flow() {
     // A flow where A shows nothing (it cannot show): a reciprocate start is an unknown method.
-    let mut net = Net::with_config(
-        Dev::new(ALICE, "A1"),
-        Dev::new(BOB, "B1"),
-        Config::default(),
-        qr_config(),
-    );
+    let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), Config::default(), qr_config());
     let (fa, _) = net.request_and_accept(false);
     let recip = |txn: &str| IncomingEvent {
         sender: BOB.into(),
@@ -394,21 +286,13 @@ fn reciprocation_without_a_shown_code_or_flow() {
     };
     net.lb.a.receive(recip(fa.flow_id()), T0);
     net.collect();
-    assert_eq!(
-        net.cancelled(Side::A).unwrap().code,
-        CancelCode::UnknownMethod
-    );
+    assert_eq!(net.cancelled(Side::A).unwrap().code, CancelCode::UnknownMethod);
     // For a flow nobody knows: an unknown transaction, answered once.
     let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     net.lb.a.receive(recip("never-seen"), T0);
     net.lb.a.receive(recip("never-seen"), T0);
     net.collect();
-    let codes: Vec<_> = net
-        .lb
-        .log
-        .iter()
-        .map(|w| w.out.content["code"].clone())
-        .collect();
+    let codes: Vec<_> = net.lb.log.iter().map(|w| w.out.content["code"].clone()).collect();
     assert_eq!(codes, vec![json!("m.unknown_transaction")]);
     assert!(net.cancelled(Side::A).is_none() && net.done(Side::A).is_none());
 }
@@ -417,11 +301,7 @@ fn reciprocation_without_a_shown_code_or_flow() {
 fn garbage_scans_are_errors_and_keep_the_flow() {
     let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let (_, fb) = net.request_and_accept(false);
-    let err = net
-        .lb
-        .b
-        .scan_qr(&fb, b"https://example.org", net.lb.now)
-        .unwrap_err();
+    let err = net.lb.b.scan_qr(&fb, b"https://example.org", net.lb.now).unwrap_err();
     assert!(matches!(err, ActionError::InvalidQr(_)), "{err}");
     assert!(net.cancelled(Side::B).is_none());
     let (payload, _) = shown(&net, Side::A).unwrap();
@@ -435,19 +315,13 @@ fn no_switch_to_sas_after_reciprocation() {
     let (fa, fb) = net.request_and_accept(false);
     let (payload, _) = shown(&net, Side::A).unwrap();
     net.lb.b.scan_qr(&fb, &payload, net.lb.now).unwrap();
-    assert!(matches!(
-        net.lb.b.start_sas(&fb, net.lb.now),
-        Err(ActionError::WrongState { .. })
-    ));
+    assert!(matches!(net.lb.b.start_sas(&fb, net.lb.now), Err(ActionError::WrongState { .. })));
     net.collect();
     net.lb.queue.clear(); // the reciprocation is lost; A starts SAS meanwhile
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     // QR-08: B already reciprocated, so a SAS start is out of sequence.
-    assert_eq!(
-        net.cancelled(Side::B).unwrap().code,
-        CancelCode::UnexpectedMessage
-    );
+    assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::UnexpectedMessage);
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
 }
 
@@ -465,9 +339,6 @@ fn qr_keys_changed_before_done() {
     net.lb.a.confirm(&fa, net.lb.now).unwrap();
     net.run();
     let info = net.cancelled(Side::A).unwrap();
-    assert_eq!(
-        (info.code, info.cause),
-        (CancelCode::KeyMismatch, Some(LocalCause::KeysChanged))
-    );
+    assert_eq!((info.code, info.cause), (CancelCode::KeyMismatch, Some(LocalCause::KeysChanged)));
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
 }

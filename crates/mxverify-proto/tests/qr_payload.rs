@@ -5,17 +5,12 @@ use base64::Engine as _;
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::CompressedEdwardsY;
 use curve25519_dalek::scalar::Scalar;
-use mxverify_proto::qr::{
-    QR_MIN_SECRET_LEN, QrDecodeError, QrKeyPosition, QrKeys, QrMode, QrPayload, QrSecret,
-};
+use mxverify_proto::qr::{QR_MIN_SECRET_LEN, QrDecodeError, QrKeyPosition, QrKeys, QrMode, QrPayload, QrSecret};
 use proptest::prelude::*;
 
 fn hex(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2), "odd hex length");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit")).collect()
 }
 
 fn key(s: &str) -> [u8; 32] {
@@ -27,9 +22,7 @@ fn secret(bytes: &[u8]) -> QrSecret {
 }
 
 fn b64_std(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .expect("vector base64")
+    base64::engine::general_purpose::STANDARD.decode(s).expect("vector base64")
 }
 
 fn is_point(k: &[u8; 32]) -> bool {
@@ -63,18 +56,9 @@ fn v7_encode_all_modes() {
     let (kte, tlx) = (key(V7_KTE), key(V7_TLX));
     let s = || secret(b"12345678");
     let cases = [
-        (
-            QrPayload::other_user("MaTransaction", kte, tlx, s()).unwrap(),
-            V7_MODE0,
-        ),
-        (
-            QrPayload::self_trusted("MaTransaction", kte, tlx, s()).unwrap(),
-            V7_MODE1,
-        ),
-        (
-            QrPayload::self_untrusted("MaTransaction", tlx, kte, s()).unwrap(),
-            V7_MODE2,
-        ),
+        (QrPayload::other_user("MaTransaction", kte, tlx, s()).unwrap(), V7_MODE0),
+        (QrPayload::self_trusted("MaTransaction", kte, tlx, s()).unwrap(), V7_MODE1),
+        (QrPayload::self_untrusted("MaTransaction", tlx, kte, s()).unwrap(), V7_MODE2),
     ];
     for (payload, expected) in cases {
         let bytes = payload.encode();
@@ -91,13 +75,7 @@ fn v7_decode_all_modes_with_roles() {
     assert_eq!(p0.mode(), QrMode::OtherUser);
     assert_eq!(p0.flow_id(), "MaTransaction");
     assert_eq!((p0.key1(), p0.key2()), (&kte, &tlx));
-    assert_eq!(
-        p0.keys(),
-        QrKeys::OtherUser {
-            displayer_master_key: &kte,
-            scanner_master_key: &tlx
-        }
-    );
+    assert_eq!(p0.keys(), QrKeys::OtherUser { displayer_master_key: &kte, scanner_master_key: &tlx });
     assert_eq!(p0.displayer_master_key(), &kte);
     assert_eq!(p0.scanner_master_key(), Some(&tlx));
     assert_eq!(p0.scanner_device_key(), None);
@@ -107,13 +85,7 @@ fn v7_decode_all_modes_with_roles() {
 
     let p1 = decode_round_trip(&hex(V7_MODE1));
     assert_eq!(p1.mode(), QrMode::SelfTrusted);
-    assert_eq!(
-        p1.keys(),
-        QrKeys::SelfTrusted {
-            master_key: &kte,
-            scanner_device_key: &tlx
-        }
-    );
+    assert_eq!(p1.keys(), QrKeys::SelfTrusted { master_key: &kte, scanner_device_key: &tlx });
     assert_eq!(p1.displayer_master_key(), &kte);
     assert_eq!(p1.scanner_device_key(), Some(&tlx));
     assert_eq!(p1.scanner_master_key(), None);
@@ -121,13 +93,7 @@ fn v7_decode_all_modes_with_roles() {
 
     let p2 = decode_round_trip(&hex(V7_MODE2));
     assert_eq!(p2.mode(), QrMode::SelfUntrusted);
-    assert_eq!(
-        p2.keys(),
-        QrKeys::SelfUntrusted {
-            displayer_device_key: &tlx,
-            master_key: &kte
-        }
-    );
+    assert_eq!(p2.keys(), QrKeys::SelfUntrusted { displayer_device_key: &tlx, master_key: &kte });
     // In mode 0x02 the master key is the *second* key.
     assert_eq!(p2.displayer_master_key(), &kte);
     assert_eq!(p2.displayer_device_key(), Some(&tlx));
@@ -139,8 +105,7 @@ fn v7_decode_all_modes_with_roles() {
 fn v7_long_transaction_id_2000_bytes() {
     let flow_id = "PatternId_".repeat(200);
     assert_eq!(flow_id.len(), 2000);
-    let payload =
-        QrPayload::other_user(&*flow_id, key(V7_KTE), key(V7_TLX), secret(b"12345678")).unwrap();
+    let payload = QrPayload::other_user(&*flow_id, key(V7_KTE), key(V7_TLX), secret(b"12345678")).unwrap();
     let bytes = payload.encode();
     assert_eq!(&bytes[8..10], &[0x07, 0xd0]);
     assert_eq!(&bytes[10..2010], flow_id.as_bytes());
@@ -161,62 +126,29 @@ fn v7_rejects() {
     };
 
     // Prefix "MOTRIX", "MATRI", and no prefix at all.
-    assert_eq!(
-        QrPayload::decode(&with(0, 6, b"MOTRIX")),
-        Err(QrDecodeError::WrongPrefix)
-    );
-    assert_eq!(
-        QrPayload::decode(&with(0, 6, b"MATRI")),
-        Err(QrDecodeError::WrongPrefix)
-    );
-    assert_eq!(
-        QrPayload::decode(&with(0, 6, b"")),
-        Err(QrDecodeError::WrongPrefix)
-    );
+    assert_eq!(QrPayload::decode(&with(0, 6, b"MOTRIX")), Err(QrDecodeError::WrongPrefix));
+    assert_eq!(QrPayload::decode(&with(0, 6, b"MATRI")), Err(QrDecodeError::WrongPrefix));
+    assert_eq!(QrPayload::decode(&with(0, 6, b"")), Err(QrDecodeError::WrongPrefix));
 
     // Version byte 00, 01, 03, or missing (the mode byte 00 then stands in its place).
     for version in [0x00, 0x01, 0x03] {
-        assert_eq!(
-            QrPayload::decode(&with(6, 7, &[version])),
-            Err(QrDecodeError::UnsupportedVersion(version))
-        );
+        assert_eq!(QrPayload::decode(&with(6, 7, &[version])), Err(QrDecodeError::UnsupportedVersion(version)));
     }
-    assert_eq!(
-        QrPayload::decode(&with(6, 7, b"")),
-        Err(QrDecodeError::UnsupportedVersion(0x00))
-    );
+    assert_eq!(QrPayload::decode(&with(6, 7, b"")), Err(QrDecodeError::UnsupportedVersion(0x00)));
 
     // Secret "1234567" (7 bytes).
-    assert_eq!(
-        QrPayload::decode(&with(87, 95, b"1234567")),
-        Err(QrDecodeError::SecretTooShort { len: 7 })
-    );
+    assert_eq!(QrPayload::decode(&with(87, 95, b"1234567")), Err(QrDecodeError::SecretTooShort { len: 7 }));
 
     // Header alone, then header + flow id with no keys.
-    assert_eq!(
-        QrPayload::decode(&good[..10]),
-        Err(QrDecodeError::TruncatedFlowId {
-            declared: 13,
-            available: 0
-        })
-    );
-    assert_eq!(
-        QrPayload::decode(&good[..23]),
-        Err(QrDecodeError::TruncatedKeys { available: 0 })
-    );
+    assert_eq!(QrPayload::decode(&good[..10]), Err(QrDecodeError::TruncatedFlowId { declared: 13, available: 0 }));
+    assert_eq!(QrPayload::decode(&good[..23]), Err(QrDecodeError::TruncatedKeys { available: 0 }));
 
     // Length 0x0e instead of 0x0d: the flow id swallows the first key byte (0x92, which
     // is not UTF-8 on its own) and the secret shrinks to 7 bytes. Element rejects it for
     // the secret; this decoder meets the non-UTF-8 flow id first.
     let long_len = with(9, 10, &[0x0e]);
-    assert_eq!(
-        QrPayload::decode(&long_len),
-        Err(QrDecodeError::FlowIdNotUtf8)
-    );
-    assert_eq!(
-        QrPayload::decode_unchecked(&long_len),
-        Err(QrDecodeError::FlowIdNotUtf8)
-    );
+    assert_eq!(QrPayload::decode(&long_len), Err(QrDecodeError::FlowIdNotUtf8));
+    assert_eq!(QrPayload::decode_unchecked(&long_len), Err(QrDecodeError::FlowIdNotUtf8));
 }
 
 #[test]
@@ -232,10 +164,7 @@ fn v7_short_length_parses_structurally_but_keys_are_shifted() {
     assert_eq!(p.key1()[0], b'n');
     assert_eq!(p.secret().len(), 9);
     assert_eq!(p.encode(), bytes);
-    assert_eq!(
-        QrPayload::decode(&bytes),
-        Err(QrDecodeError::InvalidKey(QrKeyPosition::Second))
-    );
+    assert_eq!(QrPayload::decode(&bytes), Err(QrDecodeError::InvalidKey(QrKeyPosition::Second)));
 }
 
 // ----------------------------------------------------------- V8: matrix-sdk-qrcode
@@ -276,14 +205,7 @@ fn v8_decode_then_reencode() {
         assert_eq!(p.key2(), &key(V8_KEY2));
         assert_eq!(p.secret().as_bytes(), b"SHARED_SECRET");
         // And building the same fields gives the same bytes.
-        let built = QrPayload::new(
-            mode,
-            flow_id,
-            key(V8_KEY1),
-            key(V8_KEY2),
-            secret(b"SHARED_SECRET"),
-        )
-        .unwrap();
+        let built = QrPayload::new(mode, flow_id, key(V8_KEY1), key(V8_KEY2), secret(b"SHARED_SECRET")).unwrap();
         assert_eq!(built, p);
         assert_eq!(built.encode(), bytes);
     }
@@ -300,23 +222,14 @@ fn v8_negative_cases() {
         v
     };
 
-    assert_eq!(
-        QrPayload::decode(b"NonMatrixCode"),
-        Err(QrDecodeError::WrongPrefix)
-    );
-    assert_eq!(
-        QrPayload::decode(b"MATRIX\x02\x03"),
-        Err(QrDecodeError::LoginMode(0x03))
-    );
+    assert_eq!(QrPayload::decode(b"NonMatrixCode"), Err(QrDecodeError::WrongPrefix));
+    assert_eq!(QrPayload::decode(b"MATRIX\x02\x03"), Err(QrDecodeError::LoginMode(0x03)));
     assert_eq!(
         QrPayload::decode(b"MATRIX\x01\x03"),
         Err(QrDecodeError::UnsupportedVersion(0x01)),
         "version is checked before mode"
     );
-    assert_eq!(
-        QrPayload::decode(b"MATRIX\x02\x02"),
-        Err(QrDecodeError::TruncatedHeader { len: 8 })
-    );
+    assert_eq!(QrPayload::decode(b"MATRIX\x02\x02"), Err(QrDecodeError::TruncatedHeader { len: 8 }));
     assert_eq!(
         QrPayload::decode(&ab_keys(b"FLOW_ID", b"MATRIX\x02\x02\x00\x07", b"SECRET")),
         Err(QrDecodeError::SecretTooShort { len: 6 })
@@ -324,11 +237,7 @@ fn v8_negative_cases() {
     // 32 x 'A' is not a curve point, so the first key is the one reported.
     assert!(!is_point(&[b'A'; 32]));
     assert_eq!(
-        QrPayload::decode(&ab_keys(
-            b"!test:localhost",
-            b"MATRIX\x02\x00\x00\x0f",
-            b"SECRETISLONGENOUGH"
-        )),
+        QrPayload::decode(&ab_keys(b"!test:localhost", b"MATRIX\x02\x00\x00\x0f", b"SECRETISLONGENOUGH")),
         Err(QrDecodeError::InvalidKey(QrKeyPosition::First))
     );
 }
@@ -339,11 +248,8 @@ fn modes_beyond_verification() {
     for mode in 0x03..=0xffu8 {
         let mut bytes = base.clone();
         bytes[7] = mode;
-        let expected = if matches!(mode, 0x03 | 0x04) {
-            QrDecodeError::LoginMode(mode)
-        } else {
-            QrDecodeError::UnknownMode(mode)
-        };
+        let expected =
+            if matches!(mode, 0x03 | 0x04) { QrDecodeError::LoginMode(mode) } else { QrDecodeError::UnknownMode(mode) };
         assert_eq!(QrPayload::decode(&bytes), Err(expected.clone()));
         assert_eq!(QrPayload::decode_unchecked(&bytes), Err(expected));
     }
@@ -356,10 +262,7 @@ fn every_truncation_of_a_valid_payload_is_rejected_precisely() {
         let got = QrPayload::decode(&full[..n]);
         let expected = match n {
             0..=9 => QrDecodeError::TruncatedHeader { len: n },
-            10..=22 => QrDecodeError::TruncatedFlowId {
-                declared: 13,
-                available: n - 10,
-            },
+            10..=22 => QrDecodeError::TruncatedFlowId { declared: 13, available: n - 10 },
             23..=86 => QrDecodeError::TruncatedKeys { available: n - 23 },
             _ => QrDecodeError::SecretTooShort { len: n - 87 },
         };
@@ -380,19 +283,13 @@ fn second_key_invalid_is_reported_as_second() {
     let mut bytes = hex(V7_MODE0);
     bytes[55..87].copy_from_slice(&[b'B'; 32]);
     assert!(!is_point(&[b'B'; 32]));
-    assert_eq!(
-        QrPayload::decode(&bytes),
-        Err(QrDecodeError::InvalidKey(QrKeyPosition::Second))
-    );
+    assert_eq!(QrPayload::decode(&bytes), Err(QrDecodeError::InvalidKey(QrKeyPosition::Second)));
 }
 
 #[test]
 fn constructors_apply_the_decoder_checks() {
     let (k1, k2) = (key(V8_KEY1), key(V8_KEY2));
-    assert_eq!(
-        QrPayload::other_user("f", k1, k2, secret(b"1234567")),
-        Err(QrDecodeError::SecretTooShort { len: 7 })
-    );
+    assert_eq!(QrPayload::other_user("f", k1, k2, secret(b"1234567")), Err(QrDecodeError::SecretTooShort { len: 7 }));
     assert_eq!(
         QrPayload::self_trusted("f", [b'A'; 32], k2, secret(b"12345678")),
         Err(QrDecodeError::InvalidKey(QrKeyPosition::First))
@@ -441,18 +338,9 @@ fn v9_case1_decodes_strictly() {
     let p = decode_round_trip(&bytes);
     assert_eq!(p.mode(), QrMode::SelfTrusted);
     assert_eq!(p.flow_id(), "c5b9c717eb3b4fc0bd8af0404846907e");
-    assert_eq!(
-        p.key1(),
-        &key("7b8a0b92951d3b5713bb93372b70780659e9c6d01b5605c2b9028e22a326b7ec")
-    );
-    assert_eq!(
-        p.key2(),
-        &key("408d5bda117177f57d33e7069163d504d1be4f2a25af3814891c41a4c57dbc63")
-    );
-    assert_eq!(
-        p.secret().as_bytes(),
-        hex("63840cb2163ff9025549725d710d963d")
-    );
+    assert_eq!(p.key1(), &key("7b8a0b92951d3b5713bb93372b70780659e9c6d01b5605c2b9028e22a326b7ec"));
+    assert_eq!(p.key2(), &key("408d5bda117177f57d33e7069163d504d1be4f2a25af3814891c41a4c57dbc63"));
+    assert_eq!(p.secret().as_bytes(), hex("63840cb2163ff9025549725d710d963d"));
 }
 
 #[test]
@@ -476,10 +364,7 @@ fn v9_case2_utf8_mangled_capture_is_rejected_strictly() {
     // half of all 32-byte strings do), the second does not.
     assert!(is_point(&key1));
     assert!(!is_point(&key2));
-    assert_eq!(
-        QrPayload::decode(&bytes),
-        Err(QrDecodeError::InvalidKey(QrKeyPosition::Second))
-    );
+    assert_eq!(QrPayload::decode(&bytes), Err(QrDecodeError::InvalidKey(QrKeyPosition::Second)));
 }
 
 // ------------------------------------------------------------- V10: spec example
@@ -511,10 +396,7 @@ fn v10_derived_payload() {
     let decoded = decode_round_trip(&expected);
     assert_eq!(decoded, p);
     assert_eq!(decoded.secret().to_base64(), "ICEiIyQlJic");
-    assert_eq!(
-        QrSecret::from_base64("ICEiIyQlJic").unwrap(),
-        *decoded.secret()
-    );
+    assert_eq!(QrSecret::from_base64("ICEiIyQlJic").unwrap(), *decoded.secret());
 }
 
 // ------------------------------------------------------------------ secrets
@@ -541,30 +423,18 @@ fn secret_generation_and_reciprocate_round_trip() {
 /// to decompress (these include small-order and mixed-order points).
 fn valid_key() -> impl Strategy<Value = [u8; 32]> {
     prop_oneof![
-        any::<[u8; 32]>().prop_map(|b| {
-            (ED25519_BASEPOINT_POINT * Scalar::from_bytes_mod_order(b))
-                .compress()
-                .to_bytes()
-        }),
+        any::<[u8; 32]>()
+            .prop_map(|b| { (ED25519_BASEPOINT_POINT * Scalar::from_bytes_mod_order(b)).compress().to_bytes() }),
         any::<[u8; 32]>().prop_filter("not a curve point", is_point),
     ]
 }
 
 fn mode() -> impl Strategy<Value = QrMode> {
-    prop_oneof![
-        Just(QrMode::OtherUser),
-        Just(QrMode::SelfTrusted),
-        Just(QrMode::SelfUntrusted),
-    ]
+    prop_oneof![Just(QrMode::OtherUser), Just(QrMode::SelfTrusted), Just(QrMode::SelfUntrusted),]
 }
 
 fn flow_id() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "\\PC{0,64}",
-        "\\$[A-Za-z0-9_-]{43}",
-        "[A-Za-z0-9]{0,32}",
-        ".{200,400}",
-    ]
+    prop_oneof!["\\PC{0,64}", "\\$[A-Za-z0-9_-]{43}", "[A-Za-z0-9]{0,32}", ".{200,400}",]
 }
 
 proptest! {

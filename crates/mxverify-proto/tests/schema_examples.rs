@@ -8,9 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use support::schema::{
-    examples_dir, load_schema, read_yaml, schema_dir, schema_for, validate_against, validate_event,
-};
+use support::schema::{examples_dir, load_schema, read_yaml, schema_dir, schema_for, validate_against, validate_event};
 
 /// A plausible `origin_server_ts` (ms) for captured room events: the js-sdk
 /// samples are in the shape a receiver sees in `/sync` minus this field, and
@@ -68,9 +66,7 @@ fn assert_rejected(event: &Value, path: &str, field: &str) {
     };
     let prefix = format!("{path}: ");
     assert!(
-        errors
-            .iter()
-            .any(|e| e.starts_with(&prefix) && e.contains(field)),
+        errors.iter().any(|e| e.starts_with(&prefix) && e.contains(field)),
         "no error at {path} naming {field:?}: {errors:#?}"
     );
 }
@@ -78,43 +74,25 @@ fn assert_rejected(event: &Value, path: &str, field: &str) {
 #[test]
 fn schema_selection() {
     let start = "m.key.verification.start";
-    assert_eq!(
-        schema_for(start, &json!({"method": "m.sas.v1"})),
-        "m.key.verification.start$m.sas.v1.yaml"
-    );
+    assert_eq!(schema_for(start, &json!({"method": "m.sas.v1"})), "m.key.verification.start$m.sas.v1.yaml");
     assert_eq!(
         schema_for(start, &json!({"method": "m.reciprocate.v1"})),
         "m.key.verification.start$m.reciprocate.v1.yaml"
     );
-    for content in [
-        json!({"method": "m.qr_code.show.v1"}),
-        json!({}),
-        json!({"method": 1}),
-    ] {
+    for content in [json!({"method": "m.qr_code.show.v1"}), json!({}), json!({"method": 1})] {
         assert_eq!(schema_for(start, &content), "m.key.verification.start.yaml");
     }
     assert_eq!(
-        schema_for(
-            "m.room.message",
-            &json!({"msgtype": "m.key.verification.request"})
-        ),
+        schema_for("m.room.message", &json!({"msgtype": "m.key.verification.request"})),
         "m.room.message$m.key.verification.request.yaml"
     );
-    assert_eq!(
-        schema_for("m.room.message", &json!({"msgtype": "m.text"})),
-        "m.room.message.yaml"
-    );
-    assert_eq!(
-        schema_for("m.key.verification.ready", &json!({})),
-        "m.key.verification.ready.yaml"
-    );
+    assert_eq!(schema_for("m.room.message", &json!({"msgtype": "m.text"})), "m.room.message.yaml");
+    assert_eq!(schema_for("m.key.verification.ready", &json!({})), "m.key.verification.ready.yaml");
 }
 
 #[test]
 fn events_without_a_schema_are_errors() {
-    let errors =
-        validate_event(&json!({"type": "m.room.message", "content": {"msgtype": "m.text"}}))
-            .unwrap_err();
+    let errors = validate_event(&json!({"type": "m.room.message", "content": {"msgtype": "m.text"}})).unwrap_err();
     assert!(errors[0].contains("no schema file"), "{errors:?}");
     assert!(validate_event(&json!({"content": {}})).is_err());
     assert!(validate_against("../schema/m.key.verification.ready.yaml", &json!({})).is_err());
@@ -169,8 +147,7 @@ fn spec_examples_validate() {
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
         .filter(|name| {
-            name.starts_with("m.key.verification.")
-                || name == "m.room.message$m.key.verification.request.yaml"
+            name.starts_with("m.key.verification.") || name == "m.room.message$m.key.verification.request.yaml"
         })
         .collect();
     names.sort();
@@ -227,10 +204,7 @@ fn spec_examples_validate() {
     // are invisible to the schemas (they constrain neither lengths nor these
     // values), and the accept example carries the `method` its schema
     // requires (EV-AC-02), so nothing else is expected to fail.
-    assert!(
-        failures.is_empty(),
-        "spec examples failing their schema: {failures:#?}"
-    );
+    assert!(failures.is_empty(), "spec examples failing their schema: {failures:#?}");
 }
 
 #[test]
@@ -303,10 +277,7 @@ fn wrong_types_are_rejected() {
     let mut ready = example("m.key.verification.ready.yaml");
     ready["type"] = json!("m.key.verification.done");
     let errors = validate_against("m.key.verification.ready.yaml", &ready).unwrap_err();
-    assert!(
-        errors.iter().any(|e| e.starts_with("/type: ")),
-        "{errors:#?}"
-    );
+    assert!(errors.iter().any(|e| e.starts_with("/type: ")), "{errors:#?}");
 }
 
 #[test]
@@ -327,12 +298,8 @@ fn bad_enum_values_are_rejected() {
 
     let mut request = example("m.room.message$m.key.verification.request.yaml");
     request["content"]["msgtype"] = json!("m.key.verification.ready");
-    let errors =
-        validate_against("m.room.message$m.key.verification.request.yaml", &request).unwrap_err();
-    assert!(
-        errors.iter().any(|e| e.starts_with("/content/msgtype: ")),
-        "{errors:#?}"
-    );
+    let errors = validate_against("m.room.message$m.key.verification.request.yaml", &request).unwrap_err();
+    assert!(errors.iter().any(|e| e.starts_with("/content/msgtype: ")), "{errors:#?}");
 }
 
 /// There is no spec example for the QR-code start, so build one.
@@ -354,16 +321,9 @@ fn reciprocate_start() {
     // A SAS start is not a valid reciprocate start and vice versa: the method
     // selects the schema, and each pins `method` to its own value.
     let sas = example("m.key.verification.start$m.sas.v1.yaml");
-    let errors =
-        validate_against("m.key.verification.start$m.reciprocate.v1.yaml", &sas).unwrap_err();
-    assert!(
-        errors.iter().any(|e| e.starts_with("/content/method: ")),
-        "{errors:#?}"
-    );
-    assert!(
-        errors.iter().any(|e| e.contains("\"secret\"")),
-        "{errors:#?}"
-    );
+    let errors = validate_against("m.key.verification.start$m.reciprocate.v1.yaml", &sas).unwrap_err();
+    assert!(errors.iter().any(|e| e.starts_with("/content/method: ")), "{errors:#?}");
+    assert!(errors.iter().any(|e| e.contains("\"secret\"")), "{errors:#?}");
 }
 
 fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -389,11 +349,7 @@ fn js_sdk_samples_validate() {
     let mut by_type = BTreeMap::<String, usize>::new();
     let mut failures = BTreeMap::new();
     for path in &paths {
-        let name = path
-            .strip_prefix(samples_dir())
-            .unwrap()
-            .display()
-            .to_string();
+        let name = path.strip_prefix(samples_dir()).unwrap().display().to_string();
         let text = fs::read_to_string(path).unwrap();
         let event = prepare_sample(serde_json::from_str(&text).unwrap());
         let event_type = event["type"].as_str().unwrap().to_owned();
@@ -401,14 +357,9 @@ fn js_sdk_samples_validate() {
 
         let result = validate_event(&event);
         if event_type == "m.key.verification.accept" {
-            assert!(
-                event["content"].get("method").is_none(),
-                "{name}: js-sdk accept unexpectedly carries `method`"
-            );
+            assert!(event["content"].get("method").is_none(), "{name}: js-sdk accept unexpectedly carries `method`");
             match result {
-                Ok(()) => {
-                    failures.insert(name.clone(), vec!["accept passed: EV-AC-02 gone?".into()])
-                }
+                Ok(()) => failures.insert(name.clone(), vec!["accept passed: EV-AC-02 gone?".into()]),
                 Err(errors) if errors == [ACCEPT_METHOD_DEFECT] => None,
                 Err(errors) => failures.insert(name.clone(), errors),
             };

@@ -9,10 +9,7 @@ use mxverify_proto::*;
 use serde_json::{Value, json};
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn hex32(s: &str) -> [u8; 32] {
@@ -30,16 +27,8 @@ const S_MSK: &str = "PUAXw+hDiVqStwqnTRt+vJyYLM8uxJaMwM1V8Sr0Zgw";
 
 fn v6_parties<'a>() -> (Party<'a>, Party<'a>) {
     (
-        Party {
-            user_id: "@alice:example.org",
-            device_id: "ALICEDEVICE",
-            ephemeral_key: ALICE_PUB,
-        },
-        Party {
-            user_id: "@bob:example.org",
-            device_id: "BOBDEVICE",
-            ephemeral_key: BOB_PUB,
-        },
+        Party { user_id: "@alice:example.org", device_id: "ALICEDEVICE", ephemeral_key: ALICE_PUB },
+        Party { user_id: "@bob:example.org", device_id: "BOBDEVICE", ephemeral_key: BOB_PUB },
     )
 }
 
@@ -83,9 +72,7 @@ fn v5_commitment_matrix_rust_sdk() {
 #[test]
 fn v6_full_sas_scenario() {
     let (s, a) = v6_parties();
-    let secret = EphemeralKey::from_random(hex32(ALICE_PRIV))
-        .agree(BOB_PUB)
-        .unwrap();
+    let secret = EphemeralKey::from_random(hex32(ALICE_PRIV)).agree(BOB_PUB).unwrap();
     let cases = [
         (
             KeyAgreement::Curve25519HkdfSha256,
@@ -110,9 +97,7 @@ fn v6_full_sas_scenario() {
         (
             KeyAgreement::Curve25519,
             TXN,
-            format!(
-                "MATRIX_KEY_VERIFICATION_SAS@alice:example.orgALICEDEVICE@bob:example.orgBOBDEVICE{TXN}"
-            ),
+            format!("MATRIX_KEY_VERIFICATION_SAS@alice:example.orgALICEDEVICE@bob:example.orgBOBDEVICE{TXN}"),
             "bad985d8b11b",
             [6979, 2559, 4160],
             [46, 45, 38, 5, 54, 11, 4],
@@ -127,22 +112,8 @@ fn v6_full_sas_scenario() {
         // HK-03: the requester-first or swapped order gives something else.
         assert_ne!(secret.sas_bytes(&ka.sas_info(&a, &s, flow)), b);
     }
-    let names: Vec<_> = [50u8, 34, 53, 37, 17, 32, 34]
-        .iter()
-        .map(|&i| emoji::emoji(i).description)
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "Flag",
-            "Spanner",
-            "Aeroplane",
-            "Umbrella",
-            "Cactus",
-            "Hat",
-            "Spanner"
-        ]
-    );
+    let names: Vec<_> = [50u8, 34, 53, 37, 17, 32, 34].iter().map(|&i| emoji::emoji(i).description).collect();
+    assert_eq!(names, ["Flag", "Spanner", "Aeroplane", "Umbrella", "Cactus", "Hat", "Spanner"]);
 
     // V6.4 MACs sent by S.
     let sender = ("@alice:example.org", "ALICEDEVICE");
@@ -164,15 +135,9 @@ fn v6_full_sas_scenario() {
     ];
     for (id, input, v2, legacy) in rows {
         let info = crypto::mac_info(sender, receiver, TXN, id);
-        assert_eq!(
-            secret.mac_encoded(MacMethod::HkdfHmacSha256V2, input, &info),
-            v2
-        );
+        assert_eq!(secret.mac_encoded(MacMethod::HkdfHmacSha256V2, input, &info), v2);
         assert_eq!(secret.mac_encoded(MacMethod::Msc3783, input, &info), v2);
-        assert_eq!(
-            secret.mac_encoded(MacMethod::HkdfHmacSha256Legacy, input, &info),
-            legacy
-        );
+        assert_eq!(secret.mac_encoded(MacMethod::HkdfHmacSha256Legacy, input, &info), legacy);
         assert!(secret.verify_mac(MacMethod::HkdfHmacSha256V2, input, &info, v2));
         assert!(secret.verify_mac(MacMethod::HkdfHmacSha256Legacy, input, &info, legacy));
         assert!(!secret.verify_mac(MacMethod::HkdfHmacSha256V2, input, &info, legacy));
@@ -197,17 +162,11 @@ fn v6_full_sas_scenario() {
 
     // V6.5 commitments.
     let start = json!({"from_device":"ALICEDEVICE","method":"m.sas.v1","transaction_id":TXN,"key_agreement_protocols":["curve25519-hkdf-sha256"],"hashes":["sha256"],"message_authentication_codes":["hkdf-hmac-sha256.v2","hkdf-hmac-sha256"],"short_authentication_string":["decimal","emoji"]});
-    assert_eq!(
-        crypto::commitment(BOB_PUB, &start).unwrap(),
-        "pVwwE0zJxTxBnaEDE6nsgVkFbC4DDUEfP8+z21h/DRU"
-    );
+    assert_eq!(crypto::commitment(BOB_PUB, &start).unwrap(), "pVwwE0zJxTxBnaEDE6nsgVkFbC4DDUEfP8+z21h/DRU");
     let mut room = start.clone();
     room.as_object_mut().unwrap().remove("transaction_id");
     room["m.relates_to"] = json!({"event_id": ROOM_FLOW, "rel_type": "m.reference"});
-    assert_eq!(
-        crypto::commitment(BOB_PUB, &room).unwrap(),
-        "zQeRavWDhf6KKUUxSIhoHdtiRHdNsXOK7KCJipZdlbI"
-    );
+    assert_eq!(crypto::commitment(BOB_PUB, &room).unwrap(), "zQeRavWDhf6KKUUxSIhoHdtiRHdNsXOK7KCJipZdlbI");
 }
 
 fn js_vectors() -> Vec<(String, Value)> {
@@ -230,20 +189,9 @@ fn js_vectors() -> Vec<(String, Value)> {
 #[test]
 fn js_sdk_vectors_recomputed() {
     for (name, v) in js_vectors() {
-        let s = |p: &str| {
-            v.pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_else(|| panic!("{name}: {p}"))
-                .to_owned()
-        };
-        let raw = EphemeralKey::from_random(
-            b64::decode32(&s("/raw_device/sas_x25519_private_key")).unwrap(),
-        );
-        assert_eq!(
-            raw.public_b64(),
-            s("/raw_device/sas_x25519_public_key"),
-            "{name}"
-        );
+        let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_else(|| panic!("{name}: {p}")).to_owned();
+        let raw = EphemeralKey::from_random(b64::decode32(&s("/raw_device/sas_x25519_private_key")).unwrap());
+        assert_eq!(raw.public_b64(), s("/raw_device/sas_x25519_public_key"), "{name}");
         let secret = raw.agree(&s("/js_device/sas_x25519_public_key")).unwrap();
         let starter = Party {
             user_id: &s("/starter/userId"),
@@ -255,27 +203,17 @@ fn js_sdk_vectors_recomputed() {
             device_id: &s("/accepter/deviceId"),
             ephemeral_key: &s("/accepter/key"),
         };
-        let info = KeyAgreement::from_wire(&s("/methods/key_agreement"))
-            .unwrap()
-            .sas_info(&starter, &accepter, &s("/transaction_id"));
+        let info = KeyAgreement::from_wire(&s("/methods/key_agreement")).unwrap().sas_info(
+            &starter,
+            &accepter,
+            &s("/transaction_id"),
+        );
         assert_eq!(info, s("/sas_info"), "{name}");
         let bytes = secret.sas_bytes(&info);
         assert_eq!(bytes.to_vec(), hex(&s("/sas_bytes_hex")), "{name}");
-        let dec: Vec<u64> = v["decimals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            crypto::decimals(&bytes).map(u64::from).to_vec(),
-            dec,
-            "{name}"
-        );
-        let names: Vec<&str> = crypto::emoji_indices(&bytes)
-            .iter()
-            .map(|&i| emoji::emoji(i).description)
-            .collect();
+        let dec: Vec<u64> = v["decimals"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        assert_eq!(crypto::decimals(&bytes).map(u64::from).to_vec(), dec, "{name}");
+        let names: Vec<&str> = crypto::emoji_indices(&bytes).iter().map(|&i| emoji::emoji(i).description).collect();
         assert_eq!(json!(names), v["emoji"], "{name}");
         // What js-sdk displayed, symbols included.
         let shown: Vec<Value> = crypto::emoji_indices(&bytes)
@@ -319,18 +257,8 @@ fn js_sdk_vectors_recomputed() {
                 "{name} mac"
             );
         };
-        check(
-            &v["mac_from_js"]["content"],
-            &js_id,
-            &raw_id,
-            &s("/js_device/ed25519"),
-        );
-        check(
-            &v["mac_from_raw"]["content"],
-            &raw_id,
-            &js_id,
-            &s("/raw_device/ed25519"),
-        );
+        check(&v["mac_from_js"]["content"], &js_id, &raw_id, &s("/js_device/ed25519"));
+        check(&v["mac_from_raw"]["content"], &raw_id, &js_id, &s("/raw_device/ed25519"));
     }
 }
 
@@ -353,14 +281,9 @@ impl Entropy for Scripted {
 /// produce the very accept, key and MAC that the raw device sent.
 #[test]
 fn machine_replays_recorded_js_sdk_exchange() {
-    let (_, v) = js_vectors()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("ok-js-requests-js-starts"))
-        .unwrap();
+    let (_, v) = js_vectors().into_iter().find(|(n, _)| n.starts_with("ok-js-requests-js-starts")).unwrap();
     let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap().to_owned();
-    let private = b64::decode32(&s("/raw_device/sas_x25519_private_key"))
-        .unwrap()
-        .to_vec();
+    let private = b64::decode32(&s("/raw_device/sas_x25519_private_key")).unwrap().to_vec();
     let own = OwnIdentity {
         user_id: s("/raw_device/user_id"),
         device_id: s("/raw_device/device_id"),
@@ -368,18 +291,13 @@ fn machine_replays_recorded_js_sdk_exchange() {
         master_key: None,
         trusts_master_key: false,
     };
-    let mut m = Machine::new(
-        own,
-        Config::default(),
-        Box::new(Scripted(private, SeededEntropy::new(0))),
-    );
+    let mut m = Machine::new(own, Config::default(), Box::new(Scripted(private, SeededEntropy::new(0))));
     let js_user = s("/js_device/user_id");
     let js_device = s("/js_device/device_id");
     let txn = s("/transaction_id");
     let now = 1_795_676_123_512;
     let mut keys = UserKeys::default();
-    keys.devices
-        .insert(js_device.clone(), s("/js_device/ed25519"));
+    keys.devices.insert(js_device.clone(), s("/js_device/ed25519"));
     m.update_user_keys(&js_user, keys, now);
     let ev = |ty: &str, content: Value| IncomingEvent {
         sender: js_user.clone(),
@@ -387,32 +305,25 @@ fn machine_replays_recorded_js_sdk_exchange() {
         content,
         room: None,
     };
-    m.receive(ev("m.key.verification.request", json!({"from_device": js_device, "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": txn})), now);
-    let flow = FlowKey::ToDevice {
-        user_id: js_user.clone(),
-        transaction_id: txn.clone(),
-    };
-    m.accept(&flow, now).unwrap();
-    m.receive(
-        ev("m.key.verification.start", v["start_content"].clone()),
-        now,
-    );
     m.receive(
         ev(
-            "m.key.verification.key",
-            json!({"transaction_id": txn, "key": s("/js_device/sas_x25519_public_key")}),
+            "m.key.verification.request",
+            json!({"from_device": js_device, "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": txn}),
         ),
+        now,
+    );
+    let flow = FlowKey::ToDevice { user_id: js_user.clone(), transaction_id: txn.clone() };
+    m.accept(&flow, now).unwrap();
+    m.receive(ev("m.key.verification.start", v["start_content"].clone()), now);
+    m.receive(
+        ev("m.key.verification.key", json!({"transaction_id": txn, "key": s("/js_device/sas_x25519_public_key")})),
         now,
     );
     let mut sent = vec![];
     while let Some(o) = m.poll_outgoing() {
         sent.push(o);
     }
-    let accept = &sent
-        .iter()
-        .find(|o| o.event_type == "m.key.verification.accept")
-        .unwrap()
-        .content;
+    let accept = &sent.iter().find(|o| o.event_type == "m.key.verification.accept").unwrap().content;
     for f in [
         "commitment",
         "key_agreement_protocol",
@@ -423,40 +334,20 @@ fn machine_replays_recorded_js_sdk_exchange() {
     ] {
         assert_eq!(accept[f], v["accept_content"][f], "{f}");
     }
-    let key = &sent
-        .iter()
-        .find(|o| o.event_type == "m.key.verification.key")
-        .unwrap()
-        .content;
+    let key = &sent.iter().find(|o| o.event_type == "m.key.verification.key").unwrap().content;
     assert_eq!(key["key"], v["raw_device"]["sas_x25519_public_key"]);
     let sas = std::iter::from_fn(|| m.poll_event()).find_map(|e| match e {
-        Event::Sas {
-            emoji, decimals, ..
-        } => Some((emoji.unwrap(), decimals.unwrap())),
+        Event::Sas { emoji, decimals, .. } => Some((emoji.unwrap(), decimals.unwrap())),
         _ => None,
     });
     let (emoji, decimals) = sas.expect("SAS shown");
     assert_eq!(json!(decimals), v["decimals"]);
-    assert_eq!(
-        json!(emoji.iter().map(|e| e.description).collect::<Vec<_>>()),
-        v["emoji"]
-    );
-    m.receive(
-        ev(
-            "m.key.verification.mac",
-            v["mac_from_js"]["content"].clone(),
-        ),
-        now,
-    );
+    assert_eq!(json!(emoji.iter().map(|e| e.description).collect::<Vec<_>>()), v["emoji"]);
+    m.receive(ev("m.key.verification.mac", v["mac_from_js"]["content"].clone()), now);
     m.confirm(&flow, now).unwrap();
-    let mac = std::iter::from_fn(|| m.poll_outgoing())
-        .find(|o| o.event_type == "m.key.verification.mac")
-        .unwrap();
+    let mac = std::iter::from_fn(|| m.poll_outgoing()).find(|o| o.event_type == "m.key.verification.mac").unwrap();
     assert_eq!(mac.content, v["mac_from_raw"]["content"]);
-    m.receive(
-        ev("m.key.verification.done", json!({"transaction_id": txn})),
-        now,
-    );
+    m.receive(ev("m.key.verification.done", json!({"transaction_id": txn})), now);
     let done = std::iter::from_fn(|| m.poll_event()).find_map(|e| match e {
         Event::Done { keys, .. } => Some(keys),
         _ => None,
@@ -479,13 +370,9 @@ fn cross_check_with_vodozemac() {
         let our_pub = ours.public_b64();
         let est = vz.diffie_hellman_with_raw(&our_pub).unwrap();
         let shared = ours.agree(&vz_pub).unwrap();
-        let info =
-            format!("MATRIX_KEY_VERIFICATION_SAS|@a:x|A|{our_pub}|@b:x|B|{vz_pub}|txn{round}");
+        let info = format!("MATRIX_KEY_VERIFICATION_SAS|@a:x|A|{our_pub}|@b:x|B|{vz_pub}|txn{round}");
         assert_eq!(shared.sas_bytes(&info), *est.bytes(&info).as_bytes());
-        let (e, d) = (
-            est.bytes(&info).emoji_indices(),
-            est.bytes(&info).decimals(),
-        );
+        let (e, d) = (est.bytes(&info).emoji_indices(), est.bytes(&info).decimals());
         assert_eq!(crypto::emoji_indices(&shared.sas_bytes(&info)), e);
         assert_eq!(crypto::decimals(&shared.sas_bytes(&info)), [d.0, d.1, d.2]);
         let input = format!("key{round}");
@@ -503,21 +390,9 @@ fn cross_check_with_vodozemac() {
 #[test]
 fn low_order_points_are_rejected() {
     // The all-zero point and the order-8 points give a non-contributory secret (SQ-13).
-    for bad in [
-        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-        "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-    ] {
+    for bad in ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
         let k = EphemeralKey::from_random([7; 32]);
-        assert_eq!(
-            k.agree(bad).unwrap_err(),
-            crypto::KeyError::NonContributory,
-            "{bad}"
-        );
+        assert_eq!(k.agree(bad).unwrap_err(), crypto::KeyError::NonContributory, "{bad}");
     }
-    assert_eq!(
-        EphemeralKey::from_random([7; 32])
-            .agree("c2hvcnQ")
-            .unwrap_err(),
-        crypto::KeyError::Malformed
-    );
+    assert_eq!(EphemeralKey::from_random([7; 32]).agree("c2hvcnQ").unwrap_err(), crypto::KeyError::Malformed);
 }

@@ -4,9 +4,8 @@
 use std::io::{self, Write};
 
 use mxverify_proto::loopback::{InFlight, Loopback, Side};
-use mxverify_proto::{
-    CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy, b64,
-};
+use mxverify_proto::wire::Method;
+use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy, b64};
 use serde_json::{Value, json};
 
 use crate::entropy::OsEntropy;
@@ -33,6 +32,15 @@ pub enum Scenario {
     Reject,
 }
 
+/// Which verification method the demo shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoMethod {
+    /// Compare emoji (or numbers).
+    Sas,
+    /// Bob's phone scans a QR code on Alice's laptop.
+    Qr,
+}
+
 /// How the two devices talk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
@@ -53,6 +61,22 @@ pub struct DemoOptions {
     pub json: bool,
     /// Deterministic keys (for reproducible output); random otherwise.
     pub seed: Option<u64>,
+    /// SAS or QR.
+    pub method: DemoMethod,
+    /// Also write the QR code shown to this PNG file.
+    pub qr_png: Option<std::path::PathBuf>,
+}
+
+impl DemoOptions {
+    /// Whether this scenario can be told with this method.
+    pub fn check(&self) -> Result<(), String> {
+        let sas_only =
+            matches!(self.scenario, Scenario::WrongCommitment | Scenario::WrongMac | Scenario::UnknownMethod);
+        if self.method == DemoMethod::Qr && sas_only {
+            return Err(format!("the scenario {:?} is about SAS; use it without --method qr", self.scenario));
+        }
+        Ok(())
+    }
 }
 
 const ROOM: &str = "!demo:example.org";
@@ -65,16 +89,8 @@ struct Person {
 }
 
 const PEOPLE: [Person; 2] = [
-    Person {
-        name: "Alice",
-        user: "@alice:example.org",
-        device: "ALICELAPTOP",
-    },
-    Person {
-        name: "Bob",
-        user: "@bob:example.org",
-        device: "BOBPHONE",
-    },
+    Person { name: "Alice", user: "@alice:example.org", device: "ALICELAPTOP" },
+    Person { name: "Bob", user: "@bob:example.org", device: "BOBPHONE" },
 ];
 
 fn person(side: Side) -> &'static Person {
@@ -85,9 +101,7 @@ fn identity(p: &Person, entropy: &mut dyn Entropy) -> OwnIdentity {
     let key = |e: &mut dyn Entropy| {
         let mut seed = [0u8; 32];
         e.fill(&mut seed);
-        vodozemac::Ed25519SecretKey::from_slice(&seed)
-            .public_key()
-            .to_base64()
+        vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().to_base64()
     };
     OwnIdentity {
         user_id: p.user.into(),
@@ -113,18 +127,23 @@ struct Demo<'a> {
     flows: [Option<FlowKey>; 2],
     sas_shown: [Option<Event>; 2],
     compared: bool,
+    scanned: bool,
     ended: [Option<Event>; 2],
 }
 
 /// Runs the demo, writing to `out`; returns how it ended.
 pub fn run(opts: DemoOptions, out: &mut dyn Write) -> io::Result<Ending> {
     let mut e = entropy(opts.seed, 0);
-    let (ia, ib) = (
-        identity(&PEOPLE[0], e.as_mut()),
-        identity(&PEOPLE[1], e.as_mut()),
-    );
-    let a = Machine::new(ia, Config::default(), entropy(opts.seed, 1));
-    let b = Machine::new(ib, Config::default(), entropy(opts.seed, 2));
+    let (ia, ib) = (identity(&PEOPLE[0], e.as_mut()), identity(&PEOPLE[1], e.as_mut()));
+    let config = match opts.method {
+        DemoMethod::Sas => Config::default(),
+        DemoMethod::Qr => Config {
+            methods: vec![Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1],
+            ..Config::default()
+        },
+    };
+    let a = Machine::new(ia, config.clone(), entropy(opts.seed, 1));
+    let b = Machine::new(ib, config, entropy(opts.seed, 2));
     let mut net = Loopback::new(a, b, START_MS);
     net.exchange_device_keys();
     let mut demo = Demo {
@@ -135,6 +154,7 @@ pub fn run(opts: DemoOptions, out: &mut dyn Write) -> io::Result<Ending> {
         flows: [None, None],
         sas_shown: [None, None],
         compared: false,
+        scanned: false,
         ended: [None, None],
     };
     demo.play()
@@ -163,8 +183,7 @@ impl Demo<'_> {
             PEOPLE[0].user, PEOPLE[0].device, PEOPLE[1].user, PEOPLE[1].device
         ))?;
         if self.opts.json {
-            let scenario = clap::ValueEnum::to_possible_value(&self.opts.scenario)
-                .map(|v| v.get_name().to_owned());
+            let scenario = clap::ValueEnum::to_possible_value(&self.opts.scenario).map(|v| v.get_name().to_owned());
             self.line(json!({"event": "demo", "scenario": scenario, "devices": [
                 {"user": PEOPLE[0].user, "device": PEOPLE[0].device},
                 {"user": PEOPLE[1].user, "device": PEOPLE[1].device}]}))?;
@@ -192,21 +211,12 @@ impl Demo<'_> {
             }
             if self.net.queue.is_empty() {
                 // Nothing in flight and nobody acting: only time can move things now.
-                let Some(deadline) = self
-                    .net
-                    .a
-                    .next_deadline()
-                    .into_iter()
-                    .chain(self.net.b.next_deadline())
-                    .min()
+                let Some(deadline) = self.net.a.next_deadline().into_iter().chain(self.net.b.next_deadline()).min()
                 else {
                     break;
                 };
                 let wait = deadline.saturating_sub(self.net.now);
-                self.say(&format!(
-                    "\n… {} pass with nobody answering …",
-                    minutes(wait)
-                ))?;
+                self.say(&format!("\n… {} pass with nobody answering …", minutes(wait)))?;
                 self.net.advance(wait);
                 continue;
             }
@@ -249,18 +259,14 @@ impl Demo<'_> {
             if let Some(o) = content.as_object_mut() {
                 o.remove("org.mxverify.demo.altered");
             }
-            return self.line(json!({"event": "message", "from": person(from).device, "to": person(from.other()).device,
+            return self
+                .line(json!({"event": "message", "from": person(from).device, "to": person(from.other()).device,
                                      "type": out.event_type, "altered_in_transit": altered, "content": content}));
         }
         let c = &out.content;
         let list = |k: &str| {
             c[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
                 .unwrap_or_default()
         };
         let summary = match out.event_type {
@@ -281,32 +287,20 @@ impl Demo<'_> {
             "m.key.verification.mac" => {
                 format!(
                     "MACs of {}",
-                    c["mac"]
-                        .as_object()
-                        .map(|m| m.keys().cloned().collect::<Vec<_>>().join(", "))
-                        .unwrap_or_default()
+                    c["mac"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default()
                 )
             }
-            "m.key.verification.cancel" => format!(
-                "{}: {}",
-                c["code"].as_str().unwrap_or("?"),
-                c["reason"].as_str().unwrap_or("")
-            ),
+            "m.key.verification.cancel" => {
+                format!("{}: {}", c["code"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or(""))
+            }
             _ => String::new(),
         };
         let arrow = match from {
             Side::A => "Alice → Bob  ",
             Side::B => "Bob   → Alice",
         };
-        let warn = if altered {
-            "   ⚠ altered in transit"
-        } else {
-            ""
-        };
-        self.say(&format!(
-            "  {arrow}  {:<28} {summary}{warn}",
-            out.event_type
-        ))
+        let warn = if altered { "   ⚠ altered in transit" } else { "" };
+        self.say(&format!("  {arrow}  {:<28} {summary}{warn}", out.event_type))
     }
 
     /// Handles new events: shows them and plays each person's part.
@@ -322,12 +316,7 @@ impl Demo<'_> {
             let now = self.net.now;
             let name = person(side).name;
             match &event {
-                Event::IncomingRequest {
-                    flow,
-                    from_device,
-                    deadline,
-                    ..
-                } => {
+                Event::IncomingRequest { flow, from_device, deadline, .. } => {
                     self.flows[side as usize] = Some(flow.clone());
                     self.say(&format!(
                         "  {name}'s screen: “{} wants to verify device {from_device}” (closes in {} unless answered)",
@@ -336,25 +325,40 @@ impl Demo<'_> {
                     ))?;
                     if self.opts.scenario == Scenario::Reject {
                         self.say(&format!("  {name} declines."))?;
-                        self.net
-                            .machine(side)
-                            .cancel(flow, now)
-                            .expect("a new request can be declined");
+                        self.net.machine(side).cancel(flow, now).expect("a new request can be declined");
                     } else {
                         self.say(&format!("  {name} accepts."))?;
-                        self.net
-                            .machine(side)
-                            .accept(flow, now)
-                            .expect("a new request can be accepted");
+                        self.net.machine(side).accept(flow, now).expect("a new request can be accepted");
                     }
                 }
                 Event::RequestSent { flow } => self.flows[side as usize] = Some(flow.clone()),
+                Event::Ready { .. } if side == Side::A && self.opts.method == DemoMethod::Qr => {
+                    self.say("  Alice's laptop shows a QR code for Bob's phone to scan.")?;
+                }
+                Event::QrCode { payload, .. } if side == Side::A && !self.scanned => {
+                    self.scanned = true;
+                    self.scan(payload)?;
+                }
+                Event::QrScanned { flow } => {
+                    self.say(&format!(
+                        "  {name}'s screen: “The other device scanned your code. Does it show a green check?”"
+                    ))?;
+                    let flow = flow.clone();
+                    match self.opts.scenario {
+                        Scenario::Mismatch => {
+                            self.say(&format!("  {name} sees no check mark and presses “No”."))?;
+                            self.net.machine(side).mismatch(&flow, now).expect("scanned");
+                        }
+                        Scenario::Timeout => self.say(&format!("  {name} has walked away without answering."))?,
+                        _ => {
+                            self.say(&format!("  {name} presses “Yes”."))?;
+                            self.net.machine(side).confirm(&flow, now).expect("scanned");
+                        }
+                    }
+                }
                 Event::Ready { flow, .. } if side == Side::A => {
                     self.say(&format!("  {name} chooses to compare emoji (SAS)."))?;
-                    self.net
-                        .machine(side)
-                        .start_sas(flow, now)
-                        .expect("both offered m.sas.v1");
+                    self.net.machine(side).start_sas(flow, now).expect("both offered m.sas.v1");
                 }
                 Event::Sas { .. } => {
                     self.sas_shown[side as usize] = Some(event.clone());
@@ -363,26 +367,48 @@ impl Demo<'_> {
                         self.compare()?;
                     }
                 }
-                Event::Done { .. } | Event::Cancelled { .. } => {
-                    self.ended[side as usize] = Some(event.clone())
-                }
+                Event::Done { .. } | Event::Cancelled { .. } => self.ended[side as usize] = Some(event.clone()),
                 _ => {}
             }
         }
         self.net.collect();
-        if self.seen < self.net.events.len() {
-            self.react()
-        } else {
-            Ok(())
+        if self.seen < self.net.events.len() { self.react() } else { Ok(()) }
+    }
+
+    /// Alice's code: drawn for the terminal, made into a picture, and read back from the picture by
+    /// Bob's "camera", which hands the bytes to Bob's device.
+    fn scan(&mut self, payload: &[u8]) -> io::Result<()> {
+        let other = |e: crate::qr_image::QrImageError| io::Error::other(e.to_string());
+        if !self.opts.json {
+            let drawn = crate::qr_image::render_terminal(payload).map_err(other)?;
+            self.say(&drawn)?;
         }
+        if let Some(path) = &self.opts.qr_png {
+            crate::qr_image::write_png(payload, path).map_err(other)?;
+            let text = format!("  (the code is also in {})", path.display());
+            self.say(&text)?;
+        }
+        let now = self.net.now;
+        let fb = self.flows[1].clone().expect("Bob has the flow");
+        match self.opts.scenario {
+            Scenario::Cancel => {
+                self.say("  Bob changes his mind and presses “Cancel” instead of scanning.")?;
+                self.net.b.cancel(&fb, now).expect("flow active");
+            }
+            _ => {
+                let picture = crate::qr_image::render_image(payload, 4).map_err(other)?;
+                let read = crate::qr_image::decode_luma(&picture).map_err(other)?;
+                self.say("  Bob points his phone's camera at it; the phone checks the keys in the code.")?;
+                self.net.b.scan_qr(&fb, &read, now).map_err(|e| io::Error::other(e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Both screens show the SAS: show them side by side, then each person answers.
     fn compare(&mut self) -> io::Result<()> {
         let get = |e: &Option<Event>| match e {
-            Some(Event::Sas {
-                emoji, decimals, ..
-            }) => (emoji.clone().unwrap_or_default(), *decimals),
+            Some(Event::Sas { emoji, decimals, .. }) => (emoji.clone().unwrap_or_default(), *decimals),
             _ => unreachable!("both SAS shown"),
         };
         let ((ea, da), (eb, db)) = (get(&self.sas_shown[0]), get(&self.sas_shown[1]));
@@ -393,17 +419,10 @@ impl Demo<'_> {
             output::sas_side_by_side((&left, &ea), (&right, &eb))
         ))?;
         if let (Some(da), Some(db)) = (da, db) {
-            self.say(&format!(
-                "      {:<26}{}\n",
-                output::decimals(&da),
-                output::decimals(&db)
-            ))?;
+            self.say(&format!("      {:<26}{}\n", output::decimals(&da), output::decimals(&db)))?;
         }
         let now = self.net.now;
-        let (fa, fb) = (
-            self.flows[0].clone().expect("flow"),
-            self.flows[1].clone().expect("flow"),
-        );
+        let (fa, fb) = (self.flows[0].clone().expect("flow"), self.flows[1].clone().expect("flow"));
         match self.opts.scenario {
             Scenario::Mismatch => {
                 self.say("  Bob sees different emoji and presses “They don't match”.")?;
@@ -432,31 +451,20 @@ impl Demo<'_> {
         for side in [Side::A, Side::B] {
             let name = person(side).name;
             match &self.ended[side as usize] {
-                Some(Event::Done {
-                    user_id,
-                    device_id,
-                    keys,
-                    ..
-                }) => {
+                Some(Event::Done { user_id, device_id, keys, .. }) => {
                     let keys = keys
                         .iter()
                         .map(|k| match k.kind {
-                            KeyKind::Device => format!("device key {}", k.key),
-                            KeyKind::MasterKey => format!("master key {}", k.key),
+                            KeyKind::Device => format!("the key of device {device_id}, {}", k.key),
+                            KeyKind::MasterKey => format!("the master key {}", k.key),
                         })
                         .collect::<Vec<_>>()
                         .join(" and ");
-                    self.say(&format!(
-                        "  ✔ {name}: verified {user_id}'s device {device_id} ({keys})"
-                    ))?;
+                    self.say(&format!("  ✔ {name}: verified {user_id} — {keys}"))?;
                 }
                 Some(Event::Cancelled { info, .. }) => {
                     if ending != Ending::TimedOut {
-                        ending = if info.code == CancelCode::Timeout {
-                            Ending::TimedOut
-                        } else {
-                            Ending::Cancelled
-                        };
+                        ending = if info.code == CancelCode::Timeout { Ending::TimedOut } else { Ending::Cancelled };
                     }
                     self.say(&format!("  ✘ {name}: {}", info.explain()))?;
                 }

@@ -4,3 +4,4 @@ pub mod demo;
 pub mod entropy;
 pub mod output;
 pub mod qr_image;
+pub mod qr_tool;

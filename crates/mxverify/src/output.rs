@@ -20,10 +20,7 @@ pub enum Ending {
 
 fn flow_json(flow: &FlowKey) -> Value {
     match flow {
-        FlowKey::ToDevice {
-            user_id,
-            transaction_id,
-        } => {
+        FlowKey::ToDevice { user_id, transaction_id } => {
             json!({"flow_id": transaction_id, "transport": "to_device", "user": user_id})
         }
         FlowKey::Room { room_id, event_id } => {
@@ -43,43 +40,20 @@ fn merge(mut base: Value, extra: Value) -> Value {
 /// `device` names which local device saw it (the demo runs two).
 pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
     let (name, flow, body) = match event {
-        Event::IncomingRequest {
-            flow,
-            from_device,
-            methods,
-            common_methods,
-            legacy,
-            deadline,
-        } => (
+        Event::IncomingRequest { flow, from_device, methods, common_methods, legacy, deadline } => (
             "request",
             flow,
             json!({"direction": "incoming", "device": from_device, "methods": methods,
                    "common_methods": common_methods, "legacy": legacy, "deadline_ms": deadline}),
         ),
         Event::RequestSent { flow } => ("request", flow, json!({"direction": "outgoing"})),
-        Event::Ready {
-            flow,
-            other_device,
-            methods,
-        } => (
-            "ready",
-            flow,
-            json!({"device": other_device, "methods": methods}),
-        ),
-        Event::Started {
-            flow,
-            method,
-            by_us,
-        } => (
-            "started",
-            flow,
-            json!({"method": method, "by": if *by_us { "us" } else { "them" }}),
-        ),
-        Event::Sas {
-            flow,
-            emoji,
-            decimals,
-        } => (
+        Event::Ready { flow, other_device, methods } => {
+            ("ready", flow, json!({"device": other_device, "methods": methods}))
+        }
+        Event::Started { flow, method, by_us } => {
+            ("started", flow, json!({"method": method, "by": if *by_us { "us" } else { "them" }}))
+        }
+        Event::Sas { flow, emoji, decimals } => (
             "sas",
             flow,
             json!({
@@ -87,22 +61,11 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
                 "decimals": decimals,
             }),
         ),
-        Event::QrCode {
-            flow,
-            payload,
-            mode,
-        } => (
-            "qr",
-            flow,
-            json!({"payload": mxverify_proto::b64::encode(payload), "mode": mode}),
-        ),
+        Event::QrCode { flow, payload, mode } => {
+            ("qr", flow, json!({"payload": mxverify_proto::b64::encode(payload), "mode": mode}))
+        }
         Event::QrScanned { flow } => ("qr_scanned", flow, json!({})),
-        Event::Done {
-            flow,
-            user_id,
-            device_id,
-            keys,
-        } => (
+        Event::Done { flow, user_id, device_id, keys } => (
             "done",
             flow,
             json!({"verified_user": user_id, "verified_device": device_id,
@@ -115,17 +78,11 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
                    "cause": info.cause.as_ref().map(ToString::to_string), "sent": info.sent, "explanation": info.explain()}),
         ),
         Event::KeysNeeded { user_id } => {
-            return Some(with_device(
-                device,
-                json!({"event": "keys_needed", "user": user_id}),
-            ));
+            return Some(with_device(device, json!({"event": "keys_needed", "user": user_id})));
         }
         Event::Dropped { .. } => return None,
     };
-    Some(with_device(
-        device,
-        merge(merge(json!({"event": name}), flow_json(flow)), body),
-    ))
+    Some(with_device(device, merge(merge(json!({"event": name}), flow_json(flow)), body)))
 }
 
 fn with_device(device: Option<&str>, v: Value) -> Value {
@@ -139,14 +96,7 @@ fn with_device(device: Option<&str>, v: Value) -> Value {
 pub fn sas_side_by_side(left: (&str, &[Emoji]), right: (&str, &[Emoji])) -> String {
     let mut out = format!("      {:<26}{}\n", left.0, right.0);
     for (i, (l, r)) in left.1.iter().zip(right.1).enumerate() {
-        out.push_str(&format!(
-            "  {}   {}  {:<22}{}  {}\n",
-            i + 1,
-            l.symbol,
-            l.description,
-            r.symbol,
-            r.description
-        ));
+        out.push_str(&format!("  {}   {}  {:<22}{}  {}\n", i + 1, l.symbol, l.description, r.symbol, r.description));
     }
     out
 }

@@ -59,14 +59,10 @@ pub enum QrImageError {
     #[error("unreadable image (only PNG and JPEG are supported): {0}")]
     UnreadableImage(#[source] image::ImageError),
     /// The picture contains nothing that looks like a QR code.
-    #[error(
-        "no QR code found in the picture; make sure the whole code, with its white border, is in the frame"
-    )]
+    #[error("no QR code found in the picture; make sure the whole code, with its white border, is in the frame")]
     NoQrCode,
     /// Something like a QR code was found but its content could not be read.
-    #[error(
-        "a QR code was found but could not be read ({0}); try a sharper, straighter, evenly lit picture"
-    )]
+    #[error("a QR code was found but could not be read ({0}); try a sharper, straighter, evenly lit picture")]
     Undecodable(#[source] rqrr::DeQRError),
 }
 
@@ -99,10 +95,7 @@ pub fn render_terminal(payload: &[u8]) -> Result<String, QrImageError> {
 }
 
 /// [`render_terminal`] for a chosen terminal background.
-pub fn render_terminal_for(
-    payload: &[u8],
-    background: TerminalBackground,
-) -> Result<String, QrImageError> {
+pub fn render_terminal_for(payload: &[u8], background: TerminalBackground) -> Result<String, QrImageError> {
     let grid = ModuleGrid::new(payload)?;
     let size = grid.size();
     // Ink is what the terminal draws in its foreground colour.
@@ -148,19 +141,13 @@ pub fn render_image(payload: &[u8], scale: u32) -> Result<GrayImage, QrImageErro
 pub fn write_png(payload: &[u8], path: &Path) -> Result<(), QrImageError> {
     render_image(payload, PNG_SCALE)?
         .save_with_format(path, ImageFormat::Png)
-        .map_err(|source| QrImageError::Write {
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(|source| QrImageError::Write { path: path.to_owned(), source })
 }
 
 /// Reads a PNG or JPEG file and returns the raw bytes of the first readable QR code in
 /// it (feed them to [`mxverify_proto::qr::QrPayload::decode`]).
 pub fn decode_image(path: &Path) -> Result<Vec<u8>, QrImageError> {
-    let data = std::fs::read(path).map_err(|source| QrImageError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let data = std::fs::read(path).map_err(|source| QrImageError::Read { path: path.to_owned(), source })?;
     decode_image_bytes(&data)
 }
 
@@ -173,9 +160,8 @@ pub fn decode_image_bytes(data: &[u8]) -> Result<Vec<u8>, QrImageError> {
 /// Finds and reads the first QR code in a greyscale picture; returns its raw bytes.
 pub fn decode_luma(picture: &GrayImage) -> Result<Vec<u8>, QrImageError> {
     let (w, h) = (picture.width() as usize, picture.height() as usize);
-    let mut prepared = rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| {
-        picture.get_pixel(x as u32, y as u32).0[0]
-    });
+    let mut prepared =
+        rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| picture.get_pixel(x as u32, y as u32).0[0]);
     let mut last_error = None;
     for grid in prepared.detect_grids() {
         // `decode_to` hands out the segment bytes untouched; `decode` would insist on
@@ -199,9 +185,7 @@ struct ModuleGrid {
 
 impl ModuleGrid {
     fn new(payload: &[u8]) -> Result<ModuleGrid, QrImageError> {
-        Ok(ModuleGrid {
-            code: encode_byte_mode(payload)?,
-        })
+        Ok(ModuleGrid { code: encode_byte_mode(payload)? })
     }
 
     /// Side length including the quiet zone on both sides.
@@ -240,9 +224,7 @@ fn byte_mode_bits(payload: &[u8]) -> Result<(Bits, EcLevel), QrImageError> {
     for ec in EC_LEVELS {
         for version in 1..=40 {
             let mut bits = Bits::new(Version::Normal(version));
-            let fits = bits
-                .push_byte_data(payload)
-                .and_then(|()| bits.push_terminator(ec));
+            let fits = bits.push_byte_data(payload).and_then(|()| bits.push_terminator(ec));
             match fits {
                 Ok(()) => return Ok((bits, ec)),
                 Err(qrcode::types::QrError::DataTooLong) => continue,
@@ -284,14 +266,9 @@ mod tests {
         payload.extend_from_slice(b"12345678901234567890");
         for p in [payload.clone(), vec![b'7'; 300], vec![0u8; 1000]] {
             let (bits, _ec) = byte_mode_bits(&p).unwrap();
-            let Version::Normal(version) = bits.version() else {
-                panic!("micro QR")
-            };
+            let Version::Normal(version) = bits.version() else { panic!("micro QR") };
             let bytes = bits.into_bytes();
-            let mut r = BitReader {
-                bytes: &bytes,
-                pos: 0,
-            };
+            let mut r = BitReader { bytes: &bytes, pos: 0 };
             assert_eq!(r.take(4), 0b0100, "byte mode indicator");
             let count_bits = if version <= 9 { 8 } else { 16 };
             assert_eq!(r.take(count_bits), p.len(), "character count");

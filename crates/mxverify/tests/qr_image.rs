@@ -4,19 +4,19 @@ use std::path::PathBuf;
 
 use image::{GrayImage, Luma};
 use mxverify::qr_image::{
-    MAX_PAYLOAD_LEN, QUIET_ZONE, QrImageError, TerminalBackground, decode_image,
-    decode_image_bytes, render_image, render_terminal, render_terminal_for, write_png,
+    MAX_PAYLOAD_LEN, QUIET_ZONE, QrImageError, TerminalBackground, decode_image, decode_image_bytes, render_image,
+    render_terminal, render_terminal_for, write_png,
 };
 use mxverify_proto::qr::{QrMode, QrPayload, QrSecret};
 
 /// Two valid Ed25519 public keys (RFC 8032 test vectors 1 and 2), as raw bytes.
 const KEY_A: [u8; 32] = [
-    0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64, 0x07, 0x3a,
-    0x0e, 0xe1, 0x72, 0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68, 0xf7, 0x07, 0x51, 0x1a,
+    0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64, 0x07, 0x3a, 0x0e, 0xe1, 0x72,
+    0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68, 0xf7, 0x07, 0x51, 0x1a,
 ];
 const KEY_B: [u8; 32] = [
-    0x3d, 0x40, 0x17, 0xc3, 0xe8, 0x43, 0x89, 0x5a, 0x92, 0xb7, 0x0a, 0xa7, 0x4d, 0x1b, 0x7e, 0xbc,
-    0x9c, 0x98, 0x2c, 0xcf, 0x2e, 0xc4, 0x96, 0x8c, 0xc0, 0xcd, 0x55, 0xf1, 0x2a, 0xf4, 0x66, 0x0c,
+    0x3d, 0x40, 0x17, 0xc3, 0xe8, 0x43, 0x89, 0x5a, 0x92, 0xb7, 0x0a, 0xa7, 0x4d, 0x1b, 0x7e, 0xbc, 0x9c, 0x98, 0x2c,
+    0xcf, 0x2e, 0xc4, 0x96, 0x8c, 0xc0, 0xcd, 0x55, 0xf1, 0x2a, 0xf4, 0x66, 0x0c,
 ];
 
 /// A fresh path in the system temp directory, removed when dropped.
@@ -24,9 +24,7 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(name: &str) -> TempFile {
-        TempFile(
-            std::env::temp_dir().join(format!("mxverify-qr-image-{}-{name}", std::process::id())),
-        )
+        TempFile(std::env::temp_dir().join(format!("mxverify-qr-image-{}-{name}", std::process::id())))
     }
 }
 
@@ -48,17 +46,10 @@ fn secret() -> QrSecret {
 /// Real payloads: every mode, to-device and in-room flow ids.
 fn payloads() -> Vec<(String, Vec<u8>)> {
     let in_room = "$Rqnc-F-dvnEYJTyHq_iKxU2bZ1CI92-kTL4v8Ks1bvY";
-    let long_in_room = format!(
-        "${}:some.rather.long.homeserver.example.org",
-        "x".repeat(80)
-    );
+    let long_in_room = format!("${}:some.rather.long.homeserver.example.org", "x".repeat(80));
     let flows = ["S0meUniqueAndOpaqueString", in_room, long_in_room.as_str()];
     let mut out = Vec::new();
-    for mode in [
-        QrMode::OtherUser,
-        QrMode::SelfTrusted,
-        QrMode::SelfUntrusted,
-    ] {
+    for mode in [QrMode::OtherUser, QrMode::SelfTrusted, QrMode::SelfUntrusted] {
         for flow in flows {
             let p = QrPayload::new(mode, flow, KEY_A, KEY_B, secret()).expect("valid payload");
             out.push((format!("{mode:?} {flow}"), p.encode()));
@@ -106,17 +97,11 @@ fn jpeg_round_trip() {
     for (i, (label, bytes)) in payloads().into_iter().enumerate().step_by(2) {
         let img = render_image(&bytes, 6).unwrap();
         let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
-            .encode_image(&img)
-            .expect("encode jpeg");
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&img).expect("encode jpeg");
         assert_eq!(&jpeg[..2], &[0xff, 0xd8], "a JPEG file");
         let file = TempFile::new(&format!("rt{i}.jpg"));
         std::fs::write(&file.0, &jpeg).unwrap();
-        assert_eq!(
-            decode_image(&file.0).expect("decode jpeg"),
-            bytes,
-            "{label}"
-        );
+        assert_eq!(decode_image(&file.0).expect("decode jpeg"), bytes, "{label}");
     }
 }
 
@@ -137,24 +122,17 @@ fn decodes_code_inside_a_larger_picture() {
         }
     });
     let mut png = Vec::new();
-    picture
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
+    picture.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     assert_eq!(decode_image_bytes(&png).unwrap(), *bytes);
 }
 
 #[test]
 fn picture_without_qr_code() {
     let file = TempFile::new("blank.png");
-    GrayImage::from_fn(200, 150, |x, y| Luma([((x * 7 + y * 3) % 256) as u8]))
-        .save(&file.0)
-        .unwrap();
+    GrayImage::from_fn(200, 150, |x, y| Luma([((x * 7 + y * 3) % 256) as u8])).save(&file.0).unwrap();
     let err = decode_image(&file.0).unwrap_err();
     assert!(matches!(err, QrImageError::NoQrCode), "{err:?}");
-    assert!(
-        err.to_string()
-            .starts_with("no QR code found in the picture")
-    );
+    assert!(err.to_string().starts_with("no QR code found in the picture"));
 }
 
 #[test]
@@ -177,10 +155,7 @@ fn payload_too_big() {
     assert!(matches!(err, QrImageError::PayloadTooBig { len: 2954 }));
     assert!(err.to_string().contains("too big for a QR code"), "{err}");
     let file = TempFile::new("too-big.png");
-    assert!(matches!(
-        write_png(&vec![0; 5000], &file.0),
-        Err(QrImageError::PayloadTooBig { len: 5000 })
-    ));
+    assert!(matches!(write_png(&vec![0; 5000], &file.0), Err(QrImageError::PayloadTooBig { len: 5000 })));
     assert!(!file.0.exists());
 }
 
@@ -237,10 +212,7 @@ fn terminal_rendering_shape_and_readability() {
     for (label, bytes) in payloads() {
         // Dark terminal: ink is light.
         let text = render_terminal(&bytes).unwrap();
-        assert_eq!(
-            text,
-            render_terminal_for(&bytes, TerminalBackground::Dark).unwrap()
-        );
+        assert_eq!(text, render_terminal_for(&bytes, TerminalBackground::Dark).unwrap());
         let modules = terminal_to_ink(&text);
         let n = modules.len();
         // The quiet zone is ink (light) on a dark terminal...
@@ -255,11 +227,7 @@ fn terminal_rendering_shape_and_readability() {
         // ...and the finder pattern's corner is dark, i.e. blank.
         assert!(!modules[QUIET_ZONE][QUIET_ZONE]);
         let photo = terminal_photo(&modules, 230, 20);
-        assert_eq!(
-            mxverify::qr_image::decode_luma(&photo).expect("dark terminal photo"),
-            bytes,
-            "{label}"
-        );
+        assert_eq!(mxverify::qr_image::decode_luma(&photo).expect("dark terminal photo"), bytes, "{label}");
 
         // Light terminal: ink is dark, and the same code comes out.
         let light = render_terminal_for(&bytes, TerminalBackground::Light).unwrap();
@@ -270,10 +238,6 @@ fn terminal_rendering_shape_and_readability() {
             }
         }
         let photo = terminal_photo(&modules_light, 20, 235);
-        assert_eq!(
-            mxverify::qr_image::decode_luma(&photo).expect("light terminal photo"),
-            bytes,
-            "{label}"
-        );
+        assert_eq!(mxverify::qr_image::decode_luma(&photo).expect("light terminal photo"), bytes, "{label}");
     }
 }

@@ -27,28 +27,17 @@ pub(crate) struct ShownQr {
 }
 
 fn master(key: &str) -> VerifiedKey {
-    VerifiedKey {
-        key_id: format!("ed25519:{key}"),
-        key: key.to_owned(),
-        kind: KeyKind::MasterKey,
-    }
+    VerifiedKey { key_id: format!("ed25519:{key}"), key: key.to_owned(), kind: KeyKind::MasterKey }
 }
 
 fn device(id: &str, key: &str) -> VerifiedKey {
-    VerifiedKey {
-        key_id: format!("ed25519:{id}"),
-        key: key.to_owned(),
-        kind: KeyKind::Device,
-    }
+    VerifiedKey { key_id: format!("ed25519:{id}"), key: key.to_owned(), kind: KeyKind::Device }
 }
 
 type Refusal = (CancelCode, LocalCause);
 
 fn key_mismatch(what: &str) -> Refusal {
-    (
-        CancelCode::KeyMismatch,
-        LocalCause::QrMismatch(what.to_owned()),
-    )
+    (CancelCode::KeyMismatch, LocalCause::QrMismatch(what.to_owned()))
 }
 
 impl Machine {
@@ -56,9 +45,7 @@ impl Machine {
     /// the mode from the relationship (QR-02). Emits [`Event::QrCode`].
     pub(crate) fn offer_qr(&mut self, flow: &mut Flow) {
         if !matches!(flow.state, State::Ready(None))
-            || !self
-                .common_methods(&flow.their_methods)
-                .contains(&Method::QrShowV1)
+            || !self.common_methods(&flow.their_methods).contains(&Method::QrShowV1)
         {
             return;
         }
@@ -79,10 +66,7 @@ impl Machine {
             payload: payload.encode(),
             mode: mode.as_byte(),
         });
-        let trust = QrTrust {
-            keys: vec![trusted],
-            we_show: true,
-        };
+        let trust = QrTrust { keys: vec![trusted], we_show: true };
         flow.state = State::Ready(Some(Box::new(ShownQr { payload, trust })));
     }
 
@@ -102,12 +86,7 @@ impl Machine {
             Some((QrMode::SelfTrusted, own_msk, dev_key, trusted))
         } else {
             let trusted = master(&own_msk);
-            Some((
-                QrMode::SelfUntrusted,
-                self.own.ed25519.clone(),
-                own_msk,
-                trusted,
-            ))
+            Some((QrMode::SelfUntrusted, self.own.ed25519.clone(), own_msk, trusted))
         }
     }
 
@@ -123,26 +102,13 @@ impl Machine {
     /// the `m.reciprocate.v1` start. A code that does not hold cancels the flow (`m.key_mismatch`,
     /// or `m.user_mismatch` for a code about the wrong user); bytes that are not a verification
     /// code at all are an error, so the user can try again.
-    pub fn scan_qr(
-        &mut self,
-        key: &FlowKey,
-        scanned: &[u8],
-        now: Millis,
-    ) -> Result<(), ActionError> {
+    pub fn scan_qr(&mut self, key: &FlowKey, scanned: &[u8], now: Millis) -> Result<(), ActionError> {
         self.with_flow(key, |m, flow| {
             if !matches!(flow.state, State::Ready(_)) {
-                return Err(ActionError::WrongState {
-                    action: "scan a QR code",
-                    state: flow.state.name(),
-                });
+                return Err(ActionError::WrongState { action: "scan a QR code", state: flow.state.name() });
             }
-            if !m
-                .common_methods(&flow.their_methods)
-                .contains(&Method::QrScanV1)
-            {
-                return Err(ActionError::NoCommonMethod(
-                    "the other device cannot show a QR code",
-                ));
+            if !m.common_methods(&flow.their_methods).contains(&Method::QrScanV1) {
+                return Err(ActionError::NoCommonMethod("the other device cannot show a QR code"));
             }
             let payload = QrPayload::decode(scanned).map_err(ActionError::InvalidQr)?;
             match m.qr_check_scanned(flow, &payload) {
@@ -150,9 +116,7 @@ impl Machine {
                 Ok(trusted) => {
                     let start = Start {
                         from_device: m.own.device_id.clone(),
-                        method: StartMethod::Reciprocate {
-                            secret: payload.secret().to_base64(),
-                        },
+                        method: StartMethod::Reciprocate { secret: payload.secret().to_base64() },
                     };
                     m.send(flow, Msg::Start(start), now);
                     m.events.push_back(Event::Started {
@@ -160,10 +124,7 @@ impl Machine {
                         method: Method::ReciprocateV1.as_str().into(),
                         by_us: true,
                     });
-                    flow.state = State::QrWaitingForDone(QrTrust {
-                        keys: vec![trusted],
-                        we_show: false,
-                    });
+                    flow.state = State::QrWaitingForDone(QrTrust { keys: vec![trusted], we_show: false });
                 }
             }
             Ok(())
@@ -177,22 +138,13 @@ impl Machine {
             return Err(key_mismatch("the code belongs to another verification"));
         }
         let same_user = flow.other_user == self.own.user_id;
-        let wrong_user = |what: &str| {
-            (
-                CancelCode::UserMismatch,
-                LocalCause::QrMismatch(what.to_owned()),
-            )
-        };
+        let wrong_user = |what: &str| (CancelCode::UserMismatch, LocalCause::QrMismatch(what.to_owned()));
         match (p.mode(), same_user) {
             (QrMode::OtherUser, true) => {
-                return Err(wrong_user(
-                    "the code is for verifying another user, not our own devices",
-                ));
+                return Err(wrong_user("the code is for verifying another user, not our own devices"));
             }
             (QrMode::SelfTrusted | QrMode::SelfUntrusted, false) => {
-                return Err(wrong_user(
-                    "the code is for a self-verification, not for verifying another user",
-                ));
+                return Err(wrong_user("the code is for a self-verification, not for verifying another user"));
             }
             _ => {}
         }
@@ -209,9 +161,7 @@ impl Machine {
                     .and_then(|k| k.master_key.as_deref())
                     .ok_or_else(|| key_mismatch("we do not know the other user's master key"))?;
                 if key1 != their_msk {
-                    return Err(key_mismatch(
-                        "the first key is not the other user's master key",
-                    ));
+                    return Err(key_mismatch("the first key is not the other user's master key"));
                 }
                 if key2 != own_msk {
                     return Err(key_mismatch("the second key is not our master key"));
@@ -255,33 +205,22 @@ impl Machine {
         let State::Ready(Some(shown)) = std::mem::replace(&mut flow.state, State::Moving) else {
             unreachable!("only called while showing a code")
         };
-        let matches = QrSecret::from_base64(secret)
-            .is_ok_and(|s| bool::from(s.ct_eq(shown.payload.secret())));
+        let matches = QrSecret::from_base64(secret).is_ok_and(|s| bool::from(s.ct_eq(shown.payload.secret())));
         flow.state = State::Ready(Some(shown));
         if !matches {
             let cause = LocalCause::QrMismatch(
                 "the secret does not match our code — someone may be attempting an attack".into(),
             );
-            return self.fail(
-                flow,
-                Some(MsgKind::Start),
-                CancelCode::KeyMismatch,
-                cause,
-                now,
-            );
+            return self.fail(flow, Some(MsgKind::Start), CancelCode::KeyMismatch, cause, now);
         }
-        let State::Ready(Some(shown)) = std::mem::replace(&mut flow.state, State::Moving) else {
-            unreachable!()
-        };
+        let State::Ready(Some(shown)) = std::mem::replace(&mut flow.state, State::Moving) else { unreachable!() };
         flow.state = State::QrScanned(shown);
         self.events.push_back(Event::Started {
             flow: flow.key.clone(),
             method: Method::ReciprocateV1.as_str().into(),
             by_us: false,
         });
-        self.events.push_back(Event::QrScanned {
-            flow: flow.key.clone(),
-        });
+        self.events.push_back(Event::QrScanned { flow: flow.key.clone() });
     }
 
     /// Our user confirmed that the other device shows success: send `done` (QR-05, QR-06).
@@ -291,13 +230,7 @@ impl Machine {
         };
         if !self.qr_trust_holds(flow, &shown.trust) {
             flow.state = State::QrScanned(shown);
-            return self.fail(
-                flow,
-                None,
-                CancelCode::KeyMismatch,
-                LocalCause::KeysChanged,
-                now,
-            );
+            return self.fail(flow, None, CancelCode::KeyMismatch, LocalCause::KeysChanged, now);
         }
         self.send(flow, Msg::Done, now);
         flow.state = State::QrWaitingForDone(shown.trust);
@@ -305,20 +238,13 @@ impl Machine {
 
     /// The other side's `done`: the scanner answers with its own (QR-06); both now trust.
     pub(crate) fn qr_on_done(&mut self, flow: &mut Flow, now: Millis) {
-        let State::QrWaitingForDone(trust) = std::mem::replace(&mut flow.state, State::Moving)
-        else {
+        let State::QrWaitingForDone(trust) = std::mem::replace(&mut flow.state, State::Moving) else {
             unreachable!("only called while waiting for done")
         };
         if !trust.we_show {
             if !self.qr_trust_holds(flow, &trust) {
                 flow.state = State::QrWaitingForDone(trust);
-                return self.fail(
-                    flow,
-                    Some(MsgKind::Done),
-                    CancelCode::KeyMismatch,
-                    LocalCause::KeysChanged,
-                    now,
-                );
+                return self.fail(flow, Some(MsgKind::Done), CancelCode::KeyMismatch, LocalCause::KeysChanged, now);
             }
             self.send(flow, Msg::Done, now);
         }
@@ -335,9 +261,7 @@ impl Machine {
     fn qr_trust_holds(&self, flow: &Flow, trust: &QrTrust) -> bool {
         let theirs = self.keys.get(&flow.other_user);
         trust.keys.iter().all(|k| match k.kind {
-            KeyKind::MasterKey if flow.other_user == self.own.user_id => {
-                self.own.master_key.as_deref() == Some(&k.key)
-            }
+            KeyKind::MasterKey if flow.other_user == self.own.user_id => self.own.master_key.as_deref() == Some(&k.key),
             KeyKind::MasterKey => theirs.and_then(|t| t.master_key.as_deref()) == Some(&k.key),
             KeyKind::Device => {
                 let dev = flow.other_device.as_deref().unwrap_or_default();

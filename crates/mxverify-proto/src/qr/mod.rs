@@ -9,6 +9,6 @@ pub(crate) mod flow;
 mod payload;
 
 pub use payload::{
-    QR_GENERATED_SECRET_LEN, QR_KEY_LEN, QR_MIN_SECRET_LEN, QR_PREFIX, QR_VERSION, QrDecodeError,
-    QrKeyPosition, QrKeys, QrMode, QrPayload, QrSecret, QrSecretDecodeError,
+    QR_GENERATED_SECRET_LEN, QR_KEY_LEN, QR_MIN_SECRET_LEN, QR_PREFIX, QR_VERSION, QrDecodeError, QrKeyPosition,
+    QrKeys, QrMode, QrPayload, QrSecret, QrSecretDecodeError,
 };

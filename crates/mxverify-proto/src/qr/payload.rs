@@ -153,9 +153,7 @@ impl QrSecret {
     /// Spec: [Unpadded Base64](https://spec.matrix.org/v1.19/appendices/#unpadded-base64)
     /// (decoders should accept both forms).
     pub fn from_base64(encoded: &str) -> Result<QrSecret, QrSecretDecodeError> {
-        B64.decode(encoded)
-            .map(QrSecret)
-            .map_err(|_| QrSecretDecodeError)
+        B64.decode(encoded).map(QrSecret).map_err(|_| QrSecretDecodeError)
     }
 }
 
@@ -177,9 +175,7 @@ impl Eq for QrSecret {}
 
 impl std::fmt::Debug for QrSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QrSecret")
-            .field("len", &self.0.len())
-            .finish_non_exhaustive()
+        f.debug_struct("QrSecret").field("len", &self.0.len()).finish_non_exhaustive()
     }
 }
 
@@ -236,9 +232,7 @@ pub enum QrDecodeError {
         len: usize,
     },
     /// The flow id length field announces more bytes than remain.
-    #[error(
-        "QR payload truncated in the flow id: it announces {declared} bytes but only {available} remain"
-    )]
+    #[error("QR payload truncated in the flow id: it announces {declared} bytes but only {available} remain")]
     TruncatedFlowId {
         /// Length announced at bytes 8–9.
         declared: usize,
@@ -246,9 +240,7 @@ pub enum QrDecodeError {
         available: usize,
     },
     /// Fewer than 64 bytes remain after the flow id for the two keys.
-    #[error(
-        "QR payload truncated in the keys: {available} bytes after the flow id, the two keys need 64"
-    )]
+    #[error("QR payload truncated in the keys: {available} bytes after the flow id, the two keys need 64")]
     TruncatedKeys {
         /// Bytes left after the flow id.
         available: usize,
@@ -338,13 +330,7 @@ impl QrPayload {
         if flow_id.len() > usize::from(u16::MAX) {
             return Err(QrDecodeError::FlowIdTooLong { len: flow_id.len() });
         }
-        let payload = QrPayload {
-            mode,
-            flow_id,
-            key1,
-            key2,
-            secret,
-        };
+        let payload = QrPayload { mode, flow_id, key1, key2, secret };
         payload.validate()?;
         Ok(payload)
     }
@@ -360,13 +346,7 @@ impl QrPayload {
         other_master_key: [u8; 32],
         secret: QrSecret,
     ) -> Result<QrPayload, QrDecodeError> {
-        QrPayload::new(
-            QrMode::OtherUser,
-            flow_id,
-            own_master_key,
-            other_master_key,
-            secret,
-        )
+        QrPayload::new(QrMode::OtherUser, flow_id, own_master_key, other_master_key, secret)
     }
 
     /// Mode `0x01` (self-verification, this device trusts the master key): `master_key`
@@ -380,13 +360,7 @@ impl QrPayload {
         other_device_key: [u8; 32],
         secret: QrSecret,
     ) -> Result<QrPayload, QrDecodeError> {
-        QrPayload::new(
-            QrMode::SelfTrusted,
-            flow_id,
-            master_key,
-            other_device_key,
-            secret,
-        )
+        QrPayload::new(QrMode::SelfTrusted, flow_id, master_key, other_device_key, secret)
     }
 
     /// Mode `0x02` (self-verification, this device does not trust the master key yet):
@@ -400,13 +374,7 @@ impl QrPayload {
         master_key: [u8; 32],
         secret: QrSecret,
     ) -> Result<QrPayload, QrDecodeError> {
-        QrPayload::new(
-            QrMode::SelfUntrusted,
-            flow_id,
-            own_device_key,
-            master_key,
-            secret,
-        )
+        QrPayload::new(QrMode::SelfUntrusted, flow_id, own_device_key, master_key, secret)
     }
 
     /// The mode (payload byte 7).
@@ -450,18 +418,9 @@ impl QrPayload {
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
     pub fn keys(&self) -> QrKeys<'_> {
         match self.mode {
-            QrMode::OtherUser => QrKeys::OtherUser {
-                displayer_master_key: &self.key1,
-                scanner_master_key: &self.key2,
-            },
-            QrMode::SelfTrusted => QrKeys::SelfTrusted {
-                master_key: &self.key1,
-                scanner_device_key: &self.key2,
-            },
-            QrMode::SelfUntrusted => QrKeys::SelfUntrusted {
-                displayer_device_key: &self.key1,
-                master_key: &self.key2,
-            },
+            QrMode::OtherUser => QrKeys::OtherUser { displayer_master_key: &self.key1, scanner_master_key: &self.key2 },
+            QrMode::SelfTrusted => QrKeys::SelfTrusted { master_key: &self.key1, scanner_device_key: &self.key2 },
+            QrMode::SelfUntrusted => QrKeys::SelfUntrusted { displayer_device_key: &self.key1, master_key: &self.key2 },
         }
     }
 
@@ -507,10 +466,8 @@ impl QrPayload {
         let flow_id = self.flow_id.as_bytes();
         // Guaranteed by every constructor: the length came from, or was checked
         // against, a u16.
-        let flow_len =
-            u16::try_from(flow_id.len()).expect("flow id length checked on construction");
-        let mut out =
-            Vec::with_capacity(HEADER_LEN + flow_id.len() + 2 * QR_KEY_LEN + self.secret.len());
+        let flow_len = u16::try_from(flow_id.len()).expect("flow id length checked on construction");
+        let mut out = Vec::with_capacity(HEADER_LEN + flow_id.len() + 2 * QR_KEY_LEN + self.secret.len());
         out.extend_from_slice(QR_PREFIX);
         out.push(QR_VERSION);
         out.push(self.mode.as_byte());
@@ -564,25 +521,16 @@ impl QrPayload {
             }
             None => return Err(QrDecodeError::UnknownMode(mode_byte)),
         };
-        let len_bytes: [u8; 2] = bytes
-            .get(8..HEADER_LEN)
-            .ok_or_else(truncated)?
-            .try_into()
-            .expect("slice of length 2");
+        let len_bytes: [u8; 2] = bytes.get(8..HEADER_LEN).ok_or_else(truncated)?.try_into().expect("slice of length 2");
         let flow_len = usize::from(u16::from_be_bytes(len_bytes));
 
         let rest = &bytes[HEADER_LEN..];
         if rest.len() < flow_len {
-            return Err(QrDecodeError::TruncatedFlowId {
-                declared: flow_len,
-                available: rest.len(),
-            });
+            return Err(QrDecodeError::TruncatedFlowId { declared: flow_len, available: rest.len() });
         }
         let (flow_id, rest) = rest.split_at(flow_len);
         if rest.len() < 2 * QR_KEY_LEN {
-            return Err(QrDecodeError::TruncatedKeys {
-                available: rest.len(),
-            });
+            return Err(QrDecodeError::TruncatedKeys { available: rest.len() });
         }
         let (key1, rest) = rest.split_at(QR_KEY_LEN);
         let (key2, secret) = rest.split_at(QR_KEY_LEN);
@@ -600,9 +548,7 @@ impl QrPayload {
     /// The semantic checks shared by [`QrPayload::new`] and [`QrPayload::decode`].
     fn validate(&self) -> Result<(), QrDecodeError> {
         if self.secret.len() < QR_MIN_SECRET_LEN {
-            return Err(QrDecodeError::SecretTooShort {
-                len: self.secret.len(),
-            });
+            return Err(QrDecodeError::SecretTooShort { len: self.secret.len() });
         }
         if !is_ed25519_point(&self.key1) {
             return Err(QrDecodeError::InvalidKey(QrKeyPosition::First));
@@ -626,11 +572,7 @@ mod tests {
 
     #[test]
     fn mode_bytes_round_trip() {
-        for mode in [
-            QrMode::OtherUser,
-            QrMode::SelfTrusted,
-            QrMode::SelfUntrusted,
-        ] {
+        for mode in [QrMode::OtherUser, QrMode::SelfTrusted, QrMode::SelfUntrusted] {
             assert_eq!(QrMode::from_byte(mode.as_byte()), Some(mode));
         }
         for byte in 3..=u8::MAX {
@@ -653,10 +595,7 @@ mod tests {
         assert_eq!(secret.to_base64(), "MTIzNDU2Nzg");
         assert_eq!(QrSecret::from_base64("MTIzNDU2Nzg").unwrap(), secret);
         assert_eq!(QrSecret::from_base64("MTIzNDU2Nzg=").unwrap(), secret);
-        assert_eq!(
-            QrSecret::from_base64("MTIz*DU2Nzg"),
-            Err(QrSecretDecodeError)
-        );
+        assert_eq!(QrSecret::from_base64("MTIz*DU2Nzg"), Err(QrSecretDecodeError));
     }
 
     #[test]

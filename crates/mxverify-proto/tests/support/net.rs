@@ -27,9 +27,7 @@ pub struct Dev {
 pub fn fake_key(label: &str) -> String {
     use sha2::Digest;
     let seed: [u8; 32] = sha2::Sha256::digest(label.as_bytes()).into();
-    vodozemac::Ed25519SecretKey::from_slice(&seed)
-        .public_key()
-        .to_base64()
+    vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().to_base64()
 }
 
 impl Dev {
@@ -91,11 +89,7 @@ pub fn keys_of(devs: &[&Dev]) -> UserKeys {
     for d in devs {
         devices.insert(d.device.clone(), d.ed25519.clone());
     }
-    UserKeys {
-        devices,
-        master_key: devs[0].msk.clone(),
-        other_cross_signing_keys: vec![],
-    }
+    UserKeys { devices, master_key: devs[0].msk.clone(), other_cross_signing_keys: vec![] }
 }
 
 impl Net {
@@ -127,31 +121,19 @@ impl Net {
     }
 
     pub fn events(&self, side: Side) -> Vec<&Event> {
-        self.lb
-            .events
-            .iter()
-            .filter(|(s, _)| *s == side)
-            .map(|(_, e)| e)
-            .collect()
+        self.lb.events.iter().filter(|(s, _)| *s == side).map(|(_, e)| e).collect()
     }
 
     /// The flow key of the first request/started flow seen on `side`.
     pub fn flow_of(&self, side: Side) -> FlowKey {
-        self.lb
-            .flow_of(side)
-            .unwrap_or_else(|| panic!("no flow on {side:?}: {:?}", self.events(side)))
+        self.lb.flow_of(side).unwrap_or_else(|| panic!("no flow on {side:?}: {:?}", self.events(side)))
     }
 
     pub fn sas(&self, side: Side) -> Option<Shown> {
         self.events(side).iter().find_map(|e| match e {
-            Event::Sas {
-                emoji, decimals, ..
-            } => Some((
-                emoji
-                    .as_ref()
-                    .map(|v| v.iter().map(|e| e.description.to_string()).collect()),
-                *decimals,
-            )),
+            Event::Sas { emoji, decimals, .. } => {
+                Some((emoji.as_ref().map(|v| v.iter().map(|e| e.description.to_string()).collect()), *decimals))
+            }
             _ => None,
         })
     }
@@ -176,22 +158,12 @@ impl Net {
             .log
             .iter()
             .filter(|w| w.out.event_type == "m.key.verification.cancel")
-            .map(|w| {
-                (
-                    w.from,
-                    w.out.content["code"].as_str().unwrap_or("").to_owned(),
-                )
-            })
+            .map(|w| (w.from, w.out.content["code"].as_str().unwrap_or("").to_owned()))
             .collect()
     }
 
     pub fn sent_types(&self, side: Side) -> Vec<&'static str> {
-        self.lb
-            .log
-            .iter()
-            .filter(|w| w.from == side)
-            .map(|w| w.out.event_type)
-            .collect()
+        self.lb.log.iter().filter(|w| w.from == side).map(|w| w.out.event_type).collect()
     }
 
     /// Runs a whole request → ready → SAS → confirm exchange. `starter` starts SAS.
@@ -202,10 +174,7 @@ impl Net {
         if in_room {
             self.lb.a.request_in_room(ROOM, &target_user, now);
         } else {
-            self.lb
-                .a
-                .request_to_device(&target_user, &[target_device], now)
-                .unwrap();
+            self.lb.a.request_to_device(&target_user, &[target_device], now).unwrap();
         }
         self.run();
         let fb = self.flow_of(Side::B);

@@ -69,9 +69,7 @@ pub fn schema_for(event_type: &str, content: &Value) -> Cow<'static, str> {
 /// `/content: "from_device" is a required property`.
 pub fn validate_event(event: &Value) -> Result<(), Vec<String>> {
     let Some(event_type) = event.get("type").and_then(Value::as_str) else {
-        return Err(vec![
-            "/: event has no string \"type\", cannot pick a schema".to_owned(),
-        ]);
+        return Err(vec!["/: event has no string \"type\", cannot pick a schema".to_owned()]);
     };
     let content = event.get("content").unwrap_or(&Value::Null);
     validate_against(&schema_for(event_type, content), event)
@@ -83,39 +81,24 @@ pub fn validate_event(event: &Value) -> Result<(), Vec<String>> {
 /// but cannot be loaded or compiled panics.
 pub fn validate_against(schema_file: &str, event: &Value) -> Result<(), Vec<String>> {
     let Some(validator) = validator(schema_file) else {
-        return Err(vec![format!(
-            "/: no schema file {schema_file:?} in {}",
-            schema_dir().display()
-        )]);
+        return Err(vec![format!("/: no schema file {schema_file:?} in {}", schema_dir().display())]);
     };
     let errors: Vec<String> = validator
         .iter_errors(event)
         .map(|error| {
             let path = error.instance_path().to_string();
-            let path = if path.is_empty() {
-                "/".to_owned()
-            } else {
-                path
-            };
+            let path = if path.is_empty() { "/".to_owned() } else { path };
             format!("{path}: {error}")
         })
         .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
 /// The schema file with every file `$ref` inlined, as compiled by
 /// [`validate_against`]. Panics if the file is missing or broken.
 pub fn load_schema(schema_file: &str) -> Value {
-    let path = schema_path(schema_file).unwrap_or_else(|| {
-        panic!(
-            "no schema file {schema_file:?} in {}",
-            schema_dir().display()
-        )
-    });
+    let path = schema_path(schema_file)
+        .unwrap_or_else(|| panic!("no schema file {schema_file:?} in {}", schema_dir().display()));
     let mut stack = Vec::new();
     resolve_file(&path, &mut stack).unwrap_or_else(|e| panic!("loading schema {schema_file}: {e}"))
 }
@@ -138,24 +121,18 @@ fn validator(schema_file: &str) -> Option<Arc<jsonschema::Validator>> {
         .build(&schema)
         .unwrap_or_else(|e| panic!("compiling schema {schema_file}: {e}"));
     let compiled = Arc::new(compiled);
-    lock(cache)
-        .entry(schema_file.to_owned())
-        .or_insert_with(|| Arc::clone(&compiled));
+    lock(cache).entry(schema_file.to_owned()).or_insert_with(|| Arc::clone(&compiled));
     Some(compiled)
 }
 
 fn lock(cache: &Cache) -> std::sync::MutexGuard<'_, HashMap<String, Arc<jsonschema::Validator>>> {
     // A panic while holding the lock cannot leave the map inconsistent.
-    cache
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Path of a schema file, refusing names that would leave [`schema_dir`].
 fn schema_path(schema_file: &str) -> Option<PathBuf> {
-    let escapes = Path::new(schema_file)
-        .components()
-        .any(|c| !matches!(c, std::path::Component::Normal(_)));
+    let escapes = Path::new(schema_file).components().any(|c| !matches!(c, std::path::Component::Normal(_)));
     if escapes {
         return None;
     }
@@ -172,17 +149,12 @@ pub fn read_yaml(path: &Path) -> Result<Value, String> {
 /// Load `path` and inline all its file `$ref`s. `stack` holds the files being
 /// resolved, to report reference cycles instead of recursing forever.
 fn resolve_file(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Value, String> {
-    let path = path
-        .canonicalize()
-        .map_err(|e| format!("resolving {}: {e}", path.display()))?;
+    let path = path.canonicalize().map_err(|e| format!("resolving {}: {e}", path.display()))?;
     if stack.contains(&path) {
         return Err(format!("$ref cycle through {}", path.display()));
     }
     let mut doc = read_yaml(&path)?;
-    let base = path
-        .parent()
-        .ok_or_else(|| format!("{} has no parent directory", path.display()))?
-        .to_path_buf();
+    let base = path.parent().ok_or_else(|| format!("{} has no parent directory", path.display()))?.to_path_buf();
     stack.push(path);
     let inlined = inline_refs(&mut doc, &base, stack);
     stack.pop();
@@ -194,9 +166,7 @@ fn resolve_file(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Value, String> 
 /// file `node` comes from.
 fn inline_refs(node: &mut Value, base: &Path, stack: &mut Vec<PathBuf>) -> Result<(), String> {
     match node {
-        Value::Array(items) => items
-            .iter_mut()
-            .try_for_each(|item| inline_refs(item, base, stack)),
+        Value::Array(items) => items.iter_mut().try_for_each(|item| inline_refs(item, base, stack)),
         Value::Object(map) => {
             for (key, value) in map.iter_mut() {
                 if key != "$ref" {
@@ -212,10 +182,7 @@ fn inline_refs(node: &mut Value, base: &Path, stack: &mut Vec<PathBuf>) -> Resul
             } else {
                 // `$ref` next to other keywords: keep them and apply the
                 // target through `allOf`, which is what `$ref` means in 2020-12.
-                match map
-                    .entry("allOf")
-                    .or_insert_with(|| Value::Array(Vec::new()))
-                {
+                match map.entry("allOf").or_insert_with(|| Value::Array(Vec::new())) {
                     Value::Array(all_of) => all_of.push(target),
                     _ => return Err(format!("non-array allOf next to $ref {reference:?}")),
                 }
@@ -231,9 +198,7 @@ fn inline_refs(node: &mut Value, base: &Path, stack: &mut Vec<PathBuf>) -> Resul
 fn load_ref(reference: &str, base: &Path, stack: &mut Vec<PathBuf>) -> Result<Value, String> {
     let (file, fragment) = reference.split_once('#').unwrap_or((reference, ""));
     if file.is_empty() {
-        return Err(format!(
-            "local $ref {reference:?} is not supported by the inliner"
-        ));
+        return Err(format!("local $ref {reference:?} is not supported by the inliner"));
     }
     if file.contains("://") {
         return Err(format!("remote $ref {reference:?} is not supported"));
@@ -242,9 +207,7 @@ fn load_ref(reference: &str, base: &Path, stack: &mut Vec<PathBuf>) -> Result<Va
     let mut target = if fragment.is_empty() {
         doc
     } else {
-        doc.pointer(fragment)
-            .cloned()
-            .ok_or_else(|| format!("$ref {reference:?}: no such pointer in the target"))?
+        doc.pointer(fragment).cloned().ok_or_else(|| format!("$ref {reference:?}: no such pointer in the target"))?
     };
     if let Value::Object(map) = &mut target {
         strip_root_keywords(map);
