@@ -1,5 +1,6 @@
 //! mxverify as a library: the parts of the command-line program that can be tested alone.
 
+pub mod commands;
 pub mod demo;
 pub mod entropy;
 pub mod output;

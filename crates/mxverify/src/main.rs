@@ -6,16 +6,38 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mxverify::demo::{self, DemoMethod, DemoOptions, Scenario, Transport};
 use mxverify::output::Ending;
-use mxverify::qr_tool;
+use mxverify::{commands, qr_tool};
 
 #[derive(Parser)]
 #[command(name = "mxverify", version, about = "Matrix key verification (SAS and QR) from the command line")]
 struct Cli {
-    /// One JSON object per line on standard output (a stable interface; see the README).
+    /// One JSON object per line on standard output, commands as JSON lines on standard input (a
+    /// stable interface; see the README).
     #[arg(long, global = true)]
     json: bool,
+    /// Where this device's state lives (default: $MXVERIFY_STATE_DIR, or the platform's data
+    /// directory).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    /// Compare emoji or numbers.
+    Sas,
+    /// Show or scan a QR code (SAS stays available).
+    Qr,
+}
+
+impl MethodArg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sas => "sas",
+            Self::Qr => "qr",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,6 +63,77 @@ enum Command {
     /// Read, show and draw verification QR codes.
     #[command(subcommand)]
     Qr(QrCommand),
+    /// Log in with a password; creates this device's keys and publishes them.
+    Login {
+        /// The homeserver's base URL, e.g. https://matrix.example.org.
+        #[arg(long)]
+        homeserver: String,
+        /// User name or full user ID.
+        #[arg(long)]
+        user: String,
+        /// The password (or set MXVERIFY_PASSWORD).
+        #[arg(long, env = "MXVERIFY_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// Reuse or choose this device ID.
+        #[arg(long)]
+        device_id: Option<String>,
+    },
+    /// Ask USER to verify: to-device for your own devices or a named device, in a direct-message
+    /// room for another user; then drive the verification to its end.
+    Request {
+        /// The user to verify (yourself for your other devices).
+        user: String,
+        /// Only this device (to-device).
+        #[arg(long)]
+        device: Option<String>,
+        /// In a direct-message room (created if needed).
+        #[arg(long, conflicts_with_all = ["room", "device"])]
+        dm: bool,
+        /// In this room.
+        #[arg(long, conflicts_with = "device")]
+        room: Option<String>,
+        /// Emoji (sas) or QR code (qr).
+        #[arg(long, value_enum, default_value_t = MethodArg::Sas)]
+        method: MethodArg,
+        /// With --method qr: also write our QR code to this PNG file.
+        #[arg(long, value_name = "FILE")]
+        qr_png: Option<PathBuf>,
+    },
+    /// Wait for verification requests and answer them.
+    Listen {
+        /// Which methods to offer: sas, or qr (which offers SAS too).
+        #[arg(long, value_enum, default_value_t = MethodArg::Sas)]
+        method: MethodArg,
+        /// Stop after the first verification ends.
+        #[arg(long)]
+        once: bool,
+        /// With --method qr: also write our QR code to this PNG file.
+        #[arg(long, value_name = "FILE")]
+        qr_png: Option<PathBuf>,
+    },
+    /// List a user's devices (default: yours) with their verification state.
+    Devices {
+        /// The user.
+        user: Option<String>,
+    },
+    /// List what this device has verified.
+    Trust,
+    /// Cross-signing keys.
+    #[command(subcommand)]
+    CrossSigning(CrossSigningCommand),
+}
+
+#[derive(Subcommand)]
+enum CrossSigningCommand {
+    /// Create and publish master, self-signing and user-signing keys, and sign this device.
+    Bootstrap {
+        /// The account password, if the homeserver asks for it (or set MXVERIFY_PASSWORD).
+        #[arg(long, env = "MXVERIFY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Replace keys published by another device.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +174,50 @@ fn main() -> ExitCode {
             qr_tool::decode(picture.as_deref(), base64.as_deref(), cli.json, &mut out)
         }
         Command::Qr(QrCommand::Show { base64, png }) => qr_tool::show(&base64, png.as_deref(), &mut out),
+        other => {
+            let dir = commands::state_dir(cli.state_dir);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+            let result = runtime.block_on(async {
+                let qr_png = match &other {
+                    Command::Request { qr_png, .. } | Command::Listen { qr_png, .. } => qr_png.clone(),
+                    _ => None,
+                };
+                let mut ui = commands::Ui { json: cli.json, out: &mut out, qr_png };
+                match other {
+                    Command::Login { homeserver, user, password, device_id } => {
+                        commands::login(&dir, &homeserver, &user, &password, device_id.as_deref(), &mut ui).await
+                    }
+                    Command::Request { user, device, dm, room, method, .. } => {
+                        let target = match (device, dm, room) {
+                            (_, _, Some(room)) => commands::Target::Room(room),
+                            (_, true, None) => commands::Target::Dm,
+                            (Some(d), false, None) => commands::Target::ToDevice(Some(d)),
+                            (None, false, None) => commands::Target::Auto,
+                        };
+                        commands::request(&dir, &user, target, method.name(), &mut ui).await
+                    }
+                    Command::Listen { method, once, .. } => commands::listen(&dir, method.name(), once, &mut ui).await,
+                    Command::Devices { user } => commands::devices(&dir, user.as_deref(), &mut ui).await,
+                    Command::Trust => commands::trust(&dir, &mut ui),
+                    Command::CrossSigning(CrossSigningCommand::Bootstrap { password, replace }) => {
+                        commands::bootstrap(&dir, password.as_deref(), replace, &mut ui).await
+                    }
+                    Command::Demo { .. } | Command::Qr(_) => unreachable!("handled above"),
+                }
+            });
+            match result {
+                Ok(ending) => return ExitCode::from(ending as u8),
+                Err(e) => {
+                    let ending = commands::ending_for(&e);
+                    let message = commands::explain_error(&e);
+                    if cli.json {
+                        println!("{}", serde_json::json!({"event": "error", "message": message, "code": ending as u8}));
+                    }
+                    eprintln!("mxverify: {message}");
+                    return ExitCode::from(ending as u8);
+                }
+            }
+        }
     };
     match result {
         Ok(ending) => ExitCode::from(ending as u8),

@@ -5,17 +5,25 @@ use mxverify_proto::emoji::Emoji;
 use mxverify_proto::{Event, FlowKey, KeyKind};
 use serde_json::{Value, json};
 
-/// How a run ended, as the process exit code says it.
+/// How a run ended, as the process exit code says it (documented in the README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
-    /// Every verification finished and was verified.
+    /// Every verification finished and was verified (or the command succeeded).
     Verified = 0,
-    /// An error outside the protocol (bad arguments, I/O).
+    /// An error outside the protocol (I/O, a damaged store, an unexpected answer).
     Error = 1,
     /// A verification was cancelled (by either side, any code but `m.timeout`).
     Cancelled = 3,
     /// A verification timed out.
     TimedOut = 4,
+    /// The homeserver refused the user name or password.
+    LoginFailed = 5,
+    /// The homeserver could not be reached.
+    Unreachable = 6,
+    /// The user or device does not exist, or has no valid keys.
+    UnknownUserOrDevice = 7,
+    /// There is no session in the state directory (or the server forgot it).
+    NotLoggedIn = 8,
 }
 
 fn flow_json(flow: &FlowKey) -> Value {

@@ -1,0 +1,225 @@
+//! Signed JSON (device keys, cross-signing keys): signing, and checking every signature of a
+//! `/keys/query` answer before any key is used ([spec: cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)).
+
+use std::collections::BTreeMap;
+
+use mxverify_proto::canonical;
+use serde_json::{Value, json};
+use vodozemac::{Ed25519PublicKey, Ed25519SecretKey, Ed25519Signature};
+
+/// The canonical JSON that a signature covers: the object without `signatures` and `unsigned`.
+pub fn signable(obj: &Value) -> Option<String> {
+    let mut o = obj.as_object()?.clone();
+    o.remove("signatures");
+    o.remove("unsigned");
+    canonical::to_string(&Value::Object(o)).ok()
+}
+
+/// Adds `signature` by `signer`'s `key_id` to a signed-JSON object.
+pub fn add_signature(obj: &mut Value, signer: &str, key_id: &str, signature: &Ed25519Signature) {
+    let sigs = obj.as_object_mut().expect("signed JSON is an object").entry("signatures").or_insert_with(|| json!({}));
+    if !sigs[signer].is_object() {
+        sigs[signer] = json!({});
+    }
+    sigs[signer][key_id] = json!(signature.to_base64());
+}
+
+/// Signs an object with a secret key, under `ed25519:<key_id>`.
+pub fn sign_with(obj: &mut Value, signer: &str, key_id: &str, key: &Ed25519SecretKey) {
+    let message = signable(obj).expect("our own objects have a canonical form");
+    let sig = key.sign(message.as_bytes());
+    add_signature(obj, signer, &format!("ed25519:{key_id}"), &sig);
+}
+
+/// Whether `obj` carries a valid signature by `signer`'s `ed25519:<key_id>` = `public_b64`.
+pub fn has_valid_signature(obj: &Value, signer: &str, key_id: &str, public_b64: &str) -> bool {
+    let (Some(sig), Ok(public), Some(message)) = (
+        obj.pointer(&format!("/signatures/{}/ed25519:{}", escape(signer), escape(key_id))).and_then(Value::as_str),
+        Ed25519PublicKey::from_base64(public_b64),
+        signable(obj),
+    ) else {
+        return false;
+    };
+    Ed25519Signature::from_base64(sig).is_ok_and(|s| public.verify(message.as_bytes(), &s).is_ok())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// One device of a user, with a valid self-signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    /// Device ID.
+    pub device_id: String,
+    /// Ed25519 key (unpadded base64).
+    pub ed25519: String,
+    /// Curve25519 key, if published.
+    pub curve25519: Option<String>,
+    /// Display name, if any.
+    pub display_name: Option<String>,
+    /// Whether the owner's self-signing key signed it (validly).
+    pub cross_signed: bool,
+    /// The signed JSON as published (needed to add our signature).
+    pub json: Value,
+}
+
+/// What `/keys/query` says of one user, after every check.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserKeyInfo {
+    /// Devices with a valid self-signature.
+    pub devices: BTreeMap<String, DeviceKeys>,
+    /// The master key.
+    pub master_key: Option<String>,
+    /// Its signed JSON.
+    pub master_json: Option<Value>,
+    /// The self-signing key, if validly signed by the master key.
+    pub self_signing_key: Option<String>,
+    /// The user-signing key (own user only), if validly signed by the master key.
+    pub user_signing_key: Option<String>,
+    /// What was rejected and why (for diagnostics).
+    pub rejected: Vec<String>,
+}
+
+impl UserKeyInfo {
+    /// The machine's view of these keys.
+    pub fn for_machine(&self) -> mxverify_proto::UserKeys {
+        mxverify_proto::UserKeys {
+            devices: self.devices.iter().map(|(id, d)| (id.clone(), d.ed25519.clone())).collect(),
+            master_key: self.master_key.clone(),
+            other_cross_signing_keys: self.self_signing_key.iter().chain(&self.user_signing_key).cloned().collect(),
+        }
+    }
+}
+
+/// The single ed25519 key of a cross-signing key object with this usage, checked.
+fn cross_signing_key(obj: &Value, user: &str, usage: &str) -> Result<String, String> {
+    if obj["user_id"] != user {
+        return Err(format!("{usage} key: wrong user_id"));
+    }
+    if !obj["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
+        return Err(format!("{usage} key: usage does not include {usage}"));
+    }
+    let keys = obj["keys"].as_object().ok_or(format!("{usage} key: no keys"))?;
+    let [(id, key)] = keys.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!("{usage} key: not exactly one key"));
+    };
+    let key = key.as_str().ok_or(format!("{usage} key: not a string"))?;
+    if *id != format!("ed25519:{key}") || Ed25519PublicKey::from_base64(key).is_err() {
+        return Err(format!("{usage} key: malformed key {id}"));
+    }
+    Ok(key.to_owned())
+}
+
+/// Checks one user's part of a `/keys/query` answer: device self-signatures, and the self- and
+/// user-signing keys' signatures by the master key. Anything that fails a check is left out.
+pub fn check_user(resp: &Value, user: &str) -> UserKeyInfo {
+    let mut info = UserKeyInfo::default();
+    if let Some(master) = resp.pointer(&format!("/master_keys/{}", escape(user))) {
+        match cross_signing_key(master, user, "master") {
+            Ok(k) => {
+                info.master_key = Some(k);
+                info.master_json = Some(master.clone());
+            }
+            Err(e) => info.rejected.push(e),
+        }
+    }
+    let signed_by_master = |obj: &Value, usage: &str, info: &mut UserKeyInfo| -> Option<String> {
+        let msk = info.master_key.clone()?;
+        match cross_signing_key(obj, user, usage) {
+            Ok(k) if has_valid_signature(obj, user, &msk, &msk) => Some(k),
+            Ok(_) => {
+                info.rejected.push(format!("{usage} key: not signed by the master key"));
+                None
+            }
+            Err(e) => {
+                info.rejected.push(e);
+                None
+            }
+        }
+    };
+    if let Some(ssk) = resp.pointer(&format!("/self_signing_keys/{}", escape(user))) {
+        info.self_signing_key = signed_by_master(ssk, "self_signing", &mut info);
+    }
+    if let Some(usk) = resp.pointer(&format!("/user_signing_keys/{}", escape(user))) {
+        info.user_signing_key = signed_by_master(usk, "user_signing", &mut info);
+    }
+    let devices = resp.pointer(&format!("/device_keys/{}", escape(user))).and_then(Value::as_object);
+    for (device_id, d) in devices.into_iter().flatten() {
+        let ed = d.pointer(&format!("/keys/ed25519:{}", escape(device_id))).and_then(Value::as_str);
+        let ok = d["user_id"] == user && d["device_id"] == device_id.as_str();
+        match ed {
+            Some(ed) if ok && has_valid_signature(d, user, device_id, ed) => {
+                let cross_signed =
+                    info.self_signing_key.as_ref().is_some_and(|ssk| has_valid_signature(d, user, ssk, ssk));
+                info.devices.insert(
+                    device_id.clone(),
+                    DeviceKeys {
+                        device_id: device_id.clone(),
+                        ed25519: ed.to_owned(),
+                        curve25519: d
+                            .pointer(&format!("/keys/curve25519:{}", escape(device_id)))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        display_name: d
+                            .pointer("/unsigned/device_display_name")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        cross_signed,
+                        json: d.clone(),
+                    },
+                );
+            }
+            _ => info.rejected.push(format!("device {device_id}: missing or invalid self-signature")),
+        }
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed_device(user: &str, device: &str, key: &Ed25519SecretKey) -> Value {
+        let mut d = json!({"user_id": user, "device_id": device, "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+            "keys": {format!("ed25519:{device}"): key.public_key().to_base64()}});
+        sign_with(&mut d, user, device, key);
+        d
+    }
+
+    fn cs_key(user: &str, usage: &str, key: &Ed25519SecretKey) -> Value {
+        let pk = key.public_key().to_base64();
+        json!({"user_id": user, "usage": [usage], "keys": {format!("ed25519:{pk}"): pk}})
+    }
+
+    #[test]
+    fn checks_every_signature() {
+        let (dev, msk, ssk, other) =
+            (Ed25519SecretKey::new(), Ed25519SecretKey::new(), Ed25519SecretKey::new(), Ed25519SecretKey::new());
+        let u = "@u:x";
+        let mut good = signed_device(u, "GOOD", &dev);
+        let msk_pub = msk.public_key().to_base64();
+        let ssk_pub = ssk.public_key().to_base64();
+        sign_with(&mut good, u, &ssk_pub, &ssk);
+        let mut forged = signed_device(u, "FORGED", &dev);
+        forged["keys"]["ed25519:FORGED"] = json!(other.public_key().to_base64()); // signature no longer matches
+        let wrong_user = signed_device("@v:x", "WRONGUSER", &dev);
+        let mut ssk_obj = cs_key(u, "self_signing", &ssk);
+        sign_with(&mut ssk_obj, u, &msk_pub, &msk);
+        let mut usk_obj = cs_key(u, "user_signing", &other);
+        sign_with(&mut usk_obj, u, &ssk_pub, &ssk); // signed by the wrong key
+        let resp = json!({
+            "device_keys": {u: {"GOOD": good, "FORGED": forged, "WRONGUSER": wrong_user}},
+            "master_keys": {u: cs_key(u, "master", &msk)},
+            "self_signing_keys": {u: ssk_obj},
+            "user_signing_keys": {u: usk_obj},
+        });
+        let info = check_user(&resp, u);
+        assert_eq!(info.devices.keys().collect::<Vec<_>>(), ["GOOD"]);
+        assert!(info.devices["GOOD"].cross_signed);
+        assert_eq!(info.master_key.as_deref(), Some(msk_pub.as_str()));
+        assert_eq!(info.self_signing_key.as_deref(), Some(ssk_pub.as_str()));
+        assert_eq!(info.user_signing_key, None);
+        assert_eq!(info.rejected.len(), 3, "{:?}", info.rejected);
+    }
+}

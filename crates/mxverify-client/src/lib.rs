@@ -1,0 +1,12 @@
+//! A Matrix device for mxverify: the Client-Server API calls verification needs (with retries),
+//! a SQLite store, signed device keys, cross-signing, and the glue that drives
+//! [`mxverify_proto::Machine`] from `/sync`.
+
+pub mod device;
+pub mod http;
+pub mod keys;
+pub mod store;
+
+pub use device::{Device, DeviceError, now_ms};
+pub use http::{Homeserver, HttpError};
+pub use store::{Store, StoreError, TrustRecord};
