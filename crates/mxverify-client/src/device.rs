@@ -280,7 +280,8 @@ impl Device {
         password: Option<&str>,
         replace: bool,
     ) -> Result<String, DeviceError> {
-        self.query_keys(&[self.user_id.clone()]).await?;
+        let me = self.user_id.clone();
+        self.query_keys(std::slice::from_ref(&me)).await?;
         let published = self.known.get(&self.user_id).and_then(|k| k.master_key.clone());
         if let (Some(msk), false) = (&published, replace) {
             if self.master_key().as_ref() == Some(msk) {
@@ -316,7 +317,8 @@ impl Device {
         keys::sign_with(&mut dev, &u, &public(&signer.self_signing), &signer.self_signing);
         self.hs.upload_signatures(&json!({ u.clone(): { self.device_id.clone(): dev } })).await?;
         self.refresh_own_identity();
-        self.query_keys(&[self.user_id.clone()]).await?;
+        let me = self.user_id.clone();
+        self.query_keys(std::slice::from_ref(&me)).await?;
         Ok(msk)
     }
 
