@@ -147,8 +147,14 @@ impl Device {
         config: Config,
     ) -> Result<Device, DeviceError> {
         let store = Store::open(dir)?;
+        // A wrong URL should fail fast; later calls get the patient default policy.
+        let probe = Homeserver::new(homeserver, None).with_retry(crate::http::Retry {
+            attempts: 3,
+            initial: std::time::Duration::from_millis(200),
+            max: std::time::Duration::from_secs(1),
+        });
+        probe.versions().await?;
         let mut hs = Homeserver::new(homeserver, None);
-        hs.versions().await?;
         let (user_id, device_id, token) = hs.login(user, password, device_id).await?;
         hs.set_token(token.clone());
         let same_device = store.get("user_id")?.as_deref() == Some(&user_id)

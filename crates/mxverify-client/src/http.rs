@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+pub use reqwest::Method;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 /// A failure talking to the homeserver.

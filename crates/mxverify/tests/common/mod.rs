@@ -1,0 +1,209 @@
+//! Helpers for tests against the local Synapse (`scripts/synapse`): users, `mxverify` processes
+//! driven through `--json`, and raw Client-Server API calls.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn script(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/synapse")).args(args).output().expect("scripts/synapse runs");
+    assert!(out.status.success(), "scripts/synapse {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Starts Synapse once per test process (idempotent and quick when it already runs).
+pub fn homeserver() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        script(&["start"]);
+        script(&["url"])
+    })
+    .clone()
+}
+
+pub fn restart_homeserver() {
+    script(&["restart"]);
+}
+
+/// A fresh user (unique per run), registered; returns its full user ID.
+pub fn user(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    homeserver();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let local = format!("{name}_{}_{}_{}", std::process::id(), t % 1_000_000_000, N.fetch_add(1, Ordering::Relaxed));
+    script(&["register", &local, PASSWORD])
+}
+
+/// A fresh state directory.
+pub fn state_dir(label: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!("mxverify-it-{}-{label}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_mxverify")
+}
+
+/// Runs mxverify to completion; returns (exit code, stdout JSON lines, stderr).
+pub fn run(state: &PathBuf, args: &[&str]) -> (i32, Vec<Value>, String) {
+    let out = Command::new(exe()).arg("--json").arg("--state-dir").arg(state).args(args).stdin(Stdio::null()).output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (out.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Logs a device in (and sets up cross-signing); returns its state directory and device ID.
+pub fn device(user: &str, label: &str, device_id: Option<&str>) -> (PathBuf, String) {
+    let dir = state_dir(label);
+    let mut args = vec!["login", "--homeserver", &HS.get_or_init(homeserver)[..], "--user", user, "--password", PASSWORD];
+    if let Some(d) = device_id {
+        args.extend(["--device-id", d]);
+    }
+    let (code, lines, err) = run(&dir, &args);
+    assert_eq!(code, 0, "login failed: {err}");
+    let device = lines[0]["device"].as_str().unwrap().to_owned();
+    (dir, device)
+}
+
+static HS: OnceLock<String> = OnceLock::new();
+
+pub fn bootstrap(dir: &PathBuf) {
+    let (code, _, err) = run(dir, &["cross-signing", "bootstrap", "--password", PASSWORD]);
+    assert_eq!(code, 0, "bootstrap failed: {err}");
+}
+
+/// A running `mxverify --json …` with its output as JSON lines.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<Value>,
+    pub seen: Vec<Value>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, state: &PathBuf, args: &[&str]) -> Proc {
+        let mut child = Command::new(exe())
+            .arg("--json")
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        let label = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{label}: not JSON ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc { name: name.into(), stdin: child.stdin.take(), child, lines: rx, seen: vec![] }
+    }
+
+    /// The next event named `event` (others are kept in `seen`).
+    pub fn expect(&mut self, event: &str) -> Value {
+        self.expect_within(event, Duration::from_secs(60))
+    }
+
+    pub fn expect_within(&mut self, event: &str, timeout: Duration) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if v["event"] == event {
+                        return v;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("{}: no {event:?} within {timeout:?}; saw {:#?}", self.name, self.seen),
+                Err(RecvTimeoutError::Disconnected) => panic!("{}: exited before {event:?}; saw {:#?}", self.name, self.seen),
+            }
+        }
+    }
+
+    pub fn send(&mut self, command: Value) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn cmd(&mut self, command: &str, flow_id: &str) {
+        self.send(json!({"command": command, "flow_id": flow_id}));
+    }
+
+    /// Waits for the exit code.
+    pub fn wait(&mut self) -> i32 {
+        self.stdin.take();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < end, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raw Client-Server API calls (for checks and for hostile input).
+pub fn api(token: Option<&str>, method: &str, path: &str, body: Option<Value>) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let hs = mxverify_client::Homeserver::new(&homeserver(), token.map(str::to_owned));
+        let m = reqwest_method(method);
+        hs.call(m, path, body.as_ref(), Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    })
+}
+
+fn reqwest_method(m: &str) -> mxverify_client::http::Method {
+    m.parse().unwrap()
+}
+
+/// Logs in with a plain password login; returns the access token.
+pub fn raw_login(user: &str) -> String {
+    let v = api(
+        None,
+        "POST",
+        "/_matrix/client/v3/login",
+        Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PASSWORD})),
+    );
+    v["access_token"].as_str().unwrap().to_owned()
+}

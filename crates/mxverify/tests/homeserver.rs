@@ -1,0 +1,198 @@
+//! Against a real homeserver (the local Synapse of `scripts/synapse`): two users verify each other
+//! in a room, two devices of one user verify each other to-device, the result is cross-signed for
+//! everyone to see, and bad input at the edges gets a clear message and a distinct exit code.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Drives a SAS verification between a requester and a listener through `--json`.
+fn sas(requester: &mut Proc, listener: &mut Proc) -> (Value, Value) {
+    let req = listener.expect("request");
+    assert_eq!(req["direction"], "incoming");
+    let flow = req["flow_id"].as_str().unwrap().to_owned();
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    let (sa, sb) = (requester.expect("sas"), listener.expect("sas"));
+    assert_eq!(sa["emoji"], sb["emoji"], "both sides show the same emoji");
+    assert_eq!(sa["decimals"], sb["decimals"]);
+    requester.cmd("confirm", &flow);
+    listener.cmd("confirm", &flow);
+    (requester.expect("done"), listener.expect("done"))
+}
+
+fn master_key_of(token: &str, user: &str) -> Value {
+    let v = api(Some(token), "POST", "/_matrix/client/v3/keys/query", Some(json!({"device_keys": {user: []}})));
+    v["master_keys"][user].clone()
+}
+
+#[test]
+fn two_users_verify_in_a_room_and_the_signatures_are_published() {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let (da, _) = device(&alice, "alice", Some("ALICEDEV"));
+    let (db, bob_dev) = device(&bob, "bob", None);
+    bootstrap(&da);
+    bootstrap(&db);
+    let mut listener = Proc::spawn("bob", &db, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("alice", &da, &["request", &bob, "--dm"]);
+    let (done_a, done_b) = sas(&mut requester, &mut listener);
+    assert_eq!(done_a["transport"], "room");
+    assert_eq!(done_a["verified_user"], bob.as_str());
+    assert_eq!(done_a["verified_device"], bob_dev.as_str());
+    let kinds = |d: &Value| {
+        let mut k: Vec<String> = d["keys"].as_array().unwrap().iter().map(|k| k["kind"].as_str().unwrap().to_owned()).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(kinds(&done_a), ["device", "master_key"]);
+    assert_eq!(kinds(&done_b), ["device", "master_key"]);
+    assert_eq!(requester.wait(), 0);
+    assert_eq!(listener.wait(), 0);
+
+    // A third login sees Alice's user-signing signature on Bob's master key, and Bob's on Alice's.
+    let token = raw_login(&alice);
+    let bob_msk = master_key_of(&token, &bob);
+    let alice_usk = api(Some(&token), "POST", "/_matrix/client/v3/keys/query", Some(json!({"device_keys": {alice.clone(): []}})))
+        ["user_signing_keys"][&alice]["keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        bob_msk["signatures"][&alice][format!("ed25519:{alice_usk}")].is_string(),
+        "Bob's master key carries Alice's user-signing signature: {bob_msk:#}"
+    );
+    // Signatures on another user's key are shown to the signer's account (here: a new login of Bob).
+    let alice_msk = master_key_of(&raw_login(&bob), &alice);
+    assert_eq!(alice_msk["signatures"][&bob].as_object().map(|o| o.len()), Some(1), "{alice_msk:#}");
+
+    // Both trust stores recorded the other's keys, and `devices` shows Bob's device as verified.
+    let (code, trusted, _) = run(&da, &["trust"]);
+    assert_eq!(code, 0);
+    assert_eq!(trusted.len(), 2);
+    let (_, devices, _) = run(&da, &["devices", &bob]);
+    assert_eq!(devices[0]["state"], "verified");
+}
+
+#[test]
+fn two_devices_of_one_user_verify_to_device() {
+    let carol = user("carol");
+    let (d1, _) = device(&carol, "carol1", Some("CAROLONE"));
+    bootstrap(&d1);
+    let (d2, _) = device(&carol, "carol2", Some("CAROLTWO"));
+    let mut listener = Proc::spawn("carol2", &d2, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("carol1", &d1, &["request", &carol]);
+    let (done_1, done_2) = sas(&mut requester, &mut listener);
+    assert_eq!(done_1["transport"], "to_device");
+    assert_eq!(done_1["verified_device"], "CAROLTWO");
+    assert_eq!(done_2["verified_device"], "CAROLONE");
+    // The new device had no trust in the master key yet: it learns it from the verification.
+    assert!(done_2["keys"].as_array().unwrap().iter().any(|k| k["kind"] == "master_key"));
+    assert_eq!(requester.wait(), 0);
+    assert_eq!(listener.wait(), 0);
+    // CAROLONE holds the self-signing key and signed CAROLTWO: a third login sees it cross-signed.
+    let (dir3, _) = device(&carol, "carol3", Some("CAROLTHREE"));
+    let (_, devices, _) = run(&dir3, &["devices"]);
+    let two = devices.iter().find(|d| d["device"] == "CAROLTWO").unwrap();
+    assert_eq!(two["cross_signed"], true, "{devices:#?}");
+}
+
+#[test]
+fn cancel_and_mismatch_end_with_the_right_code_on_both_sides() {
+    let (dave, erin) = (user("dave"), user("erin"));
+    let (dd, _) = device(&dave, "dave", None);
+    let (de, erin_dev) = device(&erin, "erin", None);
+    // Mismatch, to-device to a named device.
+    let mut listener = Proc::spawn("erin", &de, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("dave", &dd, &["request", &erin, "--device", &erin_dev]);
+    let req = listener.expect("request");
+    let flow = req["flow_id"].as_str().unwrap().to_owned();
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    listener.expect("sas");
+    listener.cmd("mismatch", &flow);
+    let (ca, cb) = (requester.expect("cancelled"), listener.expect("cancelled"));
+    assert_eq!((ca["code"].as_str(), ca["by"].as_str()), (Some("m.mismatched_sas"), Some("them")));
+    assert_eq!((cb["code"].as_str(), cb["by"].as_str()), (Some("m.mismatched_sas"), Some("us")));
+    assert_eq!(requester.wait(), 3);
+    assert_eq!(listener.wait(), 3);
+    // Declined request.
+    let mut listener = Proc::spawn("erin", &de, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("dave", &dd, &["request", &erin, "--dm"]);
+    let req = listener.expect("request");
+    listener.cmd("cancel", req["flow_id"].as_str().unwrap());
+    assert_eq!(requester.expect("cancelled")["code"], "m.user");
+    assert_eq!(requester.wait(), 3);
+    assert_eq!(listener.wait(), 3);
+}
+
+#[test]
+fn bad_input_at_the_edges() {
+    let hs = homeserver();
+    let frank = user("frank");
+    // Wrong password: 5.
+    let dir = state_dir("badpw");
+    let (code, lines, err) = run(&dir, &["login", "--homeserver", &hs, "--user", &frank, "--password", "wrong"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(lines[0]["event"], "error");
+    assert!(err.contains("password"), "{err}");
+    // Unreachable homeserver: 6 (a closed loopback port).
+    let (code, _, err) = run(&dir, &["login", "--homeserver", "http://127.0.0.1:9", "--user", &frank, "--password", PASSWORD]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    // Not logged in: 8.
+    let (code, _, err) = run(&state_dir("nologin"), &["devices"]);
+    assert_eq!(code, 8, "{err}");
+    // Unknown user and unknown device: 7.
+    let (df, _) = device(&frank, "frank", None);
+    let (code, _, err) = run(&df, &["request", "@nobody-here:localhost"]);
+    assert_eq!(code, 7, "{err}");
+    let (code, _, err) = run(&df, &["request", &frank, "--device", "NOSUCHDEVICE"]);
+    assert_eq!(code, 7, "{err}");
+    // Nothing panicked anywhere.
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn malformed_events_from_the_server_do_not_disturb_a_listener() {
+    let (gina, hank) = (user("gina"), user("hank"));
+    let (dg, gina_dev) = device(&gina, "gina", None);
+    let (dh, _) = device(&hank, "hank", None);
+    let mut listener = Proc::spawn("gina", &dg, &["listen", "--once"]);
+    listener.expect("listening");
+    // Hank sends garbage to Gina's device: wrong types, missing fields, unknown transactions.
+    let token = raw_login(&hank);
+    let junk = [
+        ("m.key.verification.request", json!({"from_device": 7, "methods": "m.sas.v1"})),
+        ("m.key.verification.start", json!({"transaction_id": "junk", "method": ["x"]})),
+        ("m.key.verification.mac", json!({"transaction_id": "junk2", "mac": "nope"})),
+        ("m.key.verification.cancel", json!({"transaction_id": "junk3"})),
+        ("m.key.verification.key", json!({"transaction_id": 5, "key": 5})),
+    ];
+    for (i, (ty, content)) in junk.iter().enumerate() {
+        api(
+            Some(&token),
+            "PUT",
+            &format!("/_matrix/client/v3/sendToDevice/{ty}/junk{i}"),
+            Some(json!({"messages": {gina.clone(): {gina_dev.clone(): content}}})),
+        );
+    }
+    // Then a real request still works.
+    let mut requester = Proc::spawn("hank", &dh, &["request", &gina, "--device", &gina_dev]);
+    let (done_h, _) = sas(&mut requester, &mut listener);
+    assert_eq!(done_h["verified_device"], gina_dev.as_str());
+    assert_eq!(listener.wait(), 0);
+    // The junk got at most the replies the rules allow (an unknown transaction, once each).
+    assert!(listener.seen.iter().all(|e| e["event"] != "error"), "{:#?}", listener.seen);
+}
