@@ -31,13 +31,24 @@ pub fn state_dir(arg: Option<PathBuf>) -> PathBuf {
 }
 
 /// The machine configuration for a method choice: what this device can actually do.
+///
+/// For tests, `MXVERIFY_FLOW_TIMEOUT_MS` and `MXVERIFY_PROMPT_TIMEOUT_MS` shorten the spec's
+/// 10-minute flow timeout and 2-minute prompt timeout.
 pub fn config_for(method: &str) -> Config {
     let mut methods = vec![Method::SasV1];
     if method == "qr" {
         // We can draw a code, and read one from a picture or a pasted payload.
         methods.extend([Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1]);
     }
-    Config { methods, ..Config::default() }
+    let mut config = Config { methods, ..Config::default() };
+    let env_ms = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = env_ms("MXVERIFY_FLOW_TIMEOUT_MS") {
+        config.timeouts.flow = ms;
+    }
+    if let Some(ms) = env_ms("MXVERIFY_PROMPT_TIMEOUT_MS") {
+        config.timeouts.prompt_after_receipt = ms;
+    }
+    config
 }
 
 /// The exit code for a failure outside the protocol.

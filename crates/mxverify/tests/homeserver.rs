@@ -43,7 +43,8 @@ fn two_users_verify_in_a_room_and_the_signatures_are_published() {
     assert_eq!(done_a["verified_user"], bob.as_str());
     assert_eq!(done_a["verified_device"], bob_dev.as_str());
     let kinds = |d: &Value| {
-        let mut k: Vec<String> = d["keys"].as_array().unwrap().iter().map(|k| k["kind"].as_str().unwrap().to_owned()).collect();
+        let mut k: Vec<String> =
+            d["keys"].as_array().unwrap().iter().map(|k| k["kind"].as_str().unwrap().to_owned()).collect();
         k.sort();
         k
     };
@@ -55,8 +56,12 @@ fn two_users_verify_in_a_room_and_the_signatures_are_published() {
     // A third login sees Alice's user-signing signature on Bob's master key, and Bob's on Alice's.
     let token = raw_login(&alice);
     let bob_msk = master_key_of(&token, &bob);
-    let alice_usk = api(Some(&token), "POST", "/_matrix/client/v3/keys/query", Some(json!({"device_keys": {alice.clone(): []}})))
-        ["user_signing_keys"][&alice]["keys"]
+    let alice_usk = api(
+        Some(&token),
+        "POST",
+        "/_matrix/client/v3/keys/query",
+        Some(json!({"device_keys": {alice.clone(): []}})),
+    )["user_signing_keys"][&alice]["keys"]
         .as_object()
         .unwrap()
         .values()
@@ -148,7 +153,8 @@ fn bad_input_at_the_edges() {
     assert_eq!(lines[0]["event"], "error");
     assert!(err.contains("password"), "{err}");
     // Unreachable homeserver: 6 (a closed loopback port).
-    let (code, _, err) = run(&dir, &["login", "--homeserver", "http://127.0.0.1:9", "--user", &frank, "--password", PASSWORD]);
+    let (code, _, err) =
+        run(&dir, &["login", "--homeserver", "http://127.0.0.1:9", "--user", &frank, "--password", PASSWORD]);
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("cannot reach"), "{err}");
     // Not logged in: 8.

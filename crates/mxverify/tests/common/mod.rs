@@ -50,7 +50,11 @@ pub fn user(name: &str) -> String {
 /// A fresh state directory.
 pub fn state_dir(label: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("mxverify-it-{}-{label}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let d = std::env::temp_dir().join(format!(
+        "mxverify-it-{}-{label}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
@@ -61,7 +65,14 @@ pub fn exe() -> &'static str {
 
 /// Runs mxverify to completion; returns (exit code, stdout JSON lines, stderr).
 pub fn run(state: &PathBuf, args: &[&str]) -> (i32, Vec<Value>, String) {
-    let out = Command::new(exe()).arg("--json").arg("--state-dir").arg(state).args(args).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(exe())
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let lines = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -72,7 +83,8 @@ pub fn run(state: &PathBuf, args: &[&str]) -> (i32, Vec<Value>, String) {
 /// Logs a device in (and sets up cross-signing); returns its state directory and device ID.
 pub fn device(user: &str, label: &str, device_id: Option<&str>) -> (PathBuf, String) {
     let dir = state_dir(label);
-    let mut args = vec!["login", "--homeserver", &HS.get_or_init(homeserver)[..], "--user", user, "--password", PASSWORD];
+    let mut args =
+        vec!["login", "--homeserver", &HS.get_or_init(homeserver)[..], "--user", user, "--password", PASSWORD];
     if let Some(d) = device_id {
         args.extend(["--device-id", d]);
     }
@@ -100,7 +112,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, state: &PathBuf, args: &[&str]) -> Proc {
+        Self::spawn_env(name, state, args, &[])
+    }
+
+    pub fn spawn_env(name: &str, state: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(exe())
+            .envs(env.iter().copied())
             .arg("--json")
             .arg("--state-dir")
             .arg(state)
@@ -116,7 +133,8 @@ impl Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{label}: not JSON ({e}): {line}"));
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{label}: not JSON ({e}): {line}"));
                 if tx.send(v).is_err() {
                     return;
                 }
@@ -141,8 +159,12 @@ impl Proc {
                         return v;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => panic!("{}: no {event:?} within {timeout:?}; saw {:#?}", self.name, self.seen),
-                Err(RecvTimeoutError::Disconnected) => panic!("{}: exited before {event:?}; saw {:#?}", self.name, self.seen),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{}: no {event:?} within {timeout:?}; saw {:#?}", self.name, self.seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("{}: exited before {event:?}; saw {:#?}", self.name, self.seen)
+                }
             }
         }
     }
@@ -189,7 +211,9 @@ pub fn api(token: Option<&str>, method: &str, path: &str, body: Option<Value>) -
     rt.block_on(async {
         let hs = mxverify_client::Homeserver::new(&homeserver(), token.map(str::to_owned));
         let m = reqwest_method(method);
-        hs.call(m, path, body.as_ref(), Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        hs.call(m, path, body.as_ref(), Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     })
 }
 
@@ -203,7 +227,9 @@ pub fn raw_login(user: &str) -> String {
         None,
         "POST",
         "/_matrix/client/v3/login",
-        Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PASSWORD})),
+        Some(
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": PASSWORD}),
+        ),
     );
     v["access_token"].as_str().unwrap().to_owned()
 }

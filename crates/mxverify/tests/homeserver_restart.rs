@@ -1,0 +1,87 @@
+//! Restarts: the homeserver in the middle of a verification, and `mxverify listen` while a request
+//! waits for an answer. Kept apart from the other homeserver tests (a restart would disturb them)
+//! and run one at a time.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+#[test]
+fn verification_survives_a_homeserver_restart() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (ivan, judy) = (user("ivan"), user("judy"));
+    let (di, _) = device(&ivan, "ivan", None);
+    let (dj, _) = device(&judy, "judy", None);
+    let mut listener = Proc::spawn("judy", &dj, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("ivan", &di, &["request", &judy, "--dm"]);
+    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    let (sa, sb) = (requester.expect("sas"), listener.expect("sas"));
+    assert_eq!(sa["emoji"], sb["emoji"]);
+    // The homeserver goes away and comes back while both people compare.
+    restart_homeserver();
+    requester.cmd("confirm", &flow);
+    listener.cmd("confirm", &flow);
+    requester.expect_within("done", Duration::from_secs(90));
+    listener.expect_within("done", Duration::from_secs(90));
+    assert_eq!(requester.wait(), 0);
+    assert_eq!(listener.wait(), 0);
+}
+
+#[test]
+fn a_waiting_request_survives_a_listener_restart() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (kim, leo) = (user("kim"), user("leo"));
+    let (dk, _) = device(&kim, "kim", None);
+    let (dl, leo_dev) = device(&leo, "leo", None);
+    let mut listener = Proc::spawn("leo", &dl, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("kim", &dk, &["request", &leo, "--device", &leo_dev]);
+    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+    // Killed before anyone answered.
+    listener.kill();
+    let mut listener = Proc::spawn("leo again", &dl, &["listen", "--once"]);
+    let again = listener.expect("request");
+    assert_eq!(again["flow_id"], flow.as_str(), "the request is still there after the restart");
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    listener.expect("sas");
+    requester.expect("sas");
+    requester.cmd("confirm", &flow);
+    listener.cmd("confirm", &flow);
+    requester.expect("done");
+    listener.expect("done");
+    assert_eq!(listener.wait(), 0);
+    assert_eq!(requester.wait(), 0);
+}
+
+#[test]
+fn a_request_that_expired_while_the_listener_was_down_is_reported() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (max, nia) = (user("max"), user("nia"));
+    let (dm, _) = device(&max, "max", None);
+    let (dn, nia_dev) = device(&nia, "nia", None);
+    let short = [("MXVERIFY_PROMPT_TIMEOUT_MS", "1500")];
+    let mut listener = Proc::spawn_env("nia", &dn, &["listen", "--once"], &short);
+    listener.expect("listening");
+    let _requester = Proc::spawn("max", &dm, &["request", &nia, "--device", &nia_dev]);
+    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+    listener.kill();
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut listener = Proc::spawn_env("nia again", &dn, &["listen", "--once"], &short);
+    let again = listener.expect("request");
+    assert_eq!(again["flow_id"], flow.as_str());
+    let expired = listener.expect("cancelled");
+    assert_eq!(expired["code"], "m.timeout");
+    assert_eq!(expired["sent"], false, "an expired prompt closes silently");
+    assert_eq!(listener.wait(), 4);
+}
