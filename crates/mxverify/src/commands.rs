@@ -73,6 +73,10 @@ pub fn explain_error(e: &DeviceError) -> String {
         DeviceError::Http(HttpError::Matrix { errcode, .. }) if errcode == "M_FORBIDDEN" => {
             "the homeserver refused the user name or password (M_FORBIDDEN); check them and try again".into()
         }
+        DeviceError::Http(HttpError::Matrix { errcode, .. }) if errcode == "M_UNKNOWN_TOKEN" => {
+            "the homeserver no longer accepts this device's login (M_UNKNOWN_TOKEN); log in again with `mxverify login`"
+                .into()
+        }
         DeviceError::Http(HttpError::Unreachable { url, .. }) => {
             format!("cannot reach a homeserver at {url}; check the URL and that the server is running")
         }
