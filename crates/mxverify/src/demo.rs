@@ -8,7 +8,7 @@ use mxverify_proto::wire::Method;
 use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy, b64};
 use serde_json::{Value, json};
 
-use crate::entropy::OsEntropy;
+use mxverify_client::device::OsEntropy;
 use crate::output::{self, Ending};
 
 /// The stories the demo can tell.

@@ -2,7 +2,6 @@
 
 pub mod commands;
 pub mod demo;
-pub mod entropy;
 pub mod output;
 pub mod qr_image;
 pub mod qr_tool;
