@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! A Matrix device for mxverify: the Client-Server API calls verification needs (with retries),
 //! a SQLite store, signed device keys, cross-signing, and the glue that drives
 //! [`mxverify_proto::Machine`] from `/sync`.

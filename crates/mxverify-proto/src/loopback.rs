@@ -1,38 +1,7 @@
 //! Two machines wired together in memory: a stand-in homeserver that delivers to-device messages to
 //! the named device and room events (with event IDs, and echoes to the sender) to both members.
 //! Used by `mxverify demo`, the benchmarks and the tests; no I/O, and time is whatever the caller
-//! says it is.
-//!
-//! ```
-//! use mxverify_proto::loopback::{Loopback, Side};
-//! use mxverify_proto::*;
-//!
-//! let id = |user: &str, device: &str| OwnIdentity {
-//!     user_id: user.into(),
-//!     device_id: device.into(),
-//!     ed25519: b64::encode([device.len() as u8; 32]),
-//!     master_key: None,
-//!     trusts_master_key: false,
-//! };
-//! let alice = Machine::new(id("@alice:example.org", "A"), Config::default(), Box::new(SeededEntropy::new(1)));
-//! let bob = Machine::new(id("@bob:example.org", "BB"), Config::default(), Box::new(SeededEntropy::new(2)));
-//! let mut net = Loopback::new(alice, bob, 1_700_000_000_000);
-//! net.exchange_device_keys();
-//!
-//! let flow_a = net.a.request_to_device("@bob:example.org", &["BB".into()], net.now).unwrap();
-//! net.run();
-//! let flow_b = net.flow_of(Side::B).unwrap();
-//! net.b.accept(&flow_b, net.now).unwrap();
-//! net.run();
-//! net.a.start_sas(&flow_a, net.now).unwrap();
-//! net.run();
-//! // Both sides now show the same emoji; both users confirm.
-//! net.a.confirm(&flow_a, net.now).unwrap();
-//! net.b.confirm(&flow_b, net.now).unwrap();
-//! net.run();
-//! assert!(net.events.iter().any(|(side, e)| *side == Side::A && matches!(e, Event::Done { .. })));
-//! assert!(net.events.iter().any(|(side, e)| *side == Side::B && matches!(e, Event::Done { .. })));
-//! ```
+//! says it is. The crate-level documentation has an example.
 
 use crate::machine::Machine;
 use crate::types::*;

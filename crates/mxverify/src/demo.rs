@@ -8,8 +8,8 @@ use mxverify_proto::wire::Method;
 use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy, b64};
 use serde_json::{Value, json};
 
-use mxverify_client::device::OsEntropy;
 use crate::output::{self, Ending};
+use mxverify_client::device::OsEntropy;
 
 /// The stories the demo can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
