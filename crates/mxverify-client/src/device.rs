@@ -103,6 +103,28 @@ pub struct Device {
     known: HashMap<String, UserKeyInfo>,
     /// Notes for the user about side effects (signatures uploaded, problems).
     pub notices: Vec<String>,
+    /// Test only: `MXVERIFY_TEST_FAULT` makes this device send one kind of bad message.
+    test_fault: Option<String>,
+}
+
+/// Test only (`MXVERIFY_TEST_FAULT`): alters what we send, so interoperability tests can see how a
+/// peer answers a wrong `commitment`, a wrong `mac` or an unknown start `method`.
+fn test_fault(fault: &str, out: &mut mxverify_proto::Outgoing) {
+    let c = &mut out.content;
+    match (fault, out.event_type) {
+        ("commitment", "m.key.verification.accept") => {
+            c["commitment"] = json!(mxverify_proto::b64::encode([0x42u8; 32]))
+        }
+        ("mac", "m.key.verification.mac") => {
+            if let Some(mac) = c["mac"].as_object_mut() {
+                for v in mac.values_mut() {
+                    *v = json!(mxverify_proto::b64::encode([0x42u8; 32]));
+                }
+            }
+        }
+        ("unknown_method", "m.key.verification.start") => c["method"] = json!("org.example.unknown.v1"),
+        _ => {}
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -238,6 +260,7 @@ impl Device {
             methods: HashMap::new(),
             known: HashMap::new(),
             notices: Vec::new(),
+            test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
         })
     }
 
@@ -399,7 +422,10 @@ impl Device {
 
     /// Sends everything the machine wants sent; an in-room request learns its event ID.
     pub async fn send_outgoing(&mut self) -> Result<(), DeviceError> {
-        while let Some(out) = self.machine.poll_outgoing() {
+        while let Some(mut out) = self.machine.poll_outgoing() {
+            if let Some(fault) = &self.test_fault {
+                test_fault(fault, &mut out);
+            }
             // The same outgoing id always gives the same transaction id, so a retried request is
             // delivered once.
             let txn = format!("mxv{}-{}", self.txn_prefix, out.id);

@@ -202,3 +202,42 @@ fn malformed_events_from_the_server_do_not_disturb_a_listener() {
     // The junk got at most the replies the rules allow (an unknown transaction, once each).
     assert!(listener.seen.iter().all(|e| e["event"] != "error"), "{:#?}", listener.seen);
 }
+
+#[test]
+fn test_faults_meet_the_right_cancel_codes() {
+    // MXVERIFY_TEST_FAULT (test only) on one side; the other mxverify answers with the right code.
+    for (fault, faulty_is_listener, code) in [
+        ("commitment", true, "m.mismatched_commitment"),
+        ("mac", true, "m.key_mismatch"),
+        ("unknown_method", false, "m.unknown_method"),
+    ] {
+        let (olga, pete) = (user("olga"), user("pete"));
+        let (dol, _) = device(&olga, "olga", None);
+        let (dp, pete_dev) = device(&pete, "pete", None);
+        let env = [("MXVERIFY_TEST_FAULT", fault)];
+        let none: [(&str, &str); 0] = [];
+        let (lenv, renv): (&[(&str, &str)], &[(&str, &str)]) =
+            if faulty_is_listener { (&env, &none) } else { (&none, &env) };
+        let mut listener = Proc::spawn_env("pete", &dp, &["listen", "--once"], lenv);
+        listener.expect("listening");
+        let mut requester = Proc::spawn_env("olga", &dol, &["request", &pete, "--device", &pete_dev], renv);
+        let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+        listener.cmd("accept", &flow);
+        requester.expect("ready");
+        requester.cmd("start_sas", &flow);
+        if fault == "mac" {
+            requester.expect("sas");
+            listener.expect("sas");
+            listener.cmd("confirm", &flow);
+            requester.cmd("confirm", &flow);
+        }
+        let (ca, cb) = (requester.expect("cancelled"), listener.expect("cancelled"));
+        assert_eq!(ca["code"], code, "{fault}");
+        assert_eq!(cb["code"], code, "{fault}");
+        let honest = if faulty_is_listener { &ca } else { &cb };
+        assert_eq!(honest["by"], "us", "{fault}: the honest side cancels");
+        assert!(requester.seen.iter().chain(&listener.seen).all(|e| e["event"] != "done"), "nothing trusted");
+        assert_eq!(requester.wait(), 3);
+        assert_eq!(listener.wait(), 3);
+    }
+}
