@@ -214,13 +214,11 @@ fn test_faults_meet_the_right_cancel_codes() {
         let (olga, pete) = (user("olga"), user("pete"));
         let (dol, _) = device(&olga, "olga", None);
         let (dp, pete_dev) = device(&pete, "pete", None);
-        let env = [("MXVERIFY_TEST_FAULT", fault)];
-        let none: [(&str, &str); 0] = [];
-        let (lenv, renv): (&[(&str, &str)], &[(&str, &str)]) =
-            if faulty_is_listener { (&env, &none) } else { (&none, &env) };
-        let mut listener = Proc::spawn_env("pete", &dp, &["listen", "--once"], lenv);
+        let env: Vec<(&str, &str)> = vec![("MXVERIFY_TEST_FAULT", fault)];
+        let (lenv, renv) = if faulty_is_listener { (env.clone(), vec![]) } else { (vec![], env) };
+        let mut listener = Proc::spawn_env("pete", &dp, &["listen", "--once"], &lenv);
         listener.expect("listening");
-        let mut requester = Proc::spawn_env("olga", &dol, &["request", &pete, "--device", &pete_dev], renv);
+        let mut requester = Proc::spawn_env("olga", &dol, &["request", &pete, "--device", &pete_dev], &renv);
         let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
         listener.cmd("accept", &flow);
         requester.expect("ready");
