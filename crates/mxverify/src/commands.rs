@@ -223,6 +223,15 @@ pub fn trust(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
     Ok(Ending::Verified)
 }
 
+/// `mxverify join ROOM`.
+pub async fn join(dir: &Path, room: &str, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
+    let device = Device::open(dir, Config::default())?;
+    device.hs.join(room).await?;
+    ui.line(json!({"event": "joined", "room": room}));
+    ui.say(&format!("Joined {room}."));
+    Ok(Ending::Verified)
+}
+
 /// How `request` reaches the other side.
 #[derive(Debug, Clone)]
 pub enum Target {

@@ -118,6 +118,11 @@ enum Command {
     },
     /// List what this device has verified.
     Trust,
+    /// Join a room you were invited to (for in-room verification; `listen` joins by itself).
+    Join {
+        /// The room ID.
+        room: String,
+    },
     /// Cross-signing keys.
     #[command(subcommand)]
     CrossSigning(CrossSigningCommand),
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
                     Command::Listen { method, once, .. } => commands::listen(&dir, method.name(), once, &mut ui).await,
                     Command::Devices { user } => commands::devices(&dir, user.as_deref(), &mut ui).await,
                     Command::Trust => commands::trust(&dir, &mut ui),
+                    Command::Join { room } => commands::join(&dir, &room, &mut ui).await,
                     Command::CrossSigning(CrossSigningCommand::Bootstrap { password, replace }) => {
                         commands::bootstrap(&dir, password.as_deref(), replace, &mut ui).await
                     }

@@ -116,17 +116,14 @@ impl Proc {
     }
 
     pub fn spawn_env(name: &str, state: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(exe())
-            .envs(env.iter().copied())
-            .arg("--json")
-            .arg("--state-dir")
-            .arg(state)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(exe());
+        cmd.envs(env.iter().copied()).arg("--json").arg("--state-dir").arg(state).args(args);
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Any program that speaks JSON lines on stdout and reads commands on stdin.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = channel();
         let label = name.to_owned();
