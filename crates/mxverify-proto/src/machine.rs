@@ -309,7 +309,6 @@ impl Machine {
                         &mut flow,
                         CancelCode::Timeout,
                         LocalCause::TimedOut("the request was not answered in time"),
-                        now,
                     );
                 }
                 _ => self.fail(
@@ -408,7 +407,7 @@ impl Machine {
     }
 
     /// Reports the event ID the homeserver gave an in-room request: the flow now exists (FW-03).
-    pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, _now: Millis) -> Result<FlowKey, ActionError> {
+    pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, now: Millis) -> Result<FlowKey, ActionError> {
         let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
         let key = FlowKey::Room { room_id: p.room_id, event_id: event_id.to_owned() };
         let flow = Flow {
@@ -420,7 +419,7 @@ impl Machine {
             from_request: true,
             their_methods: Vec::new(),
             deadline: p.created + self.config.timeouts.flow,
-            last_activity: p.created,
+            last_activity: now,
             state: State::Sent,
         };
         self.flows.insert(key.clone(), flow);
@@ -474,7 +473,7 @@ impl Machine {
                 Ok(())
             }
             State::Sas(s) if matches!(s.phase, SasPhase::AwaitUserAccept) => {
-                m.sas_step(flow, None, |m, flow, sas| sas.user_accepts(m, flow), now);
+                m.sas_step(flow, None, |m, _, sas| sas.user_accepts(m), now);
                 Ok(())
             }
             other => Err(ActionError::WrongState { action: "accept", state: other.name() }),
@@ -712,7 +711,7 @@ impl Machine {
         retry: bool,
     ) {
         if !self.has_device_key(&event.sender, &start.from_device) && !retry {
-            return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt, &start.from_device);
+            return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt);
         }
         let mut flow = Flow {
             key: key.clone(),
@@ -795,7 +794,7 @@ impl Machine {
             && (other_own_device || kind == MsgKind::Cancel);
         if answered_elsewhere {
             flow.last_activity = now;
-            self.end_silently(flow, CancelCode::Accepted, LocalCause::AnsweredByOwnDevice, now);
+            self.end_silently(flow, CancelCode::Accepted, LocalCause::AnsweredByOwnDevice);
             return;
         }
         let reason = if event.sender == self.own.user_id { DropReason::Own } else { DropReason::NotAParty };
@@ -835,12 +834,7 @@ impl Machine {
             (State::QrWaitingForDone(_), Msg::Done) => self.qr_on_done(flow, now),
             (State::Sas(_), Msg::Start(s)) => {
                 let s2 = s.clone();
-                self.sas_step(
-                    flow,
-                    Some(kind),
-                    |m, flow, sas| sas.on_start(m, flow, &s2, &event.content, &event.room),
-                    now,
-                );
+                self.sas_step(flow, Some(kind), |m, flow, sas| sas.on_start(m, flow, &s2, &event.content), now);
             }
             (State::Sas(_), msg @ (Msg::Accept(_) | Msg::Key(_) | Msg::Mac(_) | Msg::Done)) => {
                 self.sas_step(flow, Some(kind), |m, flow, sas| sas.on_message(m, flow, msg), now);
@@ -883,7 +877,7 @@ impl Machine {
         // RQ-09: the other devices that got our request learn that it was accepted elsewhere.
         let others: Vec<String> = flow.request_devices.iter().filter(|d| **d != ready.from_device).cloned().collect();
         if !others.is_empty() {
-            self.send_to_devices(flow, others, CancelCode::Accepted, now);
+            self.send_to_devices(flow, others, CancelCode::Accepted);
         }
         if self.common_methods(&flow.their_methods).is_empty() {
             return self.fail(
@@ -929,7 +923,7 @@ impl Machine {
         }
         if !self.has_device_key(&flow.other_user, &start.from_device) && !retry {
             // Principle 7: hold the start until the keys arrive.
-            return self.hold(event.clone(), flow.deadline, &start.from_device);
+            return self.hold(event.clone(), flow.deadline);
         }
         let pinned = match self.pin_keys(flow) {
             Ok(p) => p,
@@ -963,7 +957,7 @@ impl Machine {
         // (we cannot tell which device refused) are told with `m.user`.
         if matches!(flow.state, State::Sent) && flow.request_devices.len() > 1 {
             let devices = flow.request_devices.clone();
-            self.send_to_devices(flow, devices, CancelCode::User, now);
+            self.send_to_devices(flow, devices, CancelCode::User);
         }
         let info = CancelInfo { by_us: false, code: c.code, reason: c.reason, cause: None, sent: false };
         flow.state = State::Cancelled(info.clone());
@@ -1137,7 +1131,7 @@ impl Machine {
         }
     }
 
-    fn hold(&mut self, event: IncomingEvent, until: Millis, _device: &str) {
+    fn hold(&mut self, event: IncomingEvent, until: Millis) {
         let user = event.sender.clone();
         if self.held.len() == MAX_HELD {
             let old = self.held.remove(0);
@@ -1176,7 +1170,7 @@ impl Machine {
     }
 
     /// A cancel to some devices of a to-device flow that does not end the flow itself (RQ-09).
-    fn send_to_devices(&mut self, flow: &Flow, devices: Vec<String>, code: CancelCode, _now: Millis) {
+    fn send_to_devices(&mut self, flow: &Flow, devices: Vec<String>, code: CancelCode) {
         let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
         let (event_type, content) = wire::encode(&msg, &flow.envelope());
         let id = self.take_id();
@@ -1217,7 +1211,7 @@ impl Machine {
         self.events.push_back(Event::Cancelled { flow: flow.key.clone(), info });
     }
 
-    fn end_silently(&mut self, flow: &mut Flow, code: CancelCode, cause: LocalCause, _now: Millis) {
+    fn end_silently(&mut self, flow: &mut Flow, code: CancelCode, cause: LocalCause) {
         let by_us = !matches!(cause, LocalCause::AnsweredByOwnDevice);
         let info =
             CancelInfo { by_us, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent: false };

@@ -239,12 +239,12 @@ impl Sas {
             pinned,
             phase: SasPhase::AwaitUserAccept,
         };
-        let step = if flow.from_request { sas.user_accepts(m, flow) } else { SasStep::default() };
+        let step = if flow.from_request { sas.user_accepts(m) } else { SasStep::default() };
         (sas, step)
     }
 
     /// A accepts the start (SQ-02): choose, commit to a fresh ephemeral key, send `accept`.
-    pub(crate) fn user_accepts(&mut self, m: &mut Machine, _flow: &Flow) -> SasStep {
+    pub(crate) fn user_accepts(&mut self, m: &mut Machine) -> SasStep {
         let choice = match choose(&self.offer, &m.config.sas) {
             Ok(c) => c,
             Err(what) => {
@@ -283,14 +283,7 @@ impl Sas {
     }
 
     /// A start while SAS is already running: a collision (ST-03, ST-04) or a duplicate.
-    pub(crate) fn on_start(
-        &mut self,
-        m: &mut Machine,
-        flow: &Flow,
-        start: &Start,
-        raw: &Value,
-        _room: &Option<crate::types::RoomContext>,
-    ) -> SasStep {
+    pub(crate) fn on_start(&mut self, m: &mut Machine, flow: &Flow, start: &Start, raw: &Value) -> SasStep {
         let msg = Msg::Start(start.clone());
         let StartMethod::Sas(_) = &start.method else {
             return SasStep::fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
