@@ -808,7 +808,7 @@ impl Machine {
     fn on_message(&mut self, flow: &mut Flow, event: &IncomingEvent, msg: Msg, now: Millis, retry: bool) {
         let kind = msg.kind();
         if let Msg::Cancel(c) = msg {
-            return self.on_cancel(flow, c, now);
+            return self.on_cancel(flow, c);
         }
         // TR-03 / RQ-12: messages naming a device must come from the device in the flow.
         let named = match &msg {
@@ -952,7 +952,7 @@ impl Machine {
         self.apply_step(flow, Some(MsgKind::Start), step, now);
     }
 
-    fn on_cancel(&mut self, flow: &mut Flow, c: wire::Cancel, now: Millis) {
+    fn on_cancel(&mut self, flow: &mut Flow, c: wire::Cancel) {
         // RQ-08/RQ-09: a device that refuses our multi-device request ends it for all; the others
         // (we cannot tell which device refused) are told with `m.user`.
         if matches!(flow.state, State::Sent) && flow.request_devices.len() > 1 {
