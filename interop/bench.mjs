@@ -1,0 +1,581 @@
+// Wall time of one complete to-device SAS verification, js-sdk <-> js-sdk against js-sdk <-> mxverify, on the
+// local Synapse in the same run (run through scripts/interop-bench).
+//
+//   NODE22 interop/bench.mjs --homeserver URL [--mxverify BIN] [--runs N] [--warmup W] [--poll-timeout MS]
+//                            [--no-reverse] [--settle MS]
+//
+// Pairs, each with fresh users that have cross-signing set up, sharing an encrypted room so that js-sdk knows the
+// other side's device (js-sdk only tracks the devices of users it shares an encrypted room with):
+//   js-sdk<->js-sdk     driver A requests driver B's device; B responds
+//   js-sdk<->mxverify   driver A requests the device of one long-running `mxverify --json listen` (no --once: it
+//                       stays up for all runs, so the steady state is measured, as with the long-running drivers)
+//   mxverify->js-sdk    (unless --no-reverse) a fresh `mxverify --json request USER --device D` process per run
+//                       requests driver B's device; B responds. Timed from the moment mxverify prints its outgoing
+//                       `request` event (so its start-up — opening the store, two key queries — is left out and
+//                       reported separately). mxverify prints that line once the request has been sent, whereas
+//                       the js pairs' clock starts when the request command is written: a few ms in its favour.
+// The roles are the same in every pair: the responder accepts on `request`, the requester starts SAS on `ready`,
+// the bench checks that both sides show the same emoji and decimals and then confirms on both; a run is the time
+// from the requester's request (command sent, or mxverify's outgoing `request` line) until both sides have printed
+// `done`. Both sides must end with the other device and user verified, with no `error` and no `cancelled` event.
+//
+// W warm-up rounds (default 2) then N measured rounds (default 10); each round runs every pair once, the order
+// rotating from round to round so that load and drift affect all pairs alike. Between two runs every js driver
+// completes a sync (js-sdk needs one between two verifications of the same user) and the bench waits --settle ms
+// (default 300) so that the tail of one run (signature uploads, key queries) does not land in the next.
+//
+// --poll-timeout MS is handed to both drivers: their /sync long-poll timeout. The default, 30000, is js-sdk's own
+// default and mxverify's (fixed) long poll, so both implementations sync the same way (driver.mjs defaults to 1000
+// for quick tests). Synapse answers a waiting /sync as soon as a to-device message for that device arrives, so the
+// timeout does not hold back delivery; it decides how often an idle client re-polls (and processes an empty
+// answer). The bench's own between-run `sync` does not wait for a poll to time out: a "waker" user sends the
+// driver an empty to-device message of a private type, which ends the waiting poll.
+//
+// Output: per pair, median / min / max and every sample in ms, a median per phase, then one summary line
+// "median to-device SAS: js-sdk<->js-sdk X ms, js-sdk<->mxverify Y ms (ratio Y/X)" and, with the reverse pair,
+// one more line for it. Exit status non-zero if any run failed. Logs (stderr of every process, every JSON line
+// in and out) go to .state/interop-bench/<run>/.
+
+import { spawn, execFileSync } from "node:child_process";
+import { mkdirSync, createWriteStream } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import readline from "node:readline";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ROOT = resolve(HERE, "..");
+const DRIVER = join(HERE, "driver.mjs");
+const SYNAPSE = join(ROOT, "scripts", "synapse");
+
+const args = process.argv.slice(2);
+const KNOWN = new Set(["--homeserver", "--mxverify", "--runs", "--warmup", "--poll-timeout", "--settle"]);
+for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--no-reverse") continue;
+    if (KNOWN.has(args[i]) && i + 1 < args.length) {
+        i++;
+        continue;
+    }
+    process.stderr.write(
+        `bench: unknown or incomplete argument ${args[i]}\nusage: bench.mjs --homeserver URL [--mxverify BIN] ` +
+            `[--runs N] [--warmup W] [--poll-timeout MS] [--no-reverse] [--settle MS]\n`,
+    );
+    process.exit(2);
+}
+const argValue = (name, dflt) => {
+    const i = args.indexOf(name);
+    return i >= 0 && i + 1 < args.length ? args[i + 1] : dflt;
+};
+const intArg = (name, dflt, min) => {
+    const v = Number(argValue(name, String(dflt)));
+    if (!Number.isInteger(v) || v < min) {
+        process.stderr.write(`bench: ${name} must be an integer >= ${min}\n`);
+        process.exit(2);
+    }
+    return v;
+};
+const HOMESERVER = argValue("--homeserver", "http://127.0.0.1:18448");
+const MXVERIFY = resolve(argValue("--mxverify", join(ROOT, "target", "release", "mxverify")));
+const RUNS = intArg("--runs", 10, 1);
+const WARMUP = intArg("--warmup", 2, 0);
+const POLL_TIMEOUT = intArg("--poll-timeout", 30000, 0);
+const SETTLE_MS = intArg("--settle", 300, 0);
+const REVERSE = !args.includes("--no-reverse");
+const WAIT_MS = Number(process.env.BENCH_WAIT_MS ?? 30000);
+
+const RUN_ID = `${Date.now().toString(36)}${process.pid.toString(36)}`;
+const LOG_DIR = join(ROOT, ".state", "interop-bench", RUN_ID);
+mkdirSync(LOG_DIR, { recursive: true });
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const say = (s) => process.stderr.write(`bench: ${s}\n`);
+
+// ---------------------------------------------------------------------------------------------------------------
+// A child process speaking JSON lines (a driver, or mxverify --json)
+
+class Peer {
+    constructor(name, argv0, argv, env = {}) {
+        this.name = name;
+        this.events = [];
+        this.consumed = new Set();
+        this.waiters = [];
+        this.exited = false;
+        this.log = createWriteStream(join(LOG_DIR, `${name}.log`), { flags: "a" });
+        this.proc = spawn(argv0, argv, { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...env } });
+        this.exitPromise = new Promise((r) => this.proc.on("exit", r));
+        this.proc.stderr.pipe(this.log, { end: false });
+        readline.createInterface({ input: this.proc.stdout }).on("line", (line) => {
+            const t = performance.now();
+            let ev;
+            try {
+                ev = JSON.parse(line);
+            } catch {
+                ev = { event: "__not_json__", line };
+            }
+            ev.__t = t;
+            this.log.write(`<<< ${line}\n`);
+            this.events.push(ev);
+            this.wake();
+        });
+        this.proc.on("exit", (code, signal) => {
+            this.exited = true;
+            this.exitCode = code ?? signal;
+            this.wake();
+        });
+        this.proc.stdin.on("error", () => {}); // a process that exits before reading everything
+    }
+
+    wake() {
+        const waiters = this.waiters;
+        this.waiters = [];
+        for (const w of waiters) w();
+    }
+
+    send(cmd) {
+        this.log.write(`>>> ${JSON.stringify(cmd)}\n`);
+        if (!this.exited) this.proc.stdin.write(JSON.stringify(cmd) + "\n");
+    }
+
+    async take(pred, what, ms = WAIT_MS) {
+        const deadline = performance.now() + ms;
+        for (;;) {
+            for (let i = 0; i < this.events.length; i++) {
+                if (!this.consumed.has(i) && pred(this.events[i])) {
+                    this.consumed.add(i);
+                    return this.events[i];
+                }
+            }
+            if (this.exited) throw new Error(`${this.name}: exited (${this.exitCode}) while waiting for ${what}`);
+            const left = deadline - performance.now();
+            if (left <= 0) throw new Error(`${this.name}: timed out waiting for ${what}`);
+            await new Promise((r) => {
+                const t = setTimeout(r, left);
+                this.waiters.push(() => {
+                    clearTimeout(t);
+                    r();
+                });
+            });
+        }
+    }
+
+    event(name, flowId, ms) {
+        return this.take(
+            (e) => e.event === name && (flowId === undefined || e.flow_id === flowId),
+            `${name}${flowId ? ` of ${flowId}` : ""}`,
+            ms,
+        );
+    }
+
+    // Send a command and wait for the reply event (or an error) that arrives after it.
+    async command(cmd, reply, ms = WAIT_MS) {
+        const before = this.events.length;
+        this.send(cmd);
+        const e = await this.take(
+            (e) => this.events.indexOf(e) >= before && (e.event === reply || e.event === "error"),
+            `${reply} after ${cmd.command}`,
+            ms,
+        );
+        if (e.event === "error") throw new Error(`${this.name}: ${cmd.command} failed: ${e.message}`);
+        return e;
+    }
+
+    // Events since index `from` that mean trouble.
+    troubles(from = 0) {
+        return this.events
+            .slice(from)
+            .filter((e) => e.event === "error" || e.event === "__not_json__" || e.event === "cancelled");
+    }
+
+    async stop() {
+        if (!this.exited) {
+            if (this.kind === "driver") this.send({ command: "quit" });
+            else this.proc.kill("SIGTERM");
+            await Promise.race([this.exitPromise, sleep(5000)]);
+            if (!this.exited) this.proc.kill("SIGKILL");
+        }
+        this.log.end();
+    }
+}
+
+function driver(name, user, password) {
+    const p = new Peer(
+        name,
+        process.execPath,
+        [
+            DRIVER,
+            ...["--homeserver", HOMESERVER, "--user", user, "--password", password],
+            ...["--cross-signing", "--poll-timeout", String(POLL_TIMEOUT)],
+        ],
+        { MXV_DRIVER_LOG: process.env.MXV_DRIVER_LOG ?? "info" },
+    );
+    p.kind = "driver";
+    p.js = true;
+    return p;
+}
+
+function mxverify(name, stateDir, argv) {
+    const p = new Peer(name, MXVERIFY, ["--json", "--state-dir", stateDir, ...argv]);
+    p.kind = "mxverify";
+    p.js = false;
+    return p;
+}
+
+// A one-shot mxverify command (login, bootstrap, join): its JSON lines, or an exception with its stderr.
+function mxverifyOnce(stateDir, argv) {
+    try {
+        const out = execFileSync(MXVERIFY, ["--json", "--state-dir", stateDir, ...argv], {
+            encoding: "utf8",
+            stdio: ["ignore", "pipe", "pipe"],
+        });
+        return out
+            .trim()
+            .split("\n")
+            .filter(Boolean)
+            .map((l) => JSON.parse(l));
+    } catch (e) {
+        throw new Error(`mxverify ${argv[0]} failed: ${e.stderr || e.stdout || e.message}`);
+    }
+}
+
+function register(localpart, password) {
+    return execFileSync(SYNAPSE, ["register", localpart, password], { encoding: "utf8" }).trim().split("\n").pop();
+}
+
+// A plain Matrix user that wakes a driver's waiting /sync with an empty to-device message of its own type (js-sdk
+// ignores it), so that the driver's `sync` command returns at once whatever its poll timeout.
+const waker = {
+    async login(user, password) {
+        const r = await this.call("POST", "/_matrix/client/v3/login", {
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user },
+            password,
+        });
+        this.token = r.access_token;
+        this.txn = 0;
+    },
+    async wake(driver) {
+        const txn = `wake-${RUN_ID}-${this.txn++}`;
+        await this.call("PUT", `/_matrix/client/v3/sendToDevice/org.mxverify.bench.wake/${txn}`, {
+            messages: { [driver.user]: { [driver.device]: {} } },
+        });
+    },
+    async call(method, path, body) {
+        const res = await fetch(`${HOMESERVER}${path}`, {
+            method,
+            headers: {
+                "content-type": "application/json",
+                ...(this.token ? { authorization: `Bearer ${this.token}` } : {}),
+            },
+            body: JSON.stringify(body),
+        });
+        const json = await res.json().catch(() => ({}));
+        if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${JSON.stringify(json)}`);
+        return json;
+    },
+};
+
+// The driver's `sync` command, its /sync woken by the waker (again every second, in case the first wake-up
+// completed a sync before the driver took the command).
+async function syncNow(d) {
+    let synced = false;
+    const reply = d.command({ command: "sync" }, "synced", POLL_TIMEOUT + WAIT_MS).finally(() => (synced = true));
+    const wakes = (async () => {
+        for (let i = 0; i < 30 && !synced; i++) {
+            await waker.wake(d);
+            for (let j = 0; j < 10 && !synced; j++) await sleep(100);
+        }
+    })();
+    await reply;
+    await wakes;
+}
+
+// Wait until driver `a` has device `device` of `user` in its store.
+async function knows(a, user, device) {
+    for (let i = 0; i < 60; i++) {
+        const st = await a.command({ command: "status", user, device }, "status");
+        if (st.known) return;
+        await syncNow(a);
+    }
+    throw new Error(`${a.name} never learnt ${user}'s device ${device}`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One verification
+
+const emojiKey = (list) =>
+    JSON.stringify((list ?? []).map((e) => [e.symbol, String(e.name ?? "").toLowerCase()]));
+
+// Both sides verified the other (device and user), in each side's vocabulary.
+function checkDone(peer, done, otherUser, otherDevice) {
+    if (peer.js) {
+        if (!(done.device_verified && done.user_verified))
+            throw new Error(`${peer.name}: done without trust: ${JSON.stringify(done)}`);
+    } else {
+        const kinds = (done.keys ?? []).map((k) => k.kind);
+        if (done.verified_user !== otherUser || done.verified_device !== otherDevice)
+            throw new Error(`${peer.name}: verified ${done.verified_user}/${done.verified_device}`);
+        if (!kinds.includes("device") || !kinds.includes("master_key"))
+            throw new Error(`${peer.name}: verified keys ${JSON.stringify(done.keys)}`);
+    }
+}
+
+// requester: a Peer whose outgoing `request` event starts the clock (`begin` sends the request, returns the
+// time to count from and the flow id); responder: a Peer. Returns phase timings in ms from the start.
+async function verification(requester, responder, begin) {
+    const marks = [requester.events.length, responder.events.length];
+    const { t0, flow } = await begin();
+    const inc = await responder.event("request", flow);
+    if (inc.direction !== "incoming") throw new Error(`${responder.name}: request is ${inc.direction}`);
+    responder.send({ command: "accept", flow_id: flow });
+    const [ra, rb] = await Promise.all([requester.event("ready", flow), responder.event("ready", flow)]);
+    const tStart = performance.now();
+    requester.send({ command: "start_sas", flow_id: flow });
+    const [sa, sb] = await Promise.all([requester.event("sas", flow), responder.event("sas", flow)]);
+    if (!Array.isArray(sa.emoji) || sa.emoji.length !== 7) throw new Error(`emoji ${JSON.stringify(sa.emoji)}`);
+    if (emojiKey(sa.emoji) !== emojiKey(sb.emoji))
+        throw new Error(`different emoji: ${emojiKey(sa.emoji)} / ${emojiKey(sb.emoji)}`);
+    if (JSON.stringify(sa.decimals) !== JSON.stringify(sb.decimals))
+        throw new Error(`different decimals: ${JSON.stringify(sa.decimals)} / ${JSON.stringify(sb.decimals)}`);
+    const tConfirm = performance.now();
+    requester.send({ command: "confirm", flow_id: flow });
+    responder.send({ command: "confirm", flow_id: flow });
+    const [da, db] = await Promise.all([requester.event("done", flow), responder.event("done", flow)]);
+    checkDone(requester, da, responder.user, responder.device);
+    checkDone(responder, db, requester.user, requester.device);
+    for (const [p, from] of [
+        [requester, marks[0]],
+        [responder, marks[1]],
+    ]) {
+        const t = p.troubles(from);
+        if (t.length > 0) throw new Error(`${p.name}: ${JSON.stringify(t)}`);
+    }
+    const end = Math.max(da.__t, db.__t);
+    return {
+        flow,
+        total: end - t0,
+        // the request reaches the responder
+        delivery: inc.__t - t0,
+        // accept (sent on the responder's `request` line) -> both ready
+        ready: Math.max(ra.__t, rb.__t) - inc.__t,
+        // start_sas -> both show the SAS (start, accept, key, key)
+        sas: Math.max(sa.__t, sb.__t) - tStart,
+        // both confirm -> both done (mac, mac, done, done, signature uploads, trust)
+        done: end - tConfirm,
+        requesterDone: da.__t - t0,
+        responderDone: db.__t - t0,
+        trustWait: [da.trust_wait_ms, db.trust_wait_ms],
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Set-up
+
+const password = `pw-${RUN_ID}`;
+const peers = [];
+let failed = 0;
+
+async function cleanup() {
+    await Promise.all(peers.map((p) => p.stop().catch(() => {})));
+}
+
+process.on("SIGINT", async () => {
+    await cleanup();
+    process.exit(130);
+});
+
+const names = {
+    a: `bench-a-${RUN_ID}`,
+    b: `bench-b-${RUN_ID}`,
+    m: `bench-m-${RUN_ID}`,
+    r: `bench-r-${RUN_ID}`,
+    w: `bench-w-${RUN_ID}`,
+};
+
+try {
+    say(`logs in ${LOG_DIR}`);
+    for (const n of Object.values(names)) register(n, password);
+    await waker.login(names.w, password);
+
+    // mxverify devices: log in, set up cross-signing (both sides of every pair have it).
+    const mDir = join(LOG_DIR, "m-state");
+    const rDir = join(LOG_DIR, "r-state");
+    const mxDevices = {};
+    for (const [key, dir] of [
+        ["m", mDir],
+        ["r", rDir],
+    ]) {
+        if (key === "r" && !REVERSE) continue;
+        const login = ["login", "--homeserver", HOMESERVER, "--user", names[key], "--password", password];
+        const li = mxverifyOnce(dir, login).find((e) => e.event === "logged_in");
+        if (!li) throw new Error(`mxverify login of ${names[key]} printed no logged_in line`);
+        mxverifyOnce(dir, ["cross-signing", "bootstrap", "--password", password]);
+        mxDevices[key] = { user: li.user, device: li.device };
+    }
+
+    const A = driver("A", names.a, password);
+    const B = driver("B", names.b, password);
+    peers.push(A, B);
+    const [ra, rb] = await Promise.all([A, B].map((d) => d.event("ready_to_go", undefined, 60000)));
+    Object.assign(A, { user: ra.user, device: ra.device });
+    Object.assign(B, { user: rb.user, device: rb.device });
+
+    const M = mxverify("M-listen", mDir, ["listen"]);
+    peers.push(M);
+    await M.event("listening", undefined, 60000);
+    Object.assign(M, mxDevices.m);
+
+    // A shares an encrypted room with B, and another with M (listen joins by itself).
+    const roomAB = await A.command({ command: "create_room", invite: [B.user], encrypted: true }, "room");
+    await B.command({ command: "join", room: roomAB.room_id }, "room");
+    const roomAM = await A.command({ command: "create_room", invite: [M.user], encrypted: true }, "room");
+    // (listen joins at once, but prints its `joined` notice only with the next batch that carries events: do not
+    // wait for it; A learning M's device below is what matters.)
+    await Promise.all([knows(A, B.user, B.device), knows(B, A.user, A.device)]);
+    await knows(A, M.user, M.device);
+
+    let R;
+    if (REVERSE) {
+        R = { name: "R", ...mxDevices.r, js: false };
+        const roomBR = await B.command({ command: "create_room", invite: [R.user], encrypted: true }, "room");
+        mxverifyOnce(rDir, ["join", roomBR.room_id]);
+        await knows(B, R.user, R.device);
+    }
+
+    // ---------------------------------------------------------------------------------------------------------------
+    // The runs
+
+    const jsRequest = (requester, responder) => async () => {
+        const t0 = performance.now();
+        const out = await requester.command(
+            { command: "request", user: responder.user, device: responder.device },
+            "request",
+        );
+        if (out.direction !== "outgoing") throw new Error(`${requester.name}: request is ${out.direction}`);
+        return { t0, flow: out.flow_id };
+    };
+
+    const startups = [];
+    const pairs = [
+        { label: "js-sdk<->js-sdk", run: () => verification(A, B, jsRequest(A, B)) },
+        { label: "js-sdk<->mxverify", run: () => verification(A, M, jsRequest(A, M)) },
+    ];
+    if (REVERSE) {
+        pairs.push({
+            label: "mxverify->js-sdk",
+            run: async () => {
+                const p = mxverify("R-request", rDir, ["request", B.user, "--device", B.device]);
+                Object.assign(p, { user: R.user, device: R.device });
+                peers.push(p);
+                try {
+                    const tSpawn = performance.now();
+                    const r = await verification(p, B, async () => {
+                        const out = await p.event("request");
+                        if (out.direction !== "outgoing") throw new Error(`R: request is ${out.direction}`);
+                        startups.push(out.__t - tSpawn);
+                        return { t0: out.__t, flow: out.flow_id };
+                    });
+                    await Promise.race([p.exitPromise, sleep(10000)]);
+                    if (p.exitCode !== 0) throw new Error(`mxverify request exited with ${p.exitCode}`);
+                    return r;
+                } finally {
+                    await p.stop();
+                    peers.splice(peers.indexOf(p), 1);
+                }
+            },
+        });
+    }
+    for (const p of pairs) p.samples = [];
+
+    // A driver's `sync` waits for its next completed /sync, which with a long poll timeout could take that long:
+    // a to-device message from the waker ends the waiting poll at once.
+    const between = async () => {
+        await Promise.all(
+            [A, B].map((d) => syncNow(d)),
+        );
+        await sleep(SETTLE_MS);
+    };
+
+    say(
+        `${WARMUP} warm-up + ${RUNS} measured rounds of ${pairs.map((p) => p.label).join(", ")}; ` +
+            `driver --poll-timeout ${POLL_TIMEOUT} ms, mxverify long poll 30000 ms, settle ${SETTLE_MS} ms`,
+    );
+    await between();
+    for (let round = 0; round < WARMUP + RUNS; round++) {
+        const warm = round < WARMUP;
+        const order = pairs.map((_, i) => pairs[(i + round) % pairs.length]);
+        for (const pair of order) {
+            let r;
+            try {
+                r = await pair.run();
+            } catch (e) {
+                failed++;
+                say(`${pair.label} round ${round + 1}: FAILED: ${e.message}`);
+                await between();
+                continue;
+            }
+            say(
+                `${warm ? "warm-up" : "run"} ${warm ? round + 1 : round + 1 - WARMUP} ${pair.label}: ` +
+                    `${r.total.toFixed(0)} ms` +
+                    ` (delivery ${r.delivery.toFixed(0)}, ready ${r.ready.toFixed(0)}, sas ${r.sas.toFixed(0)},` +
+                    ` done ${r.done.toFixed(0)}; trust wait ${JSON.stringify(r.trustWait)})`,
+            );
+            if (!warm) pair.samples.push(r);
+            await between();
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------------
+    // Report
+
+    const median = (xs) => {
+        const s = [...xs].sort((x, y) => x - y);
+        if (s.length === 0) return NaN;
+        const m = s.length >> 1;
+        return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+    };
+    const ms = (x) => x.toFixed(0);
+    console.log(
+        `to-device SAS, request -> both done; ${WARMUP} warm-up + ${RUNS} measured runs per pair, pairs alternating; ` +
+            `js-sdk --poll-timeout ${POLL_TIMEOUT} ms, mxverify long poll 30000 ms (one listen for all runs)`,
+    );
+    for (const p of pairs) {
+        const t = p.samples.map((s) => s.total);
+        if (t.length === 0) {
+            console.log(`${p.label}: no successful runs`);
+            continue;
+        }
+        console.log(
+            `${p.label}: median ${ms(median(t))} ms, min ${ms(Math.min(...t))}, max ${ms(Math.max(...t))}; ` +
+                `samples ${t.map(ms).join(", ")}`,
+        );
+        const ph = (k) => ms(median(p.samples.map((s) => s[k])));
+        console.log(
+            `  median phases: request delivered ${ph("delivery")}, accept -> both ready ${ph("ready")}, ` +
+                `start -> both sas ${ph("sas")}, confirm -> both done ${ph("done")}; ` +
+                `requester done at ${ph("requesterDone")}, responder done at ${ph("responderDone")}`,
+        );
+        if (p.label === "mxverify->js-sdk" && startups.length > 0)
+            console.log(
+                `  mxverify request start-up (spawn -> request sent, not counted): median ${ms(median(startups))} ms`,
+            );
+    }
+    const med = (label) => median((pairs.find((p) => p.label === label)?.samples ?? []).map((s) => s.total));
+    const js = med("js-sdk<->js-sdk");
+    const mx = med("js-sdk<->mxverify");
+    console.log(
+        `median to-device SAS: js-sdk<->js-sdk ${ms(js)} ms, js-sdk<->mxverify ${ms(mx)} ms ` +
+            `(ratio ${(mx / js).toFixed(2)})`,
+    );
+    if (REVERSE) {
+        const rv = med("mxverify->js-sdk");
+        console.log(
+            `median to-device SAS, mxverify requesting (fresh process per run, from its request line): ` +
+                `mxverify->js-sdk ${ms(rv)} ms (ratio to js-sdk<->js-sdk ${(rv / js).toFixed(2)})`,
+        );
+    }
+} catch (e) {
+    failed++;
+    console.log(`bench failed: ${e.message}`);
+}
+if (failed > 0) console.log(`${failed} failure(s); logs in ${LOG_DIR}`);
+await cleanup();
+process.exit(failed > 0 ? 1 : 0);
