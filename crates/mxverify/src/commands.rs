@@ -437,6 +437,8 @@ impl Session {
             ui.notices(device);
             queue = device.pump().await?;
         }
+        // Side effects of a sync without verification events (a room joined) are news too.
+        ui.notices(device);
         Ok(())
     }
 
