@@ -319,3 +319,71 @@ mod tests {
         assert_eq!(super::enc("m.key.verification.start"), "m.key.verification.start");
     }
 }
+
+#[cfg(test)]
+mod retry_tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A one-connection-at-a-time HTTP server answering with the given responses in order.
+    async fn serve(responses: Vec<(u16, &'static str)>) -> (String, tokio::task::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut served = 0;
+            for (status, body) in responses {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 8192];
+                let _ = sock.read(&mut buf).await.unwrap();
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                sock.write_all(reply.as_bytes()).await.unwrap();
+                served += 1;
+            }
+            served
+        });
+        (url, task)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn retries_429_honouring_retry_after_and_5xx() {
+        let (url, server) = serve(vec![
+            (429, r#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":300}"#),
+            (502, r#"{}"#),
+            (200, r#"{"versions":["v1.11"]}"#),
+        ])
+        .await;
+        let hs = Homeserver::new(&url, None).with_retry(Retry {
+            attempts: 5,
+            initial: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        });
+        let started = Instant::now();
+        let v = hs.versions().await.unwrap();
+        assert_eq!(v["versions"][0], "v1.11");
+        assert!(started.elapsed() >= Duration::from_millis(300), "retry_after_ms was honoured");
+        assert_eq!(server.await.unwrap(), 3);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn client_errors_are_not_retried_and_attempts_are_bounded() {
+        let (url, server) = serve(vec![(403, r#"{"errcode":"M_FORBIDDEN","error":"no"}"#)]).await;
+        let hs = Homeserver::new(&url, None);
+        let e = hs.versions().await.unwrap_err();
+        assert_eq!(e.errcode(), Some("M_FORBIDDEN"));
+        assert_eq!(server.await.unwrap(), 1);
+        let (url, _server) = serve(vec![(500, "{}"), (500, "{}"), (500, "{}")]).await;
+        let hs = Homeserver::new(&url, None).with_retry(Retry {
+            attempts: 3,
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(10),
+        });
+        assert!(matches!(hs.versions().await, Err(HttpError::Matrix { status: 500, .. })));
+    }
+}
