@@ -42,7 +42,8 @@ fn js(name: &str, user: &str, cross_signing: bool) -> Proc {
         args.push("--cross-signing".into());
     }
     let mut cmd = Command::new(node());
-    cmd.args(&args);
+    // js-sdk's own warnings (push rules and the like) would drown the test output.
+    cmd.args(&args).env("MXV_DRIVER_LOG", std::env::var("MXV_DRIVER_LOG").unwrap_or_else(|_| "error".into()));
     let mut p = Proc::spawn_command(name, cmd);
     p.expect_within("ready_to_go", Duration::from_secs(60));
     p
