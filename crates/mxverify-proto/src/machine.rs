@@ -79,6 +79,46 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
+    /// A flow from a request (the common case); callers adjust what differs.
+    fn new(
+        key: FlowKey,
+        other_user: &str,
+        other_device: Option<String>,
+        we_requested: bool,
+        deadline: Millis,
+        now: Millis,
+        state: State,
+    ) -> Flow {
+        Flow {
+            key,
+            other_user: other_user.to_owned(),
+            other_device,
+            request_devices: Vec::new(),
+            we_requested,
+            from_request: true,
+            their_methods: Vec::new(),
+            deadline,
+            last_activity: now,
+            state,
+        }
+    }
+
+    /// A legacy flow that begins with a SAS start and no request (ST-06).
+    fn start_first(
+        key: FlowKey,
+        other_user: &str,
+        device: &str,
+        we_started: bool,
+        deadline: Millis,
+        now: Millis,
+    ) -> Flow {
+        let mut flow =
+            Flow::new(key, other_user, Some(device.to_owned()), we_started, deadline, now, State::Ready(None));
+        flow.from_request = false;
+        flow.their_methods = vec![Method::SasV1];
+        flow
+    }
+
     fn status(&self) -> FlowStatus {
         if self.state.ended() { FlowStatus::Ended } else { FlowStatus::Active }
     }
@@ -362,18 +402,8 @@ impl Machine {
             timestamp: Some(now),
             to: None,
         });
-        let mut flow = Flow {
-            key: key.clone(),
-            other_user: user_id.to_owned(),
-            other_device: None,
-            request_devices: devices,
-            we_requested: true,
-            from_request: true,
-            their_methods: Vec::new(),
-            deadline: now + self.config.timeouts.flow,
-            last_activity: now,
-            state: State::Sent,
-        };
+        let mut flow = Flow::new(key.clone(), user_id, None, true, now + self.config.timeouts.flow, now, State::Sent);
+        flow.request_devices = devices;
         self.send(&mut flow, msg, now);
         self.ask_keys_if_unknown(user_id, None);
         self.events.push_back(Event::RequestSent { flow: key.clone() });
@@ -410,18 +440,8 @@ impl Machine {
     pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, now: Millis) -> Result<FlowKey, ActionError> {
         let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
         let key = FlowKey::Room { room_id: p.room_id, event_id: event_id.to_owned() };
-        let flow = Flow {
-            key: key.clone(),
-            other_user: p.user_id,
-            other_device: None,
-            request_devices: Vec::new(),
-            we_requested: true,
-            from_request: true,
-            their_methods: Vec::new(),
-            deadline: p.created + self.config.timeouts.flow,
-            last_activity: now,
-            state: State::Sent,
-        };
+        let flow =
+            Flow::new(key.clone(), &p.user_id, None, true, p.created + self.config.timeouts.flow, now, State::Sent);
         self.flows.insert(key.clone(), flow);
         self.events.push_back(Event::RequestSent { flow: key.clone() });
         Ok(key)
@@ -436,18 +456,7 @@ impl Machine {
         now: Millis,
     ) -> Result<FlowKey, ActionError> {
         let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
-        let mut flow = Flow {
-            key: key.clone(),
-            other_user: user_id.to_owned(),
-            other_device: Some(device_id.to_owned()),
-            request_devices: Vec::new(),
-            we_requested: true,
-            from_request: false,
-            their_methods: vec![Method::SasV1],
-            deadline: now + self.config.timeouts.flow,
-            last_activity: now,
-            state: State::Ready(None),
-        };
+        let mut flow = Flow::start_first(key.clone(), user_id, device_id, true, now + self.config.timeouts.flow, now);
         self.start_sas_in(&mut flow, now)?;
         self.flows.insert(key.clone(), flow);
         Ok(key)
@@ -648,18 +657,16 @@ impl Machine {
             return drop(self, DropReason::FlowEnded);
         }
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
-        let mut flow = Flow {
-            key: key.clone(),
-            other_user: event.sender.clone(),
-            other_device: Some(req.from_device.clone()),
-            request_devices: Vec::new(),
-            we_requested: false,
-            from_request: true,
-            their_methods: req.methods.clone(),
-            deadline: now + t.flow,
-            last_activity: now,
-            state: State::Received { prompt_deadline },
-        };
+        let mut flow = Flow::new(
+            key.clone(),
+            &event.sender,
+            Some(req.from_device.clone()),
+            false,
+            now + t.flow,
+            now,
+            State::Received { prompt_deadline },
+        );
+        flow.their_methods = req.methods.clone();
         if self.cancel_parallel_attempts(&event.sender, &req.from_device, now) {
             self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
             self.flows.insert(key, flow);
@@ -713,18 +720,14 @@ impl Machine {
         if !self.has_device_key(&event.sender, &start.from_device) && !retry {
             return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt);
         }
-        let mut flow = Flow {
-            key: key.clone(),
-            other_user: event.sender.clone(),
-            other_device: Some(start.from_device.clone()),
-            request_devices: Vec::new(),
-            we_requested: false,
-            from_request: false,
-            their_methods: vec![Method::SasV1],
-            deadline: now + self.config.timeouts.flow,
-            last_activity: now,
-            state: State::Ready(None),
-        };
+        let mut flow = Flow::start_first(
+            key.clone(),
+            &event.sender,
+            &start.from_device,
+            false,
+            now + self.config.timeouts.flow,
+            now,
+        );
         if self.cancel_parallel_attempts(&event.sender, &start.from_device, now) {
             self.fail(&mut flow, None, CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts, now);
         } else if !self.config.methods.contains(&Method::SasV1) {
