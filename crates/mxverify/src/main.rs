@@ -227,6 +227,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(ending) => ExitCode::from(ending as u8),
+        // The reader went away (`| head`): nothing left to say to anyone.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(Ending::Error as u8),
         Err(e) => {
             eprintln!("mxverify: {e}");
             ExitCode::from(Ending::Error as u8)
