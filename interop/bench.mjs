@@ -36,16 +36,14 @@
 // one more line for it. Exit status non-zero if any run failed. Logs (stderr of every process, every JSON line
 // in and out) go to .state/interop-bench/<run>/.
 
-import { spawn, execFileSync } from "node:child_process";
-import { mkdirSync, createWriteStream } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import readline from "node:readline";
+import { DriverProcess, JsonLinesProcess, register } from "./jsonl.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, "..");
-const DRIVER = join(HERE, "driver.mjs");
-const SYNAPSE = join(ROOT, "scripts", "synapse");
 
 const args = process.argv.slice(2);
 const KNOWN = new Set(["--homeserver", "--mxverify", "--runs", "--warmup", "--poll-timeout", "--settle"]);
@@ -90,133 +88,35 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const say = (s) => process.stderr.write(`bench: ${s}\n`);
 
 // ---------------------------------------------------------------------------------------------------------------
-// A child process speaking JSON lines (a driver, or mxverify --json)
-
-class Peer {
-    constructor(name, argv0, argv, env = {}) {
-        this.name = name;
-        this.events = [];
-        this.consumed = new Set();
-        this.waiters = [];
-        this.exited = false;
-        this.log = createWriteStream(join(LOG_DIR, `${name}.log`), { flags: "a" });
-        this.proc = spawn(argv0, argv, { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...env } });
-        this.exitPromise = new Promise((r) => this.proc.on("exit", r));
-        this.proc.stderr.pipe(this.log, { end: false });
-        readline.createInterface({ input: this.proc.stdout }).on("line", (line) => {
-            const t = performance.now();
-            let ev;
-            try {
-                ev = JSON.parse(line);
-            } catch {
-                ev = { event: "__not_json__", line };
-            }
-            ev.__t = t;
-            this.log.write(`<<< ${line}\n`);
-            this.events.push(ev);
-            this.wake();
-        });
-        this.proc.on("exit", (code, signal) => {
-            this.exited = true;
-            this.exitCode = code ?? signal;
-            this.wake();
-        });
-        this.proc.stdin.on("error", () => {}); // a process that exits before reading everything
-    }
-
-    wake() {
-        const waiters = this.waiters;
-        this.waiters = [];
-        for (const w of waiters) w();
-    }
-
-    send(cmd) {
-        this.log.write(`>>> ${JSON.stringify(cmd)}\n`);
-        if (!this.exited) this.proc.stdin.write(JSON.stringify(cmd) + "\n");
-    }
-
-    async take(pred, what, ms = WAIT_MS) {
-        const deadline = performance.now() + ms;
-        for (;;) {
-            for (let i = 0; i < this.events.length; i++) {
-                if (!this.consumed.has(i) && pred(this.events[i])) {
-                    this.consumed.add(i);
-                    return this.events[i];
-                }
-            }
-            if (this.exited) throw new Error(`${this.name}: exited (${this.exitCode}) while waiting for ${what}`);
-            const left = deadline - performance.now();
-            if (left <= 0) throw new Error(`${this.name}: timed out waiting for ${what}`);
-            await new Promise((r) => {
-                const t = setTimeout(r, left);
-                this.waiters.push(() => {
-                    clearTimeout(t);
-                    r();
-                });
-            });
-        }
-    }
-
-    event(name, flowId, ms) {
-        return this.take(
-            (e) => e.event === name && (flowId === undefined || e.flow_id === flowId),
-            `${name}${flowId ? ` of ${flowId}` : ""}`,
-            ms,
-        );
-    }
-
-    // Send a command and wait for the reply event (or an error) that arrives after it.
-    async command(cmd, reply, ms = WAIT_MS) {
-        const before = this.events.length;
-        this.send(cmd);
-        const e = await this.take(
-            (e) => this.events.indexOf(e) >= before && (e.event === reply || e.event === "error"),
-            `${reply} after ${cmd.command}`,
-            ms,
-        );
-        if (e.event === "error") throw new Error(`${this.name}: ${cmd.command} failed: ${e.message}`);
-        return e;
-    }
-
-    // Events since index `from` that mean trouble.
-    troubles(from = 0) {
-        return this.events
-            .slice(from)
-            .filter((e) => e.event === "error" || e.event === "__not_json__" || e.event === "cancelled");
-    }
-
-    async stop() {
-        if (!this.exited) {
-            if (this.kind === "driver") this.send({ command: "quit" });
-            else this.proc.kill("SIGTERM");
-            await Promise.race([this.exitPromise, sleep(5000)]);
-            if (!this.exited) this.proc.kill("SIGKILL");
-        }
-        this.log.end();
-    }
-}
+// Child processes speaking JSON lines (drivers, mxverify --json): see jsonl.mjs. Each logs to <run>/<name>.log.
 
 function driver(name, user, password) {
-    const p = new Peer(
-        name,
-        process.execPath,
-        [
-            DRIVER,
-            ...["--homeserver", HOMESERVER, "--user", user, "--password", password],
-            ...["--cross-signing", "--poll-timeout", String(POLL_TIMEOUT)],
-        ],
-        { MXV_DRIVER_LOG: process.env.MXV_DRIVER_LOG ?? "info" },
-    );
-    p.kind = "driver";
+    const p = new DriverProcess(name, {
+        homeserver: HOMESERVER,
+        user,
+        password,
+        args: ["--cross-signing", "--poll-timeout", String(POLL_TIMEOUT)],
+        log: join(LOG_DIR, `${name}.log`),
+        waitMs: WAIT_MS,
+    });
     p.js = true;
     return p;
 }
 
 function mxverify(name, stateDir, argv) {
-    const p = new Peer(name, MXVERIFY, ["--json", "--state-dir", stateDir, ...argv]);
-    p.kind = "mxverify";
+    const p = new JsonLinesProcess(name, MXVERIFY, ["--json", "--state-dir", stateDir, ...argv], {
+        log: join(LOG_DIR, `${name}.log`),
+        waitMs: WAIT_MS,
+    });
     p.js = false;
     return p;
+}
+
+// Events of `p` since index `from` that mean trouble.
+function troubles(p, from = 0) {
+    return p.events
+        .slice(from)
+        .filter((e) => e.event === "error" || e.event === "__not_json__" || e.event === "cancelled");
 }
 
 // A one-shot mxverify command (login, bootstrap, join): its JSON lines, or an exception with its stderr.
@@ -234,10 +134,6 @@ function mxverifyOnce(stateDir, argv) {
     } catch (e) {
         throw new Error(`mxverify ${argv[0]} failed: ${e.stderr || e.stdout || e.message}`);
     }
-}
-
-function register(localpart, password) {
-    return execFileSync(SYNAPSE, ["register", localpart, password], { encoding: "utf8" }).trim().split("\n").pop();
 }
 
 // A plain Matrix user that wakes a driver's waiting /sync with an empty to-device message of its own type (js-sdk
@@ -277,7 +173,7 @@ const waker = {
 // completed a sync before the driver took the command).
 async function syncNow(d) {
     let synced = false;
-    const reply = d.command({ command: "sync" }, "synced", POLL_TIMEOUT + WAIT_MS).finally(() => (synced = true));
+    const reply = d.sync(POLL_TIMEOUT + WAIT_MS).finally(() => (synced = true));
     const wakes = (async () => {
         for (let i = 0; i < 30 && !synced; i++) {
             await waker.wake(d);
@@ -289,14 +185,7 @@ async function syncNow(d) {
 }
 
 // Wait until driver `a` has device `device` of `user` in its store.
-async function knows(a, user, device) {
-    for (let i = 0; i < 60; i++) {
-        const st = await a.command({ command: "status", user, device }, "status");
-        if (st.known) return;
-        await syncNow(a);
-    }
-    throw new Error(`${a.name} never learnt ${user}'s device ${device}`);
-}
+const knows = (a, user, device) => a.waitUntilKnown(user, device, { tries: 60, sync: () => syncNow(a) });
 
 // ---------------------------------------------------------------------------------------------------------------
 // One verification
@@ -345,7 +234,7 @@ async function verification(requester, responder, begin) {
         [requester, marks[0]],
         [responder, marks[1]],
     ]) {
-        const t = p.troubles(from);
+        const t = troubles(p, from);
         if (t.length > 0) throw new Error(`${p.name}: ${JSON.stringify(t)}`);
     }
     const end = Math.max(da.__t, db.__t);
@@ -414,9 +303,7 @@ try {
     const A = driver("A", names.a, password);
     const B = driver("B", names.b, password);
     peers.push(A, B);
-    const [ra, rb] = await Promise.all([A, B].map((d) => d.event("ready_to_go", undefined, 60000)));
-    Object.assign(A, { user: ra.user, device: ra.device });
-    Object.assign(B, { user: rb.user, device: rb.device });
+    await Promise.all([A, B].map((d) => d.ready(60000)));
 
     const M = mxverify("M-listen", mDir, ["listen"]);
     peers.push(M);

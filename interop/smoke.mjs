@@ -15,16 +15,13 @@
 // The last line of stdout is "N passed, M failed"; the exit status is non-zero on failure.
 // Driver logs (stderr) go to .state/interop-smoke/<run>/.
 
-import { spawn, execFileSync } from "node:child_process";
-import { mkdirSync, createWriteStream } from "node:fs";
+import { mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import readline from "node:readline";
+import { DriverProcess, register } from "./jsonl.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, "..");
-const DRIVER = join(HERE, "driver.mjs");
-const SYNAPSE = join(ROOT, "scripts", "synapse");
 
 const args = process.argv.slice(2);
 const argValue = (name, dflt) => {
@@ -43,84 +40,19 @@ mkdirSync(LOG_DIR, { recursive: true });
 // ---------------------------------------------------------------------------------------------------------------
 // A driver process
 
-class Driver {
+class Driver extends DriverProcess {
     constructor(name, localpart, password, crossSigning = true) {
-        this.name = name;
-        this.events = []; // every event received, in order
-        this.consumed = new Set();
-        this.waiters = [];
-        this.exited = false;
-        const log = createWriteStream(join(LOG_DIR, `${name}.log`));
-        this.proc = spawn(
-            process.execPath,
-            [
-                DRIVER,
-                ...["--homeserver", HOMESERVER, "--user", localpart, "--password", password],
-                ...(crossSigning ? ["--cross-signing"] : []),
-            ],
-            {
-                stdio: ["pipe", "pipe", "pipe"],
-                env: { ...process.env, MXV_DRIVER_LOG: process.env.MXV_DRIVER_LOG ?? "info" },
-            },
-        );
-        this.proc.stderr.pipe(log);
-        readline.createInterface({ input: this.proc.stdout }).on("line", (line) => {
-            let ev;
-            try {
-                ev = JSON.parse(line);
-            } catch {
-                ev = { event: "__not_json__", line };
-            }
-            ev.__t = performance.now();
-            log.write(`<<< ${line}\n`);
-            this.events.push(ev);
-            this.wake();
+        super(name, {
+            homeserver: HOMESERVER,
+            user: localpart,
+            password,
+            args: crossSigning ? ["--cross-signing"] : [],
+            log: join(LOG_DIR, `${name}.log`),
+            waitMs: WAIT_MS,
+            exitedText: "driver exited",
+            flowInWhat: false,
+            endLogWithStderr: true,
         });
-        this.proc.on("exit", (code, signal) => {
-            this.exited = true;
-            this.exitCode = code ?? signal;
-            this.wake();
-        });
-        this.log = log;
-    }
-
-    wake() {
-        const waiters = this.waiters;
-        this.waiters = [];
-        for (const w of waiters) w();
-    }
-
-    send(cmd) {
-        this.log.write(`>>> ${JSON.stringify(cmd)}\n`);
-        this.proc.stdin.write(JSON.stringify(cmd) + "\n");
-    }
-
-    // The first event not yet taken that matches `pred`; rejects after `ms` or when the driver exits.
-    async take(pred, what, ms = WAIT_MS) {
-        const deadline = performance.now() + ms;
-        for (;;) {
-            for (let i = 0; i < this.events.length; i++) {
-                if (!this.consumed.has(i) && pred(this.events[i])) {
-                    this.consumed.add(i);
-                    return this.events[i];
-                }
-            }
-            if (this.exited)
-                throw new Error(`${this.name}: driver exited (${this.exitCode}) while waiting for ${what}`);
-            const left = deadline - performance.now();
-            if (left <= 0) throw new Error(`${this.name}: timed out waiting for ${what}`);
-            await new Promise((r) => {
-                const t = setTimeout(r, left);
-                this.waiters.push(() => {
-                    clearTimeout(t);
-                    r();
-                });
-            });
-        }
-    }
-
-    event(name, flowId, ms) {
-        return this.take((e) => e.event === name && (flowId === undefined || e.flow_id === flowId), `${name}`, ms);
     }
 
     // Events of this flow seen so far (taken or not).
@@ -131,29 +63,6 @@ class Driver {
     errors() {
         return this.events.filter((e) => e.event === "error" || e.event === "__not_json__");
     }
-
-    async command(cmd, reply) {
-        const before = this.events.length;
-        this.send(cmd);
-        return this.take(
-            (e) => this.events.indexOf(e) >= before && (e.event === reply || e.event === "error"),
-            `${reply} after ${cmd.command}`,
-        ).then((e) => {
-            if (e.event === "error") throw new Error(`${this.name}: ${cmd.command} failed: ${e.message}`);
-            return e;
-        });
-    }
-
-    async quit() {
-        if (this.exited) return;
-        this.send({ command: "quit" });
-        await Promise.race([new Promise((r) => this.proc.on("exit", r)), new Promise((r) => setTimeout(r, 5000))]);
-        if (!this.exited) this.proc.kill("SIGKILL");
-    }
-}
-
-function register(localpart, password) {
-    return execFileSync(SYNAPSE, ["register", localpart, password], { encoding: "utf8" }).trim().split("\n").pop();
 }
 
 // A fresh alice/bob pair sharing an encrypted room, each knowing the other's device.
@@ -164,27 +73,15 @@ async function pair(tag) {
     register(names.bob, password);
     const alice = new Driver(`${tag}-alice`, names.alice, password);
     const bob = new Driver(`${tag}-bob`, names.bob, password);
-    const [a, b] = await Promise.all([alice.event("ready_to_go"), bob.event("ready_to_go")]);
-    Object.assign(alice, { user: a.user, device: a.device, masterKey: a.master_key });
-    Object.assign(bob, { user: b.user, device: b.device, masterKey: b.master_key });
+    await Promise.all([alice.ready(), bob.ready()]);
     const room = await alice.command({ command: "create_room", invite: [bob.user], encrypted: true }, "room");
     await bob.command({ command: "join", room: room.room_id }, "room");
-    await Promise.all([knows(alice, bob), knows(bob, alice)]);
+    await Promise.all([alice.waitUntilKnown(bob.user, bob.device), bob.waitUntilKnown(alice.user, alice.device)]);
     return { alice, bob, names, password };
 }
 
-// Wait until `a`'s js-sdk has `b`'s device in its store (it tracks users of shared encrypted rooms).
-async function knows(a, b) {
-    for (let i = 0; i < 40; i++) {
-        const st = await a.command({ command: "status", user: b.user, device: b.device }, "status");
-        if (st.known) return st;
-        await a.command({ command: "sync" }, "synced");
-    }
-    throw new Error(`${a.name} never learnt ${b.user}'s device ${b.device}`);
-}
-
 async function syncBoth(x, y) {
-    await Promise.all([x.command({ command: "sync" }, "synced"), y.command({ command: "sync" }, "synced")]);
+    await Promise.all([x.sync(), y.sync()]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +158,7 @@ async function withPair(tag, fn) {
     try {
         await fn(p);
     } finally {
-        await Promise.all([p.alice.quit(), p.bob.quit()]);
+        await Promise.all([p.alice.stop(), p.bob.stop()]);
     }
 }
 
@@ -374,7 +271,7 @@ await scenario("(f) self-verification (request to own user)", () =>
         try {
             const r = await alice2.event("ready_to_go");
             check(r.master_key === null, `a device without --cross-signing has master key ${r.master_key}`);
-            await knows(alice, { user: alice.user, device: r.device });
+            await alice.waitUntilKnown(alice.user, r.device);
             const out = await alice2.command({ command: "request", user: alice.user }, "request");
             const flow = out.flow_id;
             const inc = await alice.event("request", flow);
@@ -395,7 +292,7 @@ await scenario("(f) self-verification (request to own user)", () =>
                 `self-verification user_verified: first device ${d1.user_verified}, new device ${d2.user_verified}`,
             );
         } finally {
-            await alice2.quit();
+            await alice2.stop();
         }
     }),
 );
