@@ -388,7 +388,9 @@ impl Session {
                 break Ok(e);
             }
             let now = now_ms();
-            let wait = device.machine.next_deadline().map(|d| d.saturating_sub(now)).unwrap_or(60_000).min(60_000);
+            // While a question waits for the person, remind them of the time left every 30 s.
+            let cadence = if self.asking.is_some() && !ui.json { 30_000 } else { 60_000 };
+            let wait = device.machine.next_deadline().map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
             tokio::select! {
                 batch = batches.recv() => match batch {
                     Some(Ok(resp)) => {
@@ -414,6 +416,7 @@ impl Session {
                     device.machine.handle_timeout(now_ms());
                     let events = device.pump().await?;
                     self.handle(device, ui, events).await?;
+                    self.remind(device, ui);
                 }
             }
         };
@@ -517,6 +520,15 @@ impl Session {
                 self.finish(flow, ending);
             }
             _ => {}
+        }
+    }
+
+    /// The countdown: how long the open question has left.
+    fn remind(&self, device: &Device, ui: &mut Ui<'_>) {
+        let Some((flow, _)) = &self.asking else { return };
+        let Some(info) = device.machine.flow(flow) else { return };
+        if info.cancel.is_none() && !info.verified {
+            ui.say(&format!("  (still waiting for your answer: {} left)", countdown(info.deadline, now_ms())));
         }
     }
 
