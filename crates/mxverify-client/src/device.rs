@@ -16,7 +16,7 @@ use vodozemac::olm::{Account, AccountPickle};
 
 use crate::http::{Homeserver, HttpError};
 use crate::keys::{self, UserKeyInfo};
-use crate::store::{PendingRequest, Store, StoreError, TrustRecord};
+use crate::store::{ActiveFlow, PendingRequest, Store, StoreError, TrustRecord};
 
 /// The wall clock in milliseconds, for the machine.
 pub fn now_ms() -> u64 {
@@ -63,6 +63,29 @@ pub enum DeviceError {
     /// A user action the machine refused.
     #[error(transparent)]
     Action(#[from] mxverify_proto::ActionError),
+    /// Another mxverify process is using this state directory.
+    #[error("another mxverify process is using the state directory {0}; one process per device")]
+    Busy(String),
+}
+
+/// Held while a process drives this device: two processes syncing and answering for one device
+/// would race for the same events and the same store.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] std::fs::File);
+
+impl StateLock {
+    /// Takes the lock of a state directory, or fails at once if another process holds it.
+    pub fn take(dir: &Path) -> Result<StateLock, DeviceError> {
+        let io = |source| DeviceError::Store(StoreError::Io { path: dir.to_owned(), source });
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(DeviceError::Busy(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
 }
 
 /// The three private cross-signing keys.
@@ -466,10 +489,26 @@ impl Device {
                 self.methods.insert(flow.clone(), method.clone());
                 self.store.remove_pending(flow.flow_id())?;
             }
-            Event::Ready { flow, .. } => self.store.remove_pending(flow.flow_id())?,
-            Event::Cancelled { flow, .. } => self.store.remove_pending(flow.flow_id())?,
+            Event::Ready { flow, other_device, .. } => {
+                self.store.remove_pending(flow.flow_id())?;
+                let other_user = self.machine.flow(flow).map(|f| f.other_user).unwrap_or_default();
+                self.store.add_active(&ActiveFlow {
+                    flow_id: flow.flow_id().to_owned(),
+                    room_id: match flow {
+                        FlowKey::Room { room_id, .. } => Some(room_id.clone()),
+                        FlowKey::ToDevice { .. } => None,
+                    },
+                    other_user,
+                    other_device: Some(other_device.clone()),
+                })?;
+            }
+            Event::Cancelled { flow, .. } => {
+                self.store.remove_pending(flow.flow_id())?;
+                self.store.remove_active(flow.flow_id())?;
+            }
             Event::Done { flow, user_id, device_id, keys } => {
                 self.store.remove_pending(flow.flow_id())?;
+                self.store.remove_active(flow.flow_id())?;
                 let method = self.methods.get(flow).cloned().unwrap_or_else(|| "m.sas.v1".into());
                 for k in keys {
                     self.store.add_trust(&TrustRecord {
@@ -617,6 +656,21 @@ impl Device {
             events.push(e);
         }
         Ok(())
+    }
+
+    /// Flows that were in progress when the program stopped cannot go on (their keys were in
+    /// memory): tell the other side, rather than leaving it to wait for its timeout.
+    pub async fn abandon_lost_flows(&mut self) -> Result<Vec<Event>, DeviceError> {
+        let now = now_ms();
+        for f in self.store.active()? {
+            let key = match &f.room_id {
+                Some(room_id) => FlowKey::Room { room_id: room_id.clone(), event_id: f.flow_id.clone() },
+                None => FlowKey::ToDevice { user_id: f.other_user.clone(), transaction_id: f.flow_id.clone() },
+            };
+            self.machine.abandon(key, &f.other_user, f.other_device.clone(), now);
+            self.store.remove_active(&f.flow_id)?;
+        }
+        self.pump().await
     }
 
     /// Replays requests that were waiting when the program stopped, as received then; those past

@@ -8,6 +8,6 @@ pub mod http;
 pub mod keys;
 pub mod store;
 
-pub use device::{Device, DeviceError, now_ms};
+pub use device::{Device, DeviceError, StateLock, now_ms};
 pub use http::{Homeserver, HttpError};
 pub use store::{Store, StoreError, TrustRecord};

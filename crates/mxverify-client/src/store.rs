@@ -77,7 +77,23 @@ CREATE TABLE IF NOT EXISTS trust (
     method TEXT NOT NULL, flow_id TEXT NOT NULL, verified_at INTEGER NOT NULL, PRIMARY KEY (user_id, key_id, key));
 CREATE TABLE IF NOT EXISTS pending (
     flow_id TEXT PRIMARY KEY, event TEXT NOT NULL, received_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS active (
+    flow_id TEXT PRIMARY KEY, room_id TEXT, other_user TEXT NOT NULL, other_device TEXT);
 ";
+
+/// A flow in progress (past `ready`), remembered so that after a restart the other side can be
+/// told it was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveFlow {
+    /// The flow id (transaction id or request event id).
+    pub flow_id: String,
+    /// The room, for an in-room flow.
+    pub room_id: Option<String>,
+    /// The other user.
+    pub other_user: String,
+    /// The other device.
+    pub other_device: Option<String>,
+}
 
 impl Store {
     /// Opens (or creates, owner-only) `dir/mxverify.sqlite3`.
@@ -202,6 +218,30 @@ impl Store {
     pub fn remove_pending(&self, flow_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM pending WHERE flow_id = ?1", [flow_id])?;
         Ok(())
+    }
+
+    /// Remembers a flow in progress.
+    pub fn add_active(&self, f: &ActiveFlow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO active (flow_id, room_id, other_user, other_device) VALUES (?1, ?2, ?3, ?4)",
+            params![f.flow_id, f.room_id, f.other_user, f.other_device],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a flow that ended.
+    pub fn remove_active(&self, flow_id: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM active WHERE flow_id = ?1", [flow_id])?;
+        Ok(())
+    }
+
+    /// Flows that were in progress.
+    pub fn active(&self) -> Result<Vec<ActiveFlow>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT flow_id, room_id, other_user, other_device FROM active")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ActiveFlow { flow_id: r.get(0)?, room_id: r.get(1)?, other_user: r.get(2)?, other_device: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Requests still waiting, oldest first.

@@ -164,6 +164,8 @@ pub enum LocalCause {
     OtherDeviceAnswered,
     /// One of our own devices answered the request (RQ-10, RQ-11).
     AnsweredByOwnDevice,
+    /// This device lost the flow's state (it restarted in the middle) and ended it.
+    Abandoned,
     /// The QR code did not match what we expected; the text says which part.
     QrMismatch(String),
 }
@@ -197,6 +199,9 @@ impl fmt::Display for LocalCause {
             Self::MultipleAttempts => f.write_str("the other device started a second verification at the same time"),
             Self::OtherDeviceAnswered => f.write_str("another of their devices answered first"),
             Self::AnsweredByOwnDevice => f.write_str("another of your devices answered the request"),
+            Self::Abandoned => {
+                f.write_str("this device restarted in the middle of the verification and lost its state")
+            }
             Self::QrMismatch(what) => write!(f, "the QR code did not match: {what}"),
         }
     }

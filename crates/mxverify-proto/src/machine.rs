@@ -539,6 +539,26 @@ impl Machine {
         })
     }
 
+    /// Ends a flow this device lost track of — typically one that was in progress when the
+    /// program stopped — so that the other side is told instead of waiting for its timeout.
+    /// `other_device` is where a to-device cancel goes. A flow the machine still knows is simply
+    /// cancelled; an ended one is left alone.
+    pub fn abandon(&mut self, key: FlowKey, other_user: &str, other_device: Option<String>, now: Millis) {
+        if let Some(flow) = self.flows.get(&key) {
+            if !flow.state.ended() {
+                let _ = self.with_flow(&key, |m, flow| {
+                    m.fail(flow, None, CancelCode::User, LocalCause::Abandoned, now);
+                    Ok(())
+                });
+            }
+            return;
+        }
+        let deadline = now + self.config.timeouts.flow;
+        let mut flow = Flow::new(key.clone(), other_user, other_device, false, deadline, now, State::Ready(None));
+        self.fail(&mut flow, None, CancelCode::User, LocalCause::Abandoned, now);
+        self.flows.insert(key, flow);
+    }
+
     // ----- incoming -----------------------------------------------------------------------
 
     /// Handles one event from the homeserver (to-device or room timeline). Non-verification

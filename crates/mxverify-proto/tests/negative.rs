@@ -710,3 +710,28 @@ fn custom_cancel_codes_are_reported_verbatim() {
     assert_eq!(info.code, CancelCode::Custom("org.example.busy".into()));
     assert!(info.explain().contains("Busy right now"), "{}", info.explain());
 }
+
+#[test]
+fn abandoning_a_lost_flow_tells_the_other_side_once() {
+    // After a restart the machine no longer knows the flow: it sends one m.user cancel.
+    let mut net = pair();
+    let key = FlowKey::ToDevice { user_id: BOB.into(), transaction_id: "lost".into() };
+    net.lb.a.abandon(key.clone(), BOB, Some("B1".into()), T0);
+    net.lb.a.abandon(key.clone(), BOB, Some("B1".into()), T0);
+    net.collect();
+    let info = net.cancelled(Side::A).unwrap();
+    assert_eq!((info.code, info.cause, info.sent), (CancelCode::User, Some(LocalCause::Abandoned), true));
+    let sent: Vec<_> = net.lb.log.iter().map(|w| (w.out.content["code"].clone(), w.out.destination.clone())).collect();
+    assert_eq!(
+        sent,
+        vec![(json!("m.user"), Destination::ToDevice { user_id: BOB.into(), device_ids: vec!["B1".into()] })]
+    );
+    // A flow the machine still runs is simply cancelled; an ended one is left alone.
+    let mut net = pair();
+    let (fa, _) = net.request_and_accept(false);
+    net.lb.a.abandon(fa.clone(), BOB, Some("B1".into()), T0);
+    net.lb.a.abandon(fa, BOB, Some("B1".into()), T0);
+    net.run();
+    assert_eq!(net.cancels_sent(), vec![(Side::A, "m.user".into())]);
+    assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::User);
+}

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mxverify_client::{Device, DeviceError, HttpError, now_ms};
+use mxverify_client::{Device, DeviceError, HttpError, StateLock, now_ms};
 use mxverify_proto::wire::Method;
 use mxverify_proto::{CancelCode, Config, Event, FlowKey};
 use serde_json::{Value, json};
@@ -253,7 +253,11 @@ pub async fn request(
     method: &str,
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
+    let _lock = StateLock::take(dir)?;
     let mut device = Device::open(dir, config_for(method))?;
+    let lost = device.abandon_lost_flows().await?;
+    let mut session = Session::new(method, Goal::Forever);
+    session.handle(&mut device, ui, lost).await?;
     let own = device.user_id.clone();
     device.query_keys(std::slice::from_ref(&own)).await?;
     let devices = device.devices_of(user).await?;
@@ -283,12 +287,13 @@ pub async fn request(
             None
         }
     };
-    let mut session = Session::new(method, Goal::Flow(flow));
+    session.goal = Goal::Flow(flow);
     session.run(&mut device, ui).await
 }
 
 /// `mxverify listen`.
 pub async fn listen(dir: &Path, method: &str, once: bool, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
+    let _lock = StateLock::take(dir)?;
     let mut device = Device::open(dir, config_for(method))?;
     let own = device.user_id.clone();
     device.query_keys(std::slice::from_ref(&own)).await?;
@@ -297,7 +302,11 @@ pub async fn listen(dir: &Path, method: &str, once: bool, ui: &mut Ui<'_>) -> Re
         "Listening for verification requests to {} on device {} (Ctrl-C to stop).",
         device.user_id, device.device_id
     ));
-    let mut session = Session::new(method, if once { Goal::FirstFlow } else { Goal::Forever });
+    // Flows lost by a restart are ended first; they do not count for --once.
+    let mut session = Session::new(method, Goal::Forever);
+    let lost = device.abandon_lost_flows().await?;
+    session.handle(&mut device, ui, lost).await?;
+    session.goal = if once { Goal::FirstFlow } else { Goal::Forever };
     let restored = device.restore_pending().await?;
     session.handle(&mut device, ui, restored).await?;
     session.run(&mut device, ui).await

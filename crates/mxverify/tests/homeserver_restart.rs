@@ -85,3 +85,39 @@ fn a_request_that_expired_while_the_listener_was_down_is_reported() {
     assert_eq!(expired["sent"], false, "an expired prompt closes silently");
     assert_eq!(listener.wait(), 4);
 }
+
+#[test]
+fn a_flow_lost_by_a_restart_is_cancelled_not_left_to_time_out() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (olive, paul) = (user("olive"), user("paul"));
+    let (dol, _) = device(&olive, "olive", None);
+    let (dp, paul_dev) = device(&paul, "paul", None);
+    let mut listener = Proc::spawn("paul", &dp, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("olive", &dol, &["request", &paul, "--device", &paul_dev]);
+    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    requester.expect("sas");
+    listener.expect("sas");
+    // The listener dies with the SAS on screen; its ephemeral key is gone with it.
+    listener.kill();
+    // A second process on the same state directory is refused while one runs.
+    let mut listener = Proc::spawn("paul again", &dp, &["listen", "--once"]);
+    let (code, _, err) = run(&dp, &["listen", "--once"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("another mxverify process"), "{err}");
+    // The restarted listener tells the other side at once.
+    let ours = listener.expect("cancelled");
+    assert_eq!(
+        (ours["code"].as_str(), ours["by"].as_str(), ours["sent"].as_bool()),
+        (Some("m.user"), Some("us"), Some(true))
+    );
+    assert!(ours["cause"].as_str().unwrap().contains("restarted"), "{ours}");
+    let theirs = requester.expect_within("cancelled", Duration::from_secs(20));
+    assert_eq!((theirs["code"].as_str(), theirs["by"].as_str()), (Some("m.user"), Some("them")));
+    assert_eq!(requester.wait(), 3);
+    assert!(listener.seen.iter().any(|e| e["event"] == "listening"), "and it goes on listening");
+    listener.kill();
+}
