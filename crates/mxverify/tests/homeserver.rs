@@ -239,3 +239,37 @@ fn test_faults_meet_the_right_cancel_codes() {
         assert_eq!(listener.wait(), 3);
     }
 }
+
+#[test]
+fn bad_commands_on_stdin_get_an_error_line_and_change_nothing() {
+    let (quin, rosa) = (user("quin"), user("rosa"));
+    let (dq, _) = device(&quin, "quin", None);
+    let (dr, rosa_dev) = device(&rosa, "rosa", None);
+    let mut listener = Proc::spawn("rosa", &dr, &["listen", "--once"]);
+    listener.expect("listening");
+    let mut requester = Proc::spawn("quin", &dq, &["request", &rosa, "--device", &rosa_dev]);
+    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
+    for (bad, says) in [
+        (json!("not an object"), "a command needs"),
+        (json!({"command": "dance", "flow_id": flow}), "unknown command"),
+        (json!({"command": "confirm", "flow_id": flow}), "cannot confirm"),
+        (json!({"command": "accept", "flow_id": "no-such-flow"}), "no active verification"),
+        (json!({"command": "scan", "flow_id": flow}), "payload"),
+    ] {
+        listener.send(bad.clone());
+        let e = listener.expect("error");
+        assert!(e["message"].as_str().unwrap().contains(says), "{bad} → {e}");
+    }
+    // The flow is untouched and goes on to the end.
+    listener.cmd("accept", &flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", &flow);
+    requester.expect("sas");
+    listener.expect("sas");
+    requester.cmd("confirm", &flow);
+    listener.cmd("confirm", &flow);
+    assert_eq!(requester.expect("done")["verified_device"], rosa_dev.as_str());
+    listener.expect("done");
+    assert_eq!(listener.wait(), 0);
+    assert_eq!(requester.wait(), 0);
+}
