@@ -273,3 +273,62 @@ fn bad_commands_on_stdin_get_an_error_line_and_change_nothing() {
     assert_eq!(listener.wait(), 0);
     assert_eq!(requester.wait(), 0);
 }
+
+#[test]
+fn human_mode_asks_and_understands_y_and_n() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let (sam, tia) = (user("sam"), user("tia"));
+    let (ds, _) = device(&sam, "sam", None);
+    let (dt, tia_dev) = device(&tia, "tia", None);
+    let mut child = Command::new(exe())
+        .arg("--state-dir")
+        .arg(&dt)
+        .args(["listen", "--once"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |what: &str| loop {
+        let l = lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {what:?} in:\n{seen}"));
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.contains(what) {
+            return seen.clone();
+        }
+    };
+    wait_for("Listening for verification requests");
+    let mut requester = Proc::spawn("sam", &ds, &["request", &tia, "--device", &tia_dev]);
+    wait_for("Accept? [y/n]");
+    writeln!(stdin, "maybe").unwrap(); // not an answer: asked again, nothing changes
+    wait_for("please answer y or n");
+    writeln!(stdin, "y").unwrap();
+    let flow = requester.expect("ready")["flow_id"].as_str().unwrap().to_owned();
+    requester.cmd("start_sas", &flow);
+    let sas = requester.expect("sas");
+    let shown = wait_for("Do they match? [y/n]");
+    // The person sees the same emoji names and numbers as the other device.
+    for e in sas["emoji"].as_array().unwrap() {
+        assert!(shown.contains(e["name"].as_str().unwrap()), "{shown}");
+    }
+    let d = &sas["decimals"];
+    assert!(shown.contains(&format!("{}-{}-{}", d[0], d[1], d[2])), "{shown}");
+    writeln!(stdin, "y").unwrap();
+    requester.cmd("confirm", &flow);
+    let out = wait_for("✔ Verified");
+    assert!(out.contains(&sam), "{out}");
+    assert_eq!(requester.expect("done")["verified_device"].is_string(), true);
+    drop(stdin);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
