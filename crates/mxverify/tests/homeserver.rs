@@ -328,7 +328,7 @@ fn human_mode_asks_and_understands_y_and_n() {
     requester.cmd("confirm", &flow);
     let out = wait_for("✔ Verified");
     assert!(out.contains(&sam), "{out}");
-    assert_eq!(requester.expect("done")["verified_device"].is_string(), true);
+    assert!(requester.expect("done")["verified_device"].is_string());
     drop(stdin);
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
