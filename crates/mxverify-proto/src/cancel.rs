@@ -226,6 +226,10 @@ pub struct CancelInfo {
 impl CancelInfo {
     /// One plain sentence: who cancelled, why, and what to do next.
     pub fn explain(&self) -> String {
+        // RQ-10, RQ-11: another of our devices took the request; nothing went wrong.
+        if self.code == CancelCode::Accepted || self.cause == Some(LocalCause::AnsweredByOwnDevice) {
+            return "Another of your devices answered this request; it continues there (m.accepted).".to_owned();
+        }
         let why = match (&self.cause, self.by_us, &self.code) {
             (Some(cause), true, _) => cause.to_string(),
             // EV-CN-02: the reason is for codes we do not understand.
@@ -243,9 +247,7 @@ impl CancelInfo {
             CancelCode::KeyMismatch | CancelCode::MismatchedCommitment | CancelCode::MismatchedSas => {
                 "Nothing was verified and this may be an attack: do not trust the other device, check with its owner in person, and try again."
             }
-            CancelCode::User | CancelCode::Accepted => {
-                "Nothing was verified; start a new verification if you still want one."
-            }
+            CancelCode::User => "Nothing was verified; start a new verification if you still want one.",
             CancelCode::Timeout => "Nothing was verified; start again and answer on both devices within a few minutes.",
             _ => "Nothing was verified; try again, and update the other client if it keeps happening.",
         };

@@ -735,3 +735,27 @@ fn abandoning_a_lost_flow_tells_the_other_side_once() {
     assert_eq!(net.cancels_sent(), vec![(Side::A, "m.user".into())]);
     assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::User);
 }
+
+#[test]
+fn a_request_accepted_by_another_of_our_devices_closes_quietly() {
+    // Bob's B2 answered Alice's request to all of Bob's devices; B1 (side B here) gets m.accepted.
+    let mut net = pair();
+    net.lb.a.request_to_device(BOB, &["B1".into(), "B2".into()], T0).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.lb.b.receive(
+        IncomingEvent {
+            sender: ALICE.into(),
+            event_type: "m.key.verification.cancel".into(),
+            content: json!({"transaction_id": fb.flow_id(), "code": "m.accepted", "reason": "Accepted elsewhere"}),
+            room: None,
+        },
+        T0,
+    );
+    net.collect();
+    let info = net.cancelled(Side::B).unwrap();
+    assert_eq!((info.code.clone(), info.by_us), (CancelCode::Accepted, false));
+    assert!(info.explain().contains("Another of your devices answered"), "{}", info.explain());
+    assert!(net.cancels_sent().is_empty(), "nothing answered");
+    assert!(net.lb.b.accept(&fb, T0).is_err(), "the prompt is gone");
+}
