@@ -222,12 +222,11 @@ fn message_out_of_order() {
     net.collect();
     let txn = fa.flow_id().to_owned();
     net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.mac".into(),
-            content: json!({"transaction_id": txn, "mac": {"ed25519:A1": OTHER_HASH}, "keys": OTHER_HASH}),
-            room: None,
-        },
+        to_device(
+            ALICE,
+            "m.key.verification.mac",
+            json!({"transaction_id": txn, "mac": {"ed25519:A1": OTHER_HASH}, "keys": OTHER_HASH}),
+        ),
         net.lb.now,
     );
     net.run();
@@ -244,15 +243,7 @@ fn done_before_mac_is_unexpected() {
     let (fa, fb) = net.request_and_accept(false);
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
-    net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.done".into(),
-            content: json!({"transaction_id": fb.flow_id()}),
-            room: None,
-        },
-        net.lb.now,
-    );
+    net.lb.b.receive(to_device(ALICE, "m.key.verification.done", json!({"transaction_id": fb.flow_id()})), net.lb.now);
     net.run();
     assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::UnexpectedMessage);
     assert!(net.done(Side::B).is_none());
@@ -266,12 +257,7 @@ fn colliding_starts_with_different_methods() {
     net.collect();
     net.lb.queue.clear();
     net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.start".into(),
-            content: json!({"transaction_id": fb.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
-            room: None,
-        },
+        to_device(ALICE, "m.key.verification.start", json!({"transaction_id": fb.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"})),
         net.lb.now,
     );
     net.lb.b.start_sas(&fb, net.lb.now).unwrap_err();
@@ -282,12 +268,7 @@ fn colliding_starts_with_different_methods() {
     net.collect();
     net.lb.queue.clear();
     net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.start".into(),
-            content: json!({"transaction_id": fa.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
-            room: None,
-        },
+        to_device(ALICE, "m.key.verification.start", json!({"transaction_id": fa.flow_id(), "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"})),
         net.lb.now,
     );
     net.collect();
@@ -392,12 +373,11 @@ fn request_time_window() {
         let mut net = pair();
         let ts = (T0 as i64 + offset) as u64;
         net.lb.b.receive(
-            IncomingEvent {
-                sender: ALICE.into(),
-                event_type: "m.key.verification.request".into(),
-                content: json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": ts, "transaction_id": "t1"}),
-                room: None,
-            },
+            to_device(
+                ALICE,
+                "m.key.verification.request",
+                json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": ts, "transaction_id": "t1"}),
+            ),
             T0,
         );
         net.collect();
@@ -411,11 +391,8 @@ fn request_time_window() {
 fn cancel_is_never_answered() {
     let mut net = pair();
     // A cancel for an unknown flow, and one for a known flow, and a second one after that.
-    let ev = |txn: &str| IncomingEvent {
-        sender: ALICE.into(),
-        event_type: "m.key.verification.cancel".into(),
-        content: json!({"transaction_id": txn, "code": "m.user", "reason": "no"}),
-        room: None,
+    let ev = |txn: &str| {
+        to_device(ALICE, "m.key.verification.cancel", json!({"transaction_id": txn, "code": "m.user", "reason": "no"}))
     };
     net.lb.b.receive(ev("unknown"), T0);
     let (_, fb) = net.request_and_accept(false);
@@ -431,15 +408,9 @@ fn cancel_is_never_answered() {
 fn malformed_cancel_still_ends_the_flow() {
     let mut net = pair();
     let (_, fb) = net.request_and_accept(false);
-    net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.cancel".into(),
-            content: json!({"transaction_id": fb.flow_id(), "code": 7}),
-            room: None,
-        },
-        T0,
-    );
+    net.lb
+        .b
+        .receive(to_device(ALICE, "m.key.verification.cancel", json!({"transaction_id": fb.flow_id(), "code": 7})), T0);
     net.run();
     assert!(net.cancels_sent().is_empty());
     assert!(net.cancelled(Side::B).is_some());
@@ -460,15 +431,7 @@ fn error_loop_rule_nothing_after_the_end() {
     for ty in
         ["m.key.verification.key", "m.key.verification.mac", "m.key.verification.done", "m.key.verification.start"]
     {
-        net.lb.b.receive(
-            IncomingEvent {
-                sender: ALICE.into(),
-                event_type: ty.into(),
-                content: json!({"transaction_id": fb.flow_id()}),
-                room: None,
-            },
-            T0,
-        );
+        net.lb.b.receive(to_device(ALICE, ty, json!({"transaction_id": fb.flow_id()})), T0);
     }
     net.run();
     assert_eq!(net.cancels_sent(), vec![(Side::B, "m.invalid_message".into())]);
@@ -479,12 +442,7 @@ fn unknown_transaction_answered_once() {
     let mut net = pair();
     for _ in 0..3 {
         net.lb.b.receive(
-            IncomingEvent {
-                sender: ALICE.into(),
-                event_type: "m.key.verification.key".into(),
-                content: json!({"transaction_id": "ghost", "key": OTHER_HASH}),
-                room: None,
-            },
+            to_device(ALICE, "m.key.verification.key", json!({"transaction_id": "ghost", "key": OTHER_HASH})),
             T0,
         );
     }
@@ -550,11 +508,12 @@ fn rejection_by_one_device_is_told_to_all() {
 #[test]
 fn second_attempt_by_the_same_device_cancels_both() {
     let mut net = pair();
-    let req = |txn: &str| IncomingEvent {
-        sender: ALICE.into(),
-        event_type: "m.key.verification.request".into(),
-        content: json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": T0, "transaction_id": txn}),
-        room: None,
+    let req = |txn: &str| {
+        to_device(
+            ALICE,
+            "m.key.verification.request",
+            json!({"from_device": "A1", "methods": ["m.sas.v1"], "timestamp": T0, "transaction_id": txn}),
+        )
     };
     net.lb.b.receive(req("first"), T0);
     net.lb.b.receive(req("second"), T0);
@@ -697,12 +656,11 @@ fn custom_cancel_codes_are_reported_verbatim() {
     let mut net = pair();
     let (_, fb) = net.request_and_accept(false);
     net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.cancel".into(),
-            content: json!({"transaction_id": fb.flow_id(), "code": "org.example.busy", "reason": "Busy right now"}),
-            room: None,
-        },
+        to_device(
+            ALICE,
+            "m.key.verification.cancel",
+            json!({"transaction_id": fb.flow_id(), "code": "org.example.busy", "reason": "Busy right now"}),
+        ),
         T0,
     );
     net.collect();
@@ -744,12 +702,11 @@ fn a_request_accepted_by_another_of_our_devices_closes_quietly() {
     net.run();
     let fb = net.flow_of(Side::B);
     net.lb.b.receive(
-        IncomingEvent {
-            sender: ALICE.into(),
-            event_type: "m.key.verification.cancel".into(),
-            content: json!({"transaction_id": fb.flow_id(), "code": "m.accepted", "reason": "Accepted elsewhere"}),
-            room: None,
-        },
+        to_device(
+            ALICE,
+            "m.key.verification.cancel",
+            json!({"transaction_id": fb.flow_id(), "code": "m.accepted", "reason": "Accepted elsewhere"}),
+        ),
         T0,
     );
     net.collect();

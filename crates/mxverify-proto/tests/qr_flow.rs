@@ -278,11 +278,12 @@ fn reciprocation_without_a_shown_code_or_flow() {
     // A flow where A shows nothing (it cannot show): a reciprocate start is an unknown method.
     let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), Config::default(), qr_config());
     let (fa, _) = net.request_and_accept(false);
-    let recip = |txn: &str| IncomingEvent {
-        sender: BOB.into(),
-        event_type: "m.key.verification.start".into(),
-        content: json!({"transaction_id": txn, "from_device": "B1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
-        room: None,
+    let recip = |txn: &str| {
+        to_device(
+            BOB,
+            "m.key.verification.start",
+            json!({"transaction_id": txn, "from_device": "B1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
+        )
     };
     net.lb.a.receive(recip(fa.flow_id()), T0);
     net.collect();

@@ -184,6 +184,11 @@ impl Net {
     }
 }
 
+/// A to-device event as the homeserver delivers it.
+pub fn to_device(sender: &str, event_type: &str, content: Value) -> IncomingEvent {
+    IncomingEvent { sender: sender.into(), event_type: event_type.into(), content, room: None }
+}
+
 /// Sets a JSON field of a message in flight.
 pub fn set(w: &mut Wire, field: &str, v: Value) {
     w.out.content[field] = v;
