@@ -26,6 +26,15 @@ fn assert_verified_both(net: &Net) {
     assert!(net.cancels_sent().is_empty(), "no cancel in a good flow: {:?}", net.cancels_sent());
 }
 
+/// Both users say the emoji match; both sides must then verify exactly the other's keys.
+fn confirm_both(net: &mut Net, fa: &FlowKey, fb: &FlowKey) {
+    let now = net.lb.now;
+    net.lb.a.confirm(fa, now).unwrap();
+    net.lb.b.confirm(fb, now).unwrap();
+    net.run();
+    assert_verified_both(net);
+}
+
 fn full_flow(in_room: bool, same_user: bool, requester_starts: bool) -> Net {
     let db = if same_user { Dev::new(ALICE, "ALICE2") } else { Dev::new(BOB, "BOBDEVICE") };
     let mut net = Net::new(Dev::new(ALICE, "ALICE1"), db);
@@ -37,10 +46,7 @@ fn full_flow(in_room: bool, same_user: bool, requester_starts: bool) -> Net {
         net.lb.b.start_sas(&fb, now).unwrap();
     }
     net.run();
-    net.lb.a.confirm(&fa, now).unwrap();
-    net.lb.b.confirm(&fb, now).unwrap();
-    net.run();
-    assert_verified_both(&net);
+    confirm_both(&mut net, &fa, &fb);
     net
 }
 
@@ -130,10 +136,7 @@ fn legacy_start_without_request() {
     assert!(net.events(Side::B).into_iter().any(|e| matches!(e, Event::IncomingRequest { legacy: true, .. })));
     net.lb.b.accept(&fb, now).unwrap();
     net.run();
-    net.lb.a.confirm(&fa, now).unwrap();
-    net.lb.b.confirm(&fb, now).unwrap();
-    net.run();
-    assert_verified_both(&net);
+    confirm_both(&mut net, &fa, &fb);
 }
 
 #[test]
@@ -147,10 +150,7 @@ fn simultaneous_starts_smaller_user_wins() {
         net.run();
         let (ma, mb) = (net.lb.a.flow(&fa).unwrap(), net.lb.b.flow(&fb).unwrap());
         assert!(ma.cancel.is_none() && mb.cancel.is_none(), "{ma:?} {mb:?}");
-        net.lb.a.confirm(&fa, now).unwrap();
-        net.lb.b.confirm(&fb, now).unwrap();
-        net.run();
-        assert_verified_both(&net);
+        confirm_both(&mut net, &fa, &fb);
         // The winner (smaller user ID, ST-03) is the one whose start was answered with an accept.
         let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
         let winner = if a_user < b_user { Side::A } else { Side::B };
@@ -166,10 +166,7 @@ fn simultaneous_starts_same_user_smaller_device_wins() {
     net.lb.a.start_sas(&fa, now).unwrap();
     net.lb.b.start_sas(&fb, now).unwrap();
     net.run();
-    net.lb.a.confirm(&fa, now).unwrap();
-    net.lb.b.confirm(&fb, now).unwrap();
-    net.run();
-    assert_verified_both(&net);
+    confirm_both(&mut net, &fa, &fb);
     let accepter = net.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap().from;
     assert_eq!(accepter, Side::A, "device AAA (side B) wins, so side A accepts");
 }
@@ -223,10 +220,7 @@ fn keys_arriving_late_do_not_lose_the_start() {
     net.lb.b.update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
     net.run();
     assert!(net.sas(Side::B).is_some());
-    net.lb.a.confirm(&fa, now).unwrap();
-    net.lb.b.confirm(&fb, now).unwrap();
-    net.run();
-    assert_verified_both(&net);
+    confirm_both(&mut net, &fa, &fb);
 }
 
 #[test]
