@@ -63,21 +63,44 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_mxverify")
 }
 
-/// Runs mxverify to completion; returns (exit code, stdout JSON lines, stderr).
+/// Runs mxverify to completion (at most 90 s: a hung command fails the test instead of the
+/// whole run); returns (exit code, stdout JSON lines, stderr).
 pub fn run(state: &PathBuf, args: &[&str]) -> (i32, Vec<Value>, String) {
-    let out = Command::new(exe())
+    let mut child = Command::new(exe())
         .arg("--json")
         .arg("--state-dir")
         .arg(state)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    (out.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let end = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mxverify {args:?} did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let lines =
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    (status.code().unwrap_or(-1), lines, err)
 }
 
 /// Logs a device in (and sets up cross-signing); returns its state directory and device ID.
