@@ -256,14 +256,20 @@ fn wrong_secret_is_refused_by_the_displayer() {
     assert_eq!(net.cancels_sent(), vec![(Side::A, "m.key_mismatch".into())]);
 }
 
-#[test]
-fn displayer_trusts_only_after_its_user_confirms() {
+/// Alice and Bob ready; Bob's device scanned the code Alice's device shows.
+fn bob_scanned_alices_code() -> (Net, FlowKey) {
     let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     let (fa, _) = net.request_and_accept(false);
     let (payload, _) = shown(&net, Side::A).unwrap();
     let fb = net.flow_of(Side::B);
     net.lb.b.scan_qr(&fb, &payload, net.lb.now).unwrap();
     net.run();
+    (net, fa)
+}
+
+#[test]
+fn displayer_trusts_only_after_its_user_confirms() {
+    let (mut net, fa) = bob_scanned_alices_code();
     assert!(net.events(Side::A).iter().any(|e| matches!(e, Event::QrScanned { .. })));
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
     // The user says the other device did not show success.
@@ -328,12 +334,7 @@ fn no_switch_to_sas_after_reciprocation() {
 
 #[test]
 fn qr_keys_changed_before_done() {
-    let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
-    let (fa, _) = net.request_and_accept(false);
-    let (payload, _) = shown(&net, Side::A).unwrap();
-    let fb = net.flow_of(Side::B);
-    net.lb.b.scan_qr(&fb, &payload, net.lb.now).unwrap();
-    net.run();
+    let (mut net, fa) = bob_scanned_alices_code();
     let mut keys = keys_of(&[&net.db.clone()]);
     keys.master_key = Some(fake_key("new master key"));
     net.lb.a.update_user_keys(BOB, keys, net.lb.now);
