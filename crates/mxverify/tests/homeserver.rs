@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use serde_json::{Value, json};
 
@@ -12,15 +14,8 @@ fn sas(requester: &mut Proc, listener: &mut Proc) -> (Value, Value) {
     let req = listener.expect("request");
     assert_eq!(req["direction"], "incoming");
     let flow = req["flow_id"].as_str().unwrap().to_owned();
-    listener.cmd("accept", &flow);
-    requester.expect("ready");
-    requester.cmd("start_sas", &flow);
-    let (sa, sb) = (requester.expect("sas"), listener.expect("sas"));
-    assert_eq!(sa["emoji"], sb["emoji"], "both sides show the same emoji");
-    assert_eq!(sa["decimals"], sb["decimals"]);
-    requester.cmd("confirm", &flow);
-    listener.cmd("confirm", &flow);
-    (requester.expect("done"), listener.expect("done"))
+    accept_and_compare(requester, listener, &flow);
+    confirm_both(requester, listener, &flow, Duration::from_secs(60))
 }
 
 fn master_key_of(token: &str, user: &str) -> Value {
@@ -261,15 +256,9 @@ fn bad_commands_on_stdin_get_an_error_line_and_change_nothing() {
         assert!(e["message"].as_str().unwrap().contains(says), "{bad} → {e}");
     }
     // The flow is untouched and goes on to the end.
-    listener.cmd("accept", &flow);
-    requester.expect("ready");
-    requester.cmd("start_sas", &flow);
-    requester.expect("sas");
-    listener.expect("sas");
-    requester.cmd("confirm", &flow);
-    listener.cmd("confirm", &flow);
-    assert_eq!(requester.expect("done")["verified_device"], rosa_dev.as_str());
-    listener.expect("done");
+    accept_and_compare(&mut requester, &mut listener, &flow);
+    let (done_q, _) = confirm_both(&mut requester, &mut listener, &flow, Duration::from_secs(60));
+    assert_eq!(done_q["verified_device"], rosa_dev.as_str());
     assert_eq!(listener.wait(), 0);
     assert_eq!(requester.wait(), 0);
 }

@@ -21,17 +21,10 @@ fn verification_survives_a_homeserver_restart() {
     listener.expect("listening");
     let mut requester = Proc::spawn("ivan", &di, &["request", &judy, "--dm"]);
     let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
-    listener.cmd("accept", &flow);
-    requester.expect("ready");
-    requester.cmd("start_sas", &flow);
-    let (sa, sb) = (requester.expect("sas"), listener.expect("sas"));
-    assert_eq!(sa["emoji"], sb["emoji"]);
+    accept_and_compare(&mut requester, &mut listener, &flow);
     // The homeserver goes away and comes back while both people compare.
     restart_homeserver();
-    requester.cmd("confirm", &flow);
-    listener.cmd("confirm", &flow);
-    requester.expect_within("done", Duration::from_secs(90));
-    listener.expect_within("done", Duration::from_secs(90));
+    confirm_both(&mut requester, &mut listener, &flow, Duration::from_secs(90));
     assert_eq!(requester.wait(), 0);
     assert_eq!(listener.wait(), 0);
 }
@@ -51,15 +44,8 @@ fn a_waiting_request_survives_a_listener_restart() {
     let mut listener = Proc::spawn("leo again", &dl, &["listen", "--once"]);
     let again = listener.expect("request");
     assert_eq!(again["flow_id"], flow.as_str(), "the request is still there after the restart");
-    listener.cmd("accept", &flow);
-    requester.expect("ready");
-    requester.cmd("start_sas", &flow);
-    listener.expect("sas");
-    requester.expect("sas");
-    requester.cmd("confirm", &flow);
-    listener.cmd("confirm", &flow);
-    requester.expect("done");
-    listener.expect("done");
+    accept_and_compare(&mut requester, &mut listener, &flow);
+    confirm_both(&mut requester, &mut listener, &flow, Duration::from_secs(60));
     assert_eq!(listener.wait(), 0);
     assert_eq!(requester.wait(), 0);
 }
@@ -96,11 +82,7 @@ fn a_flow_lost_by_a_restart_is_cancelled_not_left_to_time_out() {
     listener.expect("listening");
     let mut requester = Proc::spawn("olive", &dol, &["request", &paul, "--device", &paul_dev]);
     let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
-    listener.cmd("accept", &flow);
-    requester.expect("ready");
-    requester.cmd("start_sas", &flow);
-    requester.expect("sas");
-    listener.expect("sas");
+    accept_and_compare(&mut requester, &mut listener, &flow);
     // The listener dies with the SAS on screen; its ephemeral key is gone with it.
     listener.kill();
     // A second process on the same state directory is refused while one runs (it holds the lock

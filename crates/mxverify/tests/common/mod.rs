@@ -225,6 +225,24 @@ impl Drop for Proc {
     }
 }
 
+/// The listener accepts, the requester starts SAS; both must show the same SAS (returned).
+pub fn accept_and_compare(requester: &mut Proc, listener: &mut Proc, flow: &str) -> (Value, Value) {
+    listener.cmd("accept", flow);
+    requester.expect("ready");
+    requester.cmd("start_sas", flow);
+    let (sa, sb) = (requester.expect("sas"), listener.expect("sas"));
+    assert_eq!(sa["emoji"], sb["emoji"], "both sides show the same emoji");
+    assert_eq!(sa["decimals"], sb["decimals"]);
+    (sa, sb)
+}
+
+/// Both people say the SAS match; returns both `done` events.
+pub fn confirm_both(requester: &mut Proc, listener: &mut Proc, flow: &str, timeout: Duration) -> (Value, Value) {
+    requester.cmd("confirm", flow);
+    listener.cmd("confirm", flow);
+    (requester.expect_within("done", timeout), listener.expect_within("done", timeout))
+}
+
 /// Raw Client-Server API calls (for checks and for hostile input).
 pub fn api(token: Option<&str>, method: &str, path: &str, body: Option<Value>) -> Value {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
