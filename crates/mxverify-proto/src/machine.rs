@@ -473,7 +473,7 @@ impl Machine {
                 // EV-RD-02: our methods that correspond to theirs.
                 let msg = Msg::Ready(Ready {
                     from_device: m.own.device_id.clone(),
-                    methods: m.advertised_for(&flow.their_methods),
+                    methods: m.common_methods(&flow.their_methods),
                 });
                 flow.state = State::Ready(None);
                 m.send(flow, msg, now);
@@ -573,23 +573,16 @@ impl Machine {
         let Some(parsed) = wire::parse(&event.event_type, &event.content, in_room, fallback) else {
             return;
         };
-        let drop = |m: &mut Self, reason| {
-            m.events.push_back(Event::Dropped {
-                sender: event.sender.clone(),
-                event_type: event.event_type.clone(),
-                reason,
-            })
-        };
         if parsed.kind == MsgKind::Request {
             let msg = match parsed.msg {
                 Ok(Msg::Request(r)) => r,
                 Ok(_) => unreachable!("a request parses into a request"),
-                Err(e) => return drop(self, DropReason::MalformedRequest(e.to_string())),
+                Err(e) => return self.dropped(&event, DropReason::MalformedRequest(e.to_string())),
             };
             return self.receive_request(&event, parsed.flow_id, msg, now);
         }
         let Some(flow_id) = parsed.flow_id else {
-            return drop(self, DropReason::NoFlowId);
+            return self.dropped(&event, DropReason::NoFlowId);
         };
         let key = match &event.room {
             None => FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: flow_id },
@@ -599,13 +592,13 @@ impl Machine {
             if parsed.kind == MsgKind::Cancel {
                 // Remember it, so that a request it overtook does not prompt the user later.
                 remember(&mut self.ended_ids, key);
-                return drop(self, DropReason::UnknownFlow);
+                return self.dropped(&event, DropReason::UnknownFlow);
             }
             if self.flow_already_ended(&key) {
-                return drop(self, DropReason::FlowEnded);
+                return self.dropped(&event, DropReason::FlowEnded);
             }
             if in_room {
-                return drop(self, DropReason::UnknownRoomFlow);
+                return self.dropped(&event, DropReason::UnknownRoomFlow);
             }
             if let (MsgKind::Start, Ok(Msg::Start(start))) = (parsed.kind, &parsed.msg)
                 && !matches!(start.method, StartMethod::Reciprocate { .. })
@@ -620,7 +613,7 @@ impl Machine {
             return;
         }
         if flow.state.ended() {
-            drop(self, DropReason::FlowEnded);
+            self.dropped(&event, DropReason::FlowEnded);
             self.flows.insert(key, flow);
             return;
         }
@@ -635,17 +628,10 @@ impl Machine {
     }
 
     fn receive_request(&mut self, event: &IncomingEvent, txn: Option<String>, req: Request, now: Millis) {
-        let drop = |m: &mut Self, reason| {
-            m.events.push_back(Event::Dropped {
-                sender: event.sender.clone(),
-                event_type: event.event_type.clone(),
-                reason,
-            })
-        };
         let (key, ts) = match &event.room {
             None => {
                 let Some(txn) = txn else {
-                    return drop(self, DropReason::NoFlowId);
+                    return self.dropped(event, DropReason::NoFlowId);
                 };
                 (FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: txn }, req.timestamp.unwrap_or(0))
             }
@@ -653,28 +639,28 @@ impl Machine {
                 // Our own requests, and requests by our other devices, are not ours to answer; nor
                 // are requests for other users (EV-RQI-05).
                 if event.sender == self.own.user_id {
-                    return drop(self, DropReason::Own);
+                    return self.dropped(event, DropReason::Own);
                 }
                 if req.to.as_deref() != Some(self.own.user_id.as_str()) {
-                    return drop(self, DropReason::NotForUs);
+                    return self.dropped(event, DropReason::NotForUs);
                 }
                 (FlowKey::Room { room_id: r.room_id.clone(), event_id: r.event_id.clone() }, r.origin_server_ts)
             }
         };
         // RQ-02: a device never verifies itself.
         if event.sender == self.own.user_id && req.from_device == self.own.device_id {
-            return drop(self, DropReason::Own);
+            return self.dropped(event, DropReason::Own);
         }
         // RQ-03 (and RQ-05 for rooms): ignore requests outside the window; the bounds are inclusive.
         let t = &self.config.timeouts;
         if now.saturating_sub(ts) > t.max_age || ts.saturating_sub(now) > t.max_future {
-            return drop(self, DropReason::OutsideTimeWindow);
+            return self.dropped(event, DropReason::OutsideTimeWindow);
         }
         if self.flows.contains_key(&key) {
-            return drop(self, DropReason::Duplicate);
+            return self.dropped(event, DropReason::Duplicate);
         }
         if self.flow_already_ended(&key) {
-            return drop(self, DropReason::FlowEnded);
+            return self.dropped(event, DropReason::FlowEnded);
         }
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let mut flow = Flow::new(
@@ -821,11 +807,7 @@ impl Machine {
             return;
         }
         let reason = if event.sender == self.own.user_id { DropReason::Own } else { DropReason::NotAParty };
-        self.events.push_back(Event::Dropped {
-            sender: event.sender.clone(),
-            event_type: event.event_type.clone(),
-            reason,
-        });
+        self.dropped(event, reason);
     }
 
     fn on_message(&mut self, flow: &mut Flow, event: &IncomingEvent, msg: Msg, now: Millis, retry: bool) {
@@ -843,11 +825,7 @@ impl Machine {
             && named != bound
         {
             // Our own to-device request went to several devices: a second answer is not adopted.
-            self.events.push_back(Event::Dropped {
-                sender: event.sender.clone(),
-                event_type: event.event_type.clone(),
-                reason: DropReason::OtherDevice,
-            });
+            self.dropped(event, DropReason::OtherDevice);
             return;
         }
         match (&flow.state, msg) {
@@ -1118,11 +1096,6 @@ impl Machine {
             common.push(Method::ReciprocateV1);
         }
         common
-    }
-
-    /// What we advertise in a `ready`: our methods that correspond to theirs.
-    fn advertised_for(&self, theirs: &[Method]) -> Vec<Method> {
-        self.common_methods(theirs)
     }
 
     fn emit_ready(&mut self, flow: &Flow) {
