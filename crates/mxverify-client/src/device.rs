@@ -130,24 +130,21 @@ pub struct Device {
     test_fault: Option<String>,
 }
 
-/// Test only (`MXVERIFY_TEST_FAULT`): alters what we send, so interoperability tests can see how a
-/// peer answers a wrong `commitment`, a wrong `mac` or an unknown start `method`.
-fn test_fault(fault: &str, out: &mut mxverify_proto::Outgoing) {
-    let c = &mut out.content;
-    match (fault, out.event_type) {
-        ("commitment", "m.key.verification.accept") => {
-            c["commitment"] = json!(mxverify_proto::b64::encode([0x42u8; 32]))
-        }
-        ("mac", "m.key.verification.mac") => {
-            if let Some(mac) = c["mac"].as_object_mut() {
-                for v in mac.values_mut() {
-                    *v = json!(mxverify_proto::b64::encode([0x42u8; 32]));
-                }
-            }
-        }
-        ("unknown_method", "m.key.verification.start") => c["method"] = json!("org.example.unknown.v1"),
-        _ => {}
+/// Test only (`MXVERIFY_TEST_FAULT`, and the demo's attacker): alters an outgoing message so that
+/// a peer's answer to a wrong `commitment` (`"commitment"`), a wrong `mac` (`"mac"`) or an unknown
+/// start method (`"unknown_method"`) can be seen. Returns whether it changed anything.
+pub fn apply_fault(fault: &str, event_type: &str, content: &mut Value) -> bool {
+    let bogus = || json!(mxverify_proto::b64::encode([0x42u8; 32]));
+    match (fault, event_type) {
+        ("commitment", "m.key.verification.accept") => content["commitment"] = bogus(),
+        ("mac", "m.key.verification.mac") => match content["mac"].as_object_mut() {
+            Some(mac) => mac.values_mut().for_each(|v| *v = bogus()),
+            None => return false,
+        },
+        ("unknown_method", "m.key.verification.start") => content["method"] = json!("org.example.unknown.v1"),
+        _ => return false,
     }
+    true
 }
 
 impl std::fmt::Debug for Device {
@@ -447,7 +444,7 @@ impl Device {
     pub async fn send_outgoing(&mut self) -> Result<(), DeviceError> {
         while let Some(mut out) = self.machine.poll_outgoing() {
             if let Some(fault) = &self.test_fault {
-                test_fault(fault, &mut out);
+                apply_fault(fault, out.event_type, &mut out.content);
             }
             // The same outgoing id always gives the same transaction id, so a retried request is
             // delivered once.

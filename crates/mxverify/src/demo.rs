@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use mxverify_proto::loopback::{InFlight, Loopback, Side};
 use mxverify_proto::wire::Method;
-use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy, b64};
+use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy};
 use serde_json::{Value, json};
 
 use crate::output::{self, Ending};
@@ -230,25 +230,16 @@ impl Demo<'_> {
     /// Alters the next message in flight as the scenario's attacker or old client would.
     fn tamper(&mut self) {
         let m = &mut self.net.queue[0];
-        let ty = m.out.event_type;
-        let c = &mut m.out.content;
-        match (self.opts.scenario, ty) {
-            (Scenario::WrongCommitment, "m.key.verification.accept") => {
-                c["commitment"] = json!(b64::encode([0x42u8; 32]));
-            }
-            (Scenario::WrongMac, "m.key.verification.mac") if m.from == Side::B => {
-                if let Some(mac) = c["mac"].as_object_mut() {
-                    for v in mac.values_mut() {
-                        *v = json!(b64::encode([0x42u8; 32]));
-                    }
-                }
-            }
-            (Scenario::UnknownMethod, "m.key.verification.start") => {
-                c["method"] = json!("org.example.telepathy.v1");
-            }
+        let fault = match self.opts.scenario {
+            Scenario::WrongCommitment => "commitment",
+            // Only Bob's MAC, so that Alice is the one who notices.
+            Scenario::WrongMac if m.from == Side::B => "mac",
+            Scenario::UnknownMethod => "unknown_method",
             _ => return,
+        };
+        if mxverify_client::device::apply_fault(fault, m.out.event_type, &mut m.out.content) {
+            m.out.content["org.mxverify.demo.altered"] = json!(true);
         }
-        m.out.content["org.mxverify.demo.altered"] = json!(true);
     }
 
     fn show_message(&mut self, i: usize) -> io::Result<()> {
