@@ -2,6 +2,7 @@
 //
 //   NODE22 interop/driver.mjs --homeserver URL --user USER --password PASSWORD
 //                             [--device-id ID] [--cross-signing] [--poll-timeout MS]
+//                             [--encrypt-verification] [--auto-join]
 //
 // stdout carries only JSON objects, one per line, each with an `event` field; commands arrive on stdin, one JSON
 // object per line, each with a `command` field. Everything else (js-sdk's and the crypto library's logging) goes to
@@ -10,12 +11,73 @@
 // Commands are executed one after another, in the order received; a verification's `verify()` runs in the
 // background, so the events of a flow (`sas`, `done`, `cancelled`, ...) arrive whenever js-sdk produces them.
 //
-// Events:   ready_to_go, request, ready, started, sas, qr, qr_scanned, done, cancelled, room, status, synced, error
+// Events:   ready_to_go, request, ready, started, sas, qr, qr_scanned, done, cancelled, room, status, synced, error,
+//           settings, invited, members, room_events, account_data, sent, secret_storage, restored,
+//           cross_signing_status, secrets
 // Commands: request {user, device | room | (own user)}, accept, start_sas, confirm, mismatch, cancel, scan_qr
 //           {flow_id, payload}, create_room {invite, encrypted, direct}, join {room}, status {user, device},
-//           sync, quit
+//           sync, quit, set, create_dm, joined_members, room_events, account_data, send_text, bootstrap_secret_storage,
+//           restore_secret_storage, cross_signing_status, export_secrets (below)
 // A flow is named by flow_id: the transaction ID of a to-device verification, the event ID of the request event
 // of an in-room one (js-sdk's request.transactionId in both cases).
+//
+// Options:
+//   --cross-signing          create new cross-signing keys at start-up (replacing any the user has) and sign this
+//                            device. Without it nothing about cross-signing is changed: a new device of a user who
+//                            already has cross-signing keys leaves them alone (it can then self-verify and receive
+//                            the private keys by secret sharing, or restore them from secret storage).
+//   --encrypt-verification   send in-room verification events (the m.room.message request with msgtype
+//                            m.key.verification.request, and every m.key.verification.* room event) through
+//                            client.sendEvent, like Element X (matrix-rust-sdk) does: in an encrypted room they are
+//                            Megolm-encrypted (type m.room.encrypted, m.relates_to left in the cleartext wrapper).
+//                            Without it js-sdk sends them in the clear even in an encrypted room (its own
+//                            behaviour). js-sdk's Rust crypto sends them as raw PUT /rooms/{room}/send/{type}/{txn}
+//                            through client.http.authedRequest; the driver intercepts exactly those calls.
+//   --auto-join              join every room this user is invited to (then emit `room` with auto_joined: true); an
+//                            invite marked is_direct is also added to `m.direct` under the inviter, as Element does.
+//
+// Commands added for encrypted DMs and secret storage (each answered by one event, or by `error`):
+//   {"command":"set","encrypt_verification":BOOL,"auto_join":BOOL}   either field may be left out
+//       -> {"event":"settings","encrypt_verification":BOOL,"auto_join":BOOL,"sent_through_send_event":N} (N: how
+//       many verification events the driver has sent through client.sendEvent so far)
+//   {"command":"create_dm","user":U}   an Element-style encrypted DM: createRoom {preset trusted_private_chat,
+//       is_direct true, invite [U], initial_state m.room.encryption {m.megolm.v1.aes-sha2, rotation_period_ms
+//       604800000, rotation_period_msgs 100}}, then the room is added to account data m.direct under U
+//       (read-modify-write); waits until the room is in the client's store   -> {"event":"room","room_id":R}
+//   {"command":"joined_members","room":R}   -> {"event":"members","room_id":R,"joined":[USER...]}
+//   {"command":"room_events","room":R,"limit":N}   GET /rooms/R/messages?dir=b&limit=N (default 100) with this
+//       device's access token, as the server has them (no decryption)   -> {"event":"room_events","room_id":R,
+//       "events":[{"event_id","type","sender","algorithm","relates_to","msgtype"}...]} oldest first; algorithm =
+//       content.algorithm, relates_to = the cleartext content["m.relates_to"], msgtype = content.msgtype (each
+//       null when absent)
+//   {"command":"account_data","type":T}   this user's global account data of that type, read from the server
+//       -> {"event":"account_data","type":T,"content":OBJECT | null}
+//   {"command":"send_text","room":R,"body":TEXT}   an m.text message through client.sendEvent (encrypted in an
+//       encrypted room)   -> {"event":"sent","room_id":R,"event_id":E}
+//   {"command":"bootstrap_secret_storage","passphrase":P,"key_backup":BOOL}   (both optional) a new default
+//       secret-storage key the way Element makes one (createRecoveryKeyFromPassphrase, then bootstrapSecretStorage
+//       with setupNewSecretStorage: true), storing this device's cross-signing private keys (and, with key_backup,
+//       a new key backup and its m.megolm_backup.v1 key); refused if this device does not hold all three
+//       cross-signing private keys   -> {"event":"secret_storage","recovery_key":"EsT... (js-sdk's formatting)",
+//       "key_id":ID,"passphrase":null | {algorithm,salt,iterations[,bits]},"key_backup":BOOL}
+//   {"command":"restore_secret_storage","recovery_key":K}  or  {..., "passphrase":P}   reads the three
+//       cross-signing private keys from secret storage with that key (checked against the default key's
+//       iv/mac first), imports them (they must match the published public keys) and signs this device
+//       -> {"event":"restored","key_id":ID,"master":BOOL,"self_signing":BOOL,"user_signing":BOOL,
+//       "master_key":PUB}
+//   {"command":"cross_signing_status"}   -> {"event":"cross_signing_status","master":BOOL,"self_signing":BOOL,
+//       "user_signing":BOOL (private keys cached locally), "public_keys_on_device":BOOL,
+//       "keys_in_secret_storage":BOOL, "secret_storage_ready":BOOL, "master_key":PUB | null (the published one)}
+//   {"command":"export_secrets"}   -> {"event":"secrets","cross_signing":{master_key,self_signing_key,
+//       user_signing_key} (unpadded base64 private keys, or null each),"backup":{algorithm,key,backup_version}
+//       | null} (js-sdk's exportSecretsBundle(); refused unless all three cross-signing keys are cached)
+//
+// Events that arrive by themselves:
+//   {"event":"invited","room_id":R,"inviter":U,"is_direct":BOOL}   whenever this user is invited to a room (also
+//       for invites already pending at start-up)
+//   {"event":"room","room_id":R,"auto_joined":true}   with --auto-join, once an invite has been joined
+// Because the reply to create_room/create_dm/join is also `room`, a test that uses --auto-join should tell the two
+// apart by the auto_joined field.
 
 // ---------------------------------------------------------------------------------------------------------------
 // stdout discipline: keep the real writer for our JSON lines, send everything else to stderr.
@@ -60,7 +122,13 @@ const readline = await import("node:readline");
 // Arguments
 
 function parseArgs(argv) {
-    const opts = { crossSigning: false, deviceId: undefined, pollTimeout: 1000 };
+    const opts = {
+        crossSigning: false,
+        deviceId: undefined,
+        pollTimeout: 1000,
+        encryptVerification: false,
+        autoJoin: false,
+    };
     for (let i = 0; i < argv.length; i++) {
         const a = argv[i];
         const value = () => {
@@ -83,6 +151,12 @@ function parseArgs(argv) {
             case "--cross-signing":
                 opts.crossSigning = true;
                 break;
+            case "--encrypt-verification":
+                opts.encryptVerification = true;
+                break;
+            case "--auto-join":
+                opts.autoJoin = true;
+                break;
             case "--poll-timeout":
                 opts.pollTimeout = Number(value());
                 if (!Number.isInteger(opts.pollTimeout) || opts.pollTimeout < 0) usage("--poll-timeout must be ms");
@@ -98,7 +172,7 @@ function parseArgs(argv) {
 function usage(msg) {
     process.stderr.write(
         `driver: ${msg}\nusage: driver.mjs --homeserver URL --user USER --password PASSWORD ` +
-            `[--device-id ID] [--cross-signing] [--poll-timeout MS]\n`,
+            `[--device-id ID] [--cross-signing] [--poll-timeout MS] [--encrypt-verification] [--auto-join]\n`,
     );
     process.exit(2);
 }
@@ -375,6 +449,180 @@ async function trustOf(user, device) {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // ---------------------------------------------------------------------------------------------------------------
+// Encrypted in-room verification, DMs, invites, secret storage
+
+// Settings that the `set` command can change.
+const settings = { encryptVerification: opts.encryptVerification, autoJoin: opts.autoJoin };
+
+// A verification event as the room sees it: the request (an m.room.message with msgtype
+// m.key.verification.request) or any m.key.verification.* event.
+function isRoomVerificationEvent(type, content) {
+    if (type.startsWith("m.key.verification.")) return true;
+    return type === "m.room.message" && content?.msgtype === "m.key.verification.request";
+}
+
+// js-sdk's Rust crypto sends in-room verification events itself, bypassing client.sendEvent (so never encrypted):
+// the request from RustCrypto.sendVerificationRequestContent (json response wanted), every later event from
+// OutgoingRequestProcessor.makeOutgoingRequest for a RoomMessageRequest (json: false, the raw response text
+// wanted). Both are `client.http.authedRequest("PUT", "/_matrix/client/v3/rooms/{room}/send/{type}/{txn}", …,
+// {prefix: ""})` on the same MatrixHttpApi object. With encrypt_verification on, such a call for a verification
+// event is answered by client.sendEvent instead, which encrypts in an encrypted room (client.sendEvent itself
+// calls authedRequest with the path "/rooms/…" and the default prefix, so it is not caught again).
+const SEND_PATH = /^\/_matrix\/client\/v3\/rooms\/([^/]+)\/send\/([^/]+)\/([^/]+)$/;
+let interceptedSends = 0;
+
+function installVerificationSendHook() {
+    const http = client.http;
+    const original = http.authedRequest.bind(http);
+    http.authedRequest = async (method, path, queryParams, body, options = {}) => {
+        const hooked = settings.encryptVerification && method === "PUT" && options?.prefix === "";
+        const m = hooked && typeof path === "string" ? SEND_PATH.exec(path) : null;
+        if (m) {
+            const roomId = decodeURIComponent(m[1]);
+            const type = decodeURIComponent(m[2]);
+            let content;
+            try {
+                content = typeof body === "string" ? JSON.parse(body) : body;
+            } catch {
+                content = undefined;
+            }
+            if (content && typeof content === "object" && isRoomVerificationEvent(type, content)) {
+                const res = await sendThroughClient(roomId, type, content);
+                interceptedSends++;
+                return options.json === false ? JSON.stringify(res) : res;
+            }
+        }
+        return original(method, path, queryParams, body, options);
+    };
+}
+
+// client.sendEvent only encrypts for a room it has in its store (it sends in the clear otherwise), so wait for
+// the room first.
+async function sendThroughClient(roomId, type, content) {
+    const room = await waitForRoom(roomId, ["join"], 15000);
+    if (!room) throw new Error(`room ${roomId} is not in the client's store: not sending ${type} in the clear`);
+    const encrypted = room.hasEncryptionStateEvent();
+    const res = await client.sendEvent(roomId, type, content);
+    console.info(
+        `sent ${type} in ${roomId} through client.sendEvent (${encrypted ? "encrypted" : "room not encrypted"}): ` +
+            res.event_id,
+    );
+    return { event_id: res.event_id };
+}
+
+// The room once the client's store has it with our membership in `memberships`, or null after `ms`.
+async function waitForRoom(roomId, memberships, ms) {
+    const deadline = Date.now() + ms;
+    for (;;) {
+        const room = client.getRoom(roomId);
+        if (room && memberships.includes(room.getMyMembership())) return room;
+        if (Date.now() >= deadline) return null;
+        await sleep(50);
+    }
+}
+
+// Adds `roomId` to the account data m.direct under `userId` (read from the server, modified, written back).
+async function addToDirect(userId, roomId) {
+    let content = null;
+    try {
+        content = await client.getAccountDataFromServer("m.direct");
+    } catch (e) {
+        if (e?.httpStatus !== 404) throw e;
+    }
+    const direct = content && typeof content === "object" ? { ...content } : {};
+    const rooms = Array.isArray(direct[userId]) ? [...direct[userId]] : [];
+    if (rooms.includes(roomId)) return;
+    rooms.push(roomId);
+    direct[userId] = rooms;
+    await client.setAccountData("m.direct", direct);
+}
+
+// Invites: `invited` for each, and with auto-join, a join (and for a DM invite, m.direct) in the background.
+const invitesSeen = new Set();
+function onMembership(event, member) {
+    if (member.userId !== ownUserId || member.membership !== "invite") return;
+    const key = `${member.roomId} ${event.getId() ?? event.getTs()}`;
+    if (invitesSeen.has(key)) return;
+    invitesSeen.add(key);
+    const inviter = event.getSender() ?? null;
+    const isDirect = event.getContent()?.is_direct === true;
+    emit({ event: "invited", room_id: member.roomId, inviter, is_direct: isDirect });
+    if (settings.autoJoin) void autoJoin(member.roomId, inviter, isDirect);
+}
+
+async function autoJoin(roomId, inviter, isDirect) {
+    try {
+        await client.joinRoom(roomId);
+        if (isDirect && inviter) await addToDirect(inviter, roomId);
+        await waitForRoom(roomId, ["join"], 15000);
+        emit({ event: "room", room_id: roomId, auto_joined: true });
+    } catch (e) {
+        emit({ event: "error", message: `auto-join of ${roomId} failed: ${e?.message ?? e}`, command: null });
+    }
+}
+
+// Secret-storage keys this device knows, by key ID (filled by js-sdk's cacheSecretStorageKey callback when we make
+// a key, and by restore_secret_storage once a key passes the key check).
+const secretStorageKeys = new Map();
+
+const cryptoCallbacks = {
+    // js-sdk asks for the key to one of `keys` (key ID -> key description) whenever it reads or writes a secret.
+    getSecretStorageKey: async ({ keys }, name) => {
+        for (const keyId of Object.keys(keys)) {
+            const key = secretStorageKeys.get(keyId);
+            if (key) return [keyId, key];
+        }
+        throw new Error(
+            `no secret-storage key known for ${name} (key ${Object.keys(keys).join(", ")}): ` +
+                `restore_secret_storage with its recovery key first`,
+        );
+    },
+    cacheSecretStorageKey: (keyId, _keyInfo, key) => {
+        secretStorageKeys.set(keyId, key);
+    },
+};
+
+const CROSS_SIGNING_SECRETS = [
+    "m.cross_signing.master",
+    "m.cross_signing.self_signing",
+    "m.cross_signing.user_signing",
+];
+
+async function crossSigningStatus() {
+    const st = await e2ee.getCrossSigningStatus();
+    const c = st.privateKeysCachedLocally;
+    return {
+        master: c.masterKey,
+        self_signing: c.selfSigningKey,
+        user_signing: c.userSigningKey,
+        public_keys_on_device: st.publicKeysOnDevice,
+        keys_in_secret_storage: st.privateKeysInSecretStorage,
+    };
+}
+
+// The master key our user has published (as this device's js-sdk knows it), or null.
+async function publishedMasterKey() {
+    const keys = await e2ee.getUserCrossSigningKeys(ownUserId);
+    const master = keys?.master_key?.keys;
+    return master ? (Object.values(master)[0] ?? null) : null;
+}
+
+// js-sdk's authUploadDeviceSigningKeys callback: try without user-interactive auth, then with our password.
+async function authWithPassword(makeRequest) {
+    try {
+        await makeRequest(null);
+    } catch (e) {
+        if (e?.httpStatus !== 401 || !e?.data?.flows) throw e;
+        await makeRequest({
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user: ownUserId },
+            password: opts.password,
+            session: e.data.session,
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Commands
 
 function flowOf(cmd) {
@@ -492,6 +740,180 @@ const commands = {
         });
     },
 
+    async set(cmd) {
+        for (const [field, key] of [
+            ["encrypt_verification", "encryptVerification"],
+            ["auto_join", "autoJoin"],
+        ]) {
+            if (cmd[field] === undefined) continue;
+            if (typeof cmd[field] !== "boolean") throw new Error(`${field} must be true or false`);
+            settings[key] = cmd[field];
+        }
+        emit({
+            event: "settings",
+            encrypt_verification: settings.encryptVerification,
+            auto_join: settings.autoJoin,
+            sent_through_send_event: interceptedSends,
+        });
+    },
+
+    async create_dm(cmd) {
+        const user = str(cmd, "user");
+        const { room_id } = await client.createRoom({
+            preset: "trusted_private_chat",
+            is_direct: true,
+            invite: [user],
+            initial_state: [
+                {
+                    type: "m.room.encryption",
+                    state_key: "",
+                    content: {
+                        algorithm: "m.megolm.v1.aes-sha2",
+                        rotation_period_ms: 604800000,
+                        rotation_period_msgs: 100,
+                    },
+                },
+            ],
+        });
+        await addToDirect(user, room_id);
+        if (!(await waitForRoom(room_id, ["join"], 15000))) console.warn(`room ${room_id} not in the store in 15 s`);
+        emit({ event: "room", room_id });
+    },
+
+    async joined_members(cmd) {
+        const room = str(cmd, "room");
+        const { joined } = await client.getJoinedRoomMembers(room);
+        emit({ event: "members", room_id: room, joined: Object.keys(joined ?? {}) });
+    },
+
+    async room_events(cmd) {
+        const room = str(cmd, "room");
+        const limit = cmd.limit === undefined ? 100 : cmd.limit;
+        if (!Number.isInteger(limit) || limit < 1) throw new Error("limit must be a positive integer");
+        const res = await client.http.authedRequest("GET", `/rooms/${encodeURIComponent(room)}/messages`, {
+            dir: "b",
+            limit: String(limit),
+        });
+        const field = (v) => (v === undefined ? null : v);
+        const events = (res.chunk ?? [])
+            .map((e) => ({
+                event_id: e.event_id,
+                type: e.type,
+                sender: e.sender,
+                algorithm: field(e.content?.algorithm),
+                relates_to: field(e.content?.["m.relates_to"]),
+                msgtype: field(e.content?.msgtype),
+            }))
+            .reverse();
+        emit({ event: "room_events", room_id: room, events });
+    },
+
+    async account_data(cmd) {
+        const type = str(cmd, "type");
+        let content = null;
+        try {
+            content = await client.getAccountDataFromServer(type);
+        } catch (e) {
+            if (e?.httpStatus !== 404) throw e;
+        }
+        emit({ event: "account_data", type, content: content ?? null });
+    },
+
+    async send_text(cmd) {
+        const room = str(cmd, "room");
+        const body = typeof cmd.body === "string" ? cmd.body : "";
+        if (!(await waitForRoom(room, ["join"], 15000))) throw new Error(`room ${room} is not in the client's store`);
+        const res = await client.sendEvent(room, "m.room.message", { msgtype: "m.text", body });
+        emit({ event: "sent", room_id: room, event_id: res.event_id });
+    },
+
+    async bootstrap_secret_storage(cmd) {
+        if (cmd.passphrase !== undefined && (typeof cmd.passphrase !== "string" || cmd.passphrase === ""))
+            throw new Error("passphrase must be a non-empty string");
+        const cs = await crossSigningStatus();
+        if (!(cs.master && cs.self_signing && cs.user_signing)) {
+            throw new Error(
+                "this device does not hold the cross-signing private keys (start it with --cross-signing, or " +
+                    "get them by secret sharing or restore_secret_storage first)",
+            );
+        }
+        let made;
+        await e2ee.bootstrapSecretStorage({
+            setupNewSecretStorage: true,
+            setupNewKeyBackup: cmd.key_backup === true,
+            createSecretStorageKey: async () => {
+                made = await e2ee.createRecoveryKeyFromPassphrase(cmd.passphrase);
+                return made;
+            },
+        });
+        const keyId = await client.secretStorage.getDefaultKeyId();
+        const info = keyId ? await client.getAccountDataFromServer(`m.secret_storage.key.${keyId}`) : null;
+        emit({
+            event: "secret_storage",
+            recovery_key: made?.encodedPrivateKey ?? null,
+            key_id: keyId,
+            passphrase: info?.passphrase ?? null,
+            key_backup: cmd.key_backup === true,
+        });
+    },
+
+    async restore_secret_storage(cmd) {
+        const def = await client.secretStorage.getKey();
+        if (!def) throw new Error("this user has no default secret-storage key");
+        const [keyId, info] = def;
+        let key;
+        if (cmd.recovery_key !== undefined) {
+            key = cryptoApi.decodeRecoveryKey(str(cmd, "recovery_key"));
+        } else if (cmd.passphrase !== undefined) {
+            const pp = info.passphrase;
+            if (!pp) throw new Error(`the default secret-storage key ${keyId} was not made from a passphrase`);
+            key = await cryptoApi.deriveRecoveryKeyFromPassphrase(
+                str(cmd, "passphrase"),
+                pp.salt,
+                pp.iterations,
+                pp.bits ?? 256,
+            );
+        } else {
+            throw new Error("recovery_key or passphrase (a string) is required");
+        }
+        if (!(await client.secretStorage.checkKey(key, info))) {
+            throw new Error(`that key does not match the default secret-storage key ${keyId} (its iv/mac check fails)`);
+        }
+        secretStorageKeys.set(keyId, key);
+        for (const name of CROSS_SIGNING_SECRETS) {
+            const stored = await client.secretStorage.isStored(name);
+            if (!stored || !(keyId in stored)) throw new Error(`secret storage has no ${name} under key ${keyId}`);
+        }
+        // With all three secrets in secret storage and not cached here, this imports them (refusing keys that do
+        // not match the published public keys) and signs this device; it only creates new keys when neither
+        // holds them, which the checks above rule out.
+        await e2ee.bootstrapCrossSigning({});
+        const cs = await crossSigningStatus();
+        emit({
+            event: "restored",
+            key_id: keyId,
+            master: cs.master,
+            self_signing: cs.self_signing,
+            user_signing: cs.user_signing,
+            master_key: await publishedMasterKey(),
+        });
+    },
+
+    async cross_signing_status() {
+        const cs = await crossSigningStatus();
+        emit({
+            event: "cross_signing_status",
+            ...cs,
+            secret_storage_ready: await e2ee.isSecretStorageReady(),
+            master_key: await publishedMasterKey(),
+        });
+    },
+
+    async export_secrets() {
+        const bundle = await e2ee.exportSecretsBundle();
+        emit({ event: "secrets", cross_signing: bundle?.cross_signing ?? null, backup: bundle?.backup ?? null });
+    },
+
     async sync() {
         await nextSync();
         emit({ event: "synced" });
@@ -570,7 +992,9 @@ async function startup() {
         userId: ownUserId,
         deviceId: ownDeviceId,
         verificationMethods: OUR_METHODS,
+        cryptoCallbacks,
     });
+    installVerificationSendHook();
     await client.initRustCrypto({ useIndexedDB: false });
     e2ee = client.getCrypto();
     e2ee.setSupportedVerificationMethods(OUR_METHODS);
@@ -585,6 +1009,13 @@ async function startup() {
             for (const w of waiters) w();
         }
     });
+    client.on(sdk.RoomMemberEvent.Membership, (event, member) => {
+        try {
+            onMembership(event, member);
+        } catch (e) {
+            console.error("handling a membership change failed", e);
+        }
+    });
     client.on(CryptoEvent.VerificationRequestReceived, (request) => {
         try {
             track(request, "incoming");
@@ -597,22 +1028,7 @@ async function startup() {
     await firstSync;
 
     if (opts.crossSigning) {
-        await e2ee.bootstrapCrossSigning({
-            setupNewCrossSigning: true,
-            authUploadDeviceSigningKeys: async (makeRequest) => {
-                try {
-                    await makeRequest(null);
-                } catch (e) {
-                    if (e?.httpStatus !== 401 || !e?.data?.flows) throw e;
-                    await makeRequest({
-                        type: "m.login.password",
-                        identifier: { type: "m.id.user", user: ownUserId },
-                        password: opts.password,
-                        session: e.data.session,
-                    });
-                }
-            },
-        });
+        await e2ee.bootstrapCrossSigning({ setupNewCrossSigning: true, authUploadDeviceSigningKeys: authWithPassword });
     }
 
     const ownKeys = await e2ee.getOwnDeviceKeys();

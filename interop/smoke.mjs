@@ -10,7 +10,16 @@
 //   (d) cancel               bob cancels alice's request before accepting: both see m.user
 //   (e) mismatch             bob says the emoji differ: both see m.mismatched_sas
 //   (f) self-verification    a second device of alice (no --cross-signing) asks for verification of its own user;
-//                            alice's first device accepts, SAS
+//                            alice's first device accepts, SAS; the new device leaves alice's cross-signing keys
+//                            alone and then receives the private keys by secret sharing
+//   (g) encrypted DM         alice makes an Element-style encrypted DM (create_dm), bob (auto_join) joins it; in-room
+//                            SAS with js-sdk's own behaviour: its verification events are in the clear on the wire
+//   (h) one side encrypts    the same with alice switched to encrypt_verification (set): alice's verification events
+//                            are m.room.encrypted on the wire (m.relates_to in the clear), bob's are not
+//   (i) both encrypt         both started with --encrypt-verification: every verification event is m.room.encrypted
+//   (j) secret storage       alice bootstraps secret storage (recovery key), a second device restores the
+//                            cross-signing keys with it (a wrong key is refused); then a passphrase key, restored
+//                            on a third device with the passphrase
 // then times N to-device SAS verifications (request command -> both `done`) on one pair and prints the median.
 // The last line of stdout is "N passed, M failed"; the exit status is non-zero on failure.
 // Driver logs (stderr) go to .state/interop-smoke/<run>/.
@@ -30,7 +39,7 @@ const argValue = (name, dflt) => {
 };
 const HOMESERVER = argValue("--homeserver", "http://127.0.0.1:18448");
 const RUNS = Number(argValue("--runs", "5"));
-const ONLY = argValue("--only", "abcdef"); // which scenarios to run, e.g. --only ac
+const ONLY = argValue("--only", "abcdefghij"); // which scenarios to run, e.g. --only ac
 const WAIT_MS = Number(process.env.SMOKE_WAIT_MS ?? 30000);
 
 const RUN_ID = `${Date.now().toString(36)}${process.pid.toString(36)}`;
@@ -41,12 +50,12 @@ mkdirSync(LOG_DIR, { recursive: true });
 // A driver process
 
 class Driver extends DriverProcess {
-    constructor(name, localpart, password, crossSigning = true) {
+    constructor(name, localpart, password, crossSigning = true, extraArgs = []) {
         super(name, {
             homeserver: HOMESERVER,
             user: localpart,
             password,
-            args: crossSigning ? ["--cross-signing"] : [],
+            args: [...(crossSigning ? ["--cross-signing"] : []), ...extraArgs],
             log: join(LOG_DIR, `${name}.log`),
             waitMs: WAIT_MS,
             exitedText: "driver exited",
@@ -65,14 +74,15 @@ class Driver extends DriverProcess {
     }
 }
 
-// A fresh alice/bob pair sharing an encrypted room, each knowing the other's device.
-async function pair(tag) {
+// A fresh alice/bob pair sharing an encrypted room, each knowing the other's device. `args`: more driver arguments
+// for both.
+async function pair(tag, args = []) {
     const names = { alice: `alice-${RUN_ID}-${tag}`, bob: `bob-${RUN_ID}-${tag}` };
     const password = `pw-${RUN_ID}`;
     register(names.alice, password);
     register(names.bob, password);
-    const alice = new Driver(`${tag}-alice`, names.alice, password);
-    const bob = new Driver(`${tag}-bob`, names.bob, password);
+    const alice = new Driver(`${tag}-alice`, names.alice, password, true, args);
+    const bob = new Driver(`${tag}-bob`, names.bob, password, true, args);
     await Promise.all([alice.ready(), bob.ready()]);
     const room = await alice.command({ command: "create_room", invite: [bob.user], encrypted: true }, "room");
     await bob.command({ command: "join", room: room.room_id }, "room");
@@ -152,8 +162,8 @@ async function sas(alice, bob, room) {
 }
 
 const pairs = [];
-async function withPair(tag, fn) {
-    const p = await pair(tag);
+async function withPair(tag, fn, args = []) {
+    const p = await pair(tag, args);
     pairs.push(p);
     try {
         await fn(p);
@@ -291,11 +301,213 @@ await scenario("(f) self-verification (request to own user)", () =>
             notes.push(
                 `self-verification user_verified: first device ${d1.user_verified}, new device ${d2.user_verified}`,
             );
+            // the new device (started without --cross-signing) did not replace alice's cross-signing keys ...
+            const cs1 = await alice.command({ command: "cross_signing_status" }, "cross_signing_status");
+            check(cs1.master_key === alice.masterKey, `alice's master key changed: ${JSON.stringify(cs1)}`);
+            // ... and receives the private keys from alice's first device (m.secret.request / m.secret.send)
+            const cs2 = await waitForCrossSigningKeys(alice2);
+            check(cs2.master_key === alice.masterKey, `the new device sees master key ${cs2.master_key}`);
         } finally {
             await alice2.stop();
         }
     }),
 );
+
+// The DM: alice makes it, bob (auto_join on) joins; checks the invite and the members.
+async function encryptedDm(alice, bob) {
+    const settings = await bob.command({ command: "set", auto_join: true }, "settings");
+    check(settings.auto_join === true, `bob's settings ${JSON.stringify(settings)}`);
+    const dm = await alice.command({ command: "create_dm", user: bob.user }, "room");
+    const room = dm.room_id;
+    const inv = await bob.take((e) => e.event === "invited" && e.room_id === room, "invited");
+    check(inv.inviter === alice.user && inv.is_direct === true, `bob's invite ${JSON.stringify(inv)}`);
+    await bob.take((e) => e.event === "room" && e.room_id === room && e.auto_joined === true, "auto-join");
+    const direct = await alice.command({ command: "account_data", type: "m.direct" }, "account_data");
+    check(direct.content?.[bob.user]?.includes(room), `alice's m.direct ${JSON.stringify(direct.content)}`);
+    const bobDirect = await bob.command({ command: "account_data", type: "m.direct" }, "account_data");
+    check(bobDirect.content?.[alice.user]?.includes(room), `bob's m.direct ${JSON.stringify(bobDirect.content)}`);
+    const m = await alice.command({ command: "joined_members", room }, "members");
+    check(
+        m.joined.length === 2 && m.joined.includes(alice.user) && m.joined.includes(bob.user),
+        `members ${JSON.stringify(m.joined)}`,
+    );
+    await syncBoth(alice, bob);
+    return room;
+}
+
+// The verification events of `sender` in `room` as the server has them: [{event_id, type, algorithm, relates_to,
+// msgtype}], encrypted ones included (everything m.room.encrypted by that sender counts, as nothing else is sent).
+async function wireEvents(reader, room, sender) {
+    const r = await reader.command({ command: "room_events", room }, "room_events");
+    return r.events.filter(
+        (e) =>
+            e.sender === sender &&
+            (e.type === "m.room.encrypted" ||
+                e.type.startsWith("m.key.verification.") ||
+                (e.type === "m.room.message" && e.msgtype === "m.key.verification.request")),
+    );
+}
+
+function checkWire(events, encrypted, who, ...flows) {
+    check(events.length >= 3, `${who}: only ${events.length} verification events on the wire`);
+    for (const e of events) {
+        if (encrypted) {
+            check(
+                e.type === "m.room.encrypted" && e.algorithm === "m.megolm.v1.aes-sha2",
+                `${who}: ${e.type} (${e.algorithm}) on the wire, not Megolm`,
+            );
+            if (!flows.includes(e.event_id))
+                check(
+                    e.relates_to?.rel_type === "m.reference" && flows.includes(e.relates_to?.event_id),
+                    `${who}: encrypted event ${e.event_id} has cleartext m.relates_to ${JSON.stringify(e.relates_to)}`,
+                );
+        } else {
+            check(e.type !== "m.room.encrypted", `${who}: an m.room.encrypted event on the wire`);
+        }
+    }
+}
+
+// Polls `cross_signing_status` until the device holds all three private keys (10 s).
+async function waitForCrossSigningKeys(d, ms = 10000) {
+    const deadline = performance.now() + ms;
+    for (;;) {
+        const st = await d.command({ command: "cross_signing_status" }, "cross_signing_status");
+        if (st.master && st.self_signing && st.user_signing) return st;
+        if (performance.now() > deadline) throw new Error(`${d.name} never got the keys: ${JSON.stringify(st)}`);
+        await new Promise((r) => setTimeout(r, 200));
+    }
+}
+
+await scenario("(g) encrypted DM, js-sdk's own (cleartext) verification events", () =>
+    withPair("g", async ({ alice, bob }) => {
+        const room = await encryptedDm(alice, bob);
+        const r = await sas(alice, bob, room);
+        checkWire(await wireEvents(alice, room, alice.user), false, "alice", r.flow);
+        checkWire(await wireEvents(alice, room, bob.user), false, "bob", r.flow);
+        notes.push(`in-room SAS in an encrypted DM, cleartext: ${r.elapsed.toFixed(0)} ms`);
+    }),
+);
+
+await scenario("(h) encrypted DM, alice encrypts her verification events", () =>
+    withPair("h", async ({ alice, bob }) => {
+        const room = await encryptedDm(alice, bob);
+        const s = await alice.command({ command: "set", encrypt_verification: true }, "settings");
+        check(s.encrypt_verification === true, `alice's settings ${JSON.stringify(s)}`);
+        const r = await sas(alice, bob, room);
+        checkWire(await wireEvents(bob, room, alice.user), true, "alice", r.flow);
+        checkWire(await wireEvents(bob, room, bob.user), false, "bob", r.flow);
+        notes.push(`in-room SAS in an encrypted DM, requester encrypts: ${r.elapsed.toFixed(0)} ms`);
+        // and bob requests, so that an encrypted event answers his cleartext request
+        await syncBoth(alice, bob);
+        const r2 = await sas(bob, alice, room);
+        checkWire(await wireEvents(bob, room, alice.user), true, "alice (both flows)", r.flow, r2.flow);
+    }),
+);
+
+await scenario("(i) encrypted DM, both sides encrypt", () =>
+    withPair(
+        "i",
+        async ({ alice, bob }) => {
+            const room = await encryptedDm(alice, bob);
+            const r = await sas(alice, bob, room);
+            checkWire(await wireEvents(alice, room, alice.user), true, "alice", r.flow);
+            checkWire(await wireEvents(alice, room, bob.user), true, "bob", r.flow);
+            const text = await alice.command({ command: "send_text", room, body: "hello" }, "sent");
+            const after = await bob.command({ command: "room_events", room }, "room_events");
+            const sent = after.events.find((e) => e.event_id === text.event_id);
+            check(sent?.type === "m.room.encrypted", `send_text went out as ${JSON.stringify(sent)}`);
+            notes.push(`in-room SAS in an encrypted DM, both encrypt: ${r.elapsed.toFixed(0)} ms`);
+        },
+        ["--encrypt-verification"],
+    ),
+);
+
+await scenario("(j) secret storage: bootstrap, restore on another device, passphrase", async () => {
+    const name = `carol-${RUN_ID}-j`;
+    const password = `pw-${RUN_ID}`;
+    register(name, password);
+    const carol = new Driver("j-carol", name, password, true);
+    const devices = [carol];
+    try {
+        await carol.ready();
+        const ss = await carol.command({ command: "bootstrap_secret_storage" }, "secret_storage", 60000);
+        const shape = /^Es[STU][1-9A-Za-z]( [1-9A-Za-z]{4}){11}$/;
+        check(shape.test(ss.recovery_key ?? ""), `recovery key ${ss.recovery_key}`);
+        check(typeof ss.key_id === "string" && ss.passphrase === null, `secret_storage ${JSON.stringify(ss)}`);
+        const st = await carol.command({ command: "cross_signing_status" }, "cross_signing_status");
+        check(st.secret_storage_ready && st.keys_in_secret_storage, `carol's status ${JSON.stringify(st)}`);
+        const exported = await carol.command({ command: "export_secrets" }, "secrets");
+        check(typeof exported.cross_signing?.master_key === "string", `export_secrets ${JSON.stringify(exported)}`);
+
+        const carol2 = new Driver("j-carol2", name, password, false);
+        devices.push(carol2);
+        await carol2.ready();
+        const before = await carol2.command({ command: "cross_signing_status" }, "cross_signing_status");
+        check(!before.master && !before.self_signing && !before.user_signing, `carol2 ${JSON.stringify(before)}`);
+        check(before.master_key === carol.masterKey, `carol2 sees master ${before.master_key}, not ${carol.masterKey}`);
+        // a wrong recovery key: a valid encoding of another key (all zero bytes)
+        const wrong = "EsSz ygLv VP1b xF1C v7kE eBQx MxDP buG5 w25T L3b6 hfyG Kkrd";
+        let refused = null;
+        try {
+            await carol2.command({ command: "restore_secret_storage", recovery_key: wrong }, "restored");
+        } catch (e) {
+            refused = e.message;
+        }
+        check(refused !== null && /does not match/.test(refused), `a wrong recovery key: ${refused}`);
+        const restored = await carol2.command(
+            { command: "restore_secret_storage", recovery_key: ss.recovery_key },
+            "restored",
+        );
+        check(
+            restored.master && restored.self_signing && restored.user_signing && restored.key_id === ss.key_id,
+            `restored ${JSON.stringify(restored)}`,
+        );
+        check(restored.master_key === carol.masterKey, `restored master ${restored.master_key}`);
+        const ex2 = await carol2.command({ command: "export_secrets" }, "secrets");
+        check(
+            JSON.stringify(ex2.cross_signing) === JSON.stringify(exported.cross_signing),
+            "carol2's private keys differ from carol's",
+        );
+        // carol2 is now cross-signed by the restored self-signing key, as carol sees it
+        await carol.waitUntilKnown(carol.user, carol2.device);
+        let signed = false;
+        for (let i = 0; i < 20 && !signed; i++) {
+            const s = await carol.command({ command: "status", user: carol.user, device: carol2.device }, "status");
+            signed = s.cross_signed;
+            if (!signed) await carol.sync();
+        }
+        check(signed, "carol does not see carol2 cross-signed after the restore");
+
+        // a key made from a passphrase, restored with the passphrase on a third device
+        const pp = await carol.command(
+            { command: "bootstrap_secret_storage", passphrase: "correct horse battery staple" },
+            "secret_storage",
+            120000,
+        );
+        check(
+            pp.passphrase?.algorithm === "m.pbkdf2" && Number.isInteger(pp.passphrase?.iterations),
+            `passphrase ${JSON.stringify(pp.passphrase)}`,
+        );
+        check(pp.key_id !== ss.key_id, "the passphrase key has the same ID as the first");
+        const carol3 = new Driver("j-carol3", name, password, false);
+        devices.push(carol3);
+        await carol3.ready();
+        const r3 = await carol3.command(
+            { command: "restore_secret_storage", passphrase: "correct horse battery staple" },
+            "restored",
+            120000,
+        );
+        check(r3.master && r3.self_signing && r3.user_signing && r3.key_id === pp.key_id, `r3 ${JSON.stringify(r3)}`);
+        notes.push(`secret storage: passphrase ${JSON.stringify(pp.passphrase)}`);
+        const expected = (e) => e.command === "restore_secret_storage" && /does not match/.test(e.message);
+        for (const d of devices) {
+            const errs = d.errors().filter((e) => !expected(e));
+            check(errs.length === 0, `${d.name} errors: ${JSON.stringify(errs)}`);
+        }
+    } finally {
+        await Promise.all(devices.map((d) => d.stop()));
+    }
+});
 
 if (timings.length > 0) {
     const sorted = [...timings].sort((x, y) => x - y);
