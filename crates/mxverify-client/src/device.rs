@@ -3,7 +3,7 @@
 //! fetches and checks keys when the machine needs them, and records and cross-signs what was
 //! verified.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,11 +12,12 @@ use mxverify_proto::{
 };
 use serde_json::{Value, json};
 use vodozemac::Ed25519SecretKey;
-use vodozemac::olm::{Account, AccountPickle};
 
 use crate::http::{Homeserver, HttpError};
-use crate::keys::{self, UserKeyInfo};
-use crate::store::{ActiveFlow, PendingRequest, Store, StoreError, TrustRecord};
+use crate::keys::{self, DeviceKeys, UserKeyInfo};
+use crate::megolm::{self, MegolmError, OlmSender, Outbound, RoomEncryption, RoomKeyOutcome};
+use crate::olm::{MEGOLM_ALGORITHM, Olm, OlmError, OlmPlaintext, SIGNED_CURVE25519};
+use crate::store::{ActiveFlow, HeldRoomEvent, PendingRequest, Store, StoreError, TrustRecord};
 
 /// The wall clock in milliseconds, for the machine.
 pub fn now_ms() -> u64 {
@@ -66,7 +67,53 @@ pub enum DeviceError {
     /// Another mxverify process is using this state directory.
     #[error("another mxverify process is using the state directory {0}; one process per device")]
     Busy(String),
+    /// End-to-end encryption failed for something we send.
+    #[error("encryption: {0}")]
+    Encryption(String),
 }
+
+impl From<OlmError> for DeviceError {
+    fn from(e: OlmError) -> Self {
+        Self::Encryption(e.to_string())
+    }
+}
+
+impl From<MegolmError> for DeviceError {
+    fn from(e: MegolmError) -> Self {
+        Self::Encryption(e.to_string())
+    }
+}
+
+/// Something the device did or refused on its own, for the person or program watching: rooms
+/// joined, signatures uploaded, encrypted events held or dropped and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Notice {
+    /// What kind of thing happened (a stable, short name: `joined`, `dm_created`,
+    /// `waiting_for_join`, `signatures`, `held`, `dropped`, `keys`, `rotated`, `no_olm_session`, ...).
+    pub kind: &'static str,
+    /// One sentence for a person.
+    pub message: String,
+    /// The room concerned, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+impl Notice {
+    fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), room: None }
+    }
+
+    fn in_room(kind: &'static str, room: &str, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), room: Some(room.to_owned()) }
+    }
+}
+
+/// How long an encrypted room event waits for its room key: as long as a flow may take.
+const HOLD_FOR_ROOM_KEY_MS: u64 = 10 * 60 * 1000;
+/// Events held for room keys, per sender: one sender cannot crowd out everyone else's.
+const HELD_PER_SENDER: usize = 32;
+/// How soon a broken Olm session with one device may be replaced again (the spec's hour).
+const UNWEDGE_INTERVAL_MS: u64 = 60 * 60 * 1000;
 
 /// Held while a process drives this device: two processes syncing and answering for one device
 /// would race for the same events and the same store.
@@ -115,7 +162,7 @@ pub struct Device {
     pub store: Store,
     /// The verification machine.
     pub machine: Machine,
-    account: Account,
+    olm: Olm,
     cross: Option<CrossSigning>,
     /// Our user ID.
     pub user_id: String,
@@ -125,7 +172,12 @@ pub struct Device {
     methods: HashMap<FlowKey, String>,
     known: HashMap<String, UserKeyInfo>,
     /// Notes for the user about side effects (signatures uploaded, problems).
-    pub notices: Vec<String>,
+    pub notices: Vec<Notice>,
+    /// Rooms whose encryption state we know: `None` = not encrypted.
+    room_encryption: HashMap<String, Option<RoomEncryption>>,
+    /// Send to-device verification messages Olm-encrypted (off by default, as other SDKs do).
+    encrypt_to_device: bool,
+    next_txn: u64,
     /// Test only: `MXVERIFY_TEST_FAULT` makes this device send one kind of bad message.
     test_fault: Option<String>,
 }
@@ -162,15 +214,17 @@ fn random_key() -> [u8; 32] {
     k
 }
 
-/// Sync filter: only what verification needs (to-device messages, verification and message
-/// events in room timelines, memberships to see invites).
+/// Sync filter: only what verification needs (to-device messages; verification, message and
+/// encrypted events in room timelines; memberships, to see invites, joins and leaves; and each
+/// room's encryption settings).
 pub fn sync_filter() -> Value {
     json!({
         "presence": {"not_types": ["*"]},
         "account_data": {"not_types": ["*"]},
         "room": {
-            "timeline": {"limit": 50, "types": ["m.room.message", "m.key.verification.*"]},
-            "state": {"types": ["m.room.member"]},
+            "timeline": {"limit": 50, "types": ["m.room.message", "m.key.verification.*", "m.room.encrypted",
+                                                 "m.room.member", "m.room.encryption"]},
+            "state": {"types": ["m.room.member", "m.room.encryption"]},
             "ephemeral": {"not_types": ["*"]},
             "account_data": {"not_types": ["*"]}
         }
@@ -203,7 +257,7 @@ impl Device {
             && store.get("device_id")?.as_deref() == Some(&device_id);
         if !same_device {
             // A new device: a new identity, and nothing of the previous one's sync position.
-            for k in ["account", "pickle_key", "since", "filter_id", "keys_uploaded"] {
+            for k in ["account", "pickle_key", "since", "filter_id", "filter", "keys_uploaded"] {
                 store.delete(k)?;
             }
         }
@@ -214,8 +268,7 @@ impl Device {
         drop(store);
         let mut device = Device::open(dir, config)?;
         device.upload_device_keys().await?;
-        let filter = device.hs.create_filter(&device.user_id, &sync_filter()).await?;
-        device.store.set("filter_id", &filter)?;
+        device.filter_id().await?;
         Ok(device)
     }
 
@@ -235,17 +288,9 @@ impl Device {
                 k
             }
         };
-        let account = match store.get("account")? {
-            Some(p) => Account::from_pickle(
-                AccountPickle::from_encrypted(&p, &pickle_key)
-                    .map_err(|e| DeviceError::Corrupt(format!("device keys: {e}")))?,
-            ),
-            None => {
-                let a = Account::new();
-                store.set("account", &a.pickle().encrypt(&pickle_key))?;
-                a
-            }
-        };
+        let mut store = store;
+        let olm =
+            Olm::load(&mut store, &user_id, &device_id, pickle_key).map_err(|e| DeviceError::Corrupt(e.to_string()))?;
         let cross = match store.get("cross_signing")? {
             Some(j) => Some(
                 serde_json::from_str(&j)
@@ -258,7 +303,7 @@ impl Device {
         let own = OwnIdentity {
             user_id: user_id.clone(),
             device_id: device_id.clone(),
-            ed25519: account.ed25519_key().to_base64(),
+            ed25519: olm.ed25519(),
             master_key: cross.as_ref().map(|c| c.master.public_key().to_base64()),
             trusts_master_key: cross.is_some(),
         };
@@ -272,7 +317,7 @@ impl Device {
             hs: Homeserver::new(&homeserver, Some(token)),
             store,
             machine,
-            account,
+            olm,
             cross,
             user_id,
             device_id,
@@ -280,13 +325,27 @@ impl Device {
             methods: HashMap::new(),
             known: HashMap::new(),
             notices: Vec::new(),
+            room_encryption: HashMap::new(),
+            encrypt_to_device: false,
+            next_txn: 0,
             test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
         })
     }
 
+    /// Whether to-device verification messages we send are Olm-encrypted (default: no, as
+    /// matrix-js-sdk and matrix-rust-sdk send them; encrypted ones are always understood).
+    pub fn set_encrypt_to_device(&mut self, on: bool) {
+        self.encrypt_to_device = on;
+    }
+
+    /// Our Curve25519 identity key.
+    pub fn curve25519(&self) -> String {
+        self.olm.curve25519()
+    }
+
     /// Our Ed25519 device key.
     pub fn ed25519(&self) -> String {
-        self.account.ed25519_key().to_base64()
+        self.olm.ed25519()
     }
 
     /// Our master key, if cross-signing is set up here.
@@ -296,28 +355,31 @@ impl Device {
 
     /// The signed device keys object we publish.
     fn device_keys_json(&self) -> Value {
-        let (u, d) = (&self.user_id, &self.device_id);
-        let mut obj = json!({
-            "user_id": u,
-            "device_id": d,
-            "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-            "keys": {
-                format!("curve25519:{d}"): self.account.curve25519_key().to_base64(),
-                format!("ed25519:{d}"): self.ed25519(),
-            },
-        });
-        let sig = self.account.sign(keys::signable(&obj).expect("canonical").as_bytes());
-        keys::add_signature(&mut obj, u, &format!("ed25519:{d}"), &sig);
-        obj
+        self.olm.device_keys()
     }
 
-    /// `/keys/upload` of our signed device keys, once per device.
+    /// `/keys/upload` of our signed device keys (once per device) with a first supply of signed
+    /// one-time keys and a fallback key.
     pub async fn upload_device_keys(&mut self) -> Result<(), DeviceError> {
         if self.store.get("keys_uploaded")?.as_deref() == Some(&self.device_id) {
             return Ok(());
         }
-        self.hs.keys_upload(&json!({ "device_keys": self.device_keys_json() })).await?;
+        let mut body = self.olm.keys_to_upload(&mut self.store, 0, Some(false))?.unwrap_or_else(|| json!({}));
+        body["device_keys"] = self.device_keys_json();
+        self.hs.keys_upload(&body).await?;
+        self.olm.mark_keys_published(&mut self.store)?;
         self.store.set("keys_uploaded", &self.device_id)?;
+        Ok(())
+    }
+
+    /// Tops up the one-time keys the server holds for us, and replaces a fallback key that was
+    /// used ([one-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys)).
+    pub async fn top_up_keys(&mut self, server_count: u64, fallback_unused: Option<bool>) -> Result<(), DeviceError> {
+        let Some(body) = self.olm.keys_to_upload(&mut self.store, server_count, fallback_unused)? else {
+            return Ok(());
+        };
+        self.hs.keys_upload(&body).await?;
+        self.olm.mark_keys_published(&mut self.store)?;
         Ok(())
     }
 
@@ -349,7 +411,7 @@ impl Device {
         let public = |k: &Ed25519SecretKey| k.public_key().to_base64();
         let key_obj = |k: &Ed25519SecretKey, usage: &str| json!({"user_id": u, "usage": [usage], "keys": {format!("ed25519:{}", public(k)): public(k)}});
         let mut master = key_obj(&cross.master, "master");
-        let sig = self.account.sign(keys::signable(&master).expect("canonical").as_bytes());
+        let sig = self.olm.sign(keys::signable(&master).expect("canonical").as_bytes());
         keys::add_signature(&mut master, &u, &format!("ed25519:{}", self.device_id), &sig);
         let mut ssk = key_obj(&cross.self_signing, "self_signing");
         keys::sign_with(&mut ssk, &u, &public(&cross.master), &cross.master);
@@ -384,7 +446,7 @@ impl Device {
         for user in users {
             let info = keys::check_user(&resp, user);
             for r in &info.rejected {
-                self.notices.push(format!("ignored a key of {user}: {r}"));
+                self.notices.push(Notice::new("keys", format!("ignored a key of {user}: {r}")));
             }
             self.store.save_user_keys(user, &info)?;
             self.machine.update_user_keys(user, info.for_machine(), now);
@@ -430,13 +492,17 @@ impl Device {
         Ok(devices)
     }
 
-    /// The sync filter id (created once).
+    /// The sync filter id (created again whenever the filter changed).
     pub async fn filter_id(&mut self) -> Result<String, DeviceError> {
-        if let Some(f) = self.store.get("filter_id")? {
+        let wanted = sync_filter().to_string();
+        if let (Some(f), Some(stored)) = (self.store.get("filter_id")?, self.store.get("filter")?)
+            && stored == wanted
+        {
             return Ok(f);
         }
         let f = self.hs.create_filter(&self.user_id, &sync_filter()).await?;
         self.store.set("filter_id", &f)?;
+        self.store.set("filter", &wanted)?;
         Ok(f)
     }
 
@@ -450,13 +516,26 @@ impl Device {
             // delivered once.
             let txn = format!("mxv{}-{}", self.txn_prefix, out.id);
             match &out.destination {
+                Destination::ToDevice { user_id, device_ids } if self.encrypt_to_device => {
+                    let per_device = self.olm_encrypt_for(user_id, device_ids, out.event_type, &out.content).await?;
+                    if !per_device.is_empty() {
+                        let messages = json!({ user_id.clone(): per_device });
+                        self.hs.send_to_device("m.room.encrypted", &txn, &messages).await?;
+                    }
+                }
                 Destination::ToDevice { user_id, device_ids } => {
                     let per_device: serde_json::Map<String, Value> =
                         device_ids.iter().map(|d| (d.clone(), out.content.clone())).collect();
                     self.hs.send_to_device(out.event_type, &txn, &json!({ user_id.clone(): per_device })).await?;
                 }
                 Destination::Room { room_id } => {
-                    let event_id = self.hs.room_send(room_id, out.event_type, &txn, &out.content).await?;
+                    let event_id = match self.room_encryption(room_id).await? {
+                        Some(settings) => {
+                            let content = self.megolm_encrypt(room_id, &settings, out.event_type, &out.content).await?;
+                            self.hs.room_send(room_id, "m.room.encrypted", &txn, &content).await?
+                        }
+                        None => self.hs.room_send(room_id, out.event_type, &txn, &out.content).await?,
+                    };
                     if out.flow.is_none() && out.event_type == "m.room.message" {
                         self.machine.room_event_sent(out.id, &event_id, now_ms())?;
                     }
@@ -464,6 +543,182 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    fn own_sender(&self) -> OlmSender {
+        OlmSender {
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+            curve25519: self.olm.curve25519(),
+            ed25519: self.olm.ed25519(),
+        }
+    }
+
+    fn next_txn(&mut self, what: &str) -> String {
+        self.next_txn += 1;
+        format!("mxv{}-{what}{}", self.txn_prefix, self.next_txn)
+    }
+
+    /// Whether a room is encrypted, and how ([`m.room.encryption`](https://spec.matrix.org/v1.19/client-server-api/#mroomencryption)).
+    /// Asked of the homeserver once per room; `/sync` keeps it up to date after that.
+    pub async fn room_encryption(&mut self, room_id: &str) -> Result<Option<RoomEncryption>, DeviceError> {
+        if let Some(known) = self.room_encryption.get(room_id) {
+            return Ok(*known);
+        }
+        let settings = match self.hs.room_state(room_id, "m.room.encryption", "").await {
+            Ok(content) => RoomEncryption::from_content(&content),
+            Err(HttpError::Matrix { status: 404, .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        self.room_encryption.insert(room_id.to_owned(), settings);
+        Ok(settings)
+    }
+
+    /// Makes sure we have an Olm session with each of these devices, claiming one-time keys for
+    /// those we have none with ([`/keys/claim`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysclaim)).
+    /// Each claimed key's signature is checked with the device's Ed25519 key. Devices that end
+    /// up without a session are returned (and reported).
+    async fn ensure_olm_sessions(
+        &mut self,
+        devices: &[(String, DeviceKeys)],
+    ) -> Result<Vec<(String, String)>, DeviceError> {
+        let mut wanted: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+        for (user, d) in devices {
+            if let Some(curve) = &d.curve25519
+                && !self.olm.has_session(curve)
+            {
+                wanted.entry(user.clone()).or_default().insert(d.device_id.clone(), json!(SIGNED_CURVE25519));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claimed = self.hs.keys_claim(&json!(wanted)).await?;
+        let now = now_ms();
+        let mut without = Vec::new();
+        for (user, d) in devices {
+            let Some(curve) = &d.curve25519 else { continue };
+            if !wanted.get(user).is_some_and(|m| m.contains_key(&d.device_id)) {
+                continue;
+            }
+            let key = claimed["one_time_keys"][user][&d.device_id].as_object().and_then(|m| {
+                m.iter().find(|(id, obj)| {
+                    id.starts_with("signed_curve25519:")
+                        && keys::has_valid_signature(obj, user, &d.device_id, &d.ed25519)
+                })
+            });
+            let created = match key.and_then(|(_, obj)| obj["key"].as_str()) {
+                Some(otk) => self.olm.create_outbound(&mut self.store, curve, otk, now).map_err(|e| e.to_string()),
+                None => Err("it has no signed one-time key left on the server (or its signature is wrong)".into()),
+            };
+            if let Err(why) = created {
+                self.notices.push(Notice::new(
+                    "no_olm_session",
+                    format!("cannot open an encrypted channel to device {} of {user}: {why}", d.device_id),
+                ));
+                without.push((user.clone(), d.device_id.clone()));
+            }
+        }
+        Ok(without)
+    }
+
+    /// Olm-encrypts one event for some devices of a user: the per-device contents of an
+    /// `m.room.encrypted` to-device message. Devices we cannot reach are reported and skipped.
+    async fn olm_encrypt_for(
+        &mut self,
+        user: &str,
+        device_ids: &[String],
+        event_type: &str,
+        content: &Value,
+    ) -> Result<serde_json::Map<String, Value>, DeviceError> {
+        if !self.known.get(user).is_some_and(|k| device_ids.iter().all(|d| k.devices.contains_key(d))) {
+            self.query_keys(&[user.to_owned()]).await?;
+        }
+        let targets: Vec<(String, DeviceKeys)> = device_ids
+            .iter()
+            .filter_map(|d| self.known.get(user).and_then(|k| k.devices.get(d)).cloned())
+            .map(|d| (user.to_owned(), d))
+            .collect();
+        self.ensure_olm_sessions(&targets).await?;
+        let mut per_device = serde_json::Map::new();
+        for (_, d) in &targets {
+            match self.olm.encrypt(&mut self.store, user, d, event_type, content) {
+                Ok(c) => {
+                    per_device.insert(d.device_id.clone(), c);
+                }
+                Err(OlmError::NoSession(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(per_device)
+    }
+
+    /// Megolm-encrypts an event for a room ([sending encrypted room events](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2)):
+    /// the outbound session is rotated when its settings or a departure say so, and its key
+    /// is first shared over Olm with every device of every joined member that lacks it,
+    /// unverified devices included, so that nobody is kept from a verification by encryption.
+    async fn megolm_encrypt(
+        &mut self,
+        room_id: &str,
+        settings: &RoomEncryption,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<Value, DeviceError> {
+        let members = self.hs.joined_members(room_id).await?;
+        self.query_keys(&members).await?;
+        let mut targets: BTreeMap<String, (String, DeviceKeys)> = BTreeMap::new();
+        for user in &members {
+            for d in self.known.get(user).map(|k| k.devices.values()).into_iter().flatten() {
+                let Some(curve) = &d.curve25519 else { continue };
+                if *user == self.user_id && d.device_id == self.device_id {
+                    continue;
+                }
+                targets.insert(megolm::recipient_id(user, &d.device_id, curve), (user.clone(), d.clone()));
+            }
+        }
+        let recipients: BTreeSet<String> = targets.keys().cloned().collect();
+        let now = now_ms();
+        let own = self.own_sender();
+        let pickle_key = *self.olm.pickle_key();
+        let mut out = match Outbound::load(&self.store, &pickle_key, room_id)? {
+            Some(o) => match o.rotation_reason(settings, now, &recipients) {
+                None => o,
+                Some(why) => {
+                    self.notices.push(Notice::in_room(
+                        "rotated",
+                        room_id,
+                        format!("new room key: the previous one {why}"),
+                    ));
+                    Outbound::create(&self.store, &pickle_key, room_id, &own, now)?
+                }
+            },
+            None => Outbound::create(&self.store, &pickle_key, room_id, &own, now)?,
+        };
+        let missing: Vec<(String, DeviceKeys)> =
+            out.missing(&recipients).into_iter().map(|r| targets[r].clone()).collect();
+        if !missing.is_empty() {
+            self.ensure_olm_sessions(&missing).await?;
+            let room_key = out.room_key_content();
+            let mut messages: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+            let mut shared = Vec::new();
+            for (user, d) in &missing {
+                match self.olm.encrypt(&mut self.store, user, d, "m.room_key", &room_key) {
+                    Ok(c) => {
+                        messages.entry(user.clone()).or_default().insert(d.device_id.clone(), c);
+                        let curve = d.curve25519.as_deref().unwrap_or_default();
+                        shared.push(megolm::recipient_id(user, &d.device_id, curve));
+                    }
+                    Err(OlmError::NoSession(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !messages.is_empty() {
+                let txn = self.next_txn("k");
+                self.hs.send_to_device("m.room.encrypted", &txn, &json!(messages)).await?;
+                out.mark_shared(&self.store, shared)?;
+            }
+        }
+        Ok(out.encrypt(&self.store, &pickle_key, &own, event_type, content)?)
     }
 
     /// Sends, then takes the machine's events, doing what they ask of the device (keys, trust
@@ -540,7 +795,7 @@ impl Device {
         verified: &[mxverify_proto::VerifiedKey],
     ) -> Result<(), DeviceError> {
         let Some(cross) = &self.cross else {
-            self.notices.push("cross-signing is not set up on this device, so the verification was not signed (run `mxverify cross-signing bootstrap`)".into());
+            self.notices.push(Notice::new("signatures", "cross-signing is not set up on this device, so the verification was not signed (run `mxverify cross-signing bootstrap`)"));
             return Ok(());
         };
         let mut body = serde_json::Map::new();
@@ -573,14 +828,16 @@ impl Device {
         }
         if !body.is_empty() {
             self.hs.upload_signatures(&Value::Object(body)).await?;
-            self.notices.push(format!("uploaded cross-signing signatures for {user}"));
+            self.notices.push(Notice::new("signatures", format!("uploaded cross-signing signatures for {user}")));
         }
         Ok(())
     }
 
-    /// Feeds one `/sync` answer to the machine: to-device events, then room timelines; joins
-    /// rooms we are invited to; refreshes keys of users whose devices changed. Requests that
-    /// now wait for an answer are remembered in the store.
+    /// Feeds one `/sync` answer to the machine: key counts first, then to-device events (Olm
+    /// decrypted where encrypted, room keys stored), then room timelines (Megolm decrypted, or
+    /// held until their room key arrives); joins rooms we are invited to (recording direct
+    /// chats in `m.direct`); refreshes keys of users whose devices changed. Requests that now
+    /// wait for an answer are remembered in the store.
     pub async fn handle_sync(&mut self, resp: &Value) -> Result<Vec<Event>, DeviceError> {
         let now = now_ms();
         let mut events = Vec::new();
@@ -595,24 +852,56 @@ impl Device {
                 self.query_keys(&users).await?;
             }
         }
+        // Counts are acted on only when the server gave them: a missing field must not make us
+        // upload keys again and again.
+        if let Some(counts) = resp.get("device_one_time_keys_count").and_then(Value::as_object) {
+            let count = counts.get(SIGNED_CURVE25519).and_then(Value::as_u64).unwrap_or(0);
+            let fallback_unused = resp
+                .get("device_unused_fallback_key_types")
+                .and_then(Value::as_array)
+                .map(|types| types.iter().any(|t| t == SIGNED_CURVE25519));
+            if let Err(e) = self.top_up_keys(count, fallback_unused).await {
+                self.notices.push(Notice::new("keys", format!("could not upload one-time keys: {e}")));
+            }
+        }
         for ev in resp.pointer("/to_device/events").and_then(Value::as_array).into_iter().flatten() {
             let (Some(sender), Some(ty)) = (ev["sender"].as_str(), ev["type"].as_str()) else { continue };
-            let incoming = IncomingEvent {
-                sender: sender.into(),
-                event_type: ty.into(),
-                content: ev["content"].clone(),
-                room: None,
-            };
-            self.feed(incoming, now, &mut events).await?;
+            match ty {
+                "m.room.encrypted" => self.receive_olm(sender, &ev["content"], now, &mut events).await?,
+                "m.room_key" | "m.forwarded_room_key" | "m.secret.send" | "m.room_key_bundle" => {
+                    self.notices.push(Notice::new(
+                        "dropped",
+                        format!("ignored {ty} from {sender}: it arrived unencrypted, and it is accepted only over Olm"),
+                    ));
+                }
+                _ => {
+                    let incoming = IncomingEvent {
+                        sender: sender.into(),
+                        event_type: ty.into(),
+                        content: ev["content"].clone(),
+                        room: None,
+                    };
+                    self.feed(incoming, now, &mut events).await?;
+                }
+            }
         }
         if let Some(rooms) = resp.pointer("/rooms/join").and_then(Value::as_object) {
             for (room_id, room) in rooms {
-                for ev in room.pointer("/timeline/events").and_then(Value::as_array).into_iter().flatten() {
+                let state = room.pointer("/state/events").and_then(Value::as_array).into_iter().flatten();
+                let timeline = room.pointer("/timeline/events").and_then(Value::as_array).into_iter().flatten();
+                for ev in state.chain(timeline.clone()) {
+                    self.track_room_state(room_id, ev);
+                }
+                for ev in timeline {
                     let (Some(sender), Some(ty), Some(event_id)) =
                         (ev["sender"].as_str(), ev["type"].as_str(), ev["event_id"].as_str())
                     else {
                         continue;
                     };
+                    if ty == "m.room.encrypted" {
+                        self.receive_megolm(room_id, ev, now, true, &mut events).await?;
+                        continue;
+                    }
                     let room = RoomContext {
                         room_id: room_id.clone(),
                         event_id: event_id.into(),
@@ -630,17 +919,310 @@ impl Device {
             }
         }
         if let Some(invites) = resp.pointer("/rooms/invite").and_then(Value::as_object) {
-            for room_id in invites.keys() {
-                self.hs.join(room_id).await?;
-                self.notices.push(format!("joined {room_id}"));
+            for (room_id, invite) in invites {
+                self.accept_invite(room_id, invite).await;
             }
         }
+        self.expire_held(now)?;
         Ok(events)
+    }
+
+    /// Encryption settings and departures seen in a room's state or timeline.
+    fn track_room_state(&mut self, room_id: &str, ev: &Value) {
+        match (ev["type"].as_str(), ev["state_key"].as_str()) {
+            (Some("m.room.encryption"), Some("")) => {
+                if let Some(settings) = RoomEncryption::from_content(&ev["content"]) {
+                    self.room_encryption.insert(room_id.to_owned(), Some(settings));
+                }
+            }
+            (Some("m.room.member"), Some(_)) => {
+                // Anyone leaving may hold the current room key: the next message gets a new one.
+                let membership = ev["content"]["membership"].as_str();
+                if matches!(membership, Some("leave" | "ban")) {
+                    let _ = self.store.delete_outbound_session(room_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Joins a room we were invited to; a direct chat (`is_direct` on our invite) is recorded in
+    /// `m.direct` under the inviter, as Element does. A room that refuses us is reported and
+    /// skipped.
+    async fn accept_invite(&mut self, room_id: &str, invite: &Value) {
+        let own_member = invite.pointer("/invite_state/events").and_then(Value::as_array).and_then(|events| {
+            events.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == self.user_id.as_str())
+        });
+        let direct_from = own_member
+            .filter(|m| m["content"]["is_direct"] == true)
+            .and_then(|m| m["sender"].as_str())
+            .map(str::to_owned);
+        if let Err(e) = self.hs.join(room_id).await {
+            self.notices.push(Notice::in_room("join_failed", room_id, format!("could not join {room_id}: {e}")));
+            return;
+        }
+        self.notices.push(Notice::in_room("joined", room_id, format!("joined {room_id}")));
+        if let Some(inviter) = direct_from
+            && let Err(e) = self.add_direct_room(&inviter, room_id).await
+        {
+            self.notices.push(Notice::in_room(
+                "dm",
+                room_id,
+                format!("could not record {room_id} as a direct chat with {inviter}: {e}"),
+            ));
+        }
+    }
+
+    /// A to-device `m.room.encrypted`: decrypted with Olm, checked, attributed to one device of
+    /// the sender, then handled like a clear event (verification), stored (room key) or ignored.
+    async fn receive_olm(
+        &mut self,
+        sender: &str,
+        content: &Value,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DeviceError> {
+        let plain = match self.olm.decrypt(&mut self.store, sender, content, now) {
+            Ok(p) => p,
+            Err(OlmError::Undecryptable { sender_key, detail }) => {
+                self.notices.push(Notice::new(
+                    "dropped",
+                    format!("an encrypted message from {sender} could not be decrypted ({detail})"),
+                ));
+                self.unwedge(sender, &sender_key, now).await;
+                return Ok(());
+            }
+            Err(OlmError::Store(e)) => return Err(DeviceError::Corrupt(e)),
+            Err(e) => {
+                self.notices.push(Notice::new("dropped", format!("dropped an encrypted message from {sender}: {e}")));
+                return Ok(());
+            }
+        };
+        let from = match self.attribute(&plain).await {
+            Ok(from) => from,
+            Err(e) => {
+                self.notices.push(Notice::new(
+                    "dropped",
+                    format!("dropped an encrypted {} from {sender}: {e}", plain.event_type),
+                ));
+                return Ok(());
+            }
+        };
+        match plain.event_type.as_str() {
+            "m.room_key" => {
+                let pickle_key = *self.olm.pickle_key();
+                match megolm::accept_room_key(&self.store, &pickle_key, &from, &plain.content) {
+                    Ok(RoomKeyOutcome::Stored { room_id, session_id }) => {
+                        self.retry_held(&room_id, &session_id, events).await?;
+                    }
+                    Ok(RoomKeyOutcome::AlreadyKnown) => {}
+                    Err(MegolmError::Store(e)) => return Err(DeviceError::Corrupt(e)),
+                    Err(e) => self.notices.push(Notice::new(
+                        "dropped",
+                        format!("refused a room key from device {} of {sender}: {e}", from.device_id),
+                    )),
+                }
+            }
+            ty if ty.starts_with("m.key.verification.") => {
+                let incoming =
+                    IncomingEvent { sender: sender.into(), event_type: ty.into(), content: plain.content, room: None };
+                self.feed(incoming, now, events).await?;
+            }
+            // `m.dummy` only opens a session; everything else is not ours to handle.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The device that sent a decrypted payload: the sender's device with the session's
+    /// Curve25519 key and the payload's Ed25519 key (keys are fetched if that device is new).
+    async fn attribute(&mut self, plain: &OlmPlaintext) -> Result<OlmSender, OlmError> {
+        let known = self.known.get(&plain.sender).is_some_and(|k| {
+            k.devices.values().any(|d| d.curve25519.as_deref() == Some(plain.sender_key.as_str()))
+        });
+        if !known && let Err(e) = self.query_keys(std::slice::from_ref(&plain.sender)).await {
+            self.notices.push(Notice::new("keys", format!("could not fetch the keys of {}: {e}", plain.sender)));
+        }
+        let devices = self.known.get(&plain.sender).map(|k| k.devices.values().collect::<Vec<_>>()).unwrap_or_default();
+        let device = plain.attribute(devices)?;
+        Ok(OlmSender {
+            user_id: plain.sender.clone(),
+            device_id: device.device_id.clone(),
+            curve25519: plain.sender_key.clone(),
+            ed25519: device.ed25519.clone(),
+        })
+    }
+
+    /// An Olm message from this device did not decrypt: its session with us is broken. Open a
+    /// new one and announce it with an encrypted `m.dummy`, at most once an hour per device
+    /// ([recovering from undecryptable messages](https://spec.matrix.org/v1.19/client-server-api/#recovering-from-undecryptable-messages)).
+    async fn unwedge(&mut self, sender: &str, sender_key: &str, now: u64) {
+        if self.olm.newest_session_created(sender_key).is_some_and(|t| now.saturating_sub(t) < UNWEDGE_INTERVAL_MS) {
+            return;
+        }
+        if !self.known.contains_key(sender) {
+            let _ = self.query_keys(&[sender.to_owned()]).await;
+        }
+        let Some(device) = self
+            .known
+            .get(sender)
+            .and_then(|k| k.devices.values().find(|d| d.curve25519.as_deref() == Some(sender_key)))
+            .cloned()
+        else {
+            return;
+        };
+        let Some(curve) = device.curve25519.clone() else { return };
+        // A fresh session even if we have one: that one is the broken one.
+        let claimed = match self.hs.keys_claim(&json!({sender: {&device.device_id: SIGNED_CURVE25519}})).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.notices.push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}")));
+                return;
+            }
+        };
+        let otk = claimed["one_time_keys"][sender][&device.device_id].as_object().and_then(|m| {
+            m.iter()
+                .find(|(_, obj)| keys::has_valid_signature(obj, sender, &device.device_id, &device.ed25519))
+                .and_then(|(_, obj)| obj["key"].as_str().map(str::to_owned))
+        });
+        let Some(otk) = otk else { return };
+        if self.olm.create_outbound(&mut self.store, &curve, &otk, now).is_err() {
+            return;
+        }
+        let Ok(content) = self.olm.encrypt(&mut self.store, sender, &device, "m.dummy", &json!({})) else { return };
+        let txn = self.next_txn("d");
+        let messages = json!({sender: {&device.device_id: content}});
+        match self.hs.send_to_device("m.room.encrypted", &txn, &messages).await {
+            Ok(()) => self.notices.push(Notice::new(
+                "olm_repaired",
+                format!("opened a new encrypted channel to device {} of {sender}", device.device_id),
+            )),
+            Err(e) => self.notices.push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}"))),
+        }
+    }
+
+    /// A room `m.room.encrypted`: decrypted with its room key and handled like a clear event,
+    /// or held (in the store, across restarts) until the key arrives. `first_time` is false
+    /// when a held event is retried.
+    async fn receive_megolm(
+        &mut self,
+        room_id: &str,
+        ev: &Value,
+        now: u64,
+        first_time: bool,
+        events: &mut Vec<Event>,
+    ) -> Result<bool, DeviceError> {
+        let sender = ev["sender"].as_str().unwrap_or_default().to_owned();
+        let event_id = ev["event_id"].as_str().unwrap_or_default().to_owned();
+        let pickle_key = *self.olm.pickle_key();
+        match megolm::decrypt_room_event(&self.store, &pickle_key, room_id, ev) {
+            Ok(d) => {
+                let room = RoomContext {
+                    room_id: room_id.to_owned(),
+                    event_id,
+                    origin_server_ts: ev["origin_server_ts"].as_u64().unwrap_or(0),
+                    relates_to_fallback: d.relates_to,
+                };
+                let incoming =
+                    IncomingEvent { sender, event_type: d.event_type, content: d.content, room: Some(room) };
+                self.feed(incoming, now, events).await?;
+                Ok(true)
+            }
+            Err(MegolmError::Store(e)) => Err(DeviceError::Corrupt(e)),
+            Err(e) if e.is_waiting_for_key() => {
+                if first_time {
+                    self.hold(room_id, ev, &sender, &event_id, now)?;
+                }
+                Ok(false)
+            }
+            Err(e) => {
+                self.notices.push(Notice::in_room(
+                    "dropped",
+                    room_id,
+                    format!("dropped encrypted event {event_id} from {sender}: {e}"),
+                ));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Keeps an encrypted room event until its key arrives (principle: never drop a request for
+    /// lack of keys). One sender holds at most a few dozen; the oldest of theirs goes first.
+    fn hold(&mut self, room_id: &str, ev: &Value, sender: &str, event_id: &str, now: u64) -> Result<(), DeviceError> {
+        let Some(session_id) = megolm::session_id_of(&ev["content"]) else { return Ok(()) };
+        let held = self.store.held_room_events(None)?;
+        let theirs: Vec<&HeldRoomEvent> =
+            held.iter().filter(|h| serde_json::from_str::<Value>(&h.event).is_ok_and(|e| e["sender"] == sender)).collect();
+        if theirs.len() >= HELD_PER_SENDER {
+            self.store.release_room_event(&theirs[0].event_id)?;
+            self.notices.push(Notice::in_room(
+                "dropped",
+                &theirs[0].room_id,
+                format!("gave up on encrypted event {} from {sender}: too many of theirs wait for room keys", theirs[0].event_id),
+            ));
+        }
+        self.store.hold_room_event(&HeldRoomEvent {
+            event_id: event_id.to_owned(),
+            room_id: room_id.to_owned(),
+            session_id: session_id.to_owned(),
+            event: ev.to_string(),
+            received_at: now,
+            until: now + HOLD_FOR_ROOM_KEY_MS,
+        })?;
+        self.notices.push(Notice::in_room(
+            "held",
+            room_id,
+            format!("encrypted event {event_id} from {sender} waits for its room key {session_id}"),
+        ));
+        Ok(())
+    }
+
+    /// A room key arrived: the events that waited for it are decrypted and handled, in order.
+    async fn retry_held(&mut self, room_id: &str, session_id: &str, events: &mut Vec<Event>) -> Result<(), DeviceError> {
+        let now = now_ms();
+        for h in self.store.held_room_events(Some((room_id, session_id)))? {
+            let Ok(ev) = serde_json::from_str::<Value>(&h.event) else {
+                self.store.release_room_event(&h.event_id)?;
+                continue;
+            };
+            if self.receive_megolm(room_id, &ev, now, false, events).await? {
+                self.store.release_room_event(&h.event_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Held events whose time is up are given up on, and reported.
+    fn expire_held(&mut self, now: u64) -> Result<(), DeviceError> {
+        for h in self.store.held_room_events(None)? {
+            if h.until <= now {
+                self.store.release_room_event(&h.event_id)?;
+                self.notices.push(Notice::in_room(
+                    "dropped",
+                    &h.room_id,
+                    format!("gave up on encrypted event {}: its room key {} never arrived", h.event_id, h.session_id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// When something is due: the machine's next deadline, or a held event's.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let held = self.store.held_room_events(None).ok().and_then(|h| h.iter().map(|h| h.until).min());
+        [self.machine.next_deadline(), held].into_iter().flatten().min()
+    }
+
+    /// Ends what is due: the machine's timeouts, and held events whose room key never came.
+    pub fn handle_timeout(&mut self, now: u64) -> Result<(), DeviceError> {
+        self.machine.handle_timeout(now);
+        self.expire_held(now)
     }
 
     async fn feed(&mut self, incoming: IncomingEvent, now: u64, events: &mut Vec<Event>) -> Result<(), DeviceError> {
         let raw = json!({"sender": incoming.sender, "type": incoming.event_type, "content": incoming.content,
-            "room": incoming.room.as_ref().map(|r| json!({"room_id": r.room_id, "event_id": r.event_id, "origin_server_ts": r.origin_server_ts}))});
+            "room": incoming.room.as_ref().map(|r| json!({"room_id": r.room_id, "event_id": r.event_id,
+                "origin_server_ts": r.origin_server_ts, "relates_to_fallback": r.relates_to_fallback}))});
         self.machine.receive(incoming, now);
         for e in self.pump().await? {
             if let Event::IncomingRequest { flow, .. } = &e {
@@ -683,7 +1265,7 @@ impl Device {
                 room_id: r["room_id"].as_str().unwrap_or_default().into(),
                 event_id: r["event_id"].as_str().unwrap_or_default().into(),
                 origin_server_ts: r["origin_server_ts"].as_u64().unwrap_or(0),
-                relates_to_fallback: None,
+                relates_to_fallback: r.get("relates_to_fallback").filter(|v| v.is_object()).cloned(),
             });
             let incoming = IncomingEvent {
                 sender: v["sender"].as_str().unwrap_or_default().into(),
@@ -699,14 +1281,73 @@ impl Device {
         Ok(events)
     }
 
-    /// Finds a direct-message room shared with `user`, or creates one (unencrypted, so the
-    /// verification events are readable without Olm).
-    pub async fn dm_room(&mut self, user: &str) -> Result<String, DeviceError> {
-        if let Some(room) = self.store.get(&format!("dm:{user}"))? {
-            return Ok(room);
+    /// The direct chat with `user` to verify in ([direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging)):
+    /// a room listed under them in our `m.direct` that we are in and they have joined (or, else,
+    /// are invited to); failing that, a new encrypted one, created as Element does and recorded
+    /// in `m.direct`.
+    pub async fn dm_room(&mut self, user: &str) -> Result<DirectRoom, DeviceError> {
+        let direct = self.hs.account_data(&self.user_id, "m.direct").await?.unwrap_or_else(|| json!({}));
+        let candidates: Vec<String> =
+            direct[user].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect();
+        if !candidates.is_empty() {
+            let joined = self.hs.joined_rooms().await?;
+            let mut invited = None;
+            for room in candidates.iter().filter(|r| joined.contains(r)) {
+                match self.membership(room, user).await?.as_deref() {
+                    Some("join") => return Ok(DirectRoom { room_id: room.clone(), created: false, other_joined: true }),
+                    Some("invite") if invited.is_none() => invited = Some(room.clone()),
+                    _ => {}
+                }
+            }
+            if let Some(room_id) = invited {
+                return Ok(DirectRoom { room_id, created: false, other_joined: false });
+            }
         }
-        let room = self.hs.create_dm(user).await?;
-        self.store.set(&format!("dm:{user}"), &room)?;
-        Ok(room)
+        let room_id = self.hs.create_dm(user).await?;
+        self.room_encryption.insert(room_id.clone(), RoomEncryption::from_content(&json!({"algorithm": MEGOLM_ALGORITHM})));
+        self.notices.push(Notice::in_room("dm_created", &room_id, format!("created an encrypted direct chat {room_id} with {user}")));
+        if let Err(e) = self.add_direct_room(user, &room_id).await {
+            self.notices.push(Notice::in_room("dm", &room_id, format!("could not record {room_id} in m.direct: {e}")));
+        }
+        Ok(DirectRoom { room_id, created: true, other_joined: false })
     }
+
+    /// A user's membership in a room (`join`, `invite`, `leave`, ...), if any.
+    pub async fn membership(&self, room_id: &str, user: &str) -> Result<Option<String>, DeviceError> {
+        match self.hs.room_state(room_id, "m.room.member", user).await {
+            Ok(c) => Ok(c["membership"].as_str().map(str::to_owned)),
+            Err(HttpError::Matrix { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adds a room to our `m.direct` under `user` (read, change, write back).
+    pub async fn add_direct_room(&self, user: &str, room_id: &str) -> Result<(), DeviceError> {
+        let mut direct = self.hs.account_data(&self.user_id, "m.direct").await?.unwrap_or_else(|| json!({}));
+        if !direct.is_object() {
+            direct = json!({});
+        }
+        let rooms = direct.as_object_mut().expect("an object").entry(user.to_owned()).or_insert_with(|| json!([]));
+        if !rooms.is_array() {
+            *rooms = json!([]);
+        }
+        let list = rooms.as_array_mut().expect("an array");
+        if !list.iter().any(|r| r == room_id) {
+            list.push(json!(room_id));
+            self.hs.set_account_data(&self.user_id, "m.direct", &direct).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The direct chat a verification with another user happens in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRoom {
+    /// The room.
+    pub room_id: String,
+    /// Whether we just created it.
+    pub created: bool,
+    /// Whether the other user has joined (a request sent before they join may never be seen
+    /// by clients that fetch a new member's keys after reading the room).
+    pub other_joined: bool,
 }

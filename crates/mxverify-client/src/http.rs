@@ -241,12 +241,55 @@ impl Homeserver {
         v["event_id"].as_str().map(str::to_owned).ok_or_else(|| HttpError::Malformed("send: no event_id".into()))
     }
 
-    /// `POST /createRoom` for a direct chat with `user` (unencrypted, so both sides read the
-    /// verification events without Olm/Megolm).
+    /// `POST /createRoom` for a direct chat with `user`, the way Element makes one: `is_direct`,
+    /// the invite, the `trusted_private_chat` preset and Megolm encryption in the initial state,
+    /// so the room is encrypted before anyone is invited.
     pub async fn create_dm(&self, user: &str) -> Result<String, HttpError> {
-        let body = json!({"invite": [user], "is_direct": true, "preset": "trusted_private_chat"});
+        let body = json!({
+            "invite": [user],
+            "is_direct": true,
+            "preset": "trusted_private_chat",
+            "initial_state": [{
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2", "rotation_period_ms": 604_800_000u64,
+                            "rotation_period_msgs": 100},
+            }],
+        });
         let v = self.post("/_matrix/client/v3/createRoom", &body).await?;
         v["room_id"].as_str().map(str::to_owned).ok_or_else(|| HttpError::Malformed("createRoom: no room_id".into()))
+    }
+
+    /// `GET /rooms/{room}/state/{type}/{state_key}`: one state event's content (404 if absent).
+    pub async fn room_state(&self, room: &str, event_type: &str, state_key: &str) -> Result<Value, HttpError> {
+        self.get(&format!("/_matrix/client/v3/rooms/{}/state/{}/{}", enc(room), enc(event_type), enc(state_key))).await
+    }
+
+    /// `GET /joined_rooms`.
+    pub async fn joined_rooms(&self) -> Result<Vec<String>, HttpError> {
+        let v = self.get("/_matrix/client/v3/joined_rooms").await?;
+        Ok(v["joined_rooms"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect())
+    }
+
+    /// `GET /user/{user}/account_data/{type}`; `None` if there is none.
+    pub async fn account_data(&self, user: &str, event_type: &str) -> Result<Option<Value>, HttpError> {
+        match self.get(&format!("/_matrix/client/v3/user/{}/account_data/{}", enc(user), enc(event_type))).await {
+            Ok(v) => Ok(Some(v)),
+            Err(HttpError::Matrix { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /user/{user}/account_data/{type}`.
+    pub async fn set_account_data(&self, user: &str, event_type: &str, content: &Value) -> Result<(), HttpError> {
+        self.put(&format!("/_matrix/client/v3/user/{}/account_data/{}", enc(user), enc(event_type)), content)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /keys/claim` for one-time keys: `wanted` maps user → device → algorithm.
+    pub async fn keys_claim(&self, wanted: &Value) -> Result<Value, HttpError> {
+        self.post("/_matrix/client/v3/keys/claim", &json!({"one_time_keys": wanted, "timeout": 10_000})).await
     }
 
     /// `POST /join/{room}`.

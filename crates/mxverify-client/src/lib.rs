@@ -6,8 +6,10 @@
 pub mod device;
 pub mod http;
 pub mod keys;
+pub mod megolm;
+pub mod olm;
 pub mod store;
 
-pub use device::{Device, DeviceError, StateLock, now_ms};
+pub use device::{Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
 pub use http::{Homeserver, HttpError};
 pub use store::{Store, StoreError, TrustRecord};

@@ -79,6 +79,22 @@ CREATE TABLE IF NOT EXISTS pending (
     flow_id TEXT PRIMARY KEY, event TEXT NOT NULL, received_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS active (
     flow_id TEXT PRIMARY KEY, room_id TEXT, other_user TEXT NOT NULL, other_device TEXT);
+CREATE TABLE IF NOT EXISTS olm_sessions (
+    sender_key TEXT NOT NULL, session_id TEXT NOT NULL, pickle TEXT NOT NULL, created_at INTEGER NOT NULL,
+    last_received INTEGER NOT NULL, PRIMARY KEY (sender_key, session_id));
+CREATE TABLE IF NOT EXISTS inbound_group_sessions (
+    room_id TEXT NOT NULL, session_id TEXT NOT NULL, sender_key TEXT NOT NULL, sender_ed25519 TEXT NOT NULL,
+    sender_user TEXT NOT NULL, sender_device TEXT NOT NULL, pickle TEXT NOT NULL, first_index INTEGER NOT NULL,
+    PRIMARY KEY (room_id, session_id));
+CREATE TABLE IF NOT EXISTS megolm_indices (
+    room_id TEXT NOT NULL, session_id TEXT NOT NULL, message_index INTEGER NOT NULL, event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, session_id, message_index));
+CREATE TABLE IF NOT EXISTS outbound_group_sessions (
+    room_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, pickle TEXT NOT NULL, created_at INTEGER NOT NULL,
+    messages INTEGER NOT NULL, shared_with TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS held_room_events (
+    event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, session_id TEXT NOT NULL, event TEXT NOT NULL,
+    received_at INTEGER NOT NULL, until INTEGER NOT NULL);
 ";
 
 /// A flow in progress (past `ready`), remembered so that after a restart the other side can be
@@ -251,6 +267,278 @@ impl Store {
             Ok(PendingRequest { flow_id: r.get(0)?, event: r.get(1)?, received_at: r.get::<_, i64>(2)? as u64 })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// One stored Olm session ([spec: `m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOlmSession {
+    /// The other device's Curve25519 identity key.
+    pub sender_key: String,
+    /// The session ID.
+    pub session_id: String,
+    /// The encrypted pickle.
+    pub pickle: String,
+    /// When it was made (ms).
+    pub created_at: u64,
+    /// When it last decrypted a message (ms; 0 = never).
+    pub last_received: u64,
+}
+
+/// One stored Megolm room key, bound to the device that sent it over Olm
+/// ([spec: `m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRoomKey {
+    /// The room.
+    pub room_id: String,
+    /// The Megolm session ID.
+    pub session_id: String,
+    /// Curve25519 key of the Olm session that delivered it.
+    pub sender_key: String,
+    /// Ed25519 key of that device (the Olm payload's `keys.ed25519`).
+    pub sender_ed25519: String,
+    /// The owner of that device.
+    pub sender_user: String,
+    /// That device.
+    pub sender_device: String,
+    /// The encrypted pickle.
+    pub pickle: String,
+    /// The first message index it can decrypt.
+    pub first_index: u32,
+}
+
+/// Our outbound Megolm session in one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOutboundSession {
+    /// The room.
+    pub room_id: String,
+    /// The session ID.
+    pub session_id: String,
+    /// The encrypted pickle.
+    pub pickle: String,
+    /// When it was made (ms).
+    pub created_at: u64,
+    /// Messages encrypted with it.
+    pub messages: u64,
+    /// The devices that have its key, as `user|device|curve25519`.
+    pub shared_with: Vec<String>,
+}
+
+/// An encrypted room event waiting for its room key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRoomEvent {
+    /// The event ID.
+    pub event_id: String,
+    /// The room.
+    pub room_id: String,
+    /// The Megolm session it needs.
+    pub session_id: String,
+    /// The whole event as received (JSON).
+    pub event: String,
+    /// When it arrived (ms).
+    pub received_at: u64,
+    /// When we give up on it (ms).
+    pub until: u64,
+}
+
+impl Store {
+    /// Saves the Olm account pickle and changed Olm sessions in one transaction: a new inbound
+    /// session and the one-time key it used up are stored together or not at all.
+    pub fn save_olm(&mut self, account: Option<&str>, sessions: &[StoredOlmSession]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        if let Some(a) = account {
+            tx.execute(
+                "INSERT INTO kv (key, value) VALUES ('account', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+                [a],
+            )?;
+        }
+        for s in sessions {
+            tx.execute(
+                "INSERT OR REPLACE INTO olm_sessions (sender_key, session_id, pickle, created_at, last_received)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![s.sender_key, s.session_id, s.pickle, s.created_at as i64, s.last_received as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every Olm session.
+    pub fn olm_sessions(&self) -> Result<Vec<StoredOlmSession>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT sender_key, session_id, pickle, created_at, last_received FROM olm_sessions")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(StoredOlmSession {
+                sender_key: r.get(0)?,
+                session_id: r.get(1)?,
+                pickle: r.get(2)?,
+                created_at: r.get::<_, i64>(3)? as u64,
+                last_received: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Saves (or replaces) a room key.
+    pub fn save_room_key(&self, k: &StoredRoomKey) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO inbound_group_sessions
+             (room_id, session_id, sender_key, sender_ed25519, sender_user, sender_device, pickle, first_index)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                k.room_id,
+                k.session_id,
+                k.sender_key,
+                k.sender_ed25519,
+                k.sender_user,
+                k.sender_device,
+                k.pickle,
+                k.first_index
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A room key, if we have it.
+    pub fn room_key(&self, room_id: &str, session_id: &str) -> Result<Option<StoredRoomKey>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT room_id, session_id, sender_key, sender_ed25519, sender_user, sender_device, pickle, first_index
+                 FROM inbound_group_sessions WHERE room_id = ?1 AND session_id = ?2",
+                [room_id, session_id],
+                |r| {
+                    Ok(StoredRoomKey {
+                        room_id: r.get(0)?,
+                        session_id: r.get(1)?,
+                        sender_key: r.get(2)?,
+                        sender_ed25519: r.get(3)?,
+                        sender_user: r.get(4)?,
+                        sender_device: r.get(5)?,
+                        pickle: r.get(6)?,
+                        first_index: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records that `(room, session, index)` decrypted `event_id`; returns the event ID that
+    /// index decrypted before, if it was another one: a replayed message index.
+    pub fn record_megolm_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let previous: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT event_id FROM megolm_indices WHERE room_id = ?1 AND session_id = ?2 AND message_index = ?3",
+                params![room_id, session_id, index],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match previous {
+            Some(p) if p != event_id => Ok(Some(p)),
+            Some(_) => Ok(None),
+            None => {
+                self.conn.execute(
+                    "INSERT INTO megolm_indices (room_id, session_id, message_index, event_id) VALUES (?1, ?2, ?3, ?4)",
+                    params![room_id, session_id, index, event_id],
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Our outbound session in a room, if any.
+    pub fn outbound_session(&self, room_id: &str) -> Result<Option<StoredOutboundSession>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT room_id, session_id, pickle, created_at, messages, shared_with
+                 FROM outbound_group_sessions WHERE room_id = ?1",
+                [room_id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        Ok(row.map(|(room_id, session_id, pickle, created_at, messages, shared)| StoredOutboundSession {
+            room_id,
+            session_id,
+            pickle,
+            created_at: created_at as u64,
+            messages: messages as u64,
+            shared_with: serde_json::from_str(&shared).unwrap_or_default(),
+        }))
+    }
+
+    /// Saves our outbound session in a room (replacing the previous one).
+    pub fn save_outbound_session(&self, s: &StoredOutboundSession) -> Result<(), StoreError> {
+        let shared = serde_json::to_string(&s.shared_with).expect("a list of strings");
+        self.conn.execute(
+            "INSERT OR REPLACE INTO outbound_group_sessions (room_id, session_id, pickle, created_at, messages, shared_with)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![s.room_id, s.session_id, s.pickle, s.created_at as i64, s.messages as i64, shared],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets our outbound session in a room (it must be rotated).
+    pub fn delete_outbound_session(&self, room_id: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM outbound_group_sessions WHERE room_id = ?1", [room_id])?;
+        Ok(())
+    }
+
+    /// Holds an encrypted event until its room key arrives.
+    pub fn hold_room_event(&self, h: &HeldRoomEvent) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO held_room_events (event_id, room_id, session_id, event, received_at, until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![h.event_id, h.room_id, h.session_id, h.event, h.received_at as i64, h.until as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Held events, oldest first; only those waiting for one room key if `session` is given.
+    pub fn held_room_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldRoomEvent>, StoreError> {
+        let (room, sid) = session.unzip();
+        let mut stmt = self.conn.prepare(
+            "SELECT event_id, room_id, session_id, event, received_at, until FROM held_room_events
+             WHERE ?1 IS NULL OR (room_id = ?1 AND session_id = ?2) ORDER BY received_at, rowid",
+        )?;
+        let rows = stmt.query_map(params![room, sid], |r| {
+            Ok(HeldRoomEvent {
+                event_id: r.get(0)?,
+                room_id: r.get(1)?,
+                session_id: r.get(2)?,
+                event: r.get(3)?,
+                received_at: r.get::<_, i64>(4)? as u64,
+                until: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a held event (decrypted, or given up on).
+    pub fn release_room_event(&self, event_id: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM held_room_events WHERE event_id = ?1", [event_id])?;
+        Ok(())
+    }
+
+    /// How many events are held.
+    pub fn held_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM held_room_events", [], |r| r.get::<_, i64>(0))? as u64)
     }
 }
 

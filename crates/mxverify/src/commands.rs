@@ -111,8 +111,12 @@ impl Ui<'_> {
 
     fn notices(&mut self, device: &mut Device) {
         for n in std::mem::take(&mut device.notices) {
-            self.say(&format!("  ({n})"));
-            self.line(json!({"event": "notice", "message": n}));
+            self.say(&format!("  ({})", n.message));
+            let mut line = json!({"event": "notice", "kind": n.kind, "message": n.message});
+            if let Some(room) = n.room {
+                line["room"] = json!(room);
+            }
+            self.line(line);
         }
     }
 }
@@ -251,10 +255,13 @@ pub async fn request(
     user: &str,
     target: Target,
     method: &str,
+    encrypt_to_device: bool,
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
-    let mut device = Device::open(dir, config_for(method))?;
+    let config = config_for(method);
+    let mut device = Device::open(dir, config.clone())?;
+    device.set_encrypt_to_device(encrypt_to_device);
     let lost = device.abandon_lost_flows().await?;
     let mut session = Session::new(method, Goal::Forever);
     session.handle(&mut device, ui, lost).await?;
@@ -278,8 +285,19 @@ pub async fn request(
             Some(device.machine.request_to_device(user, &devices, now)?)
         }
         Target::Dm => {
-            let room = device.dm_room(user).await?;
-            device.machine.request_in_room(&room, user, now);
+            let dm = device.dm_room(user).await?;
+            ui.notices(&mut device);
+            if dm.other_joined {
+                device.machine.request_in_room(&dm.room_id, user, now);
+            } else {
+                // Clients that read a new room before fetching its members' keys would never
+                // show a request sent before the other user joined: wait for them.
+                ui.say(&format!("Waiting for {user} to join the direct chat {} …", dm.room_id));
+                ui.line(json!({"event": "notice", "kind": "waiting_for_join", "room": dm.room_id, "user": user,
+                               "message": format!("waiting for {user} to join {}", dm.room_id)}));
+                session.awaiting_join =
+                    Some(AwaitingJoin { room_id: dm.room_id, user: user.to_owned(), deadline: now + config.timeouts.flow });
+            }
             None
         }
         Target::Room(room) => {
@@ -292,9 +310,16 @@ pub async fn request(
 }
 
 /// `mxverify listen`.
-pub async fn listen(dir: &Path, method: &str, once: bool, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
+pub async fn listen(
+    dir: &Path,
+    method: &str,
+    once: bool,
+    encrypt_to_device: bool,
+    ui: &mut Ui<'_>,
+) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
     let mut device = Device::open(dir, config_for(method))?;
+    device.set_encrypt_to_device(encrypt_to_device);
     let own = device.user_id.clone();
     device.query_keys(std::slice::from_ref(&own)).await?;
     ui.line(json!({"event": "listening", "user": device.user_id, "device": device.device_id}));
@@ -330,17 +355,46 @@ enum Question {
     Scan,
 }
 
+/// An in-room request that waits until the other user has joined the direct chat.
+#[derive(Debug, Clone)]
+struct AwaitingJoin {
+    room_id: String,
+    user: String,
+    deadline: u64,
+}
+
 /// One interactive run: the sync loop, user input, deadlines.
 struct Session {
     method: String,
     goal: Goal,
     asking: Option<(FlowKey, Question)>,
     ended: Option<Ending>,
+    awaiting_join: Option<AwaitingJoin>,
 }
 
 impl Session {
     fn new(method: &str, goal: Goal) -> Self {
-        Self { method: method.to_owned(), goal, asking: None, ended: None }
+        Self { method: method.to_owned(), goal, asking: None, ended: None, awaiting_join: None }
+    }
+
+    /// Sends the waiting request once the other user is in the room; gives up at the deadline.
+    async fn check_join(&mut self, device: &mut Device, ui: &mut Ui<'_>) -> Result<(), DeviceError> {
+        let Some(wait) = self.awaiting_join.clone() else { return Ok(()) };
+        let now = now_ms();
+        if device.membership(&wait.room_id, &wait.user).await?.as_deref() == Some("join") {
+            self.awaiting_join = None;
+            ui.say(&format!("{} joined; sending the request.", wait.user));
+            device.machine.request_in_room(&wait.room_id, &wait.user, now);
+            let events = device.pump().await?;
+            self.handle(device, ui, events).await?;
+        } else if now >= wait.deadline {
+            self.awaiting_join = None;
+            let message = format!("{} did not join the direct chat {} in time; no request was sent", wait.user, wait.room_id);
+            ui.say(&format!("✘ {message}"));
+            ui.line(json!({"event": "error", "message": message}));
+            self.ended = Some(Ending::TimedOut);
+        }
+        Ok(())
     }
 
     fn ours(&self, flow: &FlowKey) -> bool {
@@ -399,7 +453,8 @@ impl Session {
             let now = now_ms();
             // While a question waits for the person, remind them of the time left every 30 s.
             let cadence = if self.asking.is_some() && !ui.json { 30_000 } else { 60_000 };
-            let wait = device.machine.next_deadline().map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
+            let deadline = [device.next_deadline(), self.awaiting_join.as_ref().map(|w| w.deadline)].into_iter().flatten().min();
+            let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
             tokio::select! {
                 batch = batches.recv() => match batch {
                     Some(Ok(resp)) => {
@@ -410,6 +465,7 @@ impl Session {
                         }
                         let _ = ack_tx.send(next).await;
                         self.handle(device, ui, events).await?;
+                        self.check_join(device, ui).await?;
                     }
                     Some(Err(e)) => {
                         ui.say(&format!("  (sync failed, retrying: {e})"));
@@ -422,9 +478,10 @@ impl Session {
                     None => stdin_open = false,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {
-                    device.machine.handle_timeout(now_ms());
+                    device.handle_timeout(now_ms())?;
                     let events = device.pump().await?;
                     self.handle(device, ui, events).await?;
+                    self.check_join(device, ui).await?;
                     self.remind(device, ui);
                 }
             }

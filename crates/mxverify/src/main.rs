@@ -19,6 +19,10 @@ struct Cli {
     /// directory).
     #[arg(long, global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Send to-device verification messages Olm-encrypted (by default they go in the clear, as
+    /// Element's do; encrypted ones are always understood).
+    #[arg(long, global = true, env = "MXVERIFY_ENCRYPT_TO_DEVICE")]
+    encrypt_to_device: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,9 +203,11 @@ fn main() -> ExitCode {
                             (Some(d), false, None) => commands::Target::ToDevice(Some(d)),
                             (None, false, None) => commands::Target::Auto,
                         };
-                        commands::request(&dir, &user, target, method.name(), &mut ui).await
+                        commands::request(&dir, &user, target, method.name(), cli.encrypt_to_device, &mut ui).await
                     }
-                    Command::Listen { method, once, .. } => commands::listen(&dir, method.name(), once, &mut ui).await,
+                    Command::Listen { method, once, .. } => {
+                        commands::listen(&dir, method.name(), once, cli.encrypt_to_device, &mut ui).await
+                    }
                     Command::Devices { user } => commands::devices(&dir, user.as_deref(), &mut ui).await,
                     Command::Trust => commands::trust(&dir, &mut ui),
                     Command::Join { room } => commands::join(&dir, &room, &mut ui).await,

@@ -271,3 +271,8 @@ pub fn raw_login(user: &str) -> String {
     );
     v["access_token"].as_str().unwrap().to_owned()
 }
+
+/// Percent-encodes a path segment (room and event IDs).
+pub fn enc(segment: &str) -> String {
+    segment.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
