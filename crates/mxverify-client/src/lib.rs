@@ -8,6 +8,7 @@ pub mod http;
 pub mod keys;
 pub mod megolm;
 pub mod olm;
+pub mod secret_storage;
 pub mod store;
 
 pub use device::{Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
