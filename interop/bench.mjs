@@ -2,7 +2,9 @@
 // local Synapse in the same run (run through scripts/interop-bench).
 //
 //   NODE22 interop/bench.mjs --homeserver URL [--mxverify BIN] [--runs N] [--warmup W] [--poll-timeout MS]
-//                            [--no-reverse] [--settle MS]
+//                            [--no-reverse] [--settle MS] [--encrypted-dm [--js-cleartext]]
+//
+// (--encrypted-dm: the in-room mode described at the end of this comment.)
 //
 // Pairs, each with fresh users that have cross-signing set up, sharing an encrypted room so that js-sdk knows the
 // other side's device (js-sdk only tracks the devices of users it shares an encrypted room with):
@@ -35,9 +37,32 @@
 // "median to-device SAS: js-sdk<->js-sdk X ms, js-sdk<->mxverify Y ms (ratio Y/X)" and, with the reverse pair,
 // one more line for it. Exit status non-zero if any run failed. Logs (stderr of every process, every JSON line
 // in and out) go to .state/interop-bench/<run>/.
+//
+// --encrypted-dm: instead, one in-room SAS verification inside an Element-style encrypted DM (driver create_dm:
+// trusted_private_chat, is_direct, m.room.encryption Megolm with Element's rotation settings), request to both
+// `done`, in three pairs:
+//   js-sdk<->js-sdk     driver A requests in its DM with driver B; B responds
+//   js-sdk->mxverify    driver A requests in its DM with mxverify user M (joined with `mxverify join` at set-up); a
+//                       fresh `mxverify --json listen --once` per run answers (timed from A's request command, after
+//                       `listening`, so its start-up is left out)
+//   mxverify->js-sdk    (unless --no-reverse) a fresh `mxverify --json request @B` per run, in the DM mxverify picks
+//                       (its m.direct, or a new encrypted DM it creates on the first run, which B joins: B runs with
+//                       --auto-join); timed from its outgoing `request` line. At least one warm-up round is run in
+//                       this mode, so that a DM created by mxverify is not timed.
+// Both js drivers run with --encrypt-verification (js-sdk then sends its verification events Megolm-encrypted, as
+// Element X does; --js-cleartext leaves js-sdk's own behaviour, cleartext events in the encrypted room). After
+// every run (not timed) the bench reads the DM from the js side (`room_events`) and fails the run unless every
+// verification event of the flow from an encrypting side is m.room.encrypted (Megolm) on the wire — mxverify is
+// always expected to encrypt — and the js side's are in the clear with --js-cleartext.
+// The mxverify half needs an mxverify that decrypts and sends Megolm room events. Without one it fails with a
+// message saying which step did not happen (no binary; set-up refused; the request never reached mxverify within
+// BENCH_REQUEST_WAIT_MS, 20 s; mxverify's own `error` line) instead of hanging; a failed mxverify pair is not run
+// again, the js-sdk<->js-sdk pair is still measured and reported, and the exit status is non-zero.
+// Summary line: "median in-room SAS in an encrypted DM: js-sdk<->js-sdk X ms, js-sdk->mxverify Y ms (ratio Y/X),
+// mxverify->js-sdk Z ms (ratio Z/X)", "not measured (reason)" for a pair that failed.
 
 import { execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { DriverProcess, JsonLinesProcess, register } from "./jsonl.mjs";
@@ -47,15 +72,17 @@ const ROOT = resolve(HERE, "..");
 
 const args = process.argv.slice(2);
 const KNOWN = new Set(["--homeserver", "--mxverify", "--runs", "--warmup", "--poll-timeout", "--settle"]);
+const FLAGS = new Set(["--no-reverse", "--encrypted-dm", "--js-cleartext"]);
 for (let i = 0; i < args.length; i++) {
-    if (args[i] === "--no-reverse") continue;
+    if (FLAGS.has(args[i])) continue;
     if (KNOWN.has(args[i]) && i + 1 < args.length) {
         i++;
         continue;
     }
     process.stderr.write(
         `bench: unknown or incomplete argument ${args[i]}\nusage: bench.mjs --homeserver URL [--mxverify BIN] ` +
-            `[--runs N] [--warmup W] [--poll-timeout MS] [--no-reverse] [--settle MS]\n`,
+            `[--runs N] [--warmup W] [--poll-timeout MS] [--no-reverse] [--settle MS] ` +
+            `[--encrypted-dm [--js-cleartext]]\n`,
     );
     process.exit(2);
 }
@@ -78,6 +105,13 @@ const WARMUP = intArg("--warmup", 2, 0);
 const POLL_TIMEOUT = intArg("--poll-timeout", 30000, 0);
 const SETTLE_MS = intArg("--settle", 300, 0);
 const REVERSE = !args.includes("--no-reverse");
+const ENCRYPTED_DM = args.includes("--encrypted-dm");
+const JS_CLEARTEXT = args.includes("--js-cleartext");
+if (JS_CLEARTEXT && !ENCRYPTED_DM) {
+    process.stderr.write("bench: --js-cleartext only goes with --encrypted-dm\n");
+    process.exit(2);
+}
+const REQUEST_WAIT_MS = Number(process.env.BENCH_REQUEST_WAIT_MS ?? 20000);
 const WAIT_MS = Number(process.env.BENCH_WAIT_MS ?? 30000);
 
 const RUN_ID = `${Date.now().toString(36)}${process.pid.toString(36)}`;
@@ -90,12 +124,12 @@ const say = (s) => process.stderr.write(`bench: ${s}\n`);
 // ---------------------------------------------------------------------------------------------------------------
 // Child processes speaking JSON lines (drivers, mxverify --json): see jsonl.mjs. Each logs to <run>/<name>.log.
 
-function driver(name, user, password) {
+function driver(name, user, password, extraArgs = []) {
     const p = new DriverProcess(name, {
         homeserver: HOMESERVER,
         user,
         password,
-        args: ["--cross-signing", "--poll-timeout", String(POLL_TIMEOUT)],
+        args: ["--cross-signing", "--poll-timeout", String(POLL_TIMEOUT), ...extraArgs],
         log: join(LOG_DIR, `${name}.log`),
         waitMs: WAIT_MS,
     });
@@ -209,10 +243,11 @@ function checkDone(peer, done, otherUser, otherDevice) {
 
 // requester: a Peer whose outgoing `request` event starts the clock (`begin` sends the request, returns the
 // time to count from and the flow id); responder: a Peer. Returns phase timings in ms from the start.
-async function verification(requester, responder, begin) {
+// `requestWaitMs`: how long the responder may take to report the request (default: the processes' wait).
+async function verification(requester, responder, begin, requestWaitMs) {
     const marks = [requester.events.length, responder.events.length];
     const { t0, flow } = await begin();
-    const inc = await responder.event("request", flow);
+    const inc = await responder.event("request", flow, requestWaitMs);
     if (inc.direction !== "incoming") throw new Error(`${responder.name}: request is ${inc.direction}`);
     responder.send({ command: "accept", flow_id: flow });
     const [ra, rb] = await Promise.all([requester.event("ready", flow), responder.event("ready", flow)]);
@@ -278,6 +313,299 @@ const names = {
     r: `bench-r-${RUN_ID}`,
     w: `bench-w-${RUN_ID}`,
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// --encrypted-dm: in-room SAS inside Element-style encrypted DMs (see the top of this file)
+
+const stats = {
+    median(xs) {
+        const s = [...xs].sort((x, y) => x - y);
+        if (s.length === 0) return NaN;
+        const m = s.length >> 1;
+        return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+    },
+    ms: (x) => x.toFixed(0),
+};
+
+// The verification events of flow `flow` in `room` as the server has them, read by driver `reader`: for each
+// sender, {clear: [types], encrypted: n, megolm: n, relatesToFlow: n}. An m.room.encrypted event counts as part of
+// the flow when it is the request itself or its cleartext m.relates_to points at the request; a cleartext one when
+// it is the request or an m.key.verification.* event relating to it.
+async function wireOfFlow(reader, room, flow) {
+    const r = await reader.command({ command: "room_events", room }, "room_events");
+    const by = {};
+    for (const e of r.events) {
+        const related = e.event_id === flow || e.relates_to?.event_id === flow;
+        if (!related) continue;
+        const s = (by[e.sender] ??= { clear: [], encrypted: 0, megolm: 0 });
+        if (e.type === "m.room.encrypted") {
+            s.encrypted++;
+            if (e.algorithm === "m.megolm.v1.aes-sha2") s.megolm++;
+        } else if (e.type.startsWith("m.key.verification.") || e.msgtype === "m.key.verification.request") {
+            s.clear.push(e.type === "m.room.message" ? "request" : e.type.slice("m.key.verification.".length));
+        }
+    }
+    return by;
+}
+
+// Throws unless `user`'s part of the flow on the wire is all Megolm (`encrypted`) or all in the clear.
+function checkWireSide(wire, user, encrypted, label) {
+    const s = wire[user] ?? { clear: [], encrypted: 0, megolm: 0 };
+    if (s.clear.length + s.encrypted === 0)
+        throw new Error(
+            `${label}: none of its events in the room belong to the flow (an encrypted event needs m.relates_to ` +
+                `in its cleartext wrapper)`,
+        );
+    if (encrypted && s.clear.length > 0)
+        throw new Error(
+            `${label} sent ${s.clear.length} verification event(s) in the clear in the encrypted DM ` +
+                `(${s.clear.join(", ")}); expected m.room.encrypted`,
+        );
+    if (encrypted && s.megolm !== s.encrypted) throw new Error(`${label}: encrypted events that are not Megolm`);
+    if (!encrypted && s.encrypted > 0)
+        throw new Error(`${label} sent ${s.encrypted} encrypted event(s), expected cleartext (--js-cleartext)`);
+}
+
+// Why an mxverify run failed, in words: the error as thrown, mxverify's own last error line, and a hint when the
+// request never arrived or mxverify stopped early.
+function explainMxFailure(e, proc, role) {
+    let msg = e.message;
+    const own = proc?.lastError?.();
+    if (own) msg += `; mxverify said: ${own}`;
+    if (proc?.spawnError) msg += ` (could not run ${MXVERIFY}: ${proc.spawnError.message})`;
+    if (/timed out waiting for request/.test(e.message)) {
+        const mxSilent = proc && e.message.startsWith(`${proc.name}:`);
+        if (role === "responder" && mxSilent)
+            msg +=
+                ` — mxverify never reported js-sdk's ${JS_CLEARTEXT ? "" : "Megolm-encrypted "}request in the ` +
+                `encrypted DM within ${REQUEST_WAIT_MS} ms: this mxverify does not ` +
+                `${JS_CLEARTEXT ? "answer in-room requests in an encrypted room" : "decrypt Megolm room events"} yet`;
+        else if (role === "requester" && mxSilent) msg += " — mxverify printed no outgoing request";
+        else if (role === "requester")
+            msg +=
+                ` — js-sdk never reported mxverify's request within ${REQUEST_WAIT_MS} ms (sent in a room js-sdk ` +
+                `is not in, or encrypted so that js-sdk could not decrypt it?)`;
+    }
+    return msg;
+}
+
+async function encryptedDmBench() {
+    say(`logs in ${LOG_DIR}`);
+    for (const n of Object.values(names)) register(n, password);
+    await waker.login(names.w, password);
+    const jsArgs = JS_CLEARTEXT ? [] : ["--encrypt-verification"];
+    const jsEncrypts = !JS_CLEARTEXT;
+
+    const A = driver("A", names.a, password, jsArgs);
+    const B = driver("B", names.b, password, [...jsArgs, "--auto-join"]);
+    peers.push(A, B);
+    await Promise.all([A, B].map((d) => d.ready(60000)));
+    const dmAB = (await A.command({ command: "create_dm", user: B.user }, "room")).room_id;
+    await B.take((e) => e.event === "room" && e.room_id === dmAB && e.auto_joined === true, "joining the DM", WAIT_MS);
+    await Promise.all([knows(A, B.user, B.device), knows(B, A.user, A.device)]);
+
+    const jsRoomRequest = (requester, responder, room) => async () => {
+        const t0 = performance.now();
+        const out = await requester.command({ command: "request", user: responder.user, room }, "request");
+        if (out.direction !== "outgoing") throw new Error(`${requester.name}: request is ${out.direction}`);
+        return { t0, flow: out.flow_id };
+    };
+
+    const pairs = [
+        {
+            label: "js-sdk<->js-sdk",
+            run: async () => {
+                const r = await verification(A, B, jsRoomRequest(A, B, dmAB));
+                const wire = await wireOfFlow(A, dmAB, r.flow);
+                checkWireSide(wire, A.user, jsEncrypts, "js-sdk A");
+                checkWireSide(wire, B.user, jsEncrypts, "js-sdk B");
+                return r;
+            },
+        },
+    ];
+
+    // The mxverify side: set up as far as it goes; a failure leaves the js-sdk pair to run alone.
+    const mxPairs = [];
+    let mxSetupFailure = null;
+    try {
+        if (!existsSync(MXVERIFY)) throw new Error(`no mxverify binary at ${MXVERIFY}`);
+        const mDir = join(LOG_DIR, "m-state");
+        const rDir = join(LOG_DIR, "r-state");
+        const mx = {};
+        for (const [key, dir] of [
+            ["m", mDir],
+            ["r", rDir],
+        ]) {
+            if (key === "r" && !REVERSE) continue;
+            const login = ["login", "--homeserver", HOMESERVER, "--user", names[key], "--password", password];
+            const li = mxverifyOnce(dir, login).find((e) => e.event === "logged_in");
+            if (!li) throw new Error(`mxverify login of ${names[key]} printed no logged_in line`);
+            mxverifyOnce(dir, ["cross-signing", "bootstrap", "--password", password]);
+            mx[key] = { user: li.user, device: li.device, dir };
+        }
+        const dmAM = (await A.command({ command: "create_dm", user: mx.m.user }, "room")).room_id;
+        mxverifyOnce(mDir, ["join", dmAM]);
+        await knows(A, mx.m.user, mx.m.device);
+        mxPairs.push({
+            label: "js-sdk->mxverify",
+            mx: true,
+            run: async () => {
+                const L = mxverify("M-listen", mDir, ["listen", "--once"]);
+                Object.assign(L, mx.m);
+                peers.push(L);
+                try {
+                    await L.event("listening", undefined, 60000);
+                    const r = await verification(A, L, jsRoomRequest(A, L, dmAM), REQUEST_WAIT_MS);
+                    await Promise.race([L.exitPromise, sleep(10000)]);
+                    if (L.exitCode !== 0) throw new Error(`mxverify listen --once exited with ${L.exitCode}`);
+                    const wire = await wireOfFlow(A, dmAM, r.flow);
+                    checkWireSide(wire, mx.m.user, true, "mxverify (listen)");
+                    checkWireSide(wire, A.user, jsEncrypts, "js-sdk A");
+                    return r;
+                } catch (e) {
+                    throw new Error(explainMxFailure(e, L, "responder"));
+                } finally {
+                    await L.stop();
+                    peers.splice(peers.indexOf(L), 1);
+                }
+            },
+        });
+        if (REVERSE) {
+            // B shares an encrypted DM with R from the start, so that js-sdk tracks R's devices; which DM mxverify
+            // verifies in is its own choice.
+            const dmBR = (await B.command({ command: "create_dm", user: mx.r.user }, "room")).room_id;
+            mxverifyOnce(rDir, ["join", dmBR]);
+            await knows(B, mx.r.user, mx.r.device);
+            mxPairs.push({
+                label: "mxverify->js-sdk",
+                mx: true,
+                run: async () => {
+                    const p = mxverify("R-request", rDir, ["request", B.user]);
+                    Object.assign(p, mx.r);
+                    peers.push(p);
+                    let room = null;
+                    try {
+                        const r = await verification(
+                            p,
+                            B,
+                            async () => {
+                                const out = await p.event("request");
+                                if (out.direction !== "outgoing") throw new Error(`R: request is ${out.direction}`);
+                                if (out.transport !== "room") throw new Error(`R: request over ${out.transport}`);
+                                room = out.room;
+                                return { t0: out.__t, flow: out.flow_id };
+                            },
+                            REQUEST_WAIT_MS,
+                        );
+                        await Promise.race([p.exitPromise, sleep(10000)]);
+                        if (p.exitCode !== 0) throw new Error(`mxverify request exited with ${p.exitCode}`);
+                        const wire = await wireOfFlow(B, room, r.flow);
+                        checkWireSide(wire, mx.r.user, true, "mxverify (request)");
+                        checkWireSide(wire, B.user, jsEncrypts, "js-sdk B");
+                        return r;
+                    } catch (e) {
+                        throw new Error(explainMxFailure(e, p, "requester"));
+                    } finally {
+                        await p.stop();
+                        peers.splice(peers.indexOf(p), 1);
+                    }
+                },
+            });
+        }
+    } catch (e) {
+        mxSetupFailure = `mxverify set-up failed: ${e.message}`;
+        failed++;
+        say(mxSetupFailure);
+    }
+    pairs.push(...mxPairs);
+    for (const p of pairs) p.samples = [];
+
+    const between = async () => {
+        await Promise.all([A, B].map((d) => syncNow(d)));
+        await sleep(SETTLE_MS);
+    };
+    const warmup = Math.max(WARMUP, 1);
+    say(
+        `${warmup} warm-up + ${RUNS} measured rounds of ${pairs.map((p) => p.label).join(", ")} in encrypted DMs; ` +
+            `js-sdk ${jsEncrypts ? "encrypts" : "does not encrypt"} its verification events; ` +
+            `driver --poll-timeout ${POLL_TIMEOUT} ms, settle ${SETTLE_MS} ms`,
+    );
+    await between();
+    for (let round = 0; round < warmup + RUNS; round++) {
+        const warm = round < warmup;
+        const order = pairs.map((_, i) => pairs[(i + round) % pairs.length]);
+        for (const pair of order) {
+            if (pair.disabled) continue;
+            let r;
+            try {
+                r = await pair.run();
+            } catch (e) {
+                failed++;
+                say(`${pair.label} round ${round + 1}: FAILED: ${e.message}`);
+                if (pair.mx) {
+                    pair.disabled = e.message;
+                    say(`${pair.label}: not run again`);
+                }
+                await between();
+                continue;
+            }
+            say(
+                `${warm ? "warm-up" : "run"} ${warm ? round + 1 : round + 1 - warmup} ${pair.label}: ` +
+                    `${r.total.toFixed(0)} ms (delivery ${r.delivery.toFixed(0)}, ready ${r.ready.toFixed(0)}, ` +
+                    `sas ${r.sas.toFixed(0)}, done ${r.done.toFixed(0)})`,
+            );
+            if (!warm) pair.samples.push(r);
+            await between();
+        }
+    }
+
+    const { median, ms } = stats;
+    console.log(
+        `in-room SAS in an Element-style encrypted DM, request -> both done; ${warmup} warm-up + ${RUNS} measured ` +
+            `runs per pair, pairs alternating; js-sdk's verification events ` +
+            `${jsEncrypts ? "Megolm-encrypted" : "in the clear"}`,
+    );
+    for (const p of pairs) {
+        const t = p.samples.map((s) => s.total);
+        if (t.length === 0) {
+            console.log(`${p.label}: no successful runs${p.disabled ? `: ${p.disabled}` : ""}`);
+            continue;
+        }
+        console.log(
+            `${p.label}: median ${ms(median(t))} ms, min ${ms(Math.min(...t))}, max ${ms(Math.max(...t))}; ` +
+                `samples ${t.map(ms).join(", ")}`,
+        );
+        const ph = (k) => ms(median(p.samples.map((s) => s[k])));
+        console.log(
+            `  median phases: request delivered ${ph("delivery")}, accept -> both ready ${ph("ready")}, ` +
+                `start -> both sas ${ph("sas")}, confirm -> both done ${ph("done")}`,
+        );
+    }
+    if (mxSetupFailure) console.log(mxSetupFailure);
+    const js = median((pairs[0].samples ?? []).map((s) => s.total));
+    const part = (label) => {
+        const p = pairs.find((x) => x.label === label);
+        if (!p) return `${label} not measured (${mxSetupFailure ?? "not requested"})`;
+        const m = median(p.samples.map((s) => s.total));
+        if (p.samples.length === 0) return `${label} not measured (failed)`;
+        return `${label} ${ms(m)} ms (ratio ${(m / js).toFixed(2)})`;
+    };
+    const parts = [`js-sdk<->js-sdk ${ms(js)} ms`, part("js-sdk->mxverify")];
+    if (REVERSE) parts.push(part("mxverify->js-sdk"));
+    console.log(`median in-room SAS in an encrypted DM: ${parts.join(", ")}`);
+}
+
+if (ENCRYPTED_DM) {
+    try {
+        await encryptedDmBench();
+    } catch (e) {
+        failed++;
+        console.log(`bench failed: ${e.message}`);
+    }
+    if (failed > 0) console.log(`${failed} failure(s); logs in ${LOG_DIR}`);
+    await cleanup();
+    process.exit(failed > 0 ? 1 : 0);
+}
 
 try {
     say(`logs in ${LOG_DIR}`);

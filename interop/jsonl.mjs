@@ -12,7 +12,10 @@
 //   send(cmd)              write one command line (logged, but not written once the process has exited)
 //   stop()                 ask the process to exit (the `quit` command if there is one, else SIGTERM), kill it
 //                          after 5 s
-//   exited, exitCode, exitPromise   whether, how and when it exited
+//   exited, exitCode, exitPromise   whether, how and when it exited (a program that cannot be started at all, e.g. a
+//                          missing binary, counts as exited with exitCode = the spawn error's code, e.g. "ENOENT",
+//                          and spawnError = the error)
+//   lastError()            the message of the last `error` event it printed, or null
 // Its stderr and every line in (">>> ") and out ("<<< ") go to a log file.
 //
 // Options, the constructor's last argument:
@@ -68,7 +71,19 @@ export class JsonLinesProcess {
         Object.assign(this, { waitMs, exitedText, flowInWhat, endLogWithStderr, quit });
         this.log = createWriteStream(log, { flags: "a" });
         this.proc = spawn(argv0, argv, { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...env } });
-        this.exitPromise = new Promise((r) => this.proc.on("exit", r));
+        this.exitPromise = new Promise((r) => {
+            this.proc.on("exit", r);
+            this.proc.on("error", r);
+        });
+        // spawn failures (ENOENT, EACCES): reported as an exit instead of an uncaught exception
+        this.proc.on("error", (e) => {
+            this.log.write(`${name}: could not run ${argv0}: ${e.message}\n`);
+            if (this.exited) return;
+            this.spawnError = e;
+            this.exited = true;
+            this.exitCode = e.code ?? e.message;
+            this.wake();
+        });
         this.proc.stderr.pipe(this.log, { end: endLogWithStderr });
         readline.createInterface({ input: this.proc.stdout }).on("line", (line) => {
             const t = performance.now();
@@ -95,6 +110,11 @@ export class JsonLinesProcess {
         const waiters = this.waiters;
         this.waiters = [];
         for (const w of waiters) w();
+    }
+
+    lastError() {
+        const errors = this.events.filter((e) => e.event === "error");
+        return errors.length > 0 ? (errors[errors.length - 1].message ?? null) : null;
     }
 
     send(cmd) {
