@@ -20,6 +20,9 @@
 //   (j) secret storage       alice bootstraps secret storage (recovery key), a second device restores the
 //                            cross-signing keys with it (a wrong key is refused); then a passphrase key, restored
 //                            on a third device with the passphrase
+//   (k) pending invite       alice invites dave to a DM while dave's driver is not running; dave, started with
+//                            --auto-join, reports the invite and joins; alice and dave verify in that DM, dave
+//                            requesting, both encrypting
 // then times N to-device SAS verifications (request command -> both `done`) on one pair and prints the median.
 // The last line of stdout is "N passed, M failed"; the exit status is non-zero on failure.
 // Driver logs (stderr) go to .state/interop-smoke/<run>/.
@@ -39,7 +42,7 @@ const argValue = (name, dflt) => {
 };
 const HOMESERVER = argValue("--homeserver", "http://127.0.0.1:18448");
 const RUNS = Number(argValue("--runs", "5"));
-const ONLY = argValue("--only", "abcdefghij"); // which scenarios to run, e.g. --only ac
+const ONLY = argValue("--only", "abcdefghijk"); // which scenarios to run, e.g. --only ac
 const WAIT_MS = Number(process.env.SMOKE_WAIT_MS ?? 30000);
 
 const RUN_ID = `${Date.now().toString(36)}${process.pid.toString(36)}`;
@@ -504,6 +507,33 @@ await scenario("(j) secret storage: bootstrap, restore on another device, passph
             const errs = d.errors().filter((e) => !expected(e));
             check(errs.length === 0, `${d.name} errors: ${JSON.stringify(errs)}`);
         }
+    } finally {
+        await Promise.all(devices.map((d) => d.stop()));
+    }
+});
+
+await scenario("(k) invite pending at start-up, --auto-join", async () => {
+    const names = { alice: `alice-${RUN_ID}-k`, dave: `dave-${RUN_ID}-k` };
+    const password = `pw-${RUN_ID}`;
+    register(names.alice, password);
+    const daveId = register(names.dave, password);
+    const alice = new Driver("k-alice", names.alice, password, true, ["--encrypt-verification"]);
+    const devices = [alice];
+    try {
+        await alice.ready();
+        const dm = await alice.command({ command: "create_dm", user: daveId }, "room");
+        const dave = new Driver("k-dave", names.dave, password, true, ["--encrypt-verification", "--auto-join"]);
+        devices.push(dave);
+        await dave.ready();
+        const inv = await dave.take((e) => e.event === "invited" && e.room_id === dm.room_id, "invited");
+        check(inv.inviter === alice.user && inv.is_direct === true, `dave's invite ${JSON.stringify(inv)}`);
+        await dave.take((e) => e.event === "room" && e.room_id === dm.room_id && e.auto_joined, "auto-join");
+        const direct = await dave.command({ command: "account_data", type: "m.direct" }, "account_data");
+        check(direct.content?.[alice.user]?.includes(dm.room_id), `dave's m.direct ${JSON.stringify(direct.content)}`);
+        await syncBoth(alice, dave);
+        const r = await sas(dave, alice, dm.room_id);
+        checkWire(await wireEvents(alice, dm.room_id, alice.user), true, "alice", r.flow);
+        checkWire(await wireEvents(alice, dm.room_id, dave.user), true, "dave", r.flow);
     } finally {
         await Promise.all(devices.map((d) => d.stop()));
     }
