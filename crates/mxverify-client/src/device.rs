@@ -1037,9 +1037,10 @@ impl Device {
     /// The device that sent a decrypted payload: the sender's device with the session's
     /// Curve25519 key and the payload's Ed25519 key (keys are fetched if that device is new).
     async fn attribute(&mut self, plain: &OlmPlaintext) -> Result<OlmSender, OlmError> {
-        let known = self.known.get(&plain.sender).is_some_and(|k| {
-            k.devices.values().any(|d| d.curve25519.as_deref() == Some(plain.sender_key.as_str()))
-        });
+        let known = self
+            .known
+            .get(&plain.sender)
+            .is_some_and(|k| k.devices.values().any(|d| d.curve25519.as_deref() == Some(plain.sender_key.as_str())));
         if !known && let Err(e) = self.query_keys(std::slice::from_ref(&plain.sender)).await {
             self.notices.push(Notice::new("keys", format!("could not fetch the keys of {}: {e}", plain.sender)));
         }
@@ -1076,7 +1077,8 @@ impl Device {
         let claimed = match self.hs.keys_claim(&json!({sender: {&device.device_id: SIGNED_CURVE25519}})).await {
             Ok(c) => c,
             Err(e) => {
-                self.notices.push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}")));
+                self.notices
+                    .push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}")));
                 return;
             }
         };
@@ -1097,7 +1099,9 @@ impl Device {
                 "olm_repaired",
                 format!("opened a new encrypted channel to device {} of {sender}", device.device_id),
             )),
-            Err(e) => self.notices.push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}"))),
+            Err(e) => self
+                .notices
+                .push(Notice::new("no_olm_session", format!("could not repair the channel to {sender}: {e}"))),
         }
     }
 
@@ -1123,8 +1127,7 @@ impl Device {
                     origin_server_ts: ev["origin_server_ts"].as_u64().unwrap_or(0),
                     relates_to_fallback: d.relates_to,
                 };
-                let incoming =
-                    IncomingEvent { sender, event_type: d.event_type, content: d.content, room: Some(room) };
+                let incoming = IncomingEvent { sender, event_type: d.event_type, content: d.content, room: Some(room) };
                 self.feed(incoming, now, events).await?;
                 Ok(true)
             }
@@ -1151,14 +1154,19 @@ impl Device {
     fn hold(&mut self, room_id: &str, ev: &Value, sender: &str, event_id: &str, now: u64) -> Result<(), DeviceError> {
         let Some(session_id) = megolm::session_id_of(&ev["content"]) else { return Ok(()) };
         let held = self.store.held_room_events(None)?;
-        let theirs: Vec<&HeldRoomEvent> =
-            held.iter().filter(|h| serde_json::from_str::<Value>(&h.event).is_ok_and(|e| e["sender"] == sender)).collect();
+        let theirs: Vec<&HeldRoomEvent> = held
+            .iter()
+            .filter(|h| serde_json::from_str::<Value>(&h.event).is_ok_and(|e| e["sender"] == sender))
+            .collect();
         if theirs.len() >= HELD_PER_SENDER {
             self.store.release_room_event(&theirs[0].event_id)?;
             self.notices.push(Notice::in_room(
                 "dropped",
                 &theirs[0].room_id,
-                format!("gave up on encrypted event {} from {sender}: too many of theirs wait for room keys", theirs[0].event_id),
+                format!(
+                    "gave up on encrypted event {} from {sender}: too many of theirs wait for room keys",
+                    theirs[0].event_id
+                ),
             ));
         }
         self.store.hold_room_event(&HeldRoomEvent {
@@ -1178,7 +1186,12 @@ impl Device {
     }
 
     /// A room key arrived: the events that waited for it are decrypted and handled, in order.
-    async fn retry_held(&mut self, room_id: &str, session_id: &str, events: &mut Vec<Event>) -> Result<(), DeviceError> {
+    async fn retry_held(
+        &mut self,
+        room_id: &str,
+        session_id: &str,
+        events: &mut Vec<Event>,
+    ) -> Result<(), DeviceError> {
         let now = now_ms();
         for h in self.store.held_room_events(Some((room_id, session_id)))? {
             let Ok(ev) = serde_json::from_str::<Value>(&h.event) else {
@@ -1294,7 +1307,9 @@ impl Device {
             let mut invited = None;
             for room in candidates.iter().filter(|r| joined.contains(r)) {
                 match self.membership(room, user).await?.as_deref() {
-                    Some("join") => return Ok(DirectRoom { room_id: room.clone(), created: false, other_joined: true }),
+                    Some("join") => {
+                        return Ok(DirectRoom { room_id: room.clone(), created: false, other_joined: true });
+                    }
                     Some("invite") if invited.is_none() => invited = Some(room.clone()),
                     _ => {}
                 }
@@ -1304,8 +1319,13 @@ impl Device {
             }
         }
         let room_id = self.hs.create_dm(user).await?;
-        self.room_encryption.insert(room_id.clone(), RoomEncryption::from_content(&json!({"algorithm": MEGOLM_ALGORITHM})));
-        self.notices.push(Notice::in_room("dm_created", &room_id, format!("created an encrypted direct chat {room_id} with {user}")));
+        self.room_encryption
+            .insert(room_id.clone(), RoomEncryption::from_content(&json!({"algorithm": MEGOLM_ALGORITHM})));
+        self.notices.push(Notice::in_room(
+            "dm_created",
+            &room_id,
+            format!("created an encrypted direct chat {room_id} with {user}"),
+        ));
         if let Err(e) = self.add_direct_room(user, &room_id).await {
             self.notices.push(Notice::in_room("dm", &room_id, format!("could not record {room_id} in m.direct: {e}")));
         }

@@ -176,7 +176,8 @@ pub fn decrypt_room_event(
         .ok_or_else(|| MegolmError::MissingKey { session_id: session_id.to_owned() })?;
     let message = MegolmMessage::from_base64(ciphertext).map_err(|e| MegolmError::Malformed(e.to_string()))?;
     let mut session = InboundGroupSession::from_pickle(
-        InboundGroupSessionPickle::from_encrypted(&key.pickle, pickle_key).map_err(|e| MegolmError::Store(e.to_string()))?,
+        InboundGroupSessionPickle::from_encrypted(&key.pickle, pickle_key)
+            .map_err(|e| MegolmError::Store(e.to_string()))?,
     );
     let decrypted = session.decrypt(&message).map_err(|e| match e {
         vodozemac::megolm::DecryptionError::UnknownMessageIndex(first_known, index) => {
@@ -319,7 +320,12 @@ impl Outbound {
     /// ([rotation](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2)): too
     /// old, used too often, or someone who has its key is no longer in the room (a user who
     /// left, a device that was removed). `recipients` are the devices that should have it now.
-    pub fn rotation_reason(&self, settings: &RoomEncryption, now: u64, recipients: &BTreeSet<String>) -> Option<String> {
+    pub fn rotation_reason(
+        &self,
+        settings: &RoomEncryption,
+        now: u64,
+        recipients: &BTreeSet<String>,
+    ) -> Option<String> {
         if now.saturating_sub(self.stored.created_at) >= settings.rotation_period_ms {
             return Some("it reached the room's rotation period".into());
         }
@@ -349,7 +355,11 @@ impl Outbound {
     }
 
     /// Records (and saves) that these devices received the key.
-    pub fn mark_shared(&mut self, store: &Store, recipients: impl IntoIterator<Item = String>) -> Result<(), MegolmError> {
+    pub fn mark_shared(
+        &mut self,
+        store: &Store,
+        recipients: impl IntoIterator<Item = String>,
+    ) -> Result<(), MegolmError> {
         for r in recipients {
             if !self.stored.shared_with.contains(&r) {
                 self.stored.shared_with.push(r);

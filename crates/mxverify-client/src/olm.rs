@@ -265,7 +265,11 @@ impl Olm {
             return Ok(None);
         }
         let signed = |key: Curve25519PublicKey, fallback: bool| {
-            let mut obj = if fallback { json!({"key": key.to_base64(), "fallback": true}) } else { json!({"key": key.to_base64()}) };
+            let mut obj = if fallback {
+                json!({"key": key.to_base64(), "fallback": true})
+            } else {
+                json!({"key": key.to_base64()})
+            };
             self.sign_json(&mut obj);
             obj
         };
@@ -361,7 +365,12 @@ impl Olm {
 
     /// Encrypts any payload for the device with this Curve25519 key (tests use it to build
     /// payloads that break the rules).
-    pub fn encrypt_payload(&mut self, store: &mut Store, their_curve25519: &str, payload: &Value) -> Result<Value, OlmError> {
+    pub fn encrypt_payload(
+        &mut self,
+        store: &mut Store,
+        their_curve25519: &str,
+        payload: &Value,
+    ) -> Result<Value, OlmError> {
         let entry = self
             .sessions
             .get_mut(their_curve25519)
@@ -490,7 +499,10 @@ impl Olm {
             return bad("its content is not an object".into());
         }
         if p.get("sender").and_then(Value::as_str) != Some(sender) {
-            return bad(format!("it names the sender {}, but {sender} sent it", p.get("sender").unwrap_or(&Value::Null)));
+            return bad(format!(
+                "it names the sender {}, but {sender} sent it",
+                p.get("sender").unwrap_or(&Value::Null)
+            ));
         }
         if p.get("recipient").and_then(Value::as_str) != Some(self.user_id.as_str()) {
             return bad(format!("it is addressed to {}, not to us", p.get("recipient").unwrap_or(&Value::Null)));
@@ -518,7 +530,12 @@ impl Olm {
 
 /// `sender_device_keys` must be the sender's own, name the session's Curve25519 key and the
 /// payload's Ed25519 key, and carry a valid self-signature.
-fn check_sender_device_keys(dk: &Value, sender: &str, sender_key: &str, claimed: &str) -> Result<keys::DeviceKeys, String> {
+fn check_sender_device_keys(
+    dk: &Value,
+    sender: &str,
+    sender_key: &str,
+    claimed: &str,
+) -> Result<keys::DeviceKeys, String> {
     if dk["user_id"].as_str() != Some(sender) {
         return Err("sender_device_keys belong to another user".into());
     }

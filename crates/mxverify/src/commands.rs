@@ -295,8 +295,11 @@ pub async fn request(
                 ui.say(&format!("Waiting for {user} to join the direct chat {} …", dm.room_id));
                 ui.line(json!({"event": "notice", "kind": "waiting_for_join", "room": dm.room_id, "user": user,
                                "message": format!("waiting for {user} to join {}", dm.room_id)}));
-                session.awaiting_join =
-                    Some(AwaitingJoin { room_id: dm.room_id, user: user.to_owned(), deadline: now + config.timeouts.flow });
+                session.awaiting_join = Some(AwaitingJoin {
+                    room_id: dm.room_id,
+                    user: user.to_owned(),
+                    deadline: now + config.timeouts.flow,
+                });
             }
             None
         }
@@ -389,7 +392,8 @@ impl Session {
             self.handle(device, ui, events).await?;
         } else if now >= wait.deadline {
             self.awaiting_join = None;
-            let message = format!("{} did not join the direct chat {} in time; no request was sent", wait.user, wait.room_id);
+            let message =
+                format!("{} did not join the direct chat {} in time; no request was sent", wait.user, wait.room_id);
             ui.say(&format!("✘ {message}"));
             ui.line(json!({"event": "error", "message": message}));
             self.ended = Some(Ending::TimedOut);
@@ -453,7 +457,8 @@ impl Session {
             let now = now_ms();
             // While a question waits for the person, remind them of the time left every 30 s.
             let cadence = if self.asking.is_some() && !ui.json { 30_000 } else { 60_000 };
-            let deadline = [device.next_deadline(), self.awaiting_join.as_ref().map(|w| w.deadline)].into_iter().flatten().min();
+            let deadline =
+                [device.next_deadline(), self.awaiting_join.as_ref().map(|w| w.deadline)].into_iter().flatten().min();
             let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
             tokio::select! {
                 batch = batches.recv() => match batch {

@@ -52,7 +52,8 @@ fn two_users_verify_in_a_room_and_the_signatures_are_published() {
     // travelled Megolm-encrypted, with its relation in the clear.
     let room = done_a["room"].as_str().unwrap();
     let token = raw_login(&bob);
-    let msgs = api(Some(&token), "GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room)), None);
+    let msgs =
+        api(Some(&token), "GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room)), None);
     let events: Vec<&Value> = msgs["chunk"].as_array().unwrap().iter().filter(|e| e["state_key"].is_null()).collect();
     assert!(events.len() >= 10, "request, ready, start, accept, key ×2, mac ×2, done ×2: {events:#?}");
     for e in &events {
@@ -61,7 +62,8 @@ fn two_users_verify_in_a_room_and_the_signatures_are_published() {
     }
     let related = events.iter().filter(|e| e["content"]["m.relates_to"]["rel_type"] == "m.reference").count();
     assert_eq!(related, events.len() - 1, "all but the request relate to it in the clear");
-    let encryption = api(Some(&token), "GET", &format!("/_matrix/client/v3/rooms/{}/state/m.room.encryption/", enc(room)), None);
+    let encryption =
+        api(Some(&token), "GET", &format!("/_matrix/client/v3/rooms/{}/state/m.room.encryption/", enc(room)), None);
     assert_eq!(encryption["algorithm"], "m.megolm.v1.aes-sha2");
 
     // A third login sees Alice's user-signing signature on Bob's master key, and Bob's on Alice's.
