@@ -423,6 +423,13 @@ impl Store {
             .optional()?)
     }
 
+    /// How many room keys we hold for a room.
+    pub fn room_key_count(&self, room_id: &str) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM inbound_group_sessions WHERE room_id = ?1", [room_id], |r| {
+            r.get::<_, i64>(0)
+        })? as u64)
+    }
+
     /// Records that `(room, session, index)` decrypted `event_id`; returns the event ID that
     /// index decrypted before, if it was another one: a replayed message index.
     pub fn record_megolm_index(

@@ -34,6 +34,11 @@ fn node() -> String {
 
 /// A js-sdk device of `user`, ready once logged in, crypto running and synced.
 fn js(name: &str, user: &str, cross_signing: bool) -> Proc {
+    js_with(name, user, cross_signing, &[])
+}
+
+/// The same, with more driver options (`--encrypt-verification`, `--auto-join`).
+fn js_with(name: &str, user: &str, cross_signing: bool, options: &[&str]) -> Proc {
     let hs = homeserver();
     let driver = repo().join("interop/driver.mjs");
     let mut args = vec![driver.to_str().unwrap().to_owned(), "--homeserver".into(), hs, "--user".into(), user.into()];
@@ -41,6 +46,7 @@ fn js(name: &str, user: &str, cross_signing: bool) -> Proc {
     if cross_signing {
         args.push("--cross-signing".into());
     }
+    args.extend(options.iter().map(|o| (*o).to_owned()));
     let mut cmd = Command::new(node());
     // js-sdk's own warnings (push rules and the like) would drown the test output.
     cmd.args(&args).env("MXV_DRIVER_LOG", std::env::var("MXV_DRIVER_LOG").unwrap_or_else(|_| "error".into()));
@@ -439,4 +445,199 @@ fn bad_input_towards_js_sdk() {
         }
         assert!(mx.seen.iter().all(|e| e["event"] != "done") && p.js.seen.iter().all(|e| e["event"] != "done"));
     }
+}
+
+// ----- encrypted direct chats ------------------------------------------------------------------
+
+/// A js-sdk user and an mxverify user with cross-signing, and an Element-style encrypted DM that
+/// js-sdk created and mxverify joined (through `listen`, which records it in `m.direct`).
+struct EncryptedDm {
+    p: Pair,
+    room: String,
+}
+
+fn encrypted_dm(label: &str, js_options: &[&str]) -> EncryptedDm {
+    let (js_user, mx_user) = (user(&format!("{label}js")), user(&format!("{label}mx")));
+    let (mx_dir, mx_device) = device(&mx_user, &format!("{label}mx"), None);
+    bootstrap(&mx_dir);
+    let mut js = js_with(&format!("{label}-js"), &js_user, true, js_options);
+    let js_device = js.seen.last().unwrap()["device"].as_str().unwrap().to_owned();
+    js.send(json!({"command": "create_dm", "user": mx_user}));
+    let room = js.expect("room")["room_id"].as_str().unwrap().to_owned();
+    // A listener joins the invite and records the direct chat, as a bot would.
+    let mut l = Proc::spawn("mxverify-join", &mx_dir, &["listen"]);
+    l.expect("listening");
+    let joined = expect_notice(&mut l, "joined");
+    assert_eq!(joined["room"], room.as_str());
+    l.kill();
+    sync(&mut js);
+    let p = Pair { js_user, js, js_device, mx_user, mx_dir, mx_device, dm_room: room.clone() };
+    EncryptedDm { p, room }
+}
+
+fn expect_notice(p: &mut Proc, kind: &str) -> Value {
+    loop {
+        let n = p.expect("notice");
+        if n["kind"] == kind {
+            return n;
+        }
+    }
+}
+
+/// The events of `sender` in the room as the server has them: (type, algorithm) of each
+/// verification event (state events and text messages aside).
+fn wire_events_of(js: &mut Proc, room: &str, sender: &str) -> Vec<(String, Option<String>)> {
+    js.send(json!({"command": "room_events", "room": room}));
+    let events = js.expect("room_events");
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["sender"] == sender && e["msgtype"] != "m.text")
+        .filter(|e| {
+            e["type"] == "m.room.encrypted"
+                || e["type"].as_str().unwrap().starts_with("m.key.verification.")
+                || e["msgtype"] == "m.key.verification.request"
+        })
+        .map(|e| (e["type"].as_str().unwrap().to_owned(), e["algorithm"].as_str().map(str::to_owned)))
+        .collect()
+}
+
+fn assert_all_megolm(events: &[(String, Option<String>)], who: &str) {
+    assert!(events.len() >= 4, "{who}: too few verification events on the wire: {events:?}");
+    for (ty, alg) in events {
+        assert_eq!(
+            (ty.as_str(), alg.as_deref()),
+            ("m.room.encrypted", Some("m.megolm.v1.aes-sha2")),
+            "{who}: {events:?}"
+        );
+    }
+}
+
+/// js-sdk requests in the encrypted DM; mxverify (already listening) answers and starts SAS.
+fn js_requests_in_dm(d: &mut EncryptedDm, mx: &mut Proc) {
+    d.p.js.send(json!({"command": "request", "user": d.p.mx_user, "room": d.room}));
+    js_requests_in_dm_answered(d, mx);
+}
+
+#[test]
+fn encrypted_dm_js_requests_in_the_clear_and_encrypted() {
+    let _s = serial();
+    for encrypting in [false, true] {
+        let options: &[&str] = if encrypting { &["--encrypt-verification"] } else { &[] };
+        let mut d = encrypted_dm(if encrypting { "edje" } else { "edjc" }, options);
+        // mxverify recorded the DM in its m.direct under the js-sdk user.
+        let direct = api(
+            Some(&raw_login(&d.p.mx_user)),
+            "GET",
+            &format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&d.p.mx_user)),
+            None,
+        );
+        assert_eq!(direct[&d.p.js_user], json!([d.room]), "{direct}");
+        let mut mx = listen(&d.p, "sas", &[]);
+        js_requests_in_dm(&mut d, &mut mx);
+        let ours = wire_events_of(&mut d.p.js, &d.room, &d.p.mx_user);
+        assert_all_megolm(&ours, "mxverify");
+        let theirs = wire_events_of(&mut d.p.js, &d.room, &d.p.js_user);
+        if encrypting {
+            assert_all_megolm(&theirs, "js-sdk");
+        } else {
+            assert!(
+                theirs.iter().all(|(ty, _)| ty != "m.room.encrypted"),
+                "stock js-sdk sends in the clear: {theirs:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mxverify_requests_in_an_existing_and_in_a_new_encrypted_dm() {
+    let _s = serial();
+    // An existing DM, found through m.direct.
+    let mut d = encrypted_dm("edme", &["--encrypt-verification"]);
+    let mut mx = Proc::spawn("mxverify", &d.p.mx_dir, &["request", &d.p.js_user]);
+    let req = d.p.js.expect("request");
+    assert_eq!(req["room"], d.room.as_str(), "the existing DM is used");
+    let f = flow(&req);
+    d.p.js.cmd("accept", &f);
+    mx.expect("ready");
+    d.p.js.cmd("start_sas", &f);
+    compare_and_confirm(&mut mx, &mut d.p.js, &f);
+    check_success(&mut d.p, &mut mx, true);
+    assert_all_megolm(&wire_events_of(&mut d.p.js, &d.room, &d.p.mx_user), "mxverify");
+    assert_all_megolm(&wire_events_of(&mut d.p.js, &d.room, &d.p.js_user), "js-sdk");
+
+    // No DM yet: mxverify creates an encrypted one, waits for js-sdk to join, then asks.
+    let (js_user, mx_user) = (user("ednjs"), user("ednmx"));
+    let (mx_dir, mx_device) = device(&mx_user, "ednmx", None);
+    bootstrap(&mx_dir);
+    let mut js = js_with("edn-js", &js_user, true, &["--auto-join"]);
+    let js_device = js.seen.last().unwrap()["device"].as_str().unwrap().to_owned();
+    let mut mx = Proc::spawn("mxverify", &mx_dir, &["request", &js_user]);
+    let created = expect_notice(&mut mx, "dm_created");
+    let room = created["room"].as_str().unwrap().to_owned();
+    let waiting = expect_notice(&mut mx, "waiting_for_join");
+    assert_eq!(waiting["room"], room.as_str());
+    let invited = js.expect("invited");
+    assert_eq!((invited["room_id"].as_str(), invited["is_direct"].as_bool()), (Some(room.as_str()), Some(true)));
+    let req = js.expect("request");
+    assert_eq!(req["room"], room.as_str());
+    let f = flow(&req);
+    js.cmd("accept", &f);
+    mx.expect("ready");
+    js.cmd("start_sas", &f);
+    compare_and_confirm(&mut mx, &mut js, &f);
+    let mut p = Pair { js_user, js, js_device, mx_user, mx_dir, mx_device, dm_room: room.clone() };
+    check_success(&mut p, &mut mx, true);
+    assert_all_megolm(&wire_events_of(&mut p.js, &room, &p.mx_user), "mxverify");
+    let state = api(
+        Some(&raw_login(&p.mx_user)),
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.encryption/", enc(&room)),
+        None,
+    );
+    assert_eq!(state["algorithm"], "m.megolm.v1.aes-sha2");
+}
+
+#[test]
+fn encrypted_requests_survive_a_stopped_listener() {
+    let _s = serial();
+    // The room key arrives while the listener runs; the request comes while it is stopped.
+    let mut d = encrypted_dm("edrk", &["--encrypt-verification"]);
+    let mut l = Proc::spawn("mxverify-key", &d.p.mx_dir, &["listen"]);
+    l.expect("listening");
+    d.p.js.send(json!({"command": "send_text", "room": d.room, "body": "hello"}));
+    d.p.js.expect("sent");
+    let store = mxverify_client::Store::open(&d.p.mx_dir).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.room_key_count(&d.room).unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the room key never reached the listener");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    l.kill();
+    d.p.js.send(json!({"command": "request", "user": d.p.mx_user, "room": d.room}));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut mx = listen(&d.p, "sas", &[]);
+    js_requests_in_dm_answered(&mut d, &mut mx);
+    assert!(mx.seen.iter().all(|e| e["kind"] != "held"), "the stored room key decrypted the request at once");
+
+    // Both the room key and the request arrive while the listener is stopped.
+    let mut d = encrypted_dm("edst", &["--encrypt-verification"]);
+    d.p.js.send(json!({"command": "request", "user": d.p.mx_user, "room": d.room}));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut mx = listen(&d.p, "sas", &[]);
+    js_requests_in_dm_answered(&mut d, &mut mx);
+}
+
+/// The request js-sdk already sent is answered by mxverify, which starts SAS.
+fn js_requests_in_dm_answered(d: &mut EncryptedDm, mx: &mut Proc) {
+    let req = mx.expect("request");
+    assert_eq!((req["transport"].as_str(), req["room"].as_str()), (Some("room"), Some(d.room.as_str())));
+    let f = flow(&req);
+    mx.cmd("accept", &f);
+    mx.expect("ready");
+    d.p.js.expect("ready");
+    mx.cmd("start_sas", &f);
+    compare_and_confirm(mx, &mut d.p.js, &f);
+    check_success(&mut d.p, mx, true);
 }
