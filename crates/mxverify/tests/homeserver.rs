@@ -198,6 +198,20 @@ fn malformed_events_from_the_server_do_not_disturb_a_listener() {
         ("m.key.verification.mac", json!({"transaction_id": "junk2", "mac": "nope"})),
         ("m.key.verification.cancel", json!({"transaction_id": "junk3"})),
         ("m.key.verification.key", json!({"transaction_id": 5, "key": 5})),
+        // Keys that are only ever accepted over Olm, and Olm that is not Olm.
+        (
+            "m.room_key",
+            json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!r:localhost", "session_id": "x", "session_key": "y"}),
+        ),
+        (
+            "m.room.encrypted",
+            json!({"algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": "junk", "ciphertext": {}}),
+        ),
+        (
+            "m.room.encrypted",
+            json!({"algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                                    "ciphertext": "not an object"}),
+        ),
     ];
     for (i, (ty, content)) in junk.iter().enumerate() {
         api(
@@ -214,6 +228,15 @@ fn malformed_events_from_the_server_do_not_disturb_a_listener() {
     assert_eq!(listener.wait(), 0);
     // The junk got at most the replies the rules allow (an unknown transaction, once each).
     assert!(listener.seen.iter().all(|e| e["event"] != "error"), "{:#?}", listener.seen);
+    // What came in the clear or did not decrypt was dropped, each with its reason.
+    let dropped: Vec<&str> = listener
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "notice" && e["kind"] == "dropped")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(dropped.iter().any(|m| m.contains("m.room_key") && m.contains("unencrypted")), "{dropped:#?}");
+    assert_eq!(dropped.iter().filter(|m| m.contains("encrypted message from")).count(), 2, "{dropped:#?}");
 }
 
 #[test]
