@@ -3,25 +3,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// One number from the device's SQLite store (python3's sqlite3: the tests need no SQLite of
-/// their own).
-fn sql(dir: &Path, query: &str) -> i64 {
-    let db = dir.join("mxverify.sqlite3");
-    let out = Command::new("python3")
-        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute(sys.argv[2]).fetchone(); c.commit(); print(r[0] if r else 0)"])
-        .arg(&db)
-        .arg(query)
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
-}
 
 fn sas(requester: &mut Proc, listener: &mut Proc) {
     let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();

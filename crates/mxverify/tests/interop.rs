@@ -168,6 +168,23 @@ fn to_device_js_requests_either_side_starts() {
 }
 
 #[test]
+fn to_device_olm_encrypted_towards_js_sdk() {
+    let _s = serial();
+    // mxverify sends its to-device messages Olm-encrypted (js-sdk answers in the clear).
+    let mut p = pair("tdoe");
+    let mut mx = listen(&p, "sas", &[("MXVERIFY_ENCRYPT_TO_DEVICE", "true")]);
+    p.js.send(json!({"command": "request", "user": p.mx_user, "device": p.mx_device}));
+    let f = flow(&mx.expect("request"));
+    mx.cmd("accept", &f);
+    p.js.expect("ready");
+    mx.expect("ready");
+    mx.cmd("start_sas", &f);
+    compare_and_confirm(&mut p.js, &mut mx, &f);
+    check_success(&mut p, &mut mx, true);
+    assert_eq!(sql(&p.mx_dir, "SELECT COUNT(*) FROM olm_sessions"), 1, "one Olm session, with the js-sdk device");
+}
+
+#[test]
 fn to_device_mxverify_requests_either_side_starts() {
     let _s = serial();
     for mx_starts in [false, true] {
