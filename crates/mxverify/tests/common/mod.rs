@@ -1,6 +1,7 @@
 //! Helpers for tests against the local Synapse (`scripts/synapse`): users, `mxverify` processes
 //! driven through `--json`, and raw Client-Server API calls.
 #![allow(dead_code)]
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
