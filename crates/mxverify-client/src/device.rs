@@ -17,7 +17,7 @@ use crate::http::{Homeserver, HttpError};
 use crate::keys::{self, DeviceKeys, UserKeyInfo};
 use crate::megolm::{self, MegolmError, OlmSender, Outbound, RoomEncryption, RoomKeyOutcome};
 use crate::olm::{MEGOLM_ALGORITHM, Olm, OlmError, OlmPlaintext, SIGNED_CURVE25519};
-use crate::store::{ActiveFlow, HeldRoomEvent, PendingRequest, Store, StoreError, TrustRecord};
+use crate::store::{ActiveFlow, HeldRoomEvent, HeldSelection, PendingRequest, Store, StoreError, TrustRecord};
 
 /// The wall clock in milliseconds, for the machine.
 pub fn now_ms() -> u64 {
@@ -112,6 +112,8 @@ impl Notice {
 const HOLD_FOR_ROOM_KEY_MS: u64 = 10 * 60 * 1000;
 /// Events held for room keys, per sender: one sender cannot crowd out everyone else's.
 const HELD_PER_SENDER: usize = 32;
+/// Events held for room keys in all: the store stays small whatever the rooms bring.
+const HELD_IN_ALL: u64 = 1024;
 /// How soon a broken Olm session with one device may be replaced again (the spec's hour).
 const UNWEDGE_INTERVAL_MS: u64 = 60 * 60 * 1000;
 
@@ -175,6 +177,8 @@ pub struct Device {
     pub notices: Vec<Notice>,
     /// Rooms whose encryption state we know: `None` = not encrypted.
     room_encryption: HashMap<String, Option<RoomEncryption>>,
+    /// Joined members of encrypted rooms we send in, until a membership change is seen.
+    room_members: HashMap<String, Vec<String>>,
     /// Send to-device verification messages Olm-encrypted (off by default, as other SDKs do).
     encrypt_to_device: bool,
     next_txn: u64,
@@ -326,6 +330,7 @@ impl Device {
             known: HashMap::new(),
             notices: Vec::new(),
             room_encryption: HashMap::new(),
+            room_members: HashMap::new(),
             encrypt_to_device: false,
             next_txn: 0,
             test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
@@ -664,8 +669,20 @@ impl Device {
         event_type: &str,
         content: &Value,
     ) -> Result<Value, DeviceError> {
-        let members = self.hs.joined_members(room_id).await?;
-        self.query_keys(&members).await?;
+        // Members and their keys are asked for once; `/sync` says when they change (membership
+        // events, device-list changes), so a message costs no extra round trip.
+        let members = match self.room_members.get(room_id) {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.hs.joined_members(room_id).await?;
+                self.room_members.insert(room_id.to_owned(), m.clone());
+                m
+            }
+        };
+        let unknown: Vec<String> = members.iter().filter(|u| !self.known.contains_key(*u)).cloned().collect();
+        if !unknown.is_empty() {
+            self.query_keys(&unknown).await?;
+        }
         let mut targets: BTreeMap<String, (String, DeviceKeys)> = BTreeMap::new();
         for user in &members {
             for d in self.known.get(user).map(|k| k.devices.values()).into_iter().flatten() {
@@ -936,6 +953,7 @@ impl Device {
                 }
             }
             (Some("m.room.member"), Some(_)) => {
+                self.room_members.remove(room_id);
                 // Anyone leaving may hold the current room key: the next message gets a new one.
                 let membership = ev["content"]["membership"].as_str();
                 if matches!(membership, Some("leave" | "ban")) {
@@ -1150,29 +1168,31 @@ impl Device {
     }
 
     /// Keeps an encrypted room event until its key arrives (principle: never drop a request for
-    /// lack of keys). One sender holds at most a few dozen; the oldest of theirs goes first.
+    /// lack of keys). One sender holds at most a few dozen, and all together at most a
+    /// thousand; the oldest goes first, reported.
     fn hold(&mut self, room_id: &str, ev: &Value, sender: &str, event_id: &str, now: u64) -> Result<(), DeviceError> {
         let Some(session_id) = megolm::session_id_of(&ev["content"]) else { return Ok(()) };
-        let held = self.store.held_room_events(None)?;
-        let theirs: Vec<&HeldRoomEvent> = held
-            .iter()
-            .filter(|h| serde_json::from_str::<Value>(&h.event).is_ok_and(|e| e["sender"] == sender))
-            .collect();
-        if theirs.len() >= HELD_PER_SENDER {
-            self.store.release_room_event(&theirs[0].event_id)?;
+        let theirs = self.store.held_room_events(HeldSelection::Sender(sender))?;
+        let evict = if theirs.len() >= HELD_PER_SENDER {
+            theirs.into_iter().next()
+        } else if self.store.held_count()? >= HELD_IN_ALL {
+            self.store.held_room_events(HeldSelection::All)?.into_iter().next()
+        } else {
+            None
+        };
+        if let Some(old) = evict {
+            self.store.release_room_event(&old.event_id)?;
             self.notices.push(Notice::in_room(
                 "dropped",
-                &theirs[0].room_id,
-                format!(
-                    "gave up on encrypted event {} from {sender}: too many of theirs wait for room keys",
-                    theirs[0].event_id
-                ),
+                &old.room_id,
+                format!("gave up on encrypted event {} from {}: too many events wait for room keys", old.event_id, old.sender),
             ));
         }
         self.store.hold_room_event(&HeldRoomEvent {
             event_id: event_id.to_owned(),
             room_id: room_id.to_owned(),
             session_id: session_id.to_owned(),
+            sender: sender.to_owned(),
             event: ev.to_string(),
             received_at: now,
             until: now + HOLD_FOR_ROOM_KEY_MS,
@@ -1193,7 +1213,7 @@ impl Device {
         events: &mut Vec<Event>,
     ) -> Result<(), DeviceError> {
         let now = now_ms();
-        for h in self.store.held_room_events(Some((room_id, session_id)))? {
+        for h in self.store.held_room_events(HeldSelection::Key { room_id, session_id })? {
             let Ok(ev) = serde_json::from_str::<Value>(&h.event) else {
                 self.store.release_room_event(&h.event_id)?;
                 continue;
@@ -1207,22 +1227,20 @@ impl Device {
 
     /// Held events whose time is up are given up on, and reported.
     fn expire_held(&mut self, now: u64) -> Result<(), DeviceError> {
-        for h in self.store.held_room_events(None)? {
-            if h.until <= now {
-                self.store.release_room_event(&h.event_id)?;
-                self.notices.push(Notice::in_room(
-                    "dropped",
-                    &h.room_id,
-                    format!("gave up on encrypted event {}: its room key {} never arrived", h.event_id, h.session_id),
-                ));
-            }
+        for h in self.store.held_room_events(HeldSelection::DueBy(now))? {
+            self.store.release_room_event(&h.event_id)?;
+            self.notices.push(Notice::in_room(
+                "dropped",
+                &h.room_id,
+                format!("gave up on encrypted event {}: its room key {} never arrived", h.event_id, h.session_id),
+            ));
         }
         Ok(())
     }
 
     /// When something is due: the machine's next deadline, or a held event's.
     pub fn next_deadline(&self) -> Option<u64> {
-        let held = self.store.held_room_events(None).ok().and_then(|h| h.iter().map(|h| h.until).min());
+        let held = self.store.held_next_due().ok().flatten();
         [self.machine.next_deadline(), held].into_iter().flatten().min()
     }
 

@@ -93,8 +93,8 @@ CREATE TABLE IF NOT EXISTS outbound_group_sessions (
     room_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, pickle TEXT NOT NULL, created_at INTEGER NOT NULL,
     messages INTEGER NOT NULL, shared_with TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS held_room_events (
-    event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, session_id TEXT NOT NULL, event TEXT NOT NULL,
-    received_at INTEGER NOT NULL, until INTEGER NOT NULL);
+    event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, session_id TEXT NOT NULL, sender TEXT NOT NULL,
+    event TEXT NOT NULL, received_at INTEGER NOT NULL, until INTEGER NOT NULL);
 ";
 
 /// A flow in progress (past `ready`), remembered so that after a restart the other side can be
@@ -324,6 +324,24 @@ pub struct StoredOutboundSession {
     pub shared_with: Vec<String>,
 }
 
+/// Which held events [`Store::held_room_events`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldSelection<'a> {
+    /// Every one.
+    All,
+    /// Those that wait for this room key.
+    Key {
+        /// The room.
+        room_id: &'a str,
+        /// The Megolm session.
+        session_id: &'a str,
+    },
+    /// Those of one sender.
+    Sender(&'a str),
+    /// Those whose time is up at this moment (ms).
+    DueBy(u64),
+}
+
 /// An encrypted room event waiting for its room key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldRoomEvent {
@@ -333,6 +351,8 @@ pub struct HeldRoomEvent {
     pub room_id: String,
     /// The Megolm session it needs.
     pub session_id: String,
+    /// Who sent it.
+    pub sender: String,
     /// The whole event as received (JSON).
     pub event: String,
     /// When it arrived (ms).
@@ -510,31 +530,46 @@ impl Store {
     /// Holds an encrypted event until its room key arrives.
     pub fn hold_room_event(&self, h: &HeldRoomEvent) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO held_room_events (event_id, room_id, session_id, event, received_at, until)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![h.event_id, h.room_id, h.session_id, h.event, h.received_at as i64, h.until as i64],
+            "INSERT OR IGNORE INTO held_room_events (event_id, room_id, session_id, sender, event, received_at, until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![h.event_id, h.room_id, h.session_id, h.sender, h.event, h.received_at as i64, h.until as i64],
         )?;
         Ok(())
     }
 
-    /// Held events, oldest first; only those waiting for one room key if `session` is given.
-    pub fn held_room_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldRoomEvent>, StoreError> {
-        let (room, sid) = session.unzip();
-        let mut stmt = self.conn.prepare(
-            "SELECT event_id, room_id, session_id, event, received_at, until FROM held_room_events
-             WHERE ?1 IS NULL OR (room_id = ?1 AND session_id = ?2) ORDER BY received_at, rowid",
-        )?;
-        let rows = stmt.query_map(params![room, sid], |r| {
+    /// Held events, oldest first: those waiting for one room key (`Key`), those of one sender
+    /// (`Sender`), those due by a time (`DueBy`), or all of them.
+    pub fn held_room_events(&self, which: HeldSelection<'_>) -> Result<Vec<HeldRoomEvent>, StoreError> {
+        let (clause, a, b): (&str, Option<String>, Option<String>) = match which {
+            HeldSelection::All => ("1", None, None),
+            HeldSelection::Key { room_id, session_id } => {
+                ("room_id = ?1 AND session_id = ?2", Some(room_id.to_owned()), Some(session_id.to_owned()))
+            }
+            HeldSelection::Sender(s) => ("sender = ?1 AND ?2 IS NULL", Some(s.to_owned()), None),
+            HeldSelection::DueBy(t) => ("until <= CAST(?1 AS INTEGER) AND ?2 IS NULL", Some(t.to_string()), None),
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT event_id, room_id, session_id, sender, event, received_at, until FROM held_room_events
+             WHERE {clause} ORDER BY received_at, rowid"
+        ))?;
+        let rows = stmt.query_map(params![a, b], |r| {
             Ok(HeldRoomEvent {
                 event_id: r.get(0)?,
                 room_id: r.get(1)?,
                 session_id: r.get(2)?,
-                event: r.get(3)?,
-                received_at: r.get::<_, i64>(4)? as u64,
-                until: r.get::<_, i64>(5)? as u64,
+                sender: r.get(3)?,
+                event: r.get(4)?,
+                received_at: r.get::<_, i64>(5)? as u64,
+                until: r.get::<_, i64>(6)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// When the first held event is due, if any is held.
+    pub fn held_next_due(&self) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = self.conn.query_row("SELECT MIN(until) FROM held_room_events", [], |r| r.get(0))?;
+        Ok(v.map(|v| v as u64))
     }
 
     /// Forgets a held event (decrypted, or given up on).
