@@ -667,7 +667,6 @@ mod tests {
     /// V7's passphrase derivation: 500000 PBKDF2-SHA-512 rounds take about a second in release
     /// but far longer unoptimized, so debug builds skip it (V6 covers the code path cheaply).
     #[test]
-    #[cfg_attr(debug_assertions, ignore = "500000 PBKDF2 iterations: run with --release")]
     fn v7_passphrase_500000_iterations() {
         let key = SecretStorageKey::from_passphrase(
             "correct horse battery staple",

@@ -93,7 +93,6 @@ fn js_sdk_passphrase_key_by_recovery_key() {
 /// 500000 PBKDF2-SHA-512 iterations take well under a second in release but many seconds
 /// unoptimized; the unit test of V6 covers the same code with 10 iterations.
 #[test]
-#[cfg_attr(debug_assertions, ignore = "500000 PBKDF2 iterations: run with --release")]
 fn js_sdk_passphrase_key_by_passphrase() {
     let fx = fixture("js-sdk-secret-storage-passphrase.json");
     let info = description(&fx).passphrase.expect("the key description has a passphrase");
