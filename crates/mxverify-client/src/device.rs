@@ -1185,7 +1185,10 @@ impl Device {
             self.notices.push(Notice::in_room(
                 "dropped",
                 &old.room_id,
-                format!("gave up on encrypted event {} from {}: too many events wait for room keys", old.event_id, old.sender),
+                format!(
+                    "gave up on encrypted event {} from {}: too many events wait for room keys",
+                    old.event_id, old.sender
+                ),
             ));
         }
         self.store.hold_room_event(&HeldRoomEvent {
