@@ -11,12 +11,15 @@ use mxverify_proto::{
     Config, Destination, Entropy, Event, FlowKey, IncomingEvent, KeyKind, Machine, OwnIdentity, RoomContext,
 };
 use serde_json::{Value, json};
-use vodozemac::Ed25519SecretKey;
+use zeroize::Zeroizing;
 
+use crate::cross_signing::{self, CrossSigningKeys, MASTER, SECRET_NAMES, SELF_SIGNING, USER_SIGNING};
 use crate::http::{Homeserver, HttpError};
 use crate::keys::{self, DeviceKeys, UserKeyInfo};
 use crate::megolm::{self, MegolmError, OlmSender, Outbound, RoomEncryption, RoomKeyOutcome};
 use crate::olm::{MEGOLM_ALGORITHM, Olm, OlmError, OlmPlaintext, SIGNED_CURVE25519};
+use crate::secret_storage::{self, KeyDescription, SecretStorageKey};
+use crate::secrets::{self, Asker, OpenRequest, RequestAction};
 use crate::store::{ActiveFlow, HeldRoomEvent, HeldSelection, PendingRequest, Store, StoreError, TrustRecord};
 
 /// The wall clock in milliseconds, for the machine.
@@ -70,6 +73,22 @@ pub enum DeviceError {
     /// End-to-end encryption failed for something we send.
     #[error("encryption: {0}")]
     Encryption(String),
+    /// Secret storage refused: no storage, a wrong recovery key, a secret that does not match.
+    #[error("{0}")]
+    Secrets(String),
+}
+
+/// What `cross-signing bootstrap` did.
+#[derive(Debug)]
+pub struct Bootstrap {
+    /// The master key.
+    pub master_key: String,
+    /// Whether new keys were made (otherwise the ones this device held were kept).
+    pub created: bool,
+    /// `created`, `replaced`, `existing` (left alone) or `incomplete` (this device lacks a key).
+    pub secret_storage: &'static str,
+    /// The recovery key of new secret storage: shown once, never stored by us.
+    pub recovery_key: Option<Zeroizing<String>>,
 }
 
 impl From<OlmError> for DeviceError {
@@ -116,6 +135,10 @@ const HELD_PER_SENDER: usize = 32;
 const HELD_IN_ALL: u64 = 1024;
 /// How soon a broken Olm session with one device may be replaced again (the spec's hour).
 const UNWEDGE_INTERVAL_MS: u64 = 60 * 60 * 1000;
+/// How long a command stays after a verification with our own device, for secret sharing.
+const SECRET_LINGER_MS: u64 = 15_000;
+/// How long it stays after it last sent a secret (the other device asks for them together).
+const SECRET_QUIET_MS: u64 = 2_000;
 
 /// Held while a process drives this device: two processes syncing and answering for one device
 /// would race for the same events and the same store.
@@ -137,25 +160,6 @@ impl StateLock {
     }
 }
 
-/// The three private cross-signing keys.
-struct CrossSigning {
-    master: Ed25519SecretKey,
-    self_signing: Ed25519SecretKey,
-    user_signing: Ed25519SecretKey,
-}
-
-impl CrossSigning {
-    fn to_json(&self) -> Value {
-        let b = |k: &Ed25519SecretKey| mxverify_proto::b64::encode(*k.to_bytes());
-        json!({"master": b(&self.master), "self_signing": b(&self.self_signing), "user_signing": b(&self.user_signing)})
-    }
-
-    fn from_json(v: &Value) -> Option<Self> {
-        let k = |name: &str| mxverify_proto::b64::decode32(v[name].as_str()?).map(|b| Ed25519SecretKey::from_slice(&b));
-        Some(Self { master: k("master")?, self_signing: k("self_signing")?, user_signing: k("user_signing")? })
-    }
-}
-
 /// A logged-in device.
 pub struct Device {
     /// The homeserver.
@@ -165,7 +169,7 @@ pub struct Device {
     /// The verification machine.
     pub machine: Machine,
     olm: Olm,
-    cross: Option<CrossSigning>,
+    cross: CrossSigningKeys,
     /// Our user ID.
     pub user_id: String,
     /// Our device ID.
@@ -179,6 +183,11 @@ pub struct Device {
     room_encryption: HashMap<String, Option<RoomEncryption>>,
     /// Joined members of encrypted rooms we send in, until a membership change is seen.
     room_members: HashMap<String, Vec<String>>,
+    /// Our requests for cross-signing keys that are not answered yet.
+    open_secret_requests: Vec<OpenRequest>,
+    /// After a verification with one of our own devices, secrets may be asked of us or sent to
+    /// us for a little while: a command that would end stays until then.
+    secret_linger_until: Option<u64>,
     /// Send to-device verification messages Olm-encrypted (off by default, as other SDKs do).
     encrypt_to_device: bool,
     next_txn: u64,
@@ -216,6 +225,12 @@ fn random_key() -> [u8; 32] {
     let mut k = [0u8; 32];
     OsEntropy.fill(&mut k);
     k
+}
+
+fn random_iv() -> [u8; 16] {
+    let mut iv = [0u8; 16];
+    OsEntropy.fill(&mut iv);
+    iv
 }
 
 /// Sync filter: only what verification needs (to-device messages; verification, message and
@@ -296,20 +311,20 @@ impl Device {
         let olm =
             Olm::load(&mut store, &user_id, &device_id, pickle_key).map_err(|e| DeviceError::Corrupt(e.to_string()))?;
         let cross = match store.get("cross_signing")? {
-            Some(j) => Some(
-                serde_json::from_str(&j)
-                    .ok()
-                    .and_then(|v| CrossSigning::from_json(&v))
-                    .ok_or_else(|| DeviceError::Corrupt("cross-signing keys".into()))?,
-            ),
-            None => None,
+            Some(j) => CrossSigningKeys::from_json(&Zeroizing::new(j))
+                .ok_or_else(|| DeviceError::Corrupt("cross-signing keys".into()))?,
+            None => CrossSigningKeys::default(),
         };
+        let open_secret_requests = store
+            .get("secret_requests")?
+            .and_then(|j| serde_json::from_str::<Vec<OpenRequest>>(&j).ok())
+            .unwrap_or_default();
         let own = OwnIdentity {
             user_id: user_id.clone(),
             device_id: device_id.clone(),
             ed25519: olm.ed25519(),
-            master_key: cross.as_ref().map(|c| c.master.public_key().to_base64()),
-            trusts_master_key: cross.is_some(),
+            master_key: cross.public(MASTER),
+            trusts_master_key: cross.get(MASTER).is_some(),
         };
         let machine = Machine::new(own, config, Box::new(OsEntropy));
         let prefix: [u8; 6] = {
@@ -331,6 +346,8 @@ impl Device {
             notices: Vec::new(),
             room_encryption: HashMap::new(),
             room_members: HashMap::new(),
+            open_secret_requests,
+            secret_linger_until: None,
             encrypt_to_device: false,
             next_txn: 0,
             test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
@@ -353,9 +370,14 @@ impl Device {
         self.olm.ed25519()
     }
 
-    /// Our master key, if cross-signing is set up here.
+    /// Our master key, if this device holds its private part.
     pub fn master_key(&self) -> Option<String> {
-        self.cross.as_ref().map(|c| c.master.public_key().to_base64())
+        self.cross.public(MASTER)
+    }
+
+    /// The secret names of the cross-signing private keys this device holds.
+    pub fn cross_signing_keys_held(&self) -> Vec<&'static str> {
+        SECRET_NAMES.into_iter().filter(|n| self.cross.get(n).is_some()).collect()
     }
 
     /// The signed device keys object we publish.
@@ -389,53 +411,164 @@ impl Device {
     }
 
     /// Creates master, self-signing and user-signing keys, uploads them (with password
-    /// user-interactive auth if the server asks) and signs this device with the self-signing key.
-    /// Refuses to replace existing keys unless `replace`.
+    /// user-interactive auth if the server asks) and signs this device with the self-signing key;
+    /// then keeps them in new secret storage and returns its recovery key, shown once. Keys that
+    /// this device already holds and published are kept. Refuses to replace published keys it does
+    /// not hold, and leaves existing secret storage alone, unless `replace`.
     pub async fn bootstrap_cross_signing(
         &mut self,
         password: Option<&str>,
         replace: bool,
-    ) -> Result<String, DeviceError> {
+    ) -> Result<Bootstrap, DeviceError> {
         let me = self.user_id.clone();
         self.query_keys(std::slice::from_ref(&me)).await?;
         let published = self.known.get(&self.user_id).and_then(|k| k.master_key.clone());
-        if let (Some(msk), false) = (&published, replace) {
-            if self.master_key().as_ref() == Some(msk) {
-                return Ok(msk.clone());
+        // Keys made by a bootstrap that stopped after the upload: the server has them, so do we.
+        if let Some(pending) =
+            self.store.get("cross_signing_pending")?.and_then(|j| CrossSigningKeys::from_json(&Zeroizing::new(j)))
+        {
+            if published.is_some() && pending.public(MASTER) == published {
+                self.store.set("cross_signing", &pending.to_json())?;
+                self.cross = pending;
             }
-            return Err(DeviceError::Corrupt(format!(
-                "this account already has a master key ({msk}) that this device does not hold; pass --replace to make new ones"
-            )));
+            self.store.delete("cross_signing_pending")?;
         }
-        let cross = CrossSigning {
-            master: Ed25519SecretKey::new(),
-            self_signing: Ed25519SecretKey::new(),
-            user_signing: Ed25519SecretKey::new(),
+        let created = match (&published, replace) {
+            (Some(msk), false) => {
+                if self.master_key().as_ref() != Some(msk) {
+                    return Err(DeviceError::Corrupt(format!(
+                        "this account already has a master key ({msk}) that this device does not hold; restore it with `mxverify cross-signing recover`, verify with a device that has it, or pass --replace to make new ones"
+                    )));
+                }
+                false
+            }
+            _ => {
+                let cross = CrossSigningKeys::generate();
+                let mut body = cross.upload_body(&self.user_id).expect("three new keys");
+                let master_sig = self.olm.sign(keys::signable(&body["master_key"]).expect("our own object").as_bytes());
+                keys::add_signature(&mut body["master_key"], &me, &format!("ed25519:{}", self.device_id), &master_sig);
+                // Saved before the upload, adopted after it: no published key is ever lost.
+                self.store.set("cross_signing_pending", &cross.to_json())?;
+                self.hs.upload_cross_signing(&body, &me, password).await?;
+                self.store.set("cross_signing", &cross.to_json())?;
+                self.store.delete("cross_signing_pending")?;
+                self.cross = cross;
+                self.sign_own_device().await?;
+                true
+            }
         };
-        let u = self.user_id.clone();
-        let public = |k: &Ed25519SecretKey| k.public_key().to_base64();
-        let key_obj = |k: &Ed25519SecretKey, usage: &str| json!({"user_id": u, "usage": [usage], "keys": {format!("ed25519:{}", public(k)): public(k)}});
-        let mut master = key_obj(&cross.master, "master");
-        let sig = self.olm.sign(keys::signable(&master).expect("canonical").as_bytes());
-        keys::add_signature(&mut master, &u, &format!("ed25519:{}", self.device_id), &sig);
-        let mut ssk = key_obj(&cross.self_signing, "self_signing");
-        keys::sign_with(&mut ssk, &u, &public(&cross.master), &cross.master);
-        let mut usk = key_obj(&cross.user_signing, "user_signing");
-        keys::sign_with(&mut usk, &u, &public(&cross.master), &cross.master);
-        let body = json!({"master_key": master, "self_signing_key": ssk, "user_signing_key": usk});
-        self.hs.upload_cross_signing(&body, &u, password).await?;
-        self.store.set("cross_signing", &cross.to_json().to_string())?;
-        let msk = public(&cross.master);
-        self.cross = Some(cross);
-        // Our own device, signed by our self-signing key.
-        let mut dev = self.device_keys_json();
-        let signer = self.cross.as_ref().expect("just set");
-        keys::sign_with(&mut dev, &u, &public(&signer.self_signing), &signer.self_signing);
-        self.hs.upload_signatures(&json!({ u.clone(): { self.device_id.clone(): dev } })).await?;
+        let master_key = self.master_key().expect("held");
+        let default = self.hs.account_data(&me, secret_storage::DEFAULT_KEY_EVENT_TYPE).await?;
+        let (secret_storage, recovery_key) = if default.as_ref().is_some_and(|d| d["key"].is_string()) && !replace {
+            ("existing", None)
+        } else if !self.cross.is_complete() {
+            ("incomplete", None)
+        } else {
+            let key = self.create_secret_storage().await?;
+            (if default.is_some() { "replaced" } else { "created" }, Some(key.to_recovery_key()))
+        };
         self.refresh_own_identity();
-        let me = self.user_id.clone();
         self.query_keys(std::slice::from_ref(&me)).await?;
-        Ok(msk)
+        Ok(Bootstrap { master_key, created, secret_storage, recovery_key })
+    }
+
+    /// Signs this device with our self-signing key and uploads the signature.
+    async fn sign_own_device(&mut self) -> Result<(), DeviceError> {
+        let Some(ssk) = self.cross.get(SELF_SIGNING) else { return Ok(()) };
+        let mut dev = self.device_keys_json();
+        let ssk_pub = ssk.public_key().to_base64();
+        keys::sign_with(&mut dev, &self.user_id, &ssk_pub, ssk).map_err(DeviceError::Corrupt)?;
+        self.hs.upload_signatures(&json!({ self.user_id.clone(): { self.device_id.clone(): dev } })).await?;
+        Ok(())
+    }
+
+    /// New default secret storage holding the three private keys
+    /// ([secret storage](https://spec.matrix.org/v1.19/client-server-api/#secret-storage)): the key's
+    /// description, each secret, and last the default-key pointer, so that a run that stops
+    /// half-way leaves no default key without its secrets.
+    async fn create_secret_storage(&mut self) -> Result<SecretStorageKey, DeviceError> {
+        let key = SecretStorageKey::from_bytes(random_key());
+        let key_id: String = {
+            const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            let mut raw = [0u8; 32];
+            OsEntropy.fill(&mut raw);
+            raw.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+        };
+        let description = KeyDescription::new(&key, random_iv(), None, None);
+        let me = self.user_id.clone();
+        self.hs.set_account_data(&me, &secret_storage::key_event_type(&key_id), &json!(description)).await?;
+        for name in SECRET_NAMES {
+            let secret = self.cross.secret(name).expect("all three held");
+            let encrypted = secret_storage::encrypt_secret(&key, name, &secret, random_iv());
+            self.hs.set_account_data(&me, name, &encrypted.into_content(&key_id)).await?;
+        }
+        self.hs.set_account_data(&me, secret_storage::DEFAULT_KEY_EVENT_TYPE, &json!({"key": key_id})).await?;
+        Ok(key)
+    }
+
+    /// Restores the three private keys from the account's default secret storage with a recovery
+    /// key (or the passphrase it was made from), checks each against the published public key,
+    /// stores them and signs this device ([secret storage](https://spec.matrix.org/v1.19/client-server-api/#secret-storage)).
+    /// Nothing is stored unless every check passes.
+    pub async fn recover_cross_signing(
+        &mut self,
+        recovery_key: Option<&str>,
+        passphrase: Option<&str>,
+    ) -> Result<String, DeviceError> {
+        let me = self.user_id.clone();
+        let refused = |m: String| DeviceError::Secrets(m);
+        let default = self.hs.account_data(&me, secret_storage::DEFAULT_KEY_EVENT_TYPE).await?;
+        let key_id = default
+            .as_ref()
+            .and_then(|d| d["key"].as_str())
+            .ok_or_else(|| refused("this account has no secret storage (no default secret-storage key)".into()))?
+            .to_owned();
+        let description = self
+            .hs
+            .account_data(&me, &secret_storage::key_event_type(&key_id))
+            .await?
+            .ok_or_else(|| refused(format!("the default secret-storage key {key_id} has no description")))
+            .and_then(|c| KeyDescription::from_content(&c).map_err(|e| refused(e.to_string())))?;
+        let from_passphrase = |p: &str| -> Result<SecretStorageKey, DeviceError> {
+            let info = description.passphrase.as_ref().ok_or_else(|| {
+                refused("this secret-storage key was not made from a passphrase: give the recovery key".into())
+            })?;
+            info.derive_key(p).map_err(|e| refused(e.to_string()))
+        };
+        let key = match (recovery_key, passphrase) {
+            (Some(rk), _) => match SecretStorageKey::from_recovery_key(rk) {
+                Ok(k) => k,
+                // A key made from a passphrase may be given as the passphrase itself.
+                Err(_) if description.passphrase.is_some() => from_passphrase(rk)?,
+                Err(e) => return Err(refused(format!("that is not a recovery key: {e}"))),
+            },
+            (None, Some(p)) => from_passphrase(p)?,
+            (None, None) => return Err(refused("give the recovery key (or the passphrase)".into())),
+        };
+        description.check_key(&key).map_err(|e| match e {
+            secret_storage::Error::WrongKey => {
+                refused("the recovery key does not open this account's secret storage; nothing was changed".into())
+            }
+            other => refused(other.to_string()),
+        })?;
+        self.query_keys(std::slice::from_ref(&me)).await?;
+        let info = self.known.get(&me).cloned().unwrap_or_default();
+        let mut restored = CrossSigningKeys::default();
+        for name in SECRET_NAMES {
+            let content = self.hs.account_data(&me, name).await?.unwrap_or(Value::Null);
+            let secret = secret_storage::decrypt_stored_secret(&key, name, &key_id, &content)
+                .map_err(|e| refused(format!("{name}: {e}")))?
+                .ok_or_else(|| refused(format!("secret storage holds no {name} for this key")))?;
+            let private = cross_signing::key_matching(name, &secret, cross_signing::published_key(&info, name))
+                .map_err(refused)?;
+            restored.set(name, private);
+        }
+        self.store.set("cross_signing", &restored.to_json())?;
+        self.cross = restored;
+        self.sign_own_device().await?;
+        self.refresh_own_identity();
+        self.query_keys(std::slice::from_ref(&me)).await?;
+        Ok(self.master_key().expect("restored"))
     }
 
     /// What we know of a user's keys (after [`Device::query_keys`]).
@@ -797,6 +930,7 @@ impl Device {
                 self.cross_sign_verified(user_id, keys).await?;
                 if *user_id == self.user_id {
                     self.refresh_own_identity();
+                    self.after_own_verification(device_id).await?;
                 }
             }
             _ => {}
@@ -804,43 +938,52 @@ impl Device {
         Ok(())
     }
 
-    /// TR-05: sign what was verified so that every client sees it — another device of ours with
-    /// our self-signing key, another user's master key with our user-signing key.
+    /// Sign what was verified so that every client sees it
+    /// ([cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)): another
+    /// device of ours with our self-signing key, another user's master key with our user-signing
+    /// key. A key with no canonical JSON form is reported, not signed.
     async fn cross_sign_verified(
         &mut self,
         user: &str,
         verified: &[mxverify_proto::VerifiedKey],
     ) -> Result<(), DeviceError> {
-        let Some(cross) = &self.cross else {
-            self.notices.push(Notice::new("signatures", "cross-signing is not set up on this device, so the verification was not signed (run `mxverify cross-signing bootstrap`)"));
+        let own = user == self.user_id;
+        let (name, what) = if own { (SELF_SIGNING, "self-signing") } else { (USER_SIGNING, "user-signing") };
+        let Some(signer) = self.cross.get(name) else {
+            self.notices.push(Notice::new(
+                "signatures",
+                format!("this device does not hold our {what} key, so the verification was not signed (run `mxverify cross-signing bootstrap` or `recover`)"),
+            ));
             return Ok(());
         };
+        let signer_pub = signer.public_key().to_base64();
         let mut body = serde_json::Map::new();
         for k in verified {
-            match (user == self.user_id, &k.kind) {
+            let (object, key) = match (own, &k.kind) {
                 (true, KeyKind::Device) => {
                     let device = k.key_id.trim_start_matches("ed25519:");
-                    let Some(info) = self.known.get(user).and_then(|i| i.devices.get(device)) else { continue };
-                    if info.ed25519 != k.key {
-                        continue;
+                    match self.known.get(user).and_then(|i| i.devices.get(device)) {
+                        Some(info) if info.ed25519 == k.key => (info.json.clone(), device.to_owned()),
+                        _ => continue,
                     }
-                    let mut obj = info.json.clone();
-                    let ssk = cross.self_signing.public_key().to_base64();
-                    obj.as_object_mut().expect("object").remove("signatures");
-                    keys::sign_with(&mut obj, user, &ssk, &cross.self_signing);
-                    body.entry(user.to_owned()).or_insert_with(|| json!({}))[device] = obj;
                 }
                 (false, KeyKind::MasterKey) => {
-                    let Some(mut obj) = self.known.get(user).and_then(|i| i.master_json.clone()) else { continue };
-                    if self.known.get(user).and_then(|i| i.master_key.as_deref()) != Some(k.key.as_str()) {
-                        continue;
+                    match self.known.get(user).and_then(|i| i.master_json.clone().zip(i.master_key.clone())) {
+                        Some((obj, msk)) if msk == k.key => (obj, k.key.clone()),
+                        _ => continue,
                     }
-                    obj.as_object_mut().expect("object").remove("signatures");
-                    let usk = cross.user_signing.public_key().to_base64();
-                    keys::sign_with(&mut obj, &self.user_id, &usk, &cross.user_signing);
-                    body.entry(user.to_owned()).or_insert_with(|| json!({}))[&k.key] = obj;
                 }
-                _ => {}
+                _ => continue,
+            };
+            let mut object = object;
+            if let Some(o) = object.as_object_mut() {
+                o.remove("signatures");
+            }
+            match keys::sign_with(&mut object, &self.user_id, &signer_pub, signer) {
+                Ok(()) => {
+                    body.entry(user.to_owned()).or_insert_with(|| json!({}))[key.as_str()] = object;
+                }
+                Err(why) => self.notices.push(Notice::new("signatures", format!("did not sign {}: {why}", k.key_id))),
             }
         }
         if !body.is_empty() {
@@ -848,6 +991,188 @@ impl Device {
             self.notices.push(Notice::new("signatures", format!("uploaded cross-signing signatures for {user}")));
         }
         Ok(())
+    }
+
+    // ----- secret sharing ------------------------------------------------------------------------
+
+    /// Whether one of our devices is trusted: verified by this device, or cross-signed by our
+    /// self-signing key while we trust our master key.
+    fn own_device_verified(&self, device_id: &str) -> bool {
+        let Some(info) = self.known.get(&self.user_id) else { return false };
+        let Some(device) = info.devices.get(device_id) else { return false };
+        if self.store.is_trusted(&self.user_id, &device.ed25519).unwrap_or(false) {
+            return true;
+        }
+        let master_trusted = info.master_key.as_ref().is_some_and(|k| {
+            self.master_key().as_ref() == Some(k) || self.store.is_trusted(&self.user_id, k).unwrap_or(false)
+        });
+        device.cross_signed && master_trusted
+    }
+
+    fn save_secret_requests(&mut self) -> Result<(), DeviceError> {
+        let json = serde_json::to_string(&self.open_secret_requests).expect("plain data");
+        self.store.set("secret_requests", &json)?;
+        Ok(())
+    }
+
+    /// After a verification with one of our own devices: ask it for the cross-signing keys this
+    /// device lacks, and stay a moment for the keys to come, or for it to ask for ours
+    /// ([sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing)).
+    async fn after_own_verification(&mut self, device_id: &str) -> Result<(), DeviceError> {
+        let now = now_ms();
+        // Only a device with keys to give waits to be asked for them.
+        if !self.cross.is_empty() {
+            self.secret_linger_until = Some(now + SECRET_LINGER_MS);
+        }
+        self.open_secret_requests.retain(|r| r.created_at + secrets::REQUEST_LIFETIME_MS > now);
+        let missing = self.cross.missing();
+        for name in &missing {
+            let request_id = {
+                let mut raw = [0u8; 16];
+                OsEntropy.fill(&mut raw);
+                raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            };
+            let content = json!({"action": "request", "name": name, "request_id": request_id,
+                                 "requesting_device_id": self.device_id});
+            let txn = self.next_txn("s");
+            let messages = json!({self.user_id.clone(): {device_id: content}});
+            self.hs.send_to_device("m.secret.request", &txn, &messages).await?;
+            self.open_secret_requests.push(OpenRequest {
+                request_id,
+                name: (*name).to_owned(),
+                device_id: device_id.to_owned(),
+                created_at: now,
+            });
+        }
+        if !missing.is_empty() {
+            self.save_secret_requests()?;
+            self.notices.push(Notice::new(
+                "secret_requested",
+                format!(
+                    "asked device {device_id} for the cross-signing keys this device lacks ({})",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An `m.secret.send` that came over Olm from `from`: believed only from our own verified
+    /// device, for a request still open, and only if the key is the published one. Then it is
+    /// kept, and a self-signing key at once signs this device.
+    async fn receive_secret(&mut self, from: &OlmSender, content: &Value) -> Result<(), DeviceError> {
+        if !self.known.get(&self.user_id).is_some_and(|k| k.devices.contains_key(&from.device_id)) {
+            let me = self.user_id.clone();
+            let _ = self.query_keys(std::slice::from_ref(&me)).await;
+        }
+        let asker = Asker {
+            user_id: &from.user_id,
+            device_id: &from.device_id,
+            verified: self.own_device_verified(&from.device_id),
+        };
+        let request = match secrets::judge_send(&self.user_id, true, &asker, content, &self.open_secret_requests) {
+            Ok(r) => r.clone(),
+            Err(why) => {
+                self.notices.push(Notice::new(
+                    "secret_refused",
+                    format!("refused a secret from device {} of {}: {why}", from.device_id, from.user_id),
+                ));
+                return Ok(());
+            }
+        };
+        let me = self.user_id.clone();
+        self.query_keys(std::slice::from_ref(&me)).await?;
+        let info = self.known.get(&me).cloned().unwrap_or_default();
+        let secret = Zeroizing::new(content["secret"].as_str().unwrap_or_default().to_owned());
+        let key = match cross_signing::key_matching(
+            &request.name,
+            &secret,
+            cross_signing::published_key(&info, &request.name),
+        ) {
+            Ok(k) => k,
+            Err(why) => {
+                self.notices.push(Notice::new(
+                    "secret_refused",
+                    format!("refused {} from device {}: {why}", request.name, from.device_id),
+                ));
+                return Ok(());
+            }
+        };
+        self.cross.set(&request.name, key);
+        self.store.set("cross_signing", &self.cross.to_json())?;
+        self.open_secret_requests.retain(|r| r.request_id != request.request_id);
+        self.save_secret_requests()?;
+        self.notices
+            .push(Notice::new("secret_received", format!("received {} from device {}", request.name, from.device_id)));
+        if request.name == SELF_SIGNING {
+            self.sign_own_device().await?;
+            self.notices.push(Notice::new("signatures", "signed this device with the self-signing key"));
+        }
+        if request.name == MASTER {
+            self.refresh_own_identity();
+        }
+        Ok(())
+    }
+
+    /// An `m.secret.request` from one of our devices: a cross-signing key we hold goes, Olm
+    /// encrypted, to our own verified devices only ([sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing)).
+    async fn receive_secret_request(&mut self, sender: &str, content: &Value) -> Result<(), DeviceError> {
+        let device_id = content["requesting_device_id"].as_str().unwrap_or_default().to_owned();
+        if sender == self.user_id
+            && !device_id.is_empty()
+            && !self.known.get(sender).is_some_and(|k| k.devices.contains_key(&device_id))
+        {
+            let _ = self.query_keys(&[sender.to_owned()]).await;
+        }
+        let verified = sender == self.user_id && self.own_device_verified(&device_id);
+        let asker = Asker { user_id: sender, device_id: &device_id, verified };
+        match secrets::judge_request(&self.user_id, &self.device_id, &asker, content) {
+            Ok(RequestAction::Send { request_id, name, device_id }) => {
+                let Some(secret) = self.cross.secret(&name) else {
+                    self.notices.push(Notice::new(
+                        "secret_request",
+                        format!("device {device_id} asked for {name}, which this device does not hold"),
+                    ));
+                    return Ok(());
+                };
+                let body = json!({"request_id": request_id, "secret": *secret});
+                let me = self.user_id.clone();
+                let per_device =
+                    self.olm_encrypt_for(&me, std::slice::from_ref(&device_id), "m.secret.send", &body).await?;
+                if per_device.is_empty() {
+                    self.notices.push(Notice::new(
+                        "secret_request",
+                        format!("cannot send {name} to device {device_id}: no encrypted channel to it"),
+                    ));
+                    return Ok(());
+                }
+                let txn = self.next_txn("s");
+                self.hs.send_to_device("m.room.encrypted", &txn, &json!({me: per_device})).await?;
+                self.notices
+                    .push(Notice::new("secret_sent", format!("sent {name} to our verified device {device_id}")));
+                // The other device asks for the keys together: once answered, a short wait is enough.
+                self.secret_linger_until = Some(now_ms() + SECRET_QUIET_MS);
+            }
+            // Requests are answered at once, so nothing waits to be cancelled.
+            Ok(RequestAction::Cancel { .. }) => {}
+            Err(why) => {
+                let name = content["name"].as_str().unwrap_or("a secret");
+                self.notices.push(Notice::new(
+                    "secret_refused",
+                    format!("did not give {name} to {sender} (device {device_id}): {why}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Until when secret sharing may still need this process (an open request of ours, or the
+    /// moment after a verification with our own device); `None` when nothing is pending.
+    pub fn secrets_pending_until(&self, now: u64) -> Option<u64> {
+        let linger = self.secret_linger_until.filter(|t| *t > now);
+        let waiting =
+            self.open_secret_requests.iter().map(|r| r.created_at + SECRET_LINGER_MS).filter(|t| *t > now).max();
+        linger.max(waiting)
     }
 
     /// Feeds one `/sync` answer to the machine: key counts first, then to-device events (Olm
@@ -885,6 +1210,7 @@ impl Device {
             let (Some(sender), Some(ty)) = (ev["sender"].as_str(), ev["type"].as_str()) else { continue };
             match ty {
                 "m.room.encrypted" => self.receive_olm(sender, &ev["content"], now, &mut events).await?,
+                "m.secret.request" => self.receive_secret_request(sender, &ev["content"]).await?,
                 "m.room_key" | "m.forwarded_room_key" | "m.secret.send" | "m.room_key_bundle" => {
                     self.notices.push(Notice::new(
                         "dropped",
@@ -1046,6 +1372,8 @@ impl Device {
                     IncomingEvent { sender: sender.into(), event_type: ty.into(), content: plain.content, room: None };
                 self.feed(incoming, now, events).await?;
             }
+            "m.secret.send" => self.receive_secret(&from, &plain.content).await?,
+            "m.secret.request" => self.receive_secret_request(sender, &plain.content).await?,
             // `m.dummy` only opens a session; everything else is not ours to handle.
             _ => {}
         }

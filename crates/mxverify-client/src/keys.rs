@@ -17,18 +17,25 @@ pub fn signable(obj: &Value) -> Option<String> {
 
 /// Adds `signature` by `signer`'s `key_id` to a signed-JSON object.
 pub fn add_signature(obj: &mut Value, signer: &str, key_id: &str, signature: &Ed25519Signature) {
-    let sigs = obj.as_object_mut().expect("signed JSON is an object").entry("signatures").or_insert_with(|| json!({}));
+    let Some(obj) = obj.as_object_mut() else { return };
+    let sigs = obj.entry("signatures").or_insert_with(|| json!({}));
+    if !sigs.is_object() {
+        *sigs = json!({});
+    }
     if !sigs[signer].is_object() {
         sigs[signer] = json!({});
     }
     sigs[signer][key_id] = json!(signature.to_base64());
 }
 
-/// Signs an object with a secret key, under `ed25519:<key_id>`.
-pub fn sign_with(obj: &mut Value, signer: &str, key_id: &str, key: &Ed25519SecretKey) {
-    let message = signable(obj).expect("our own objects have a canonical form");
+/// Signs an object with a secret key, under `ed25519:<key_id>`. Fails (signing nothing) if the
+/// object has no canonical JSON form — a float, or an integer beyond ±2^53, in a key someone
+/// else published.
+pub fn sign_with(obj: &mut Value, signer: &str, key_id: &str, key: &Ed25519SecretKey) -> Result<(), String> {
+    let message = signable(obj).ok_or("the object has no canonical JSON form, so it cannot be signed")?;
     let sig = key.sign(message.as_bytes());
     add_signature(obj, signer, &format!("ed25519:{key_id}"), &sig);
+    Ok(())
 }
 
 /// Whether `obj` carries a valid signature by `signer`'s `ed25519:<key_id>` = `public_b64`.
@@ -183,7 +190,7 @@ mod tests {
     fn signed_device(user: &str, device: &str, key: &Ed25519SecretKey) -> Value {
         let mut d = json!({"user_id": user, "device_id": device, "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
             "keys": {format!("ed25519:{device}"): key.public_key().to_base64()}});
-        sign_with(&mut d, user, device, key);
+        sign_with(&mut d, user, device, key).unwrap();
         d
     }
 
@@ -200,14 +207,14 @@ mod tests {
         let mut good = signed_device(u, "GOOD", &dev);
         let msk_pub = msk.public_key().to_base64();
         let ssk_pub = ssk.public_key().to_base64();
-        sign_with(&mut good, u, &ssk_pub, &ssk);
+        sign_with(&mut good, u, &ssk_pub, &ssk).unwrap();
         let mut forged = signed_device(u, "FORGED", &dev);
         forged["keys"]["ed25519:FORGED"] = json!(other.public_key().to_base64()); // signature no longer matches
         let wrong_user = signed_device("@v:x", "WRONGUSER", &dev);
         let mut ssk_obj = cs_key(u, "self_signing", &ssk);
-        sign_with(&mut ssk_obj, u, &msk_pub, &msk);
+        sign_with(&mut ssk_obj, u, &msk_pub, &msk).unwrap();
         let mut usk_obj = cs_key(u, "user_signing", &other);
-        sign_with(&mut usk_obj, u, &ssk_pub, &ssk); // signed by the wrong key
+        sign_with(&mut usk_obj, u, &ssk_pub, &ssk).unwrap(); // signed by the wrong key
         let resp = json!({
             "device_keys": {u: {"GOOD": good, "FORGED": forged, "WRONGUSER": wrong_user}},
             "master_keys": {u: cs_key(u, "master", &msk)},

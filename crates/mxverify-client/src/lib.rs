@@ -3,14 +3,16 @@
 //! a SQLite store, signed device keys, cross-signing, and the glue that drives
 //! [`mxverify_proto::Machine`] from `/sync`.
 
+pub mod cross_signing;
 pub mod device;
 pub mod http;
 pub mod keys;
 pub mod megolm;
 pub mod olm;
 pub mod secret_storage;
+pub mod secrets;
 pub mod store;
 
-pub use device::{Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
+pub use device::{Bootstrap, Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
 pub use http::{Homeserver, HttpError};
 pub use store::{Store, StoreError, TrustRecord};

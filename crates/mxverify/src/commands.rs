@@ -152,10 +152,67 @@ pub async fn bootstrap(
     replace: bool,
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
+    let _lock = StateLock::take(dir)?;
     let mut device = Device::open(dir, Config::default())?;
-    let msk = device.bootstrap_cross_signing(password, replace).await?;
-    ui.line(json!({"event": "cross_signing", "master_key": msk, "device": device.device_id}));
-    ui.say(&format!("Cross-signing is set up: master key {msk}; this device is signed by it."));
+    let b = device.bootstrap_cross_signing(password, replace).await?;
+    let mut line = json!({"event": "cross_signing", "master_key": b.master_key, "device": device.device_id,
+                          "created": b.created, "secret_storage": b.secret_storage});
+    if let Some(rk) = &b.recovery_key {
+        line["recovery_key"] = json!(rk.as_str());
+    }
+    ui.line(line);
+    ui.say(&format!(
+        "Cross-signing is set up: master key {}; this device is signed by it{}.",
+        b.master_key,
+        if b.created { "" } else { " (the keys this device already had were kept)" }
+    ));
+    match (&b.recovery_key, b.secret_storage) {
+        (Some(rk), _) => ui.say(&format!(
+            "The private keys are in secret storage on the server. Your recovery key, shown only this once — write it down:\n\n    {}\n\nWith it, `mxverify cross-signing recover` (or Element) restores the keys on a new device.",
+            rk.as_str()
+        )),
+        (None, "existing") => ui.say("This account already has secret storage; it was left as it is (--replace makes a new one)."),
+        (None, _) => ui.say("This device does not hold all three private keys, so no secret storage was made."),
+    }
+    Ok(Ending::Verified)
+}
+
+/// `mxverify cross-signing recover`: the private keys from secret storage.
+pub async fn recover(
+    dir: &Path,
+    recovery_key: Option<&str>,
+    passphrase: Option<&str>,
+    ui: &mut Ui<'_>,
+) -> Result<Ending, DeviceError> {
+    let _lock = StateLock::take(dir)?;
+    let mut device = Device::open(dir, Config::default())?;
+    let msk = device.recover_cross_signing(recovery_key, passphrase).await?;
+    ui.line(json!({"event": "cross_signing", "master_key": msk, "device": device.device_id, "restored": true,
+                   "held": device.cross_signing_keys_held()}));
+    ui.say(&format!(
+        "Restored the cross-signing keys from secret storage (master key {msk}); this device is signed by its self-signing key."
+    ));
+    Ok(Ending::Verified)
+}
+
+/// `mxverify cross-signing status`: which private keys this device holds.
+pub async fn cross_signing_status(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
+    let mut device = Device::open(dir, Config::default())?;
+    let me = device.user_id.clone();
+    device.query_keys(std::slice::from_ref(&me)).await?;
+    let published = device.known(&me).and_then(|k| k.master_key.clone());
+    let held = device.cross_signing_keys_held();
+    let secret_storage =
+        device.hs.account_data(&me, "m.secret_storage.default_key").await?.is_some_and(|d| d["key"].is_string());
+    ui.line(json!({"event": "cross_signing_status", "master_key": published, "held": held,
+                   "held_master_matches": device.master_key().is_some() && device.master_key() == published,
+                   "secret_storage": secret_storage}));
+    ui.say(&format!(
+        "Published master key: {}\nPrivate keys on this device: {}\nSecret storage: {}",
+        published.as_deref().unwrap_or("none"),
+        if held.is_empty() { "none".to_owned() } else { held.join(", ") },
+        if secret_storage { "yes" } else { "no" }
+    ));
     Ok(Ending::Verified)
 }
 
@@ -450,15 +507,31 @@ impl Session {
         let mut stdin_open = true;
         let events = device.pump().await?;
         self.handle(device, ui, events).await?;
+        let mut lingering = false;
         let result = loop {
             if let Some(e) = self.ended {
-                break Ok(e);
+                // Secret sharing may still be under way with our own device we just verified.
+                match device.secrets_pending_until(now_ms()) {
+                    Some(_) if e == Ending::Verified => {
+                        if !lingering {
+                            lingering = true;
+                            ui.say("  (staying a moment for the cross-signing keys to be shared)");
+                        }
+                    }
+                    _ => break Ok(e),
+                }
             }
             let now = now_ms();
             // While a question waits for the person, remind them of the time left every 30 s.
             let cadence = if self.asking.is_some() && !ui.json { 30_000 } else { 60_000 };
-            let deadline =
-                [device.next_deadline(), self.awaiting_join.as_ref().map(|w| w.deadline)].into_iter().flatten().min();
+            let deadline = [
+                device.next_deadline(),
+                self.awaiting_join.as_ref().map(|w| w.deadline),
+                device.secrets_pending_until(now),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
             tokio::select! {
                 batch = batches.recv() => match batch {

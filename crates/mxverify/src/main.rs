@@ -139,10 +139,21 @@ enum CrossSigningCommand {
         /// The account password, if the homeserver asks for it (or set MXVERIFY_PASSWORD).
         #[arg(long, env = "MXVERIFY_PASSWORD", hide_env_values = true)]
         password: Option<String>,
-        /// Replace keys published by another device.
+        /// Replace keys published by another device, and existing secret storage.
         #[arg(long)]
         replace: bool,
     },
+    /// Restore the private keys from secret storage with the recovery key (or its passphrase).
+    Recover {
+        /// The recovery key (or set MXVERIFY_RECOVERY_KEY, which keeps it out of the process list).
+        #[arg(long, env = "MXVERIFY_RECOVERY_KEY", hide_env_values = true)]
+        recovery_key: Option<String>,
+        /// The passphrase the secret-storage key was made from (or set MXVERIFY_RECOVERY_PASSPHRASE).
+        #[arg(long, env = "MXVERIFY_RECOVERY_PASSPHRASE", hide_env_values = true)]
+        passphrase: Option<String>,
+    },
+    /// Which cross-signing private keys this device holds, and whether there is secret storage.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -213,6 +224,12 @@ fn main() -> ExitCode {
                     Command::Join { room } => commands::join(&dir, &room, &mut ui).await,
                     Command::CrossSigning(CrossSigningCommand::Bootstrap { password, replace }) => {
                         commands::bootstrap(&dir, password.as_deref(), replace, &mut ui).await
+                    }
+                    Command::CrossSigning(CrossSigningCommand::Recover { recovery_key, passphrase }) => {
+                        commands::recover(&dir, recovery_key.as_deref(), passphrase.as_deref(), &mut ui).await
+                    }
+                    Command::CrossSigning(CrossSigningCommand::Status) => {
+                        commands::cross_signing_status(&dir, &mut ui).await
                     }
                     Command::Demo { .. } | Command::Qr(_) => unreachable!("handled above"),
                 }

@@ -198,7 +198,13 @@ fn malformed_events_from_the_server_do_not_disturb_a_listener() {
         ("m.key.verification.mac", json!({"transaction_id": "junk2", "mac": "nope"})),
         ("m.key.verification.cancel", json!({"transaction_id": "junk3"})),
         ("m.key.verification.key", json!({"transaction_id": 5, "key": 5})),
-        // Keys that are only ever accepted over Olm, and Olm that is not Olm.
+        // Keys and secrets that are only ever accepted over Olm, and Olm that is not Olm.
+        ("m.secret.send", json!({"request_id": "r", "secret": "AAAA"})),
+        (
+            "m.secret.request",
+            json!({"action": "request", "name": "m.cross_signing.master", "request_id": "r",
+                                    "requesting_device_id": "EVIL"}),
+        ),
         (
             "m.room_key",
             json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!r:localhost", "session_id": "x", "session_key": "y"}),
@@ -236,6 +242,9 @@ fn malformed_events_from_the_server_do_not_disturb_a_listener() {
         .map(|e| e["message"].as_str().unwrap())
         .collect();
     assert!(dropped.iter().any(|m| m.contains("m.room_key") && m.contains("unencrypted")), "{dropped:#?}");
+    assert!(dropped.iter().any(|m| m.contains("m.secret.send") && m.contains("unencrypted")), "{dropped:#?}");
+    let refused = listener.seen.iter().filter(|e| e["kind"] == "secret_refused").count();
+    assert_eq!(refused, 1, "another user's secret request is refused: {:#?}", listener.seen);
     assert_eq!(dropped.iter().filter(|m| m.contains("encrypted message from")).count(), 2, "{dropped:#?}");
 }
 
