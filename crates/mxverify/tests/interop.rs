@@ -265,6 +265,127 @@ fn same_user_to_device() {
     let jsd = devices.iter().find(|d| d["device"] == js_device.as_str()).unwrap();
     assert_eq!(jsd["cross_signed"], true, "{devices:#?}");
     let _ = mx_device;
+    // The new js-sdk device asked for the private keys right after; mxverify stayed to answer.
+    let status = js_cross_signing_status(&mut js, |st| st["master"] == true);
+    assert_eq!(
+        (status["master"].as_bool(), status["self_signing"].as_bool(), status["user_signing"].as_bool()),
+        (Some(true), Some(true), Some(true)),
+        "js-sdk caches all three private keys: {status}"
+    );
+}
+
+/// js-sdk's `cross_signing_status`, asked again (up to 20 s) until `ready` says yes.
+fn js_cross_signing_status(js: &mut Proc, ready: impl Fn(&Value) -> bool) -> Value {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        js.send(json!({"command": "cross_signing_status"}));
+        let st = js.expect("cross_signing_status");
+        if ready(&st) || std::time::Instant::now() > end {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn mx_status(dir: &std::path::PathBuf) -> Value {
+    let (code, lines, err) = run(dir, &["cross-signing", "status"]);
+    assert_eq!(code, 0, "{err}");
+    lines.into_iter().find(|l| l["event"] == "cross_signing_status").unwrap()
+}
+
+#[test]
+fn a_new_mxverify_device_gets_the_keys_from_js_sdk_and_uses_them() {
+    let _s = serial();
+    let u = user("jskeys");
+    let mut js = js("keys-js", &u, true);
+    let js_device = js.seen.last().unwrap()["device"].as_str().unwrap().to_owned();
+    let (mx_dir, mx_device) = device(&u, "jskeysmx", None);
+    assert_eq!(mx_status(&mx_dir)["held"], json!([]));
+    sync(&mut js);
+    let mut mx = Proc::spawn("mxverify", &mx_dir, &["listen", "--once"]);
+    mx.expect("listening");
+    js.send(json!({"command": "request", "user": u, "device": mx_device}));
+    let f = flow(&mx.expect("request"));
+    mx.cmd("accept", &f);
+    js.expect("ready");
+    js.cmd("start_sas", &f);
+    compare_and_confirm(&mut js, &mut mx, &f);
+    assert_eq!(mx.expect("done")["verified_device"], js_device.as_str());
+    for _ in 0..3 {
+        while mx.expect_within("notice", Duration::from_secs(30))["kind"] != "secret_received" {}
+    }
+    assert_eq!(mx.wait(), 0);
+    let st = mx_status(&mx_dir);
+    assert_eq!(
+        (st["held"].as_array().map(Vec::len), st["held_master_matches"].as_bool()),
+        (Some(3), Some(true)),
+        "{st}"
+    );
+
+    // With the user-signing key it got, the new device cross-signs another user it verifies.
+    let w = user("jskeysw");
+    let (wd, _) = device(&w, "jskeysw", None);
+    bootstrap(&wd);
+    let mut wl = Proc::spawn("w", &wd, &["listen", "--once"]);
+    wl.expect("listening");
+    let mut mr = Proc::spawn("mxverify", &mx_dir, &["request", &w]);
+    let f = flow(&wl.expect("request"));
+    accept_and_compare(&mut mr, &mut wl, &f);
+    confirm_both(&mut mr, &mut wl, &f, Duration::from_secs(60));
+    assert_eq!(mr.wait(), 0);
+    let token = raw_login(&u);
+    let q = api(
+        Some(&token),
+        "POST",
+        "/_matrix/client/v3/keys/query",
+        Some(json!({"device_keys": {w.clone(): [], u.clone(): []}})),
+    );
+    let usk =
+        q["user_signing_keys"][&u]["keys"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_owned();
+    assert!(q["master_keys"][&w]["signatures"][&u][format!("ed25519:{usk}")].is_string(), "{q:#}");
+}
+
+#[test]
+fn recovery_keys_work_both_ways_between_js_sdk_and_mxverify() {
+    let _s = serial();
+    // js-sdk makes secret storage; its recovery key restores the keys into mxverify.
+    let u = user("rkjs");
+    let mut js1 = js("rk-js", &u, true);
+    js1.send(json!({"command": "bootstrap_secret_storage"}));
+    let made = js1.expect("secret_storage");
+    let rk = made["recovery_key"].as_str().unwrap().to_owned();
+    let (mx_dir, mx_device) = device(&u, "rkjsmx", None);
+    let (code, lines, err) = run(&mx_dir, &["cross-signing", "recover", "--recovery-key", &rk]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines[0]["restored"], true);
+    let st = mx_status(&mx_dir);
+    assert_eq!(
+        (st["held"].as_array().map(Vec::len), st["held_master_matches"].as_bool()),
+        (Some(3), Some(true)),
+        "{st}"
+    );
+    sync(&mut js1);
+    js1.send(json!({"command": "status", "user": u, "device": mx_device}));
+    assert_eq!(js1.expect("status")["cross_signed"], true, "the restored device signed itself");
+
+    // mxverify makes secret storage; its recovery key restores the keys into a new js-sdk device.
+    let v = user("rkmx");
+    let (mx2, _) = device(&v, "rkmx", None);
+    let (code, lines, err) = run(&mx2, &["cross-signing", "bootstrap", "--password", PASSWORD]);
+    assert_eq!(code, 0, "{err}");
+    let rk = lines[0]["recovery_key"].as_str().unwrap().to_owned();
+    let master = lines[0]["master_key"].as_str().unwrap().to_owned();
+    let mut js2 = js("rk-js2", &v, false);
+    js2.send(json!({"command": "restore_secret_storage", "recovery_key": rk}));
+    let restored = js2.expect("restored");
+    assert_eq!(
+        (restored["master"].as_bool(), restored["self_signing"].as_bool(), restored["user_signing"].as_bool()),
+        (Some(true), Some(true), Some(true)),
+        "{restored}"
+    );
+    assert_eq!(restored["master_key"], master.as_str());
+    let st = js_cross_signing_status(&mut js2, |st| st["master"] == true);
+    assert_eq!(st["user_signing"], true, "{st}");
 }
 
 #[test]
