@@ -367,6 +367,32 @@ fn recovery_keys_work_both_ways_between_js_sdk_and_mxverify() {
     sync(&mut js1);
     js1.send(json!({"command": "status", "user": u, "device": mx_device}));
     assert_eq!(js1.expect("status")["cross_signed"], true, "the restored device signed itself");
+    // js-sdk's secret storage is read, never overwritten.
+    js1.send(json!({"command": "account_data", "type": "m.secret_storage.default_key"}));
+    let before = js1.expect("account_data")["content"].clone();
+    let (code, lines, err) = run(&mx_dir, &["cross-signing", "bootstrap", "--password", PASSWORD]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((lines[0]["secret_storage"].as_str(), lines[0]["created"].as_bool()), (Some("existing"), Some(false)));
+    js1.send(json!({"command": "account_data", "type": "m.secret_storage.default_key"}));
+    assert_eq!(js1.expect("account_data")["content"], before);
+
+    // A key js-sdk made from a passphrase: the passphrase restores the keys too.
+    let p = user("rkpp");
+    let mut js3 = js("rk-js3", &p, true);
+    js3.send(json!({"command": "bootstrap_secret_storage", "passphrase": "correct horse battery staple"}));
+    js3.expect("secret_storage");
+    let (mx3, _) = device(&p, "rkppmx", None);
+    let (code, _, err) = run(&mx3, &["cross-signing", "recover", "--passphrase", "wrong horse"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not open"), "{err}");
+    let mut rec = Proc::spawn_env(
+        "recover",
+        &mx3,
+        &["cross-signing", "recover"],
+        &[("MXVERIFY_RECOVERY_PASSPHRASE", "correct horse battery staple")],
+    );
+    assert_eq!(rec.expect("cross_signing")["restored"], true);
+    assert_eq!(rec.wait(), 0);
 
     // mxverify makes secret storage; its recovery key restores the keys into a new js-sdk device.
     let v = user("rkmx");
