@@ -156,6 +156,19 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets everything: a new account or device starts from nothing, so that no key, trust
+    /// record or session of the previous one can be mistaken for its own.
+    pub fn reset(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "BEGIN;
+             DELETE FROM kv; DELETE FROM devices; DELETE FROM users; DELETE FROM trust; DELETE FROM pending;
+             DELETE FROM active; DELETE FROM olm_sessions; DELETE FROM inbound_group_sessions;
+             DELETE FROM megolm_indices; DELETE FROM outbound_group_sessions; DELETE FROM held_room_events;
+             COMMIT;",
+        )?;
+        Ok(())
+    }
+
     /// Replaces what we know of a user's keys (already checked).
     pub fn save_user_keys(&mut self, user: &str, info: &crate::keys::UserKeyInfo) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
