@@ -12,6 +12,7 @@ pub mod olm;
 pub mod secret_storage;
 pub mod secrets;
 pub mod store;
+pub mod store_cipher;
 
 pub use device::{Bootstrap, Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
 pub use http::{Homeserver, HttpError};

@@ -1,9 +1,15 @@
 //! The device's state in one SQLite file (bundled SQLite), created owner-only: session, keys,
 //! sync token, known devices, trust records and requests still waiting for an answer.
+//!
+//! With a passphrase ([`Store::open_with_passphrase`]) the secrets among the `kv` values
+//! ([`SECRET_KEYS`]) are encrypted at rest by a [`StoreCipher`]; see [`crate::store_cipher`].
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use zeroize::Zeroizing;
+
+use crate::store_cipher::{self, CIPHER_KV_KEY, CipherError, DEFAULT_ITERATIONS, SECRET_KEYS, StoreCipher};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +25,31 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// The store is encrypted and was opened without a passphrase.
+    #[error("the store is encrypted: give its passphrase in $MXVERIFY_STORE_PASSPHRASE")]
+    PassphraseNeeded,
+    /// The passphrase does not open the store.
+    #[error("wrong store passphrase")]
+    WrongPassphrase,
+    /// The store's encryption refused something: an empty passphrase, a damaged key record, a
+    /// secret that was altered, moved from another name or written in the clear.
+    #[error("store: {0}")]
+    Cipher(CipherError),
+    /// [`Store::get_secret`] or [`Store::set_secret`] of a name not in [`SECRET_KEYS`].
+    #[error("store: {0:?} is not a secret name")]
+    NotSecret(String),
+    /// [`Store::change_passphrase`] of a store without one.
+    #[error("the store is not encrypted (open it with a passphrase to encrypt it)")]
+    NotEncrypted,
+}
+
+impl From<CipherError> for StoreError {
+    fn from(e: CipherError) -> Self {
+        match e {
+            CipherError::WrongPassphrase => StoreError::WrongPassphrase,
+            e => StoreError::Cipher(e),
+        }
+    }
 }
 
 /// One trusted key, and how it came to be trusted.
@@ -57,11 +88,15 @@ pub struct PendingRequest {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// The data key, for an encrypted store.
+    cipher: Option<StoreCipher>,
+    /// PBKDF2 iterations for a key record written by this handle.
+    iterations: u32,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store").field("path", &self.path).field("encrypted", &self.is_encrypted()).finish()
     }
 }
 
@@ -112,8 +147,55 @@ pub struct ActiveFlow {
 }
 
 impl Store {
-    /// Opens (or creates, owner-only) `dir/mxverify.sqlite3`.
+    /// Opens (or creates, owner-only) `dir/mxverify.sqlite3`, without a passphrase:
+    /// [`Store::open_with_passphrase`] with `None`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_passphrase(dir, None)
+    }
+
+    /// Opens (or creates, owner-only) `dir/mxverify.sqlite3`, with the store passphrase if one
+    /// is given (`$MXVERIFY_STORE_PASSPHRASE`):
+    ///
+    /// - no passphrase, a store without one: as always, nothing encrypted;
+    /// - a passphrase, a new store: encrypted from the start;
+    /// - a passphrase, an existing store without one: its secrets ([`SECRET_KEYS`]) are
+    ///   encrypted in place in one transaction, then the file is rewritten (`VACUUM`) and the WAL
+    ///   emptied, so that no old plaintext is left in free pages or in the log;
+    /// - an encrypted store without a passphrase: [`StoreError::PassphraseNeeded`];
+    /// - a wrong passphrase: [`StoreError::WrongPassphrase`]; an empty one:
+    ///   [`CipherError::EmptyPassphrase`].
+    ///
+    /// Each open with a passphrase costs one PBKDF2 derivation ([`DEFAULT_ITERATIONS`] rounds
+    /// for a new record; an existing record's own count, at most
+    /// [`store_cipher::MAX_ITERATIONS`]).
+    pub fn open_with_passphrase(dir: &Path, passphrase: Option<&str>) -> Result<Store, StoreError> {
+        Self::open_with_kdf(dir, passphrase, DEFAULT_ITERATIONS)
+    }
+
+    /// [`Store::open_with_passphrase`], writing any new key record with `iterations` PBKDF2
+    /// rounds (tests use a few).
+    pub(crate) fn open_with_kdf(dir: &Path, passphrase: Option<&str>, iterations: u32) -> Result<Store, StoreError> {
+        let mut store = Self::open_plain(dir)?;
+        store.iterations = iterations;
+        let record = store.raw_get(CIPHER_KV_KEY)?;
+        if record.is_none() {
+            // Without its key record, encrypted secrets would pass for plaintext.
+            for name in SECRET_KEYS {
+                if store.raw_get(name)?.is_some_and(|v| v.starts_with(store_cipher::VALUE_PREFIX)) {
+                    return Err(CipherError::BadKeyRecord(format!("missing, though {name} is encrypted")).into());
+                }
+            }
+        }
+        match (record, passphrase) {
+            (None, None) => {}
+            (Some(_), None) => return Err(StoreError::PassphraseNeeded),
+            (Some(record), Some(passphrase)) => store.cipher = Some(StoreCipher::import(passphrase, &record)?),
+            (None, Some(passphrase)) => store.encrypt_in_place(passphrase)?,
+        }
+        Ok(store)
+    }
+
+    fn open_plain(dir: &Path) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("mxverify.sqlite3");
@@ -128,7 +210,105 @@ impl Store {
         let conn = Connection::open(&path)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn, path })
+        Ok(Store { conn, path, cipher: None, iterations: DEFAULT_ITERATIONS })
+    }
+
+    /// Gives a store without a passphrase one: a new data key; every secret read, encrypted and
+    /// written back together with the key record, in one transaction; then [`Store::scrub`].
+    fn encrypt_in_place(&mut self, passphrase: &str) -> Result<(), StoreError> {
+        let cipher = StoreCipher::generate();
+        let record = cipher.export(passphrase, self.iterations)?;
+        // Old cells are zeroed as they are replaced.
+        self.conn.execute_batch("PRAGMA secure_delete = ON;")?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let get = |name: &str| -> Result<Option<Zeroizing<String>>, StoreError> {
+            let v: Option<String> =
+                tx.query_row("SELECT value FROM kv WHERE key = ?1", [name], |r| r.get(0)).optional()?;
+            Ok(v.map(Zeroizing::new))
+        };
+        // Another process may have done it meanwhile.
+        if let Some(theirs) = get(CIPHER_KV_KEY)? {
+            drop(tx);
+            self.cipher = Some(StoreCipher::import(passphrase, &theirs)?);
+            return Ok(());
+        }
+        for name in SECRET_KEYS {
+            if let Some(plain) = get(name)? {
+                tx.execute("UPDATE kv SET value = ?2 WHERE key = ?1", [name, &cipher.encrypt(name, plain.as_bytes())])?;
+            }
+        }
+        tx.execute("INSERT INTO kv (key, value) VALUES (?1, ?2)", [CIPHER_KV_KEY, &record])?;
+        tx.commit()?;
+        self.cipher = Some(cipher);
+        self.scrub()
+    }
+
+    /// Rewrites the whole file (`VACUUM`: no free page or free space keeps an old value) and
+    /// empties the WAL, which holds old page images until then. The WAL can only be emptied when
+    /// no other connection is reading; otherwise SQLite reuses it from the start later.
+    fn scrub(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch("VACUUM;")?;
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Whether the secrets are encrypted (the store was opened with its passphrase).
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// Changes the store passphrase: `old` is checked against the key record again, then a new
+    /// data key replaces the old one, every secret is re-encrypted with it and the key record
+    /// replaced, in one transaction; then the file is scrubbed as after a migration. (A new data
+    /// key, so that a copy of the file taken before cannot be opened with the new passphrase,
+    /// nor this file with the old one.)
+    pub fn change_passphrase(&mut self, old: &str, new: &str) -> Result<(), StoreError> {
+        let Some(current) = &self.cipher else { return Err(StoreError::NotEncrypted) };
+        let record = self
+            .raw_get(CIPHER_KV_KEY)?
+            .ok_or_else(|| StoreError::Cipher(CipherError::BadKeyRecord("missing".into())))?;
+        StoreCipher::import(old, &record)?;
+        let fresh = StoreCipher::generate();
+        let new_record = fresh.export(new, self.iterations)?;
+        self.conn.execute_batch("PRAGMA secure_delete = ON;")?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for name in SECRET_KEYS {
+            let v: Option<String> =
+                tx.query_row("SELECT value FROM kv WHERE key = ?1", [name], |r| r.get(0)).optional()?;
+            if let Some(v) = v {
+                let plain = current.decrypt(name, &v)?;
+                tx.execute("UPDATE kv SET value = ?2 WHERE key = ?1", [name, &fresh.encrypt(name, &plain)])?;
+            }
+        }
+        tx.execute("UPDATE kv SET value = ?2 WHERE key = ?1", [CIPHER_KV_KEY, &new_record])?;
+        tx.commit()?;
+        self.cipher = Some(fresh);
+        self.scrub()
+    }
+
+    /// A secret ([`SECRET_KEYS`] only): decrypted (and checked) in an encrypted store, as
+    /// stored otherwise. An altered value, one moved from another name, or one written in the
+    /// clear into an encrypted store is an error, never returned.
+    pub fn get_secret(&self, name: &str) -> Result<Option<Zeroizing<String>>, StoreError> {
+        if !store_cipher::is_secret(name) {
+            return Err(StoreError::NotSecret(name.to_owned()));
+        }
+        let Some(stored) = self.raw_get(name)? else { return Ok(None) };
+        match &self.cipher {
+            Some(cipher) => Ok(Some(cipher.decrypt_string(name, &stored)?)),
+            None => Ok(Some(Zeroizing::new(stored))),
+        }
+    }
+
+    /// Sets a secret ([`SECRET_KEYS`] only): encrypted in an encrypted store, as given otherwise.
+    pub fn set_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        if !store_cipher::is_secret(name) {
+            return Err(StoreError::NotSecret(name.to_owned()));
+        }
+        match &self.cipher {
+            Some(cipher) => self.raw_set(name, &cipher.encrypt(name, value.as_bytes())),
+            None => self.raw_set(name, value),
+        }
     }
 
     /// The file.
@@ -136,13 +316,30 @@ impl Store {
         &self.path
     }
 
-    /// A value.
+    /// A value. In an encrypted store, a secret name ([`SECRET_KEYS`]) goes through
+    /// [`Store::get_secret`]: the decrypted value or an error, never the ciphertext. Prefer
+    /// `get_secret`, whose result is wiped from memory when dropped.
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if self.cipher.is_some() && store_cipher::is_secret(key) {
+            return Ok(self.get_secret(key)?.map(|v| String::from(v.as_str())));
+        }
+        self.raw_get(key)
+    }
+
+    /// Sets a value. In an encrypted store, a secret name ([`SECRET_KEYS`]) goes through
+    /// [`Store::set_secret`]: it is encrypted, never written in the clear.
+    pub fn set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        if self.cipher.is_some() && store_cipher::is_secret(key) {
+            return self.set_secret(key, value);
+        }
+        self.raw_set(key, value)
+    }
+
+    fn raw_get(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self.conn.query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0)).optional()?)
     }
 
-    /// Sets a value.
-    pub fn set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    fn raw_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
             [key, value],
@@ -157,11 +354,13 @@ impl Store {
     }
 
     /// Forgets everything: a new account or device starts from nothing, so that no key, trust
-    /// record or session of the previous one can be mistaken for its own.
+    /// record or session of the previous one can be mistaken for its own. An encrypted store
+    /// stays encrypted, with the same passphrase (its key record is kept).
     pub fn reset(&self) -> Result<(), StoreError> {
         self.conn.execute_batch(
             "BEGIN;
-             DELETE FROM kv; DELETE FROM devices; DELETE FROM users; DELETE FROM trust; DELETE FROM pending;
+             DELETE FROM kv WHERE key <> 'store_cipher';
+             DELETE FROM devices; DELETE FROM users; DELETE FROM trust; DELETE FROM pending;
              DELETE FROM active; DELETE FROM olm_sessions; DELETE FROM inbound_group_sessions;
              DELETE FROM megolm_indices; DELETE FROM outbound_group_sessions; DELETE FROM held_room_events;
              COMMIT;",
