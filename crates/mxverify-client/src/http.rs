@@ -18,9 +18,11 @@
 //! * **Tokens.** An invalid token is never retried ([`HttpError::is_unknown_token`]), a refused
 //!   login is told apart from other refusals ([`HttpError::is_login_refused`]), `Debug` never shows
 //!   the token, and [`Homeserver::new_checked`] refuses plain `http://` to anything but loopback.
+//! * **Discovery** of the homeserver from a server name ([`discover`]) and `whoami` for logging in
+//!   with an access token.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use reqwest::Method;
@@ -34,6 +36,9 @@ pub const DEFAULT_MAX_SERVER_WAIT: Duration = Duration::from_secs(600);
 
 /// The largest answer body read from a homeserver (a `/sync` of a busy account fits easily).
 const MAX_BODY: usize = 64 << 20;
+
+/// The largest `.well-known/matrix/client` body read during discovery.
+const MAX_WELL_KNOWN: usize = 64 << 10;
 
 /// Longest `errcode`/`error` text kept from an error answer.
 const MAX_ERROR_TEXT: usize = 500;
@@ -104,6 +109,16 @@ pub enum HttpError {
     Insecure {
         /// The URL as given.
         url: String,
+    },
+    /// Homeserver discovery failed (see [`discover`]).
+    #[error("cannot find the homeserver of {server_name}: {reason}")]
+    Discovery {
+        /// The server name discovery started from.
+        server_name: String,
+        /// What the spec says to do next.
+        failure: DiscoveryFailure,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -183,6 +198,17 @@ impl HttpError {
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Self::OutcomeUnknown { .. })
     }
+}
+
+/// What the spec's server discovery says to do after a failure (see [`discover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryFailure {
+    /// `FAIL_PROMPT`: the server name published no usable discovery data; ask the user for the
+    /// homeserver URL.
+    Prompt,
+    /// `FAIL_ERROR`: valid discovery data points at no usable homeserver; do not go on with this
+    /// login and make no further guess.
+    Error,
 }
 
 /// Whether sending a request twice is harmless, which decides when it may be retried.
@@ -748,6 +774,17 @@ impl Homeserver {
         Ok((field("user_id")?, field("device_id")?, field("access_token")?))
     }
 
+    /// `GET /account/whoami`: the user (and device, if the token belongs to one) of the access
+    /// token, for logging in with an existing token.
+    pub async fn whoami(&self) -> Result<(String, Option<String>), HttpError> {
+        let v = self.get("/_matrix/client/v3/account/whoami").await?;
+        let user = v["user_id"]
+            .as_str()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| HttpError::Malformed("whoami: no user_id".into()))?;
+        Ok((user.to_owned(), v["device_id"].as_str().map(str::to_owned)))
+    }
+
     /// `POST /user/{user}/filter`: returns the filter id. (Repeating it only makes another filter.)
     pub async fn create_filter(&self, user: &str, filter: &Value) -> Result<String, HttpError> {
         let v = self.post_idempotent(&format!("/_matrix/client/v3/user/{}/filter", enc(user)), filter).await?;
@@ -923,6 +960,157 @@ impl Homeserver {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// The server name of a user ID (`@alice:example.org` → `example.org`): everything after the
+/// first colon, if the ID looks like one.
+pub fn server_name_of(user_id: &str) -> Option<&str> {
+    let (local, server) = user_id.strip_prefix('@')?.split_once(':')?;
+    (!local.is_empty() && !server.is_empty()).then_some(server)
+}
+
+/// The hostname of a server name (`example.org:8448` → `example.org`, `[::1]:8448` → `[::1]`),
+/// checked against the spec's grammar: an IPv4 address or a DNS name (letters, digits, `-`, `.`),
+/// or an IPv6 address in brackets, then an optional port of 1 to 5 digits.
+pub fn hostname_of(server_name: &str) -> Option<&str> {
+    let end = if server_name.starts_with('[') {
+        let end = server_name.find(']')? + 1;
+        server_name[1..end - 1].parse::<Ipv6Addr>().ok()?;
+        end
+    } else {
+        let end = server_name.find(':').unwrap_or(server_name.len());
+        let host = &server_name[..end];
+        let dns = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+        if host.is_empty() || host.len() > 255 || !host.bytes().all(dns) {
+            return None;
+        }
+        end
+    };
+    let (host, rest) = server_name.split_at(end);
+    match rest.strip_prefix(':') {
+        None if rest.is_empty() => Some(host),
+        Some(port) if (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit()) => Some(host),
+        _ => None,
+    }
+}
+
+/// Finds the homeserver of a server name (the part of a user ID after the first colon, see
+/// [`server_name_of`]) by the spec's server discovery
+/// (<https://spec.matrix.org/v1.19/client-server-api/#well-known-uris>), and returns its base URL
+/// without a trailing `/`:
+///
+/// 1. `GET https://{hostname}/.well-known/matrix/client`.
+/// 2. A 404 (or no answer at all) means the server name publishes nothing (`IGNORE`): the default
+///    `https://{server_name}` is used if it answers `/_matrix/client/versions` as a homeserver;
+///    otherwise [`DiscoveryFailure::Prompt`].
+/// 3. Another status, an empty or non-JSON body, or no `m.homeserver.base_url` string
+///    (`FAIL_PROMPT`): [`DiscoveryFailure::Prompt`], with no guess.
+/// 4. A `base_url` that is not a URL, not `https://` (plain `http://` is accepted only to this
+///    machine), or that does not answer `/_matrix/client/versions` with a list of versions
+///    (`FAIL_ERROR`): [`DiscoveryFailure::Error`], with no guess.
+///
+/// An `m.identity_server` without a `base_url` is `FAIL_PROMPT` as the spec says, and one whose
+/// `base_url` is not a URL `FAIL_ERROR`; the identity server itself is not contacted, since
+/// mxverify never uses one.
+pub async fn discover(server_name: &str) -> Result<String, HttpError> {
+    let host = hostname_of(server_name).ok_or_else(|| HttpError::Discovery {
+        server_name: clean(server_name, 200),
+        failure: DiscoveryFailure::Prompt,
+        reason: "not a server name".into(),
+    })?;
+    discover_inner(server_name, &format!("https://{host}"), &format!("https://{server_name}"), false).await
+}
+
+/// [`discover`] with the well-known file fetched from `origin` (e.g. `http://127.0.0.1:8080`)
+/// instead of `https://{hostname}`, and `origin` as the default homeserver when there is no
+/// well-known file: for tests, and for a server name whose well-known file is served elsewhere.
+/// Plain `http://` is accepted for `origin` and the discovered homeserver if they are on this
+/// machine, or anywhere with `allow_insecure`.
+pub async fn discover_from(server_name: &str, origin: &str, allow_insecure: bool) -> Result<String, HttpError> {
+    let origin = check_base_url(origin, allow_insecure)?;
+    discover_inner(server_name, &origin, &origin, allow_insecure).await
+}
+
+async fn discover_inner(
+    server_name: &str,
+    origin: &str,
+    default: &str,
+    allow_insecure: bool,
+) -> Result<String, HttpError> {
+    let fail = |failure, reason: String| HttpError::Discovery { server_name: clean(server_name, 200), failure, reason };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .https_only(origin.starts_with("https:") && !allow_insecure)
+        .build()
+        .expect("a TLS backend is compiled in");
+    let well_known = format!("{origin}/.well-known/matrix/client");
+    let found = match client.get(&well_known).send().await {
+        // Nothing published (or nobody there): IGNORE, then the default.
+        Err(e) => Err(clean(&e.to_string(), 300)),
+        Ok(resp) if resp.status() == StatusCode::NOT_FOUND => Err(format!("{well_known} answered 404")),
+        Ok(resp) if resp.status() != StatusCode::OK => {
+            return Err(fail(
+                DiscoveryFailure::Prompt,
+                format!("{well_known} answered HTTP {}", resp.status().as_u16()),
+            ));
+        }
+        Ok(mut resp) => {
+            let body = match read_bounded(&mut resp, MAX_WELL_KNOWN).await {
+                Ok((_, true)) => return Err(fail(DiscoveryFailure::Prompt, format!("{well_known} is too large"))),
+                Ok((body, false)) => body,
+                Err(e) => return Err(fail(DiscoveryFailure::Prompt, clean(&e.to_string(), 300))),
+            };
+            Ok(body)
+        }
+    };
+    let body = match found {
+        Ok(body) => body,
+        Err(why) => {
+            return match validate_homeserver(default, allow_insecure).await {
+                Ok(base) => Ok(base),
+                Err(e) => Err(fail(
+                    DiscoveryFailure::Prompt,
+                    format!("no well-known file ({why}), and {default} is not a homeserver: {e}"),
+                )),
+            };
+        }
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(fail(DiscoveryFailure::Prompt, format!("{well_known} is empty")));
+    }
+    let value: Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| fail(DiscoveryFailure::Prompt, format!("{well_known} is not a JSON object")))?;
+    let base_url = value["m.homeserver"]["base_url"]
+        .as_str()
+        .ok_or_else(|| fail(DiscoveryFailure::Prompt, format!("{well_known} has no m.homeserver.base_url")))?;
+    if let Some(identity) = value.get("m.identity_server") {
+        let is_url = identity["base_url"]
+            .as_str()
+            .ok_or_else(|| fail(DiscoveryFailure::Prompt, "m.identity_server has no base_url".into()))?;
+        if Url::parse(is_url).is_err() {
+            return Err(fail(DiscoveryFailure::Error, "m.identity_server.base_url is not a URL".into()));
+        }
+    }
+    validate_homeserver(base_url, allow_insecure)
+        .await
+        .map_err(|e| fail(DiscoveryFailure::Error, format!("{}: {e}", clean(base_url, 200))))
+}
+
+/// A base URL that answers `GET /_matrix/client/versions` with a list of versions, normalised.
+async fn validate_homeserver(base: &str, allow_insecure: bool) -> Result<String, HttpError> {
+    let hs = Homeserver::new_checked(base, None, allow_insecure)?.with_retry(Retry {
+        attempts: 3,
+        initial: Duration::from_millis(250),
+        max: Duration::from_secs(1),
+    });
+    let v = hs.versions().await?;
+    match v["versions"].as_array() {
+        Some(list) if !list.is_empty() && list.iter().all(Value::is_string) => Ok(hs.base),
+        _ => Err(HttpError::Malformed("/_matrix/client/versions has no list of versions".into())),
     }
 }
 
@@ -1375,6 +1563,23 @@ mod retry_tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn whoami_names_the_user_and_device_of_the_token() {
+        let fake = Fake::new(vec![
+            reply(200, r#"{"user_id":"@a:x","device_id":"DEV"}"#),
+            reply(200, r#"{"user_id":"@bot:x"}"#),
+            reply(200, r#"{}"#),
+        ])
+        .await;
+        let hs = Homeserver::new(&fake.url, Some("tok".into()));
+        assert_eq!(hs.whoami().await.unwrap(), ("@a:x".to_owned(), Some("DEV".to_owned())));
+        assert_eq!(hs.whoami().await.unwrap(), ("@bot:x".to_owned(), None));
+        assert!(matches!(hs.whoami().await, Err(HttpError::Malformed(_))));
+        let seen = fake.seen();
+        assert_eq!(seen[0].path(), "/_matrix/client/v3/account/whoami");
+        assert!(seen[0].head.to_ascii_lowercase().contains("authorization: bearer tok"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn forever_does_not_give_up() {
         let mut replies = vec![reply(502, "{}"); 12];
         replies.push(reply(200, r#"{"versions":["v1.11"]}"#));
@@ -1425,5 +1630,128 @@ mod retry_tests {
         let mut states = Vec::new();
         hs.sync_resilient(None, "f", 0, |s| states.push(s)).await.unwrap();
         assert!(states.is_empty());
+    }
+
+    #[test]
+    fn server_names_and_hostnames() {
+        assert_eq!(server_name_of("@alice:example.org:8448"), Some("example.org:8448"));
+        assert_eq!(server_name_of("alice:example.org"), None);
+        assert_eq!(server_name_of("@alice"), None);
+        assert_eq!(hostname_of("example.org"), Some("example.org"));
+        assert_eq!(hostname_of("example.org:8448"), Some("example.org"));
+        assert_eq!(hostname_of("1.2.3.4:80"), Some("1.2.3.4"));
+        assert_eq!(hostname_of("[::1]:8448"), Some("[::1]"));
+        assert_eq!(hostname_of("[::1]"), Some("[::1]"));
+        for bad in ["", ":80", "example.org:", "example.org:123456", "evil.org/x", "a@b.org", "[::1", "[x]", "a b"] {
+            assert_eq!(hostname_of(bad), None, "{bad}");
+        }
+    }
+
+    async fn discovery(replies: impl FnOnce(&str) -> Vec<Reply>) -> (Result<String, HttpError>, Vec<String>, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = Fake::start(listener, replies(&url));
+        let result = discover_from("example.org", &fake.url, false).await;
+        (result, fake.seen().iter().map(|s| s.path().to_owned()).collect(), url)
+    }
+
+    fn failure(r: &Result<String, HttpError>) -> Option<DiscoveryFailure> {
+        match r {
+            Err(HttpError::Discovery { failure, .. }) => Some(*failure),
+            _ => None,
+        }
+    }
+
+    const VERSIONS: &str = r#"{"versions":["v1.11","v1.12"]}"#;
+    const WELL_KNOWN: &str = "/.well-known/matrix/client";
+    const VERSIONS_PATH: &str = "/_matrix/client/versions";
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn discovery_follows_a_valid_well_known_file() {
+        let (r, paths, url) = discovery(|url| {
+            vec![reply(200, json!({"m.homeserver": {"base_url": format!("{url}/")}}).to_string()), reply(200, VERSIONS)]
+        })
+        .await;
+        assert_eq!(r.unwrap(), url);
+        assert_eq!(paths, [WELL_KNOWN, VERSIONS_PATH]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn discovery_fails_with_an_error_on_a_bad_base_url() {
+        // Not a URL: FAIL_ERROR, and no guess.
+        let (r, paths, _) = discovery(|_| vec![reply(200, r#"{"m.homeserver":{"base_url":"not a url"}}"#)]).await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Error), "{r:?}");
+        assert_eq!(paths, [WELL_KNOWN]);
+        // A URL that is no homeserver: FAIL_ERROR.
+        let (r, paths, _) = discovery(|url| {
+            vec![
+                reply(200, json!({"m.homeserver": {"base_url": url}}).to_string()),
+                reply(404, "{}"),
+                reply(200, VERSIONS),
+            ]
+        })
+        .await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Error), "{r:?}");
+        assert_eq!(paths, [WELL_KNOWN, VERSIONS_PATH]);
+        // Versions that are not a list of versions: FAIL_ERROR.
+        let (r, _, _) = discovery(|url| {
+            vec![reply(200, json!({"m.homeserver": {"base_url": url}}).to_string()), reply(200, r#"{"versions":7}"#)]
+        })
+        .await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Error), "{r:?}");
+        // Plain http to another machine: FAIL_ERROR, not contacted.
+        let (r, paths, _) =
+            discovery(|_| vec![reply(200, r#"{"m.homeserver":{"base_url":"http://matrix.example.org"}}"#)]).await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Error), "{r:?}");
+        assert!(r.unwrap_err().to_string().contains("http://"));
+        assert_eq!(paths, [WELL_KNOWN]);
+        // An identity server whose base_url is not a URL.
+        let (r, _, _) = discovery(|url| {
+            vec![reply(
+                200,
+                json!({"m.homeserver": {"base_url": url}, "m.identity_server": {"base_url": "?"}}).to_string(),
+            )]
+        })
+        .await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Error), "{r:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn discovery_without_a_well_known_file_tries_the_server_name() {
+        // 404: IGNORE, then the default, which is a homeserver.
+        let (r, paths, url) = discovery(|_| vec![reply(404, "{}"), reply(200, VERSIONS)]).await;
+        assert_eq!(r.unwrap(), url);
+        assert_eq!(paths, [WELL_KNOWN, VERSIONS_PATH]);
+        // The default is not a homeserver: ask the user.
+        let (r, paths, _) = discovery(|_| vec![reply(404, "{}"), reply(404, "{}")]).await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Prompt), "{r:?}");
+        assert_eq!(paths, [WELL_KNOWN, VERSIONS_PATH]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn discovery_asks_the_user_on_invalid_data_without_guessing() {
+        let cases = [
+            reply(500, "{}"),
+            reply(200, ""),
+            reply(200, "<html>"),
+            reply(200, "[1]"),
+            reply(200, r#"{"m.homeserver":{}}"#),
+            reply(200, r#"{"m.homeserver":{"base_url":7}}"#),
+        ];
+        for case in cases {
+            let body = case.body.clone();
+            let (r, paths, _) = discovery(|_| vec![case, reply(200, VERSIONS)]).await;
+            assert_eq!(failure(&r), Some(DiscoveryFailure::Prompt), "{body}: {r:?}");
+            assert_eq!(paths, [WELL_KNOWN], "{body}: no guess");
+        }
+        // An identity server without a base_url.
+        let (r, _, _) = discovery(|url| {
+            vec![reply(200, json!({"m.homeserver": {"base_url": url}, "m.identity_server": {}}).to_string())]
+        })
+        .await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Prompt), "{r:?}");
+        // Not a server name: no request at all.
+        let r = discover("evil.org/x?").await;
+        assert_eq!(failure(&r), Some(DiscoveryFailure::Prompt), "{r:?}");
     }
 }
