@@ -13,7 +13,11 @@ pub mod secret_storage;
 pub mod secrets;
 pub mod store;
 pub mod store_cipher;
+pub mod sync;
 
-pub use device::{Bootstrap, Device, DeviceError, DirectRoom, Notice, StateLock, now_ms};
+pub use device::{
+    Bootstrap, Connection, Credentials, Device, DeviceError, DeviceEvent, DirectRoom, Notice, Options, StateLock,
+    now_ms,
+};
 pub use http::{Homeserver, HttpError};
 pub use store::{Store, StoreError, TrustRecord};

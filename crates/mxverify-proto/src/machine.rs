@@ -168,7 +168,7 @@ struct Held {
 pub struct Machine {
     pub(crate) own: OwnIdentity,
     pub(crate) config: Config,
-    entropy: Box<dyn Entropy>,
+    entropy: Box<dyn Entropy + Send>,
     pub(crate) keys: HashMap<String, UserKeys>,
     flows: BTreeMap<FlowKey, Flow>,
     pending_room: BTreeMap<u64, PendingRoomRequest>,
@@ -213,7 +213,7 @@ pub struct FlowInfo {
 impl Machine {
     /// A machine for this device. `entropy` supplies every random byte (transaction ids,
     /// ephemeral keys, QR secrets).
-    pub fn new(own: OwnIdentity, config: Config, entropy: Box<dyn Entropy>) -> Self {
+    pub fn new(own: OwnIdentity, config: Config, entropy: Box<dyn Entropy + Send>) -> Self {
         Self {
             own,
             config,

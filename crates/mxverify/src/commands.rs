@@ -1,12 +1,16 @@
 //! The commands that use a real homeserver: `login`, `request`, `listen`, `devices`, `trust`,
-//! `cross-signing bootstrap`. Human mode asks questions on the terminal; `--json` prints one
-//! event per line and reads commands as JSON lines on standard input.
+//! `join`, `cross-signing ...`. They are built on [`mxverify_client::Device`] alone: the device
+//! runs itself; a command shows what it reports and turns the person's answers (human mode) or
+//! JSON commands (`--json`) into its actions.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mxverify_client::{Device, DeviceError, HttpError, StateLock, now_ms};
+use mxverify_client::{
+    Connection, Credentials, Device, DeviceError, DeviceEvent, HttpError, Notice, Options, StateLock, now_ms,
+};
 use mxverify_proto::wire::Method;
 use mxverify_proto::{CancelCode, Config, Event, FlowKey};
 use serde_json::{Value, json};
@@ -51,18 +55,30 @@ pub fn config_for(method: &str) -> Config {
     config
 }
 
-/// The exit code for a failure outside the protocol.
+/// How the device is opened: the machine configuration, and the store passphrase from
+/// `$MXVERIFY_STORE_PASSPHRASE` (which encrypts the secrets at rest).
+pub fn options(config: Config) -> Options {
+    let passphrase = std::env::var("MXVERIFY_STORE_PASSPHRASE").ok().filter(|p| !p.is_empty());
+    Options::new(config).with_store_passphrase(passphrase.as_deref())
+}
+
+/// The exit code for a failure outside the protocol. Exit 5 is for a refused login only.
 pub fn ending_for(e: &DeviceError) -> Ending {
     match e {
         DeviceError::Http(HttpError::Unreachable { .. }) => Ending::Unreachable,
+        DeviceError::LoginRefused(_) => Ending::LoginFailed,
         DeviceError::Http(HttpError::Matrix { errcode, .. })
-            if errcode == "M_FORBIDDEN" || errcode == "M_USER_DEACTIVATED" =>
+            if errcode == "M_UNKNOWN_TOKEN" || errcode == "M_MISSING_TOKEN" =>
         {
-            Ending::LoginFailed
+            Ending::NotLoggedIn
         }
-        DeviceError::Http(HttpError::Matrix { errcode, .. }) if errcode == "M_UNKNOWN_TOKEN" => Ending::NotLoggedIn,
-        DeviceError::NotLoggedIn(_) => Ending::NotLoggedIn,
+        DeviceError::Http(e) if e.is_unknown_token() => Ending::NotLoggedIn,
+        DeviceError::LoggedOut(_) | DeviceError::NotLoggedIn(_) => Ending::NotLoggedIn,
+        DeviceError::Store(
+            mxverify_client::StoreError::PassphraseNeeded | mxverify_client::StoreError::WrongPassphrase,
+        ) => Ending::Usage,
         DeviceError::UnknownUser(_) | DeviceError::UnknownDevice { .. } => Ending::UnknownUserOrDevice,
+        DeviceError::Refused(_) => Ending::Usage,
         _ => Ending::Error,
     }
 }
@@ -70,9 +86,6 @@ pub fn ending_for(e: &DeviceError) -> Ending {
 /// A plain sentence for a failure, with what to do.
 pub fn explain_error(e: &DeviceError) -> String {
     match e {
-        DeviceError::Http(HttpError::Matrix { errcode, .. }) if errcode == "M_FORBIDDEN" => {
-            "the homeserver refused the user name or password (M_FORBIDDEN); check them and try again".into()
-        }
         DeviceError::Http(HttpError::Matrix { errcode, .. }) if errcode == "M_UNKNOWN_TOKEN" => {
             "the homeserver no longer accepts this device's login (M_UNKNOWN_TOKEN); log in again with `mxverify login`"
                 .into()
@@ -80,8 +93,16 @@ pub fn explain_error(e: &DeviceError) -> String {
         DeviceError::Http(HttpError::Unreachable { url, .. }) => {
             format!("cannot reach a homeserver at {url}; check the URL and that the server is running")
         }
-        other => other.to_string(),
+        other => clean(&other.to_string()),
     }
+}
+
+/// Text that came from the network, made safe for a terminal: control characters (escape
+/// sequences among them) are shown as `\u{..}` instead of being obeyed.
+pub fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() && c != '\n' { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() })
+        .collect()
 }
 
 /// Output for people or programs.
@@ -109,36 +130,50 @@ impl Ui<'_> {
         }
     }
 
-    fn notices(&mut self, device: &mut Device) {
-        for n in std::mem::take(&mut device.notices) {
-            self.say(&format!("  ({})", n.message));
-            let mut line = json!({"event": "notice", "kind": n.kind, "message": n.message});
-            if let Some(room) = n.room {
-                line["room"] = json!(room);
-            }
-            self.line(line);
+    fn notice(&mut self, n: &Notice) {
+        self.say(&format!("  ({})", clean(&n.message)));
+        let mut line = json!({"event": "notice", "kind": n.kind, "message": n.message});
+        if let Some(room) = &n.room {
+            line["room"] = json!(room);
         }
+        self.line(line);
     }
 }
 
 /// `mxverify login`.
 pub async fn login(
     dir: &Path,
-    homeserver: &str,
-    user: &str,
-    password: &str,
-    device_id: Option<&str>,
+    homeserver: Option<&str>,
+    credentials: Credentials,
+    replace: bool,
+    allow_insecure_http: bool,
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
-    let device = Device::login(dir, homeserver, user, password, device_id, Config::default()).await?;
-    ui.line(
-        json!({"event": "logged_in", "user": device.user_id, "device": device.device_id, "ed25519": device.ed25519(),
-                   "state_dir": dir.display().to_string()}),
-    );
+    let _lock = StateLock::take(dir)?;
+    let homeserver = match (homeserver, &credentials) {
+        (Some(h), _) => h.to_owned(),
+        (None, Credentials::Password { user, .. }) => match user.split_once(':') {
+            Some((_, server)) => {
+                let found = mxverify_client::http::discover(server).await?;
+                ui.say(&format!("Found the homeserver of {server}: {found}"));
+                found
+            }
+            None => {
+                return Err(DeviceError::Refused(
+                    "give --homeserver, or a full user ID (@name:server) to find it".into(),
+                ));
+            }
+        },
+        (None, _) => return Err(DeviceError::Refused("give --homeserver with --access-token".into())),
+    };
+    let options = options(Config::default()).allow_insecure_http(allow_insecure_http);
+    let device = Device::login(dir, &homeserver, credentials, replace, options).await?;
+    ui.line(json!({"event": "logged_in", "user": device.user_id(), "device": device.device_id(),
+                   "ed25519": device.ed25519(), "state_dir": dir.display().to_string()}));
     ui.say(&format!(
         "Logged in as {} on device {} (Ed25519 key {}). State kept in {}.",
-        device.user_id,
-        device.device_id,
+        device.user_id(),
+        device.device_id(),
         device.ed25519(),
         dir.display()
     ));
@@ -153,9 +188,9 @@ pub async fn bootstrap(
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
-    let mut device = Device::open(dir, Config::default())?;
+    let device = Device::open(dir, options(Config::default()))?;
     let b = device.bootstrap_cross_signing(password, replace).await?;
-    let mut line = json!({"event": "cross_signing", "master_key": b.master_key, "device": device.device_id,
+    let mut line = json!({"event": "cross_signing", "master_key": b.master_key, "device": device.device_id(),
                           "created": b.created, "secret_storage": b.secret_storage});
     if let Some(rk) = &b.recovery_key {
         line["recovery_key"] = json!(rk.as_str());
@@ -171,7 +206,9 @@ pub async fn bootstrap(
             "The private keys are in secret storage on the server. Your recovery key, shown only this once — write it down:\n\n    {}\n\nWith it, `mxverify cross-signing recover` (or Element) restores the keys on a new device.",
             rk.as_str()
         )),
-        (None, "existing") => ui.say("This account already has secret storage; it was left as it is (--replace makes a new one)."),
+        (None, "existing") => {
+            ui.say("This account already has secret storage; it was left as it is (--replace makes a new one).")
+        }
         (None, _) => ui.say("This device does not hold all three private keys, so no secret storage was made."),
     }
     Ok(Ending::Verified)
@@ -185,9 +222,9 @@ pub async fn recover(
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
-    let mut device = Device::open(dir, Config::default())?;
+    let device = Device::open(dir, options(Config::default()))?;
     let msk = device.recover_cross_signing(recovery_key, passphrase).await?;
-    ui.line(json!({"event": "cross_signing", "master_key": msk, "device": device.device_id, "restored": true,
+    ui.line(json!({"event": "cross_signing", "master_key": msk, "device": device.device_id(), "restored": true,
                    "held": device.cross_signing_keys_held()}));
     ui.say(&format!(
         "Restored the cross-signing keys from secret storage (master key {msk}); this device is signed by its self-signing key."
@@ -197,13 +234,13 @@ pub async fn recover(
 
 /// `mxverify cross-signing status`: which private keys this device holds.
 pub async fn cross_signing_status(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
-    let mut device = Device::open(dir, Config::default())?;
-    let me = device.user_id.clone();
+    let _lock = StateLock::take(dir)?;
+    let device = Device::open(dir, options(Config::default()))?;
+    let me = device.user_id().to_owned();
     device.query_keys(std::slice::from_ref(&me)).await?;
-    let published = device.known(&me).and_then(|k| k.master_key.clone());
+    let published = device.known(&me).and_then(|k| k.master_key);
     let held = device.cross_signing_keys_held();
-    let secret_storage =
-        device.hs.account_data(&me, "m.secret_storage.default_key").await?.is_some_and(|d| d["key"].is_string());
+    let secret_storage = device.has_secret_storage().await?;
     ui.line(json!({"event": "cross_signing_status", "master_key": published, "held": held,
                    "held_master_matches": device.master_key().is_some() && device.master_key() == published,
                    "secret_storage": secret_storage}));
@@ -218,23 +255,26 @@ pub async fn cross_signing_status(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending,
 
 /// `mxverify devices [USER]`: each device with its verification state.
 pub async fn devices(dir: &Path, user: Option<&str>, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
-    let mut device = Device::open(dir, Config::default())?;
-    let user = user.map(str::to_owned).unwrap_or_else(|| device.user_id.clone());
+    let _lock = StateLock::take(dir)?;
+    let device = Device::open(dir, options(Config::default()))?;
+    let me = device.user_id().to_owned();
+    let user = user.map(str::to_owned).unwrap_or_else(|| me.clone());
     let mut users = vec![user.clone()];
-    if user != device.user_id {
-        users.push(device.user_id.clone());
+    if user != me {
+        users.push(me.clone());
     }
     device.query_keys(&users).await?;
-    let info = device.known(&user).cloned().ok_or_else(|| DeviceError::UnknownUser(user.clone()))?;
+    let info = device.known(&user).ok_or_else(|| DeviceError::UnknownUser(user.clone()))?;
     if info.devices.is_empty() {
         return Err(DeviceError::UnknownUser(user));
     }
     let msk_trusted = info
         .master_key
         .as_ref()
-        .is_some_and(|k| device.store.is_trusted(&user, k).unwrap_or(false) || device.master_key().as_ref() == Some(k));
+        .is_some_and(|k| device.is_trusted(&user, k) || device.master_key().as_ref() == Some(k));
     ui.say(&format!(
-        "Devices of {user} (master key: {}):",
+        "Devices of {} (master key: {}):",
+        clean(&user),
         match (&info.master_key, msk_trusted) {
             (Some(k), true) => format!("{k}, verified"),
             (Some(k), false) => format!("{k}, not verified"),
@@ -242,10 +282,10 @@ pub async fn devices(dir: &Path, user: Option<&str>, ui: &mut Ui<'_>) -> Result<
         }
     ));
     for d in info.devices.values() {
-        let this = user == device.user_id && d.device_id == device.device_id;
+        let this = user == me && d.device_id == device.device_id();
         let state = if this {
             "this device"
-        } else if device.store.is_trusted(&user, &d.ed25519)? {
+        } else if device.is_trusted(&user, &d.ed25519) {
             "verified"
         } else if d.cross_signed && msk_trusted {
             "verified (cross-signed)"
@@ -258,10 +298,10 @@ pub async fn devices(dir: &Path, user: Option<&str>, ui: &mut Ui<'_>) -> Result<
                        "display_name": d.display_name, "cross_signed": d.cross_signed, "state": state}));
         ui.say(&format!(
             "  {:<14} {:<26} {}  {}",
-            d.device_id,
+            clean(&d.device_id),
             state,
             d.ed25519,
-            d.display_name.as_deref().unwrap_or("")
+            clean(d.display_name.as_deref().unwrap_or(""))
         ));
     }
     Ok(Ending::Verified)
@@ -269,15 +309,20 @@ pub async fn devices(dir: &Path, user: Option<&str>, ui: &mut Ui<'_>) -> Result<
 
 /// `mxverify trust`: what this device has verified.
 pub fn trust(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
-    let device = Device::open(dir, Config::default())?;
-    let records = device.store.trust(None)?;
+    let device = Device::open(dir, options(Config::default()))?;
+    let records = device.trust(None)?;
     if records.is_empty() {
         ui.say("Nothing verified yet.");
     }
     for r in records {
         ui.say(&format!(
             "  {} {} ({}) — {} on device {}, flow {}",
-            r.user_id, r.key_id, r.kind, r.method, r.device_id, r.flow_id
+            clean(&r.user_id),
+            r.key_id,
+            r.kind,
+            r.method,
+            clean(&r.device_id),
+            r.flow_id
         ));
         ui.line(json!({"event": "trusted", "record": r}));
     }
@@ -286,8 +331,9 @@ pub fn trust(dir: &Path, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
 
 /// `mxverify join ROOM`.
 pub async fn join(dir: &Path, room: &str, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
-    let device = Device::open(dir, Config::default())?;
-    device.hs.join(room).await?;
+    let _lock = StateLock::take(dir)?;
+    let device = Device::open(dir, options(Config::default()))?;
+    device.join(room).await?;
     ui.line(json!({"event": "joined", "room": room}));
     ui.say(&format!("Joined {room}."));
     Ok(Ending::Verified)
@@ -296,7 +342,7 @@ pub async fn join(dir: &Path, room: &str, ui: &mut Ui<'_>) -> Result<Ending, Dev
 /// How `request` reaches the other side.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// To-device for our own devices, a direct-message room for another user (FW-02).
+    /// To-device for our own devices, a direct-message room for another user.
     Auto,
     /// To-device, to these devices (all of the user's if none named).
     ToDevice(Option<String>),
@@ -316,57 +362,42 @@ pub async fn request(
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
-    let config = config_for(method);
-    let mut device = Device::open(dir, config.clone())?;
+    let device = Device::open(dir, options(config_for(method)))?;
     device.set_encrypt_to_device(encrypt_to_device);
-    let lost = device.abandon_lost_flows().await?;
-    let mut session = Session::new(method, Goal::Forever);
-    session.handle(&mut device, ui, lost).await?;
-    let own = device.user_id.clone();
-    device.query_keys(std::slice::from_ref(&own)).await?;
-    let devices = device.devices_of(user).await?;
-    let now = now_ms();
+    let own = device.user_id().to_owned();
     let target = match target {
         Target::Auto if user == own => Target::ToDevice(None),
         Target::Auto => Target::Dm,
         other => other,
     };
+    // A request that cannot be made fails before anything starts.
+    if matches!(target, Target::Room(_) | Target::Dm) && user == own {
+        return Err(DeviceError::Refused(
+            "your own devices verify each other to-device, not in a room: leave out --room/--dm".into(),
+        ));
+    }
+    device.start().await?;
+    let mut session = Session::new(method, Goal::Flow(None), user);
     let flow = match target {
         Target::Auto => unreachable!("resolved above"),
         Target::ToDevice(named) => {
-            let devices = match named {
-                Some(d) if devices.contains(&d) => vec![d],
-                Some(d) => return Err(DeviceError::UnknownDevice { user: user.into(), device: d }),
-                None => devices,
-            };
-            Some(device.machine.request_to_device(user, &devices, now)?)
+            let named = named.map(|d| vec![d]);
+            Some(device.request_to_device(user, named.as_deref()).await?)
         }
         Target::Dm => {
-            let dm = device.dm_room(user).await?;
-            ui.notices(&mut device);
-            if dm.other_joined {
-                device.machine.request_in_room(&dm.room_id, user, now);
-            } else {
-                // Clients that read a new room before fetching its members' keys would never
-                // show a request sent before the other user joined: wait for them.
-                ui.say(&format!("Waiting for {user} to join the direct chat {} …", dm.room_id));
-                ui.line(json!({"event": "notice", "kind": "waiting_for_join", "room": dm.room_id, "user": user,
-                               "message": format!("waiting for {user} to join {}", dm.room_id)}));
-                session.awaiting_join = Some(AwaitingJoin {
-                    room_id: dm.room_id,
-                    user: user.to_owned(),
-                    deadline: now + config.timeouts.flow,
-                });
+            let dm = device.request_in_dm(user).await?;
+            if !dm.other_joined {
+                ui.say(&format!("Waiting for {} to join the direct chat {} …", clean(user), dm.room_id));
             }
             None
         }
         Target::Room(room) => {
-            device.machine.request_in_room(&room, user, now);
+            device.request_in_room(user, &room).await?;
             None
         }
     };
     session.goal = Goal::Flow(flow);
-    session.run(&mut device, ui).await
+    session.run(&device, ui).await
 }
 
 /// `mxverify listen`.
@@ -378,23 +409,19 @@ pub async fn listen(
     ui: &mut Ui<'_>,
 ) -> Result<Ending, DeviceError> {
     let _lock = StateLock::take(dir)?;
-    let mut device = Device::open(dir, config_for(method))?;
+    let device = Device::open(dir, options(config_for(method)))?;
     device.set_encrypt_to_device(encrypt_to_device);
-    let own = device.user_id.clone();
-    device.query_keys(std::slice::from_ref(&own)).await?;
-    ui.line(json!({"event": "listening", "user": device.user_id, "device": device.device_id}));
+    ui.line(json!({"event": "listening", "user": device.user_id(), "device": device.device_id()}));
     ui.say(&format!(
         "Listening for verification requests to {} on device {} (Ctrl-C to stop).",
-        device.user_id, device.device_id
+        device.user_id(),
+        device.device_id()
     ));
-    // Flows lost by a restart are ended first; they do not count for --once.
-    let mut session = Session::new(method, Goal::Forever);
-    let lost = device.abandon_lost_flows().await?;
-    session.handle(&mut device, ui, lost).await?;
-    session.goal = if once { Goal::FirstFlow } else { Goal::Forever };
-    let restored = device.restore_pending().await?;
-    session.handle(&mut device, ui, restored).await?;
-    session.run(&mut device, ui).await
+    let mut session = Session::new(method, if once { Goal::FirstFlow } else { Goal::Forever }, "");
+    // Flows lost by a restart are ended first, and do not count for --once.
+    session.ignore_abandoned = true;
+    device.start().await?;
+    session.run(&device, ui).await
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,7 +434,7 @@ enum Goal {
     Forever,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Question {
     Accept,
     Compare,
@@ -415,47 +442,32 @@ enum Question {
     Scan,
 }
 
-/// An in-room request that waits until the other user has joined the direct chat.
-#[derive(Debug, Clone)]
-struct AwaitingJoin {
-    room_id: String,
-    user: String,
-    deadline: u64,
-}
-
-/// One interactive run: the sync loop, user input, deadlines.
+/// One interactive run: the device's events, the person's answers or JSON commands, reminders.
 struct Session {
     method: String,
     goal: Goal,
-    asking: Option<(FlowKey, Question)>,
+    /// For a request: whom we asked (a failed request for them ends the run).
+    requested_user: String,
+    /// Questions for the person, oldest first; the first is the one being answered. Each is
+    /// bound to its flow: an answer never goes to a question the person did not see.
+    questions: VecDeque<(FlowKey, Question)>,
     ended: Option<Ending>,
-    awaiting_join: Option<AwaitingJoin>,
+    ignore_abandoned: bool,
+    /// Short labels for flows, so that the person can tell them apart.
+    labels: Vec<FlowKey>,
 }
 
 impl Session {
-    fn new(method: &str, goal: Goal) -> Self {
-        Self { method: method.to_owned(), goal, asking: None, ended: None, awaiting_join: None }
-    }
-
-    /// Sends the waiting request once the other user is in the room; gives up at the deadline.
-    async fn check_join(&mut self, device: &mut Device, ui: &mut Ui<'_>) -> Result<(), DeviceError> {
-        let Some(wait) = self.awaiting_join.clone() else { return Ok(()) };
-        let now = now_ms();
-        if device.membership(&wait.room_id, &wait.user).await?.as_deref() == Some("join") {
-            self.awaiting_join = None;
-            ui.say(&format!("{} joined; sending the request.", wait.user));
-            device.machine.request_in_room(&wait.room_id, &wait.user, now);
-            let events = device.pump().await?;
-            self.handle(device, ui, events).await?;
-        } else if now >= wait.deadline {
-            self.awaiting_join = None;
-            let message =
-                format!("{} did not join the direct chat {} in time; no request was sent", wait.user, wait.room_id);
-            ui.say(&format!("✘ {message}"));
-            ui.line(json!({"event": "error", "message": message}));
-            self.ended = Some(Ending::TimedOut);
+    fn new(method: &str, goal: Goal, requested_user: &str) -> Self {
+        Self {
+            method: method.to_owned(),
+            goal,
+            requested_user: requested_user.to_owned(),
+            questions: VecDeque::new(),
+            ended: None,
+            ignore_abandoned: false,
+            labels: Vec::new(),
         }
-        Ok(())
     }
 
     fn ours(&self, flow: &FlowKey) -> bool {
@@ -465,35 +477,18 @@ impl Session {
         }
     }
 
-    async fn run(&mut self, device: &mut Device, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
-        let filter = device.filter_id().await?;
-        let since = device.store.get("since")?;
-        let (batch_tx, mut batches) = mpsc::channel::<Result<Value, String>>(1);
-        let (ack_tx, mut acks) = mpsc::channel::<Option<String>>(1);
-        let hs = device.hs.clone();
-        let sync_task = tokio::spawn(async move {
-            let mut since = since;
-            loop {
-                match hs.sync(since.as_deref(), &filter, 30_000).await {
-                    Ok(resp) => {
-                        if batch_tx.send(Ok(resp)).await.is_err() {
-                            return;
-                        }
-                        // The token moves on only once the batch was handled and stored.
-                        match acks.recv().await {
-                            Some(next) => since = next.or(since),
-                            None => return,
-                        }
-                    }
-                    Err(e) => {
-                        if batch_tx.send(Err(e.to_string())).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
+    fn label(&mut self, flow: &FlowKey) -> String {
+        let i = match self.labels.iter().position(|f| f == flow) {
+            Some(i) => i,
+            None => {
+                self.labels.push(flow.clone());
+                self.labels.len() - 1
             }
-        });
+        };
+        format!("[{}]", i + 1)
+    }
+
+    async fn run(&mut self, device: &Device, ui: &mut Ui<'_>) -> Result<Ending, DeviceError> {
         // A plain thread: a blocked read of standard input must not keep the process alive.
         let (line_tx, mut lines) = mpsc::channel::<String>(16);
         std::thread::spawn(move || {
@@ -505,13 +500,12 @@ impl Session {
             }
         });
         let mut stdin_open = true;
-        let events = device.pump().await?;
-        self.handle(device, ui, events).await?;
         let mut lingering = false;
         let result = loop {
+            let now = now_ms();
             if let Some(e) = self.ended {
                 // Secret sharing may still be under way with our own device we just verified.
-                match device.secrets_pending_until(now_ms()) {
+                match device.busy_until() {
                     Some(_) if e == Ending::Verified => {
                         if !lingering {
                             lingering = true;
@@ -521,103 +515,98 @@ impl Session {
                     _ => break Ok(e),
                 }
             }
-            let now = now_ms();
             // While a question waits for the person, remind them of the time left every 30 s.
-            let cadence = if self.asking.is_some() && !ui.json { 30_000 } else { 60_000 };
-            let deadline = [
-                device.next_deadline(),
-                self.awaiting_join.as_ref().map(|w| w.deadline),
-                device.secrets_pending_until(now),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(cadence).min(cadence);
+            let cadence = if !self.questions.is_empty() && !ui.json { 30_000 } else { 60_000 };
+            let wait = device.busy_until().map(|t| t.saturating_sub(now)).unwrap_or(cadence).min(cadence).max(1);
             tokio::select! {
-                batch = batches.recv() => match batch {
-                    Some(Ok(resp)) => {
-                        let events = device.handle_sync(&resp).await?;
-                        let next = resp["next_batch"].as_str().map(str::to_owned);
-                        if let Some(n) = &next {
-                            device.store.set("since", n)?;
-                        }
-                        let _ = ack_tx.send(next).await;
-                        self.handle(device, ui, events).await?;
-                        self.check_join(device, ui).await?;
-                    }
-                    Some(Err(e)) => {
-                        ui.say(&format!("  (sync failed, retrying: {e})"));
-                        ui.line(json!({"event": "notice", "message": format!("sync failed, retrying: {e}")}));
-                    }
-                    None => break Err(DeviceError::Corrupt("the sync loop stopped".into())),
+                event = device.next_event() => match event {
+                    Some(event) => self.handle(device, ui, event).await?,
+                    None => break Ok(Ending::Error),
                 },
                 line = lines.recv(), if stdin_open => match line {
-                    Some(line) => self.command(device, ui, &line).await?,
+                    Some(line) => self.command(device, ui, &line).await,
                     None => stdin_open = false,
                 },
-                _ = tokio::time::sleep(Duration::from_millis(wait)) => {
-                    device.handle_timeout(now_ms())?;
-                    let events = device.pump().await?;
-                    self.handle(device, ui, events).await?;
-                    self.check_join(device, ui).await?;
-                    self.remind(device, ui);
-                }
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => self.remind(device, ui),
             }
         };
-        sync_task.abort();
+        device.shutdown().await;
         result
     }
 
-    /// Shows events and plays the automatic parts.
-    async fn handle(&mut self, device: &mut Device, ui: &mut Ui<'_>, events: Vec<Event>) -> Result<(), DeviceError> {
-        let mut queue = events;
-        while !queue.is_empty() {
-            for event in std::mem::take(&mut queue) {
+    async fn handle(&mut self, device: &Device, ui: &mut Ui<'_>, event: DeviceEvent) -> Result<(), DeviceError> {
+        match event {
+            DeviceEvent::Verification(event) => {
                 if let (Goal::Flow(None), Event::RequestSent { flow }) = (&self.goal, &event) {
                     self.goal = Goal::Flow(Some(flow.clone()));
                 }
                 if let Some(v) = output::event_json(None, &event) {
                     ui.line(v);
                 }
-                self.show(device, ui, &event);
+                self.show(device, ui, &event).await;
             }
-            ui.notices(device);
-            queue = device.pump().await?;
+            DeviceEvent::Notice(n) => ui.notice(&n),
+            DeviceEvent::Connection(Connection::Unreachable { reason, retry_at }) => {
+                let secs = retry_at.saturating_sub(now_ms()).div_ceil(1000);
+                ui.say(&format!("  (homeserver unreachable, retrying in {secs} s: {})", clean(&reason)));
+                ui.line(
+                    json!({"event": "connection", "state": "unreachable", "reason": reason, "retry_at_ms": retry_at}),
+                );
+            }
+            DeviceEvent::Connection(_) => {
+                ui.say("  (homeserver reachable again)");
+                ui.line(json!({"event": "connection", "state": "online"}));
+            }
+            DeviceEvent::RequestFailed { flow, user_id, reason, timed_out } => {
+                ui.say(&format!("✘ {}", clean(&reason)));
+                ui.line(json!({"event": "error", "message": reason, "user": user_id,
+                               "flow_id": flow.as_ref().map(FlowKey::flow_id)}));
+                let concerns_goal = match (&self.goal, &flow) {
+                    (Goal::Flow(None), None) => user_id == self.requested_user,
+                    (Goal::Flow(Some(g)), Some(f)) => g == f,
+                    _ => false,
+                };
+                if concerns_goal {
+                    self.ended = Some(if timed_out { Ending::TimedOut } else { Ending::Cancelled });
+                }
+            }
+            DeviceEvent::LoggedOut(message) => return Err(DeviceError::LoggedOut(message)),
+            _ => {}
         }
-        // Side effects of a sync without verification events (a room joined) are news too.
-        ui.notices(device);
         Ok(())
     }
 
-    fn show(&mut self, device: &mut Device, ui: &mut Ui<'_>, event: &Event) {
+    async fn show(&mut self, device: &Device, ui: &mut Ui<'_>, event: &Event) {
         let now = now_ms();
         match event {
             Event::RequestSent { flow } if self.ours(flow) => {
                 ui.say(&format!("Request sent ({}); waiting for the other device to accept…", describe(flow)));
             }
             Event::IncomingRequest { flow, from_device, common_methods, deadline, legacy, .. } => {
-                let who = other_user(flow, device);
+                let who = clean(&other_user(flow, device));
+                let label = self.label(flow);
+                let from_device = clean(from_device);
                 if common_methods.is_empty() {
-                    ui.say(&format!("{who} (device {from_device}) wants to verify, but offers no method this program supports. Type `n` to decline."));
+                    ui.say(&format!("{label} {who} (device {from_device}) wants to verify, but offers no method this program supports."));
                 } else {
                     let kind = if *legacy { "started emoji verification" } else { "wants to verify" };
                     ui.say(&format!(
-                        "{who} (device {from_device}) {kind}. Accept? [y/n] (closes in {})",
+                        "{label} {who} (device {from_device}) {kind} (closes in {}).",
                         countdown(*deadline, now)
                     ));
                 }
-                self.asking = Some((flow.clone(), Question::Accept));
+                self.ask(ui, flow.clone(), Question::Accept);
             }
             Event::Ready { flow, other_device, methods } if self.ours(flow) => {
-                ui.say(&format!("Device {other_device} is ready ({}).", methods.join(", ")));
-                let we_requested = device.machine.flow(flow).is_some_and(|f| f.we_requested);
+                let label = self.label(flow);
+                ui.say(&format!("{label} Device {} is ready ({}).", clean(other_device), methods.join(", ")));
+                let we_requested = device.flow(flow).is_some_and(|f| f.we_requested);
                 if !ui.json && we_requested && self.method == "sas" && methods.iter().any(|m| m == "m.sas.v1") {
-                    if let Err(e) = device.machine.start_sas(flow, now) {
-                        ui.say(&format!("Cannot start emoji verification: {e}"));
+                    if let Err(e) = device.start_sas(flow).await {
+                        ui.say(&format!("Cannot start emoji verification: {}", clean(&e.to_string())));
                     }
                 } else if !ui.json && self.method == "qr" {
-                    ui.say("Scan the code below with the other device, or type the path of a picture of the other device's code (or its payload in base64) to scan it.");
-                    self.asking = Some((flow.clone(), Question::Scan));
+                    self.ask(ui, flow.clone(), Question::Scan);
                 }
             }
             Event::QrCode { payload, .. } => {
@@ -634,52 +623,82 @@ impl Session {
                     }
                 }
             }
-            Event::QrScanned { flow } => {
-                ui.say("The other device scanned this code. Does it show that the verification succeeded? [y/n]");
-                self.asking = Some((flow.clone(), Question::ScanConfirm));
-            }
+            Event::QrScanned { flow } => self.ask(ui, flow.clone(), Question::ScanConfirm),
             Event::Sas { flow, emoji, decimals } => {
-                let deadline = device.machine.flow(flow).map(|f| f.deadline).unwrap_or(now);
-                let mut text = String::from("Compare with the other device:\n");
+                let label = self.label(flow);
+                let who = clean(&other_user(flow, device));
+                let mut text = format!("{label} Compare with {who}'s device:\n");
                 if let Some(emoji) = emoji {
                     for (i, e) in emoji.iter().enumerate() {
                         text.push_str(&format!("  {}  {}  {}\n", i + 1, e.symbol, e.description));
                     }
                 }
                 if let Some(d) = decimals {
-                    text.push_str(&format!("  numbers: {}\n", output::decimals(d)));
+                    text.push_str(&format!("  numbers: {}", output::decimals(d)));
                 }
-                text.push_str(&format!("Do they match? [y/n] (time left: {})", countdown(deadline, now)));
-                ui.say(&text);
-                self.asking = Some((flow.clone(), Question::Compare));
+                ui.say(text.trim_end());
+                self.ask(ui, flow.clone(), Question::Compare);
             }
             Event::Done { flow, user_id, device_id, keys } => {
                 let what = keys.iter().map(|k| k.key_id.as_str()).collect::<Vec<_>>().join(", ");
-                ui.say(&format!("✔ Verified {user_id} (device {device_id}): {what}"));
+                let label = self.label(flow);
+                ui.say(&format!("{label} ✔ Verified {} (device {}): {what}", clean(user_id), clean(device_id)));
                 self.finish(flow, Ending::Verified);
             }
             Event::Cancelled { flow, info } => {
-                ui.say(&format!("✘ {}", info.explain()));
+                self.questions.retain(|(f, _)| f != flow);
+                let abandoned = matches!(info.cause, Some(mxverify_proto::LocalCause::Abandoned));
+                if self.ignore_abandoned && abandoned {
+                    ui.say(&format!("✘ {}", clean(&info.explain())));
+                    return;
+                }
+                let label = self.label(flow);
+                ui.say(&format!("{label} ✘ {}", clean(&info.explain())));
                 let ending = if info.code == CancelCode::Timeout { Ending::TimedOut } else { Ending::Cancelled };
                 self.finish(flow, ending);
+                self.prompt(ui);
             }
             _ => {}
         }
     }
 
+    /// Queues a question; only the first is asked, with the flow it is about.
+    fn ask(&mut self, ui: &mut Ui<'_>, flow: FlowKey, q: Question) {
+        self.questions.retain(|(f, _)| *f != flow);
+        self.questions.push_back((flow, q));
+        if self.questions.len() == 1 {
+            self.prompt(ui);
+        } else {
+            ui.say("  (another verification also waits for your answer; it comes next)");
+        }
+    }
+
+    fn prompt(&mut self, ui: &mut Ui<'_>) {
+        let Some((flow, q)) = self.questions.front().cloned() else { return };
+        let label = self.label(&flow);
+        let text = match q {
+            Question::Accept => "Accept? [y/n]".to_owned(),
+            Question::Compare => "Do they match? [y/n]".to_owned(),
+            Question::ScanConfirm => {
+                "The other device scanned this code. Does it show that the verification succeeded? [y/n]".to_owned()
+            }
+            Question::Scan => "Scan the code above with the other device, or type the path of a picture of the other device's code (or its payload in base64) to scan it.".to_owned(),
+        };
+        ui.say(&format!("{label} {text}"));
+    }
+
     /// The countdown: how long the open question has left.
-    fn remind(&self, device: &Device, ui: &mut Ui<'_>) {
-        let Some((flow, _)) = &self.asking else { return };
-        let Some(info) = device.machine.flow(flow) else { return };
+    fn remind(&mut self, device: &Device, ui: &mut Ui<'_>) {
+        let Some((flow, _)) = self.questions.front().cloned() else { return };
+        let Some(info) = device.flow(&flow) else { return };
         if info.cancel.is_none() && !info.verified {
-            ui.say(&format!("  (still waiting for your answer: {} left)", countdown(info.deadline, now_ms())));
+            let label = self.label(&flow);
+            ui.say(&format!("  {label} (still waiting for your answer: {} left)", countdown(info.deadline, now_ms())));
         }
     }
 
     fn finish(&mut self, flow: &FlowKey, ending: Ending) {
-        if self.asking.as_ref().is_some_and(|(f, _)| f == flow) {
-            self.asking = None;
-        }
+        self.questions.retain(|(f, _)| f != flow);
         match &self.goal {
             Goal::Flow(Some(f)) if f == flow => self.ended = Some(ending),
             Goal::FirstFlow => self.ended = Some(ending),
@@ -688,54 +707,50 @@ impl Session {
     }
 
     /// One line of input: a JSON command, or (human mode) the answer to the current question.
-    async fn command(&mut self, device: &mut Device, ui: &mut Ui<'_>, line: &str) -> Result<(), DeviceError> {
+    async fn command(&mut self, device: &Device, ui: &mut Ui<'_>, line: &str) {
         let line = line.trim();
         if line.is_empty() {
-            return Ok(());
+            return;
         }
-        let now = now_ms();
-        let result = if ui.json { self.json_command(device, line, now) } else { self.answer(device, line, now) };
-        match result {
-            Ok(()) => {}
-            Err(message) => {
-                ui.say(&format!("  {message}"));
-                ui.line(json!({"event": "error", "input": line, "message": message}));
-            }
+        let result = if ui.json { self.json_command(device, line).await } else { self.answer(device, ui, line).await };
+        if let Err(message) = result {
+            ui.say(&format!("  {message}"));
+            ui.line(json!({"event": "error", "input": line, "message": message}));
         }
-        let events = device.pump().await?;
-        self.handle(device, ui, events).await
     }
 
-    fn json_command(&mut self, device: &mut Device, line: &str, now: u64) -> Result<(), String> {
+    async fn json_command(&mut self, device: &Device, line: &str) -> Result<(), String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON command: {e}"))?;
+        let obj = v.as_object().ok_or("a command needs to be a JSON object")?;
+        if let Some(unknown) = obj.keys().find(|k| !matches!(k.as_str(), "command" | "flow_id" | "payload")) {
+            return Err(format!("unknown field {unknown:?}"));
+        }
         let name = v["command"].as_str().ok_or("a command needs a \"command\" field")?;
-        let flow = find_flow(device, v["flow_id"].as_str())?;
-        let m = &mut device.machine;
+        let flow = find_flow(device, obj.get("flow_id").map(|f| f.as_str().ok_or("flow_id is a string")).transpose()?)?;
         let r = match name {
-            "accept" => m.accept(&flow, now),
-            "start_sas" => m.start_sas(&flow, now),
-            "confirm" => m.confirm(&flow, now),
-            "mismatch" => m.mismatch(&flow, now),
-            "cancel" => m.cancel(&flow, now),
+            "accept" => device.accept(&flow).await,
+            "start_sas" => device.start_sas(&flow).await,
+            "confirm" => device.confirm(&flow).await,
+            "mismatch" => device.mismatch(&flow).await,
+            "cancel" => device.cancel(&flow).await,
             "scan" => {
                 let payload = v["payload"]
                     .as_str()
                     .and_then(mxverify_proto::b64::decode)
                     .ok_or("scan needs \"payload\" (base64)")?;
-                m.scan_qr(&flow, &payload, now)
+                device.scan_qr(&flow, &payload).await
             }
             other => return Err(format!("unknown command {other:?}")),
         };
         r.map_err(|e| e.to_string())
     }
 
-    fn answer(&mut self, device: &mut Device, line: &str, now: u64) -> Result<(), String> {
-        let Some((flow, question)) = self.asking.clone() else {
+    async fn answer(&mut self, device: &Device, ui: &mut Ui<'_>, line: &str) -> Result<(), String> {
+        let Some((flow, question)) = self.questions.front().cloned() else {
             return Err("nothing to answer right now".into());
         };
         let yes = matches!(line.to_ascii_lowercase().as_str(), "y" | "yes");
         let no = matches!(line.to_ascii_lowercase().as_str(), "n" | "no");
-        let m = &mut device.machine;
         let r = match (question, yes, no) {
             (Question::Scan, _, _) => {
                 let path = Path::new(line);
@@ -744,26 +759,26 @@ impl Session {
                 } else {
                     mxverify_proto::b64::decode(line).ok_or("neither a picture nor a base64 payload")?
                 };
-                m.scan_qr(&flow, &payload, now)
+                device.scan_qr(&flow, &payload).await
             }
             (_, false, false) => return Err("please answer y or n".into()),
-            (Question::Accept, true, _) => m.accept(&flow, now),
-            (Question::Compare | Question::ScanConfirm, true, _) => m.confirm(&flow, now),
-            (Question::Accept, _, true) => m.cancel(&flow, now),
-            (Question::Compare | Question::ScanConfirm, _, true) => m.mismatch(&flow, now),
+            (Question::Accept, true, _) => device.accept(&flow).await,
+            (Question::Compare | Question::ScanConfirm, true, _) => device.confirm(&flow).await,
+            (Question::Accept, _, true) => device.cancel(&flow).await,
+            (Question::Compare | Question::ScanConfirm, _, true) => device.mismatch(&flow).await,
         };
-        self.asking = None;
+        self.questions.pop_front();
+        self.prompt(ui);
         r.map_err(|e| e.to_string())
     }
 }
 
 fn find_flow(device: &Device, flow_id: Option<&str>) -> Result<FlowKey, String> {
     let active: Vec<FlowKey> = device
-        .machine
-        .flows()
-        .filter(|k| device.machine.flow(k).is_some_and(|f| f.cancel.is_none() && !f.verified))
+        .active_flows()
+        .into_iter()
+        .map(|f| f.key)
         .filter(|k| flow_id.is_none_or(|id| k.flow_id() == id))
-        .cloned()
         .collect();
     match (active.len(), flow_id) {
         (1, _) => Ok(active[0].clone()),
@@ -774,15 +789,15 @@ fn find_flow(device: &Device, flow_id: Option<&str>) -> Result<FlowKey, String> 
 }
 
 fn other_user(flow: &FlowKey, device: &Device) -> String {
-    device.machine.flow(flow).map(|f| f.other_user).unwrap_or_default()
+    device.flow(flow).map(|f| f.other_user).unwrap_or_default()
 }
 
 fn describe(flow: &FlowKey) -> String {
     match flow {
         FlowKey::ToDevice { user_id, transaction_id } => {
-            format!("to-device to {user_id}, transaction {transaction_id}")
+            format!("to-device to {}, transaction {}", clean(user_id), clean(transaction_id))
         }
-        FlowKey::Room { room_id, event_id } => format!("in room {room_id}, event {event_id}"),
+        FlowKey::Room { room_id, event_id } => format!("in room {}, event {}", clean(room_id), clean(event_id)),
     }
 }
 

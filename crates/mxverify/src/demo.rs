@@ -112,7 +112,7 @@ fn identity(p: &Person, entropy: &mut dyn Entropy) -> OwnIdentity {
     }
 }
 
-fn entropy(seed: Option<u64>, n: u64) -> Box<dyn Entropy> {
+fn entropy(seed: Option<u64>, n: u64) -> Box<dyn Entropy + Send> {
     match seed {
         Some(s) => Box::new(SeededEntropy::new(s.wrapping_mul(2).wrapping_add(n))),
         None => Box::new(OsEntropy),

@@ -69,18 +69,29 @@ enum Command {
     Qr(QrCommand),
     /// Log in with a password; creates this device's keys and publishes them.
     Login {
-        /// The homeserver's base URL, e.g. https://matrix.example.org.
+        /// The homeserver's base URL, e.g. https://matrix.example.org (default: found from the
+        /// user ID's server name through `.well-known/matrix/client`).
         #[arg(long)]
-        homeserver: String,
-        /// User name or full user ID.
-        #[arg(long)]
-        user: String,
+        homeserver: Option<String>,
+        /// User name or full user ID (with a password).
+        #[arg(long, required_unless_present = "access_token")]
+        user: Option<String>,
         /// The password (or set MXVERIFY_PASSWORD).
         #[arg(long, env = "MXVERIFY_PASSWORD", hide_env_values = true)]
-        password: String,
+        password: Option<String>,
+        /// Use an existing login's access token instead of a password (or set
+        /// MXVERIFY_ACCESS_TOKEN); its user and device are asked of the homeserver.
+        #[arg(long, env = "MXVERIFY_ACCESS_TOKEN", hide_env_values = true)]
+        access_token: Option<String>,
         /// Reuse or choose this device ID.
         #[arg(long)]
         device_id: Option<String>,
+        /// Forget another account's state in this state directory.
+        #[arg(long)]
+        replace: bool,
+        /// Allow plain http:// to a homeserver that is not on this machine.
+        #[arg(long)]
+        allow_insecure_http: bool,
     },
     /// Ask USER to verify: to-device for your own devices or a named device, in a direct-message
     /// room for another user; then drive the verification to its end.
@@ -204,9 +215,43 @@ fn main() -> ExitCode {
                 };
                 let mut ui = commands::Ui { json: cli.json, out: &mut out, qr_png };
                 match other {
-                    Command::Login { homeserver, user, password, device_id } => {
-                        commands::login(&dir, &homeserver, &user, &password, device_id.as_deref(), &mut ui).await
-                    }
+                    Command::Login {
+                        homeserver,
+                        user,
+                        password,
+                        access_token,
+                        device_id,
+                        replace,
+                        allow_insecure_http,
+                    } => match (access_token, user, password) {
+                        (Some(token), _, _) => {
+                            let credentials = mxverify_client::Credentials::AccessToken(token);
+                            commands::login(
+                                &dir,
+                                homeserver.as_deref(),
+                                credentials,
+                                replace,
+                                allow_insecure_http,
+                                &mut ui,
+                            )
+                            .await
+                        }
+                        (None, Some(user), Some(password)) => {
+                            let credentials = mxverify_client::Credentials::Password { user, password, device_id };
+                            commands::login(
+                                &dir,
+                                homeserver.as_deref(),
+                                credentials,
+                                replace,
+                                allow_insecure_http,
+                                &mut ui,
+                            )
+                            .await
+                        }
+                        _ => Err(mxverify_client::DeviceError::Refused(
+                            "give --password (or MXVERIFY_PASSWORD), or --access-token".into(),
+                        )),
+                    },
                     Command::Request { user, device, dm, room, method, .. } => {
                         let target = match (device, dm, room) {
                             (_, _, Some(room)) => commands::Target::Room(room),

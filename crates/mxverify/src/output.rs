@@ -12,6 +12,8 @@ pub enum Ending {
     Verified = 0,
     /// An error outside the protocol (I/O, a damaged store, an unexpected answer).
     Error = 1,
+    /// The command line (or what it asks) cannot be carried out as given.
+    Usage = 2,
     /// A verification was cancelled (by either side, any code but `m.timeout`).
     Cancelled = 3,
     /// A verification timed out.

@@ -300,6 +300,8 @@ fn bad_commands_on_stdin_get_an_error_line_and_change_nothing() {
         (json!({"command": "confirm", "flow_id": flow}), "cannot confirm"),
         (json!({"command": "accept", "flow_id": "no-such-flow"}), "no active verification"),
         (json!({"command": "scan", "flow_id": flow}), "payload"),
+        (json!({"command": "accept", "flow_id": flow, "flow": "the attacker's"}), "unknown field"),
+        (json!({"command": "accept", "flow_id": 7}), "flow_id is a string"),
     ] {
         listener.send(bad.clone());
         let e = listener.expect("error");

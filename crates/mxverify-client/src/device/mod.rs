@@ -1,0 +1,1330 @@
+//! A Matrix device that verifies and is verified, and runs itself
+//! ([spec: key verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification)).
+//!
+//! [`Device`] is a handle: clone it, move it into tasks, call it from anywhere. Once
+//! [`Device::start`]ed it syncs, decrypts, answers the homeserver, fires the protocol's deadlines
+//! and sends what the verification machine asks by itself; the program reads what happens with
+//! [`Device::next_event`] and acts with [`Device::accept`], [`Device::start_sas`],
+//! [`Device::confirm`] and the rest, which send by themselves too.
+//!
+//! Inside, four kinds of work run side by side so that none waits for another: the `/sync` long
+//! poll, the handling of each batch (item by item: one bad item is reported and skipped), one
+//! sender that delivers the machine's messages in order, and a timer that fires the machine's
+//! deadlines on time — also while a request to the homeserver is in flight. State lives behind one
+//! lock that is never held across a network call.
+//!
+//! ```no_run
+//! use mxverify_client::{Device, DeviceEvent};
+//! use mxverify_proto::{Config, Event};
+//!
+//! # async fn bot() -> Result<(), mxverify_client::DeviceError> {
+//! let device = Device::open(std::path::Path::new("/var/lib/bot"), Config::default())?;
+//! device.start().await?;
+//! while let Some(event) = device.next_event().await {
+//!     if let DeviceEvent::Verification(Event::IncomingRequest { flow, .. }) = event {
+//!         device.accept(&flow).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod crypto;
+mod incoming;
+mod sharing;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mxverify_proto::{
+    ActionError, Config, Destination, Entropy, Event, FlowInfo, FlowKey, IncomingEvent, KeyKind, Machine, Outgoing,
+    OwnIdentity, RoomContext,
+};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use zeroize::Zeroizing;
+
+use crate::cross_signing::{CrossSigningKeys, MASTER, SECRET_NAMES};
+use crate::http::{Homeserver, HttpError};
+use crate::keys::{self, UserKeyInfo};
+use crate::megolm::{MegolmError, RoomEncryption};
+use crate::olm::{Olm, OlmError};
+use crate::secrets::OpenRequest;
+use crate::store::{ActiveFlow, PendingRequest, Store, StoreError, TrustRecord};
+
+pub use sharing::Bootstrap;
+
+/// The wall clock in milliseconds, for the machine.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Randomness from the operating system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        // Without a working OS RNG no key may be made at all; stopping is the only safe answer.
+        getrandom::fill(buf).expect("the operating system's random number generator failed");
+    }
+}
+
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    OsEntropy.fill(&mut b);
+    b
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    OsEntropy.fill(&mut raw);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What can go wrong with the device.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// Talking to the homeserver failed.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No session in this state directory.
+    #[error("not logged in: run `mxverify login` first (state directory {0})")]
+    NotLoggedIn(String),
+    /// The stored state cannot be read.
+    #[error("the stored state is damaged: {0}")]
+    Corrupt(String),
+    /// The user has no devices we could verify (unknown user, or no valid device keys).
+    #[error("unknown user {0}, or no device of theirs has valid keys")]
+    UnknownUser(String),
+    /// The device is not one of the user's.
+    #[error("{user} has no device {device} with valid keys")]
+    UnknownDevice {
+        /// The user.
+        user: String,
+        /// The device.
+        device: String,
+    },
+    /// A user action the machine refused.
+    #[error(transparent)]
+    Action(#[from] ActionError),
+    /// Another mxverify process is using this state directory.
+    #[error("another mxverify process is using the state directory {0}; one process per device")]
+    Busy(String),
+    /// End-to-end encryption failed for something we send.
+    #[error("encryption: {0}")]
+    Encryption(String),
+    /// Secret storage refused: no storage, a wrong recovery key, a secret that does not match.
+    #[error("{0}")]
+    Secrets(String),
+    /// The request cannot be made this way.
+    #[error("{0}")]
+    Refused(String),
+    /// The homeserver refused the user name or password (or the account is deactivated).
+    #[error("the homeserver refused the user name or password ({0}); check them and try again")]
+    LoginRefused(String),
+    /// The homeserver no longer accepts this device's login.
+    #[error("{0}")]
+    LoggedOut(String),
+}
+
+impl From<OlmError> for DeviceError {
+    fn from(e: OlmError) -> Self {
+        Self::Encryption(e.to_string())
+    }
+}
+
+impl From<MegolmError> for DeviceError {
+    fn from(e: MegolmError) -> Self {
+        Self::Encryption(e.to_string())
+    }
+}
+
+/// Something the device did or refused on its own, for the person or program watching: rooms
+/// joined, signatures uploaded, encrypted events held or dropped and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Notice {
+    /// What kind of thing happened (a stable, short name: `joined`, `dm_created`,
+    /// `waiting_for_join`, `signatures`, `held`, `dropped`, `keys`, `rotated`, `no_olm_session`, ...).
+    pub kind: &'static str,
+    /// One sentence for a person.
+    pub message: String,
+    /// The room concerned, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+impl Notice {
+    pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), room: None }
+    }
+
+    pub(crate) fn in_room(kind: &'static str, room: &str, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), room: Some(room.to_owned()) }
+    }
+}
+
+/// Whether the homeserver can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Connection {
+    /// `/sync` works.
+    Online,
+    /// `/sync` fails; the device keeps trying.
+    Unreachable {
+        /// Why the last attempt failed.
+        reason: String,
+        /// When the next attempt is made (ms since the epoch).
+        retry_at: u64,
+    },
+}
+
+/// What the device tells the program.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum DeviceEvent {
+    /// A verification event from the machine ([`mxverify_proto::Event`]).
+    Verification(Event),
+    /// Something the device did or refused by itself.
+    Notice(Notice),
+    /// The homeserver became unreachable, or reachable again.
+    Connection(Connection),
+    /// A request we made could not be sent (the room refused us, the other user never joined).
+    RequestFailed {
+        /// The flow, if it existed yet.
+        flow: Option<FlowKey>,
+        /// Who we wanted to verify.
+        user_id: String,
+        /// Why.
+        reason: String,
+        /// Whether it was because time ran out.
+        timed_out: bool,
+    },
+    /// The device stopped for good: its login is no longer valid (log in again).
+    LoggedOut(String),
+}
+
+/// How long an encrypted room event waits for its room key: as long as a flow may take.
+pub(crate) const HOLD_FOR_ROOM_KEY_MS: u64 = 10 * 60 * 1000;
+/// How soon the same user's keys are asked for again when nothing says they changed: a peer
+/// that names new devices of theirs over and over cannot keep us querying.
+const REQUERY_KEYS_MS: u64 = 10_000;
+
+/// Held while a process drives this device: two processes syncing and answering for one device
+/// would race for the same events and the same store.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] std::fs::File);
+
+impl StateLock {
+    /// Takes the lock of a state directory, or fails at once if another process holds it.
+    pub fn take(dir: &Path) -> Result<StateLock, DeviceError> {
+        let io = |source| DeviceError::Store(StoreError::Io { path: dir.to_owned(), source });
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(DeviceError::Busy(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+}
+
+/// Test only (`MXVERIFY_TEST_FAULT`, and the demo's attacker): alters an outgoing message so that
+/// a peer's answer to a wrong `commitment` (`"commitment"`), a wrong `mac` (`"mac"`) or an unknown
+/// start method (`"unknown_method"`) can be seen. Returns whether it changed anything.
+pub fn apply_fault(fault: &str, event_type: &str, content: &mut Value) -> bool {
+    let bogus = || json!(mxverify_proto::b64::encode([0x42u8; 32]));
+    match (fault, event_type) {
+        ("commitment", "m.key.verification.accept") => content["commitment"] = bogus(),
+        ("mac", "m.key.verification.mac") => match content["mac"].as_object_mut() {
+            Some(mac) => mac.values_mut().for_each(|v| *v = bogus()),
+            None => return false,
+        },
+        ("unknown_method", "m.key.verification.start") => content["method"] = json!("org.example.unknown.v1"),
+        _ => return false,
+    }
+    true
+}
+
+/// Sync filter: only what verification needs (to-device messages; verification, message and
+/// encrypted events in room timelines; memberships, to see invites, joins and leaves; and each
+/// room's encryption settings).
+pub fn sync_filter() -> Value {
+    json!({
+        "presence": {"not_types": ["*"]},
+        "account_data": {"not_types": ["*"]},
+        "room": {
+            "timeline": {"limit": 50, "types": ["m.room.message", "m.key.verification.*", "m.room.encrypted",
+                                                 "m.room.member", "m.room.encryption"]},
+            "state": {"types": ["m.room.member", "m.room.encryption"]},
+            "ephemeral": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]}
+        }
+    })
+}
+
+/// A request waiting for the other user to join the direct chat.
+#[derive(Debug, Clone)]
+pub(crate) struct AwaitingJoin {
+    pub(crate) room_id: String,
+    pub(crate) user: String,
+    pub(crate) deadline: u64,
+}
+
+/// Everything the device knows, behind one lock (never held across a network call).
+pub(crate) struct State {
+    pub(crate) store: Store,
+    pub(crate) machine: Machine,
+    pub(crate) olm: Olm,
+    pub(crate) cross: CrossSigningKeys,
+    pub(crate) known: HashMap<String, UserKeyInfo>,
+    pub(crate) methods: HashMap<FlowKey, String>,
+    pub(crate) room_encryption: HashMap<String, Option<RoomEncryption>>,
+    pub(crate) room_members: HashMap<String, Vec<String>>,
+    pub(crate) open_secret_requests: Vec<OpenRequest>,
+    pub(crate) secret_linger_until: Option<u64>,
+    pub(crate) awaiting_join: Vec<AwaitingJoin>,
+    /// Joins seen for requests that wait for them.
+    pub(crate) joined: HashSet<(String, String)>,
+    pub(crate) flow_timeout: u64,
+    pub(crate) keys_asked_at: HashMap<String, u64>,
+    pub(crate) keys_in_flight: HashSet<String>,
+    pub(crate) encrypt_to_device: bool,
+    pub(crate) next_txn: u64,
+}
+
+pub(crate) struct Inner {
+    me: std::sync::Weak<Inner>,
+    pub(crate) hs: Homeserver,
+    pub(crate) user_id: String,
+    pub(crate) device_id: String,
+    st: Mutex<State>,
+    pub(crate) events: mpsc::UnboundedSender<DeviceEvent>,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
+    wake: Notify,
+    txn_prefix: String,
+    test_fault: Option<String>,
+    started: std::sync::atomic::AtomicBool,
+    /// Messages queued for the sender and not yet delivered (or given up on).
+    unsent: std::sync::atomic::AtomicUsize,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A logged-in device (a cheap handle: clone it freely; all clones drive the same device).
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) inner: Arc<Inner>,
+    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<DeviceEvent>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("user_id", &self.inner.user_id)
+            .field("device_id", &self.inner.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+// A device is meant to be moved into tasks of a multi-threaded runtime.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Device>();
+};
+
+/// How a device is opened: what the machine supports, the store passphrase, and whether plain
+/// `http://` may be used for a homeserver on another machine.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Options {
+    /// The verification machine's configuration (methods, timeouts).
+    pub config: Config,
+    /// Encrypts the secrets at rest (access token, cross-signing keys, Olm pickle key); an
+    /// existing store is encrypted in place the first time it is given.
+    pub store_passphrase: Option<Zeroizing<String>>,
+    /// Allow `http://` for a homeserver that is not on this machine (never by default).
+    pub allow_insecure_http: bool,
+}
+
+impl Options {
+    /// With this machine configuration.
+    pub fn new(config: Config) -> Self {
+        Self { config, ..Self::default() }
+    }
+
+    /// With a store passphrase.
+    pub fn with_store_passphrase(mut self, passphrase: Option<&str>) -> Self {
+        self.store_passphrase = passphrase.map(|p| Zeroizing::new(p.to_owned()));
+        self
+    }
+
+    /// Allowing plain `http://` to another machine.
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
+    }
+}
+
+impl From<Config> for Options {
+    fn from(config: Config) -> Self {
+        Self::new(config)
+    }
+}
+
+/// How to log in.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// User name (or full user ID) and password.
+    Password {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+        /// Reuse or choose this device ID.
+        device_id: Option<String>,
+    },
+    /// An access token from an existing login (its user and device are asked of the server).
+    AccessToken(String),
+}
+
+impl Inner {
+    /// This device, for work that outlives the call (spawned tasks).
+    pub(crate) fn arc(&self) -> Arc<Inner> {
+        self.me.upgrade().expect("an Inner is only ever reached through its Arc")
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held left the state as it was at that point; carry on.
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn notice(&self, n: Notice) {
+        let _ = self.events.send(DeviceEvent::Notice(n));
+    }
+
+    pub(crate) fn emit(&self, e: DeviceEvent) {
+        let _ = self.events.send(e);
+    }
+
+    pub(crate) fn next_txn(&self, st: &mut State, what: &str) -> String {
+        st.next_txn += 1;
+        format!("mxv{}-{what}{}", self.txn_prefix, st.next_txn)
+    }
+}
+
+impl Device {
+    /// Logs in and sets the device up: a fresh (or, for the same device, the stored) identity,
+    /// signed device keys and one-time keys uploaded, a sync filter. A state directory holds one
+    /// account: logging in as another user there is refused unless `replace`, which starts afresh.
+    pub async fn login(
+        dir: &Path,
+        homeserver: &str,
+        credentials: Credentials,
+        replace: bool,
+        options: impl Into<Options>,
+    ) -> Result<Device, DeviceError> {
+        let options = options.into();
+        let store = Store::open_with_passphrase(dir, options.store_passphrase.as_deref().map(String::as_str))?;
+        // A wrong URL should fail fast; later calls get the patient default policy.
+        let mut hs = Homeserver::new_checked(homeserver, None, options.allow_insecure_http)?;
+        let probe = hs.clone().with_retry(crate::http::Retry {
+            attempts: 3,
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(1),
+        });
+        probe.versions().await?;
+        let (user_id, device_id, token) = match credentials {
+            Credentials::Password { user, password, device_id } => {
+                match hs.login(&user, &password, device_id.as_deref()).await {
+                    Ok(v) => v,
+                    Err(e) if e.is_login_refused() || e.errcode() == Some("M_USER_DEACTIVATED") => {
+                        return Err(DeviceError::LoginRefused(e.errcode().unwrap_or("M_FORBIDDEN").to_owned()));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Credentials::AccessToken(token) => {
+                hs.set_token(token.clone());
+                let (user_id, device_id) = hs.whoami().await?;
+                let device_id = device_id.ok_or_else(|| {
+                    DeviceError::Refused("this access token belongs to no device (the server names none)".into())
+                })?;
+                (user_id, device_id, token)
+            }
+        };
+        hs.set_token(token.clone());
+        let stored_user = store.get("user_id")?;
+        if let Some(previous) = &stored_user
+            && *previous != user_id
+            && !replace
+        {
+            return Err(DeviceError::Refused(format!(
+                "this state directory belongs to {previous}; use another --state-dir, or pass --replace to forget that account here"
+            )));
+        }
+        let same_device =
+            stored_user.as_deref() == Some(&user_id) && store.get("device_id")?.as_deref() == Some(&device_id);
+        if !same_device {
+            // A new device (or account): nothing of the previous one is kept.
+            store.reset()?;
+        }
+        store.set("homeserver", homeserver)?;
+        store.set("user_id", &user_id)?;
+        store.set("device_id", &device_id)?;
+        store.set("access_token", &token)?;
+        drop(store);
+        let device = Device::open(dir, options)?;
+        device.upload_device_keys().await?;
+        device.filter_id().await?;
+        Ok(device)
+    }
+
+    /// Opens the stored session (no network).
+    pub fn open(dir: &Path, options: impl Into<Options>) -> Result<Device, DeviceError> {
+        let Options { config, store_passphrase, .. } = options.into();
+        let mut store = Store::open_with_passphrase(dir, store_passphrase.as_deref().map(String::as_str))?;
+        let need = |store: &Store, k: &str| -> Result<String, DeviceError> {
+            store.get(k)?.ok_or_else(|| DeviceError::NotLoggedIn(dir.display().to_string()))
+        };
+        let homeserver = need(&store, "homeserver")?;
+        let user_id = need(&store, "user_id")?;
+        let device_id = need(&store, "device_id")?;
+        let token = Zeroizing::new(need(&store, "access_token")?);
+        let pickle_key = match store.get("pickle_key")?.and_then(|k| mxverify_proto::b64::decode32(&k)) {
+            Some(k) => k,
+            None => {
+                let k = random_bytes::<32>();
+                store.set("pickle_key", &mxverify_proto::b64::encode(k))?;
+                k
+            }
+        };
+        let olm =
+            Olm::load(&mut store, &user_id, &device_id, pickle_key).map_err(|e| DeviceError::Corrupt(e.to_string()))?;
+        let cross = match store.get("cross_signing")? {
+            Some(j) => CrossSigningKeys::from_json(&Zeroizing::new(j))
+                .ok_or_else(|| DeviceError::Corrupt("cross-signing keys".into()))?,
+            None => CrossSigningKeys::default(),
+        };
+        let open_secret_requests = store
+            .get("secret_requests")?
+            .and_then(|j| serde_json::from_str::<Vec<OpenRequest>>(&j).ok())
+            .unwrap_or_default();
+        let own = OwnIdentity {
+            user_id: user_id.clone(),
+            device_id: device_id.clone(),
+            ed25519: olm.ed25519(),
+            master_key: cross.public(MASTER),
+            trusts_master_key: cross.get(MASTER).is_some(),
+        };
+        let config_flow_timeout = config.timeouts.flow;
+        let machine = Machine::new(own, config, Box::new(OsEntropy));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        let state = State {
+            store,
+            machine,
+            olm,
+            cross,
+            known: HashMap::new(),
+            methods: HashMap::new(),
+            room_encryption: HashMap::new(),
+            room_members: HashMap::new(),
+            open_secret_requests,
+            secret_linger_until: None,
+            awaiting_join: Vec::new(),
+            joined: HashSet::new(),
+            flow_timeout: config_flow_timeout,
+            keys_asked_at: HashMap::new(),
+            keys_in_flight: HashSet::new(),
+            encrypt_to_device: false,
+            next_txn: 0,
+        };
+        let inner = |me: &std::sync::Weak<Inner>| Inner {
+            me: me.clone(),
+            hs: Homeserver::new(&homeserver, Some(token.to_string())),
+            user_id,
+            device_id,
+            st: Mutex::new(state),
+            events: events_tx,
+            outbox: outbox_tx,
+            outbox_rx: Mutex::new(Some(outbox_rx)),
+            wake: Notify::new(),
+            txn_prefix: random_hex(6),
+            test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
+            started: std::sync::atomic::AtomicBool::new(false),
+            unsent: std::sync::atomic::AtomicUsize::new(0),
+            tasks: Mutex::new(Vec::new()),
+        };
+        Ok(Device { inner: Arc::new_cyclic(inner), events: Arc::new(tokio::sync::Mutex::new(events_rx)) })
+    }
+
+    /// Our user ID.
+    pub fn user_id(&self) -> &str {
+        &self.inner.user_id
+    }
+
+    /// Our device ID.
+    pub fn device_id(&self) -> &str {
+        &self.inner.device_id
+    }
+
+    /// The homeserver's base URL.
+    pub fn homeserver(&self) -> &str {
+        self.inner.hs.base()
+    }
+
+    /// Our Ed25519 device key.
+    pub fn ed25519(&self) -> String {
+        self.inner.lock().olm.ed25519()
+    }
+
+    /// Our Curve25519 identity key.
+    pub fn curve25519(&self) -> String {
+        self.inner.lock().olm.curve25519()
+    }
+
+    /// Our master key, if this device holds its private part.
+    pub fn master_key(&self) -> Option<String> {
+        self.inner.lock().cross.public(MASTER)
+    }
+
+    /// The secret names of the cross-signing private keys this device holds.
+    pub fn cross_signing_keys_held(&self) -> Vec<&'static str> {
+        let st = self.inner.lock();
+        SECRET_NAMES.into_iter().filter(|n| st.cross.get(n).is_some()).collect()
+    }
+
+    /// Whether to-device verification messages we send are Olm-encrypted (default: no, as
+    /// matrix-js-sdk and matrix-rust-sdk send them; encrypted ones are always understood).
+    pub fn set_encrypt_to_device(&self, on: bool) {
+        self.inner.lock().encrypt_to_device = on;
+    }
+
+    /// What we know of a user's keys (after [`Device::query_keys`]).
+    pub fn known(&self, user: &str) -> Option<UserKeyInfo> {
+        self.inner.lock().known.get(user).cloned()
+    }
+
+    /// What this device verified (the trust records), optionally of one user.
+    pub fn trust(&self, user: Option<&str>) -> Result<Vec<TrustRecord>, DeviceError> {
+        Ok(self.inner.lock().store.trust(user)?)
+    }
+
+    /// Whether this exact key of this user was verified by this device.
+    pub fn is_trusted(&self, user: &str, key: &str) -> bool {
+        self.inner.lock().store.is_trusted(user, key).unwrap_or(false)
+    }
+
+    /// A view of one flow.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowInfo> {
+        self.inner.lock().machine.flow(key)
+    }
+
+    /// Every flow the device remembers that has not ended.
+    pub fn active_flows(&self) -> Vec<FlowInfo> {
+        let st = self.inner.lock();
+        st.machine.flows().filter_map(|k| st.machine.flow(k)).filter(|f| f.cancel.is_none() && !f.verified).collect()
+    }
+
+    /// `/keys/upload` of our signed device keys (once per device) with a first supply of signed
+    /// one-time keys and a fallback key.
+    pub async fn upload_device_keys(&self) -> Result<(), DeviceError> {
+        let body = {
+            let mut st = self.inner.lock();
+            let st = &mut *st;
+            if st.store.get("keys_uploaded")?.as_deref() == Some(&self.inner.device_id) {
+                return Ok(());
+            }
+            let mut body = st.olm.keys_to_upload(&mut st.store, 0, Some(false))?.unwrap_or_else(|| json!({}));
+            body["device_keys"] = st.olm.device_keys();
+            body
+        };
+        self.inner.hs.keys_upload(&body).await?;
+        let mut st = self.inner.lock();
+        let st = &mut *st;
+        st.olm.mark_keys_published(&mut st.store)?;
+        st.store.set("keys_uploaded", &self.inner.device_id)?;
+        Ok(())
+    }
+
+    /// The sync filter id (created again whenever the filter changed).
+    pub async fn filter_id(&self) -> Result<String, DeviceError> {
+        let wanted = sync_filter().to_string();
+        {
+            let st = self.inner.lock();
+            if let (Some(f), Some(stored)) = (st.store.get("filter_id")?, st.store.get("filter")?)
+                && stored == wanted
+            {
+                return Ok(f);
+            }
+        }
+        let f = self.inner.hs.create_filter(&self.inner.user_id, &sync_filter()).await?;
+        let st = self.inner.lock();
+        st.store.set("filter_id", &f)?;
+        st.store.set("filter", &wanted)?;
+        Ok(f)
+    }
+
+    /// `/keys/query` with every signature checked; the result goes to the store and the machine.
+    pub async fn query_keys(&self, users: &[String]) -> Result<(), DeviceError> {
+        self.inner.query_keys(users).await
+    }
+
+    /// The devices of `user` we could verify (other than this one).
+    pub async fn devices_of(&self, user: &str) -> Result<Vec<String>, DeviceError> {
+        self.query_keys(&[user.to_owned()]).await?;
+        let st = self.inner.lock();
+        let devices: Vec<String> = st
+            .known
+            .get(user)
+            .map(|k| {
+                k.devices
+                    .keys()
+                    .filter(|d| !(user == self.inner.user_id && **d == self.inner.device_id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if devices.is_empty() {
+            return Err(DeviceError::UnknownUser(user.to_owned()));
+        }
+        Ok(devices)
+    }
+
+    /// Joins a room we were invited to.
+    pub async fn join(&self, room: &str) -> Result<(), DeviceError> {
+        Ok(self.inner.hs.join(room).await?)
+    }
+
+    /// Starts the device: flows lost by an earlier run are ended (the other side is told), requests
+    /// that waited while we were stopped are replayed (expired ones reported), and syncing
+    /// begins. Needs a tokio runtime with the time and I/O drivers.
+    pub async fn start(&self) -> Result<(), DeviceError> {
+        if self.inner.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let me = self.inner.user_id.clone();
+        if let Err(e) = self.query_keys(std::slice::from_ref(&me)).await {
+            self.inner.notice(Notice::new("keys", format!("could not fetch our own keys yet: {e}")));
+        }
+        let filter = self.filter_id().await?;
+        self.inner.abandon_lost_flows();
+        self.inner.restore_pending();
+        let rx = self.inner.outbox_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut tasks = Vec::new();
+        if let Some(rx) = rx {
+            tasks.push(tokio::spawn(Inner::sender(self.inner.clone(), rx)));
+        }
+        tasks.push(tokio::spawn(Inner::timer(self.inner.clone())));
+        tasks.push(tokio::spawn(Inner::syncer(self.inner.clone(), filter)));
+        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend(tasks);
+        self.inner.flush();
+        Ok(())
+    }
+
+    /// Stops after delivering what is already queued (a last cancel or `done` must not be lost
+    /// because the program ends): waits up to 10 s for the sender, then stops everything.
+    pub async fn shutdown(&self) {
+        let end = now_ms() + 10_000;
+        while self.inner.unsent.load(std::sync::atomic::Ordering::SeqCst) > 0 && now_ms() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop();
+    }
+
+    /// Stops syncing, sending and the timer at once (queued messages may be lost: see
+    /// [`Device::shutdown`]).
+    pub fn stop(&self) {
+        for t in self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// The next thing that happened; `None` once every handle is gone.
+    pub async fn next_event(&self) -> Option<DeviceEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    /// The next event if one is waiting, without waiting.
+    pub fn try_next_event(&self) -> Option<DeviceEvent> {
+        self.events.try_lock().ok()?.try_recv().ok()
+    }
+
+    fn act(&self, f: impl FnOnce(&mut Machine, u64) -> Result<(), ActionError>) -> Result<(), DeviceError> {
+        {
+            let mut st = self.inner.lock();
+            let now = now_ms();
+            st.machine.handle_timeout(now);
+            f(&mut st.machine, now)?;
+        }
+        self.inner.flush();
+        Ok(())
+    }
+
+    /// Accepts an incoming request (sends `ready`) or a legacy start.
+    pub async fn accept(&self, flow: &FlowKey) -> Result<(), DeviceError> {
+        self.act(|m, now| m.accept(flow, now))
+    }
+
+    /// Starts SAS in a ready flow.
+    pub async fn start_sas(&self, flow: &FlowKey) -> Result<(), DeviceError> {
+        let result = self.act(|m, now| m.start_sas(flow, now));
+        if let Err(DeviceError::Action(ActionError::KeysUnknown { user_id, .. })) = &result {
+            let user = user_id.clone();
+            self.query_keys(std::slice::from_ref(&user)).await?;
+            return self.act(|m, now| m.start_sas(flow, now));
+        }
+        result
+    }
+
+    /// The person says the emoji or numbers match (or that the other device showed success).
+    pub async fn confirm(&self, flow: &FlowKey) -> Result<(), DeviceError> {
+        self.act(|m, now| m.confirm(flow, now))
+    }
+
+    /// The person says they differ.
+    pub async fn mismatch(&self, flow: &FlowKey) -> Result<(), DeviceError> {
+        self.act(|m, now| m.mismatch(flow, now))
+    }
+
+    /// Cancels (or declines) a flow.
+    pub async fn cancel(&self, flow: &FlowKey) -> Result<(), DeviceError> {
+        self.act(|m, now| m.cancel(flow, now))
+    }
+
+    /// Scans the other device's QR code (its raw payload).
+    pub async fn scan_qr(&self, flow: &FlowKey, payload: &[u8]) -> Result<(), DeviceError> {
+        self.act(|m, now| m.scan_qr(flow, payload, now))
+    }
+
+    /// Asks `user` to verify, to-device: the named devices, or all of theirs (other than this one).
+    /// Returns the flow.
+    pub async fn request_to_device(&self, user: &str, devices: Option<&[String]>) -> Result<FlowKey, DeviceError> {
+        let all = self.devices_of(user).await?;
+        let devices = match devices {
+            Some(named) => {
+                if let Some(d) = named.iter().find(|d| !all.contains(d)) {
+                    return Err(DeviceError::UnknownDevice { user: user.into(), device: d.clone() });
+                }
+                named.to_vec()
+            }
+            None => all,
+        };
+        let key = {
+            let mut st = self.inner.lock();
+            st.machine.request_to_device(user, &devices, now_ms())?
+        };
+        self.inner.flush();
+        Ok(key)
+    }
+
+    /// Asks `user` to verify in a room. In-room verification is for another user: our own
+    /// devices verify to-device. The flow appears with the `RequestSent` event once the
+    /// homeserver gave the request its event ID.
+    pub async fn request_in_room(&self, user: &str, room_id: &str) -> Result<(), DeviceError> {
+        if user == self.inner.user_id {
+            return Err(DeviceError::Refused(
+                "your own devices verify each other to-device, not in a room: leave out --room".into(),
+            ));
+        }
+        self.devices_of(user).await?;
+        {
+            let mut st = self.inner.lock();
+            st.machine.request_in_room(room_id, user, now_ms());
+        }
+        self.inner.flush();
+        Ok(())
+    }
+
+    /// Asks `user` to verify in our direct chat with them ([`Device::dm_room`]): at once if they
+    /// are in it, otherwise as soon as they join (within the flow timeout; a
+    /// [`DeviceEvent::RequestFailed`] says if they never do).
+    pub async fn request_in_dm(&self, user: &str) -> Result<DirectRoom, DeviceError> {
+        if user == self.inner.user_id {
+            return Err(DeviceError::Refused("your own devices verify each other to-device".into()));
+        }
+        // Someone with no device to verify gets no room made for nothing.
+        self.devices_of(user).await?;
+        let dm = self.dm_room(user).await?;
+        if dm.other_joined {
+            self.request_in_room(user, &dm.room_id).await?;
+        } else {
+            let mut st = self.inner.lock();
+            let deadline = now_ms() + st.flow_timeout;
+            st.awaiting_join.push(AwaitingJoin { room_id: dm.room_id.clone(), user: user.to_owned(), deadline });
+            drop(st);
+            self.inner.notice(Notice::in_room(
+                "waiting_for_join",
+                &dm.room_id,
+                format!("waiting for {user} to join {} before asking", dm.room_id),
+            ));
+            self.inner.wake.notify_one();
+        }
+        Ok(dm)
+    }
+
+    /// When the device has something due that a command waiting for its end should stay for
+    /// (secret sharing right after a verification with our own device); `None` if nothing.
+    pub fn busy_until(&self) -> Option<u64> {
+        let now = now_ms();
+        let st = self.inner.lock();
+        let waiting =
+            st.open_secret_requests.iter().map(|r| r.created_at + sharing::SECRET_LINGER_MS).filter(|t| *t > now).max();
+        st.secret_linger_until.filter(|t| *t > now).max(waiting)
+    }
+}
+
+/// The direct chat a verification with another user happens in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRoom {
+    /// The room.
+    pub room_id: String,
+    /// Whether we just created it.
+    pub created: bool,
+    /// Whether the other user has joined (a request sent before they join may never be seen
+    /// by clients that fetch a new member's keys after reading the room).
+    pub other_joined: bool,
+}
+
+impl Inner {
+    /// `/keys/query` with every signature checked; the result goes to the store and the machine.
+    /// Users whose server the homeserver could not reach keep their last known keys.
+    pub(crate) async fn query_keys(&self, users: &[String]) -> Result<(), DeviceError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let resp = self.hs.keys_query(&refs).await?;
+        let failed: BTreeSet<String> =
+            resp["failures"].as_object().map(|f| f.keys().cloned().collect()).unwrap_or_default();
+        let now = now_ms();
+        let mut notices = Vec::new();
+        {
+            let mut st = self.lock();
+            for user in users {
+                let server = user.split_once(':').map(|(_, s)| s).unwrap_or_default();
+                if failed.contains(server) {
+                    notices.push(Notice::new(
+                        "keys",
+                        format!("{server} did not answer for {user}'s keys; keeping what we knew"),
+                    ));
+                    continue;
+                }
+                let info = keys::check_user(&resp, user);
+                for r in &info.rejected {
+                    notices.push(Notice::new("keys", format!("ignored a key of {user}: {r}")));
+                }
+                if let Some(previous) = st.known.get(user).and_then(|k| k.master_key.clone())
+                    && info.master_key.as_ref() != Some(&previous)
+                {
+                    notices.push(Notice::new(
+                        "identity_changed",
+                        format!(
+                            "{user}'s master key changed from {previous} to {}",
+                            info.master_key.as_deref().unwrap_or("none")
+                        ),
+                    ));
+                }
+                st.store.save_user_keys(user, &info)?;
+                st.machine.update_user_keys(user, info.for_machine(), now);
+                st.keys_asked_at.insert(user.clone(), now);
+                st.known.insert(user.clone(), info);
+            }
+            if users.contains(&self.user_id) {
+                refresh_own_identity(&mut st, &self.user_id, &self.device_id);
+            }
+        }
+        for n in notices {
+            self.notice(n);
+        }
+        self.flush();
+        Ok(())
+    }
+
+    /// Keys the machine asked for: fetched in the background, at most every few seconds per user
+    /// unless `/sync` says they changed.
+    pub(crate) fn want_keys(&self, user: &str) {
+        let now = now_ms();
+        {
+            let mut st = self.lock();
+            let recent = st.keys_asked_at.get(user).is_some_and(|t| now.saturating_sub(*t) < REQUERY_KEYS_MS);
+            if recent || !st.keys_in_flight.insert(user.to_owned()) {
+                return;
+            }
+        }
+        let inner = self.arc();
+        let user = user.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = inner.query_keys(std::slice::from_ref(&user)).await {
+                inner.notice(Notice::new("keys", format!("could not fetch the keys of {user}: {e}")));
+            }
+            let mut st = inner.lock();
+            st.keys_in_flight.remove(&user);
+            st.keys_asked_at.insert(user, now_ms());
+        });
+    }
+
+    /// Takes what the machine produced: events are handled first (what must be remembered is
+    /// stored before the message that announces it leaves), then its messages go to the sender,
+    /// in order. `raw` is the incoming event being handled, for a request to remember.
+    pub(crate) fn flush(&self) {
+        self.flush_with(None);
+    }
+
+    pub(crate) fn flush_with(&self, raw: Option<(&Value, u64)>) {
+        self.flush_inner(raw);
+        // New deadlines may be earlier than the one the timer sleeps for.
+        self.wake.notify_one();
+    }
+
+    fn flush_inner(&self, raw: Option<(&Value, u64)>) {
+        let mut follow = Vec::new();
+        let events = {
+            let mut st = self.lock();
+            let mut events = Vec::new();
+            while let Some(event) = st.machine.poll_event() {
+                if let Err(e) = self.remember(&mut st, &event, raw) {
+                    self.notice(Notice::new("store", format!("could not record {}: {e}", event_name(&event))));
+                }
+                events.push(event);
+            }
+            while let Some(out) = st.machine.poll_outgoing() {
+                self.unsent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = self.outbox.send(out);
+            }
+            events
+        };
+        for event in events {
+            match &event {
+                Event::KeysNeeded { user_id } => follow.push(Follow::Keys(user_id.clone())),
+                Event::Done { user_id, device_id, keys, .. } => {
+                    follow.push(Follow::CrossSign(user_id.clone(), keys.clone()));
+                    if *user_id == self.user_id {
+                        follow.push(Follow::OwnDevice(device_id.clone()));
+                    }
+                }
+                _ => {}
+            }
+            self.emit(DeviceEvent::Verification(event));
+        }
+        for f in follow {
+            match f {
+                Follow::Keys(user) => self.want_keys(&user),
+                Follow::CrossSign(user, keys) => {
+                    let inner = self.arc();
+                    tokio::spawn(async move { inner.cross_sign_verified(&user, &keys).await });
+                }
+                Follow::OwnDevice(device) => {
+                    let inner = self.arc();
+                    tokio::spawn(async move {
+                        if let Err(e) = inner.after_own_verification(&device).await {
+                            inner.notice(Notice::new("secret_request", format!("could not ask for the keys: {e}")));
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// What is remembered of a machine event, before anything it leads to is sent.
+    fn remember(&self, st: &mut State, event: &Event, raw: Option<(&Value, u64)>) -> Result<(), DeviceError> {
+        match event {
+            Event::IncomingRequest { flow, .. } => {
+                if let Some((raw, received_at)) = raw {
+                    st.store.add_pending(&PendingRequest {
+                        flow_id: flow.flow_id().to_owned(),
+                        event: raw.to_string(),
+                        received_at,
+                    })?;
+                }
+            }
+            Event::Started { flow, method, .. } => {
+                st.methods.insert(flow.clone(), method.clone());
+                st.store.remove_pending(flow.flow_id())?;
+            }
+            Event::Ready { flow, other_device, .. } => {
+                st.store.remove_pending(flow.flow_id())?;
+                let other_user = st.machine.flow(flow).map(|f| f.other_user).unwrap_or_default();
+                st.store.add_active(&ActiveFlow {
+                    flow_id: flow.flow_id().to_owned(),
+                    room_id: match flow {
+                        FlowKey::Room { room_id, .. } => Some(room_id.clone()),
+                        FlowKey::ToDevice { .. } => None,
+                    },
+                    other_user,
+                    other_device: Some(other_device.clone()),
+                })?;
+            }
+            Event::Cancelled { flow, .. } => {
+                st.store.remove_pending(flow.flow_id())?;
+                st.store.remove_active(flow.flow_id())?;
+            }
+            Event::Done { flow, user_id, device_id, keys } => {
+                st.store.remove_pending(flow.flow_id())?;
+                st.store.remove_active(flow.flow_id())?;
+                let method = st.methods.get(flow).cloned().unwrap_or_else(|| "m.sas.v1".into());
+                for k in keys {
+                    st.store.add_trust(&TrustRecord {
+                        user_id: user_id.clone(),
+                        key_id: k.key_id.clone(),
+                        key: k.key.clone(),
+                        kind: match k.kind {
+                            KeyKind::Device => "device".into(),
+                            KeyKind::MasterKey => "master_key".into(),
+                        },
+                        device_id: device_id.clone(),
+                        method: method.clone(),
+                        flow_id: flow.flow_id().to_owned(),
+                        verified_at: now_ms(),
+                    })?;
+                }
+                if *user_id == self.user_id {
+                    refresh_own_identity(st, &self.user_id, &self.device_id);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Feeds one incoming (decrypted) event to the machine and handles what follows.
+    pub(crate) fn feed(&self, incoming: IncomingEvent, now: u64) {
+        let raw = json!({"sender": incoming.sender, "type": incoming.event_type, "content": incoming.content,
+            "room": incoming.room.as_ref().map(|r| json!({"room_id": r.room_id, "event_id": r.event_id,
+                "origin_server_ts": r.origin_server_ts, "relates_to_fallback": r.relates_to_fallback}))});
+        {
+            let mut st = self.lock();
+            st.machine.handle_timeout(now);
+            st.machine.receive(incoming, now);
+        }
+        self.flush_with(Some((&raw, now)));
+    }
+
+    /// Flows that were in progress when the program stopped cannot go on (their keys were in
+    /// memory): tell the other side, rather than leaving it to wait for its timeout.
+    fn abandon_lost_flows(&self) {
+        let now = now_ms();
+        {
+            let mut st = self.lock();
+            let lost = st.store.active().unwrap_or_default();
+            for f in lost {
+                let key = match &f.room_id {
+                    Some(room_id) => FlowKey::Room { room_id: room_id.clone(), event_id: f.flow_id.clone() },
+                    None => FlowKey::ToDevice { user_id: f.other_user.clone(), transaction_id: f.flow_id.clone() },
+                };
+                st.machine.abandon(key, &f.other_user, f.other_device.clone(), now);
+                let _ = st.store.remove_active(&f.flow_id);
+            }
+        }
+        self.flush();
+    }
+
+    /// Replays requests that were waiting when the program stopped, as received then; those past
+    /// their deadline come back as expired (cancelled with `m.timeout`, nothing sent).
+    fn restore_pending(&self) {
+        let pending = self.lock().store.pending().unwrap_or_default();
+        for p in pending {
+            let Ok(v) = serde_json::from_str::<Value>(&p.event) else {
+                let _ = self.lock().store.remove_pending(&p.flow_id);
+                continue;
+            };
+            let room = v["room"].as_object().map(|r| RoomContext {
+                room_id: r["room_id"].as_str().unwrap_or_default().into(),
+                event_id: r["event_id"].as_str().unwrap_or_default().into(),
+                origin_server_ts: r["origin_server_ts"].as_u64().unwrap_or(0),
+                relates_to_fallback: r.get("relates_to_fallback").filter(|v| v.is_object()).cloned(),
+            });
+            let incoming = IncomingEvent {
+                sender: v["sender"].as_str().unwrap_or_default().into(),
+                event_type: v["type"].as_str().unwrap_or_default().into(),
+                content: v["content"].clone(),
+                room,
+            };
+            self.lock().machine.receive(incoming, p.received_at);
+            self.flush();
+        }
+        self.lock().machine.handle_timeout(now_ms());
+        self.flush();
+    }
+
+    /// Delivers the machine's messages, one after another, in order. A message the homeserver
+    /// refuses ends its flow alone, reported; the sender goes on.
+    async fn sender(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+        while let Some(mut out) = rx.recv().await {
+            if let Some(fault) = &self.test_fault {
+                apply_fault(fault, out.event_type, &mut out.content);
+            }
+            // The same outgoing id always gives the same transaction id, so a retried request
+            // is delivered once.
+            let txn = format!("mxv{}-{}", self.txn_prefix, out.id);
+            let result = self.send_one(&out, &txn).await;
+            match result {
+                Ok(Some(event_id)) if out.flow.is_none() && out.event_type == "m.room.message" => {
+                    let sent = self.lock().machine.room_event_sent(out.id, &event_id, now_ms());
+                    if let Err(e) = sent {
+                        self.notice(Notice::new("send", format!("the request's flow could not be opened: {e}")));
+                    }
+                    self.flush();
+                }
+                Ok(_) => {}
+                Err(e) => self.send_failed(&out, e),
+            }
+            self.unsent.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn send_failed(&self, out: &Outgoing, e: DeviceError) {
+        let (user, room) = match &out.destination {
+            Destination::ToDevice { user_id, .. } => (user_id.clone(), None),
+            Destination::Room { room_id } => (String::new(), Some(room_id.clone())),
+        };
+        let what = format!(
+            "could not send {}{}: {e}",
+            out.event_type,
+            room.as_deref().map(|r| format!(" in {r}")).unwrap_or_default()
+        );
+        match &out.flow {
+            Some(flow) => {
+                let user = self.lock().machine.flow(flow).map(|f| f.other_user).unwrap_or(user);
+                // The flow cannot go on without this message; end it here (a cancel would meet the
+                // same refusal, so none is sent when the room refused us).
+                let ended = {
+                    let mut st = self.lock();
+                    let active = st.machine.flow(flow).is_some_and(|f| f.cancel.is_none() && !f.verified);
+                    if active && out.event_type != "m.key.verification.cancel" {
+                        st.machine.abandon(flow.clone(), &user, None, now_ms());
+                        true
+                    } else {
+                        false
+                    }
+                };
+                self.emit(DeviceEvent::RequestFailed {
+                    flow: Some(flow.clone()),
+                    user_id: user,
+                    reason: what,
+                    timed_out: false,
+                });
+                if ended {
+                    self.flush();
+                }
+            }
+            None => {
+                let user = out.content["to"].as_str().map(str::to_owned).unwrap_or(user);
+                self.emit(DeviceEvent::RequestFailed { flow: None, user_id: user, reason: what, timed_out: false });
+            }
+        }
+    }
+
+    /// One message: to-device (Olm-encrypted if asked) or in a room (Megolm-encrypted if the
+    /// room is). Returns the event ID of a room message.
+    async fn send_one(&self, out: &Outgoing, txn: &str) -> Result<Option<String>, DeviceError> {
+        match &out.destination {
+            Destination::ToDevice { user_id, device_ids } => {
+                let encrypt = self.lock().encrypt_to_device;
+                if encrypt {
+                    let per_device = self.olm_encrypt_for(user_id, device_ids, out.event_type, &out.content).await?;
+                    if !per_device.is_empty() {
+                        self.hs
+                            .send_to_device("m.room.encrypted", txn, &json!({ user_id.clone(): per_device }))
+                            .await?;
+                    }
+                } else {
+                    let per_device: serde_json::Map<String, Value> =
+                        device_ids.iter().map(|d| (d.clone(), out.content.clone())).collect();
+                    self.hs.send_to_device(out.event_type, txn, &json!({ user_id.clone(): per_device })).await?;
+                }
+                Ok(None)
+            }
+            Destination::Room { room_id } => {
+                let event_id = match self.room_encryption(room_id).await? {
+                    Some(settings) => {
+                        let content = self.megolm_encrypt(room_id, &settings, out.event_type, &out.content).await?;
+                        self.hs.room_send(room_id, "m.room.encrypted", txn, &content).await?
+                    }
+                    None => self.hs.room_send(room_id, out.event_type, txn, &out.content).await?,
+                };
+                Ok(Some(event_id))
+            }
+        }
+    }
+
+    /// Fires the machine's deadlines on time, whatever else is going on.
+    async fn timer(self: Arc<Self>) {
+        loop {
+            let (deadline, expired_joins) = {
+                let mut st = self.lock();
+                let now = now_ms();
+                st.machine.handle_timeout(now);
+                let _ = self.expire_held(&mut st, now);
+                let (expired, waiting): (Vec<AwaitingJoin>, Vec<AwaitingJoin>) =
+                    std::mem::take(&mut st.awaiting_join).into_iter().partition(|w| w.deadline <= now);
+                st.awaiting_join = waiting;
+                let held = st.store.held_next_due().ok().flatten();
+                let join = st.awaiting_join.iter().map(|w| w.deadline).min();
+                let linger = st.secret_linger_until.filter(|t| *t > now);
+                ([st.machine.next_deadline(), held, join, linger].into_iter().flatten().min(), expired)
+            };
+            for w in expired_joins {
+                self.emit(DeviceEvent::RequestFailed {
+                    flow: None,
+                    user_id: w.user.clone(),
+                    reason: format!(
+                        "{} did not join the direct chat {} in time; no request was sent",
+                        w.user, w.room_id
+                    ),
+                    timed_out: true,
+                });
+            }
+            // Not `flush`: that wakes this timer, which would then never sleep.
+            self.flush_inner(None);
+            let wait = deadline.map(|d| d.saturating_sub(now_ms())).unwrap_or(60_000).min(60_000);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+enum Follow {
+    Keys(String),
+    CrossSign(String, Vec<mxverify_proto::VerifiedKey>),
+    OwnDevice(String),
+}
+
+fn event_name(e: &Event) -> &'static str {
+    match e {
+        Event::IncomingRequest { .. } => "an incoming request",
+        Event::Ready { .. } => "a ready flow",
+        Event::Done { .. } => "a verification",
+        _ => "an event",
+    }
+}
+
+/// Our identity for the machine: the published master key, trusted if we hold its private
+/// key or verified it.
+pub(crate) fn refresh_own_identity(st: &mut State, user_id: &str, device_id: &str) {
+    let published = st.known.get(user_id).and_then(|k| k.master_key.clone());
+    let held = st.cross.public(MASTER);
+    let master_key = published.or_else(|| held.clone());
+    let trusts = match &master_key {
+        Some(k) => held.as_ref() == Some(k) || st.store.is_trusted(user_id, k).unwrap_or(false),
+        None => false,
+    };
+    let ed25519 = st.olm.ed25519();
+    st.machine.set_own_identity(OwnIdentity {
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+        ed25519,
+        master_key,
+        trusts_master_key: trusts,
+    });
+}
