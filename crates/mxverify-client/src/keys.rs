@@ -99,10 +99,15 @@ impl UserKeyInfo {
     }
 }
 
-/// The single ed25519 key of a cross-signing key object with this usage, checked.
+/// The single ed25519 key of a cross-signing key object with this usage, checked. A key
+/// object must have a canonical JSON form (no floats, no integers beyond ±2^53): we may have to
+/// sign it.
 fn cross_signing_key(obj: &Value, user: &str, usage: &str) -> Result<String, String> {
     if obj["user_id"] != user {
         return Err(format!("{usage} key: wrong user_id"));
+    }
+    if signable(obj).is_none() {
+        return Err(format!("{usage} key: no canonical JSON form (a float or an integer out of range)"));
     }
     if !obj["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
         return Err(format!("{usage} key: usage does not include {usage}"));
@@ -197,6 +202,30 @@ mod tests {
     fn cs_key(user: &str, usage: &str, key: &Ed25519SecretKey) -> Value {
         let pk = key.public_key().to_base64();
         json!({"user_id": user, "usage": [usage], "keys": {format!("ed25519:{pk}"): pk}})
+    }
+
+    #[test]
+    fn a_key_without_canonical_json_is_refused_at_the_boundary() {
+        let msk = Ed25519SecretKey::new();
+        let u = "@u:x";
+        for odd in [json!(1.5), json!(1u64 << 60), json!(-(1i64 << 60))] {
+            let mut master = cs_key(u, "master", &msk);
+            master["extra"] = odd.clone();
+            let resp = json!({"master_keys": {u: master}});
+            let info = check_user(&resp, u);
+            assert_eq!(info.master_key, None, "{odd}");
+            assert!(info.rejected[0].contains("canonical"), "{:?}", info.rejected);
+        }
+        // A device object with one is refused too (its self-signature cannot be checked).
+        let dev = Ed25519SecretKey::new();
+        let mut d = signed_device(u, "D", &dev);
+        d["unsigned"] = json!({"x": 1.5}); // outside the signed part: fine
+        d["algorithms"] = json!([1.5]);
+        let info = check_user(&json!({"device_keys": {u: {"D": d}}}), u);
+        assert!(info.devices.is_empty());
+        // And signing one is an error, not a panic.
+        let mut obj = json!({"a": 0.5});
+        assert!(sign_with(&mut obj, u, "K", &dev).is_err());
     }
 
     #[test]

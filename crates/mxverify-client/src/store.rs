@@ -127,6 +127,8 @@ CREATE TABLE IF NOT EXISTS megolm_indices (
 CREATE TABLE IF NOT EXISTS outbound_group_sessions (
     room_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, pickle TEXT NOT NULL, created_at INTEGER NOT NULL,
     messages INTEGER NOT NULL, shared_with TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_uploads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT NOT NULL, body TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS held_room_events (
     event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, session_id TEXT NOT NULL, sender TEXT NOT NULL,
     event TEXT NOT NULL, received_at INTEGER NOT NULL, until INTEGER NOT NULL);
@@ -363,6 +365,7 @@ impl Store {
              DELETE FROM devices; DELETE FROM users; DELETE FROM trust; DELETE FROM pending;
              DELETE FROM active; DELETE FROM olm_sessions; DELETE FROM inbound_group_sessions;
              DELETE FROM megolm_indices; DELETE FROM outbound_group_sessions; DELETE FROM held_room_events;
+             DELETE FROM pending_uploads;
              COMMIT;",
         )?;
         Ok(())
@@ -787,6 +790,34 @@ impl Store {
     /// Forgets a held event (decrypted, or given up on).
     pub fn release_room_event(&self, event_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM held_room_events WHERE event_id = ?1", [event_id])?;
+        Ok(())
+    }
+
+    /// Queues a signature upload (`POST /keys/signatures/upload` body) until the homeserver
+    /// acknowledges it; `what` says what it signs, for reports.
+    pub fn queue_upload(&self, what: &str, body: &serde_json::Value, now: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO pending_uploads (what, body, created_at) VALUES (?1, ?2, ?3)",
+            params![what, body.to_string(), now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The queued uploads, oldest first: (id, what, body).
+    pub fn queued_uploads(&self) -> Result<Vec<(i64, String, serde_json::Value)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT id, what, body FROM pending_uploads ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, what, body) = row?;
+            out.push((id, what, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)));
+        }
+        Ok(out)
+    }
+
+    /// The homeserver acknowledged (or refused for good) a queued upload.
+    pub fn remove_upload(&self, id: i64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM pending_uploads WHERE id = ?1", [id])?;
         Ok(())
     }
 

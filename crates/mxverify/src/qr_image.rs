@@ -138,10 +138,33 @@ pub fn render_image(payload: &[u8], scale: u32) -> Result<GrayImage, QrImageErro
 
 /// Writes the QR code as a PNG file, [`PNG_SCALE`] pixels per module, with a
 /// [`QUIET_ZONE`]-module white border.
+///
+/// A verification code holds a secret for the length of the flow, so the file is created
+/// owner-only (0600 on Unix) before anything is written to it, and an existing file's
+/// permissions are narrowed the same way.
 pub fn write_png(payload: &[u8], path: &Path) -> Result<(), QrImageError> {
-    render_image(payload, PNG_SCALE)?
-        .save_with_format(path, ImageFormat::Png)
-        .map_err(|source| QrImageError::Write { path: path.to_owned(), source })
+    let picture = render_image(payload, PNG_SCALE)?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    picture
+        .write_to(&mut bytes, ImageFormat::Png)
+        .map_err(|source| QrImageError::Write { path: path.to_owned(), source })?;
+    let io = |e: std::io::Error| QrImageError::Write { path: path.to_owned(), source: image::ImageError::IoError(e) };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        let mut file = options.open(path).map_err(io)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::io::Write::write_all(&mut file, bytes.get_ref()).map_err(io)?;
+    }
+    #[cfg(not(unix))]
+    {
+        let mut file = options.open(path).map_err(io)?;
+        std::io::Write::write_all(&mut file, bytes.get_ref()).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Reads a PNG or JPEG file and returns the raw bytes of the first readable QR code in

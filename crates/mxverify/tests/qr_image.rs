@@ -58,6 +58,20 @@ fn payloads() -> Vec<(String, Vec<u8>)> {
     out
 }
 
+#[cfg(unix)]
+#[test]
+fn a_png_with_a_secret_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, bytes) = payloads().remove(0);
+    let file = TempFile::new("secret.png");
+    // Also when a world-readable file was there before.
+    std::fs::write(&file.0, b"old").unwrap();
+    std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write_png(&bytes, &file.0).unwrap();
+    assert_eq!(std::fs::metadata(&file.0).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(decode_image(&file.0).unwrap(), bytes);
+}
+
 #[test]
 fn png_round_trip_every_mode() {
     for (i, (label, bytes)) in payloads().into_iter().enumerate() {

@@ -309,6 +309,7 @@ pub(crate) struct Inner {
     outbox: mpsc::UnboundedSender<Outgoing>,
     outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
     wake: Notify,
+    upload_wake: Notify,
     txn_prefix: String,
     test_fault: Option<String>,
     started: std::sync::atomic::AtomicBool,
@@ -557,6 +558,7 @@ impl Device {
             outbox: outbox_tx,
             outbox_rx: Mutex::new(Some(outbox_rx)),
             wake: Notify::new(),
+            upload_wake: Notify::new(),
             txn_prefix: random_hex(6),
             test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
             started: std::sync::atomic::AtomicBool::new(false),
@@ -724,17 +726,23 @@ impl Device {
             tasks.push(tokio::spawn(Inner::sender(self.inner.clone(), rx)));
         }
         tasks.push(tokio::spawn(Inner::timer(self.inner.clone())));
+        tasks.push(tokio::spawn(Inner::uploader(self.inner.clone())));
         tasks.push(tokio::spawn(Inner::syncer(self.inner.clone(), filter)));
         self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend(tasks);
         self.inner.flush();
         Ok(())
     }
 
-    /// Stops after delivering what is already queued (a last cancel or `done` must not be lost
-    /// because the program ends): waits up to 10 s for the sender, then stops everything.
+    /// Stops after delivering what is already queued (a last cancel or `done`, the signatures of
+    /// a verification: they must not wait for the next start): waits up to 10 s, then stops
+    /// everything. Signatures not uploaded by then stay queued for the next start.
     pub async fn shutdown(&self) {
         let end = now_ms() + 10_000;
-        while self.inner.unsent.load(std::sync::atomic::Ordering::SeqCst) > 0 && now_ms() < end {
+        let busy = || {
+            self.inner.unsent.load(std::sync::atomic::Ordering::SeqCst) > 0
+                || self.inner.lock().store.queued_uploads().is_ok_and(|q| !q.is_empty())
+        };
+        while busy() && now_ms() < end {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.stop();
@@ -1005,8 +1013,8 @@ impl Inner {
         for event in events {
             match &event {
                 Event::KeysNeeded { user_id } => follow.push(Follow::Keys(user_id.clone())),
-                Event::Done { user_id, device_id, keys, .. } => {
-                    follow.push(Follow::CrossSign(user_id.clone(), keys.clone()));
+                Event::Done { user_id, device_id, .. } => {
+                    follow.push(Follow::Upload);
                     if *user_id == self.user_id {
                         follow.push(Follow::OwnDevice(device_id.clone()));
                     }
@@ -1018,10 +1026,7 @@ impl Inner {
         for f in follow {
             match f {
                 Follow::Keys(user) => self.want_keys(&user),
-                Follow::CrossSign(user, keys) => {
-                    let inner = self.arc();
-                    tokio::spawn(async move { inner.cross_sign_verified(&user, &keys).await });
-                }
+                Follow::Upload => self.upload_wake.notify_one(),
                 Follow::OwnDevice(device) => {
                     let inner = self.arc();
                     tokio::spawn(async move {
@@ -1089,10 +1094,66 @@ impl Inner {
                 if *user_id == self.user_id {
                     refresh_own_identity(st, &self.user_id, &self.device_id);
                 }
+                // The signatures that make the result visible everywhere are queued with the trust
+                // record, and uploaded until the homeserver has them.
+                if let Some(body) = self.signatures_for(st, user_id, keys) {
+                    st.store.queue_upload(user_id, &body, now_ms())?;
+                }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// The cross-signing signatures for what was verified
+    /// ([cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)): another
+    /// device of ours with our self-signing key, another user's master key with our user-signing
+    /// key. A key with no canonical JSON form is reported, not signed.
+    fn signatures_for(&self, st: &State, user: &str, verified: &[mxverify_proto::VerifiedKey]) -> Option<Value> {
+        let own = user == self.user_id;
+        let (name, what) = if own {
+            (crate::cross_signing::SELF_SIGNING, "self-signing")
+        } else {
+            (crate::cross_signing::USER_SIGNING, "user-signing")
+        };
+        let Some(signer) = st.cross.get(name) else {
+            self.notice(Notice::new(
+                "signatures",
+                format!("this device does not hold our {what} key, so the verification was not signed (run `mxverify cross-signing bootstrap` or `recover`)"),
+            ));
+            return None;
+        };
+        let signer_pub = signer.public_key().to_base64();
+        let mut body = serde_json::Map::new();
+        for k in verified {
+            let (object, key) = match (own, &k.kind) {
+                (true, KeyKind::Device) => {
+                    let device = k.key_id.trim_start_matches("ed25519:");
+                    match st.known.get(user).and_then(|i| i.devices.get(device)) {
+                        Some(info) if info.ed25519 == k.key => (info.json.clone(), device.to_owned()),
+                        _ => continue,
+                    }
+                }
+                (false, KeyKind::MasterKey) => {
+                    match st.known.get(user).and_then(|i| i.master_json.clone().zip(i.master_key.clone())) {
+                        Some((obj, msk)) if msk == k.key => (obj, k.key.clone()),
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            let mut object = object;
+            if let Some(o) = object.as_object_mut() {
+                o.remove("signatures");
+            }
+            match keys::sign_with(&mut object, &self.user_id, &signer_pub, signer) {
+                Ok(()) => {
+                    body.entry(user.to_owned()).or_insert_with(|| json!({}))[key.as_str()] = object;
+                }
+                Err(why) => self.notice(Notice::new("signatures", format!("did not sign {}: {why}", k.key_id))),
+            }
+        }
+        (!body.is_empty()).then_some(Value::Object(body))
     }
 
     /// Feeds one incoming (decrypted) event to the machine and handles what follows.
@@ -1256,6 +1317,24 @@ impl Inner {
         }
     }
 
+    /// Uploads queued signatures (also those left by an earlier run), retrying with growing
+    /// pauses until the homeserver has them.
+    async fn uploader(self: Arc<Self>) {
+        let mut pause = Duration::from_secs(2);
+        loop {
+            if self.upload_queued().await {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = self.upload_wake.notified() => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(300));
+            } else {
+                pause = Duration::from_secs(2);
+                self.upload_wake.notified().await;
+            }
+        }
+    }
+
     /// Fires the machine's deadlines on time, whatever else is going on.
     async fn timer(self: Arc<Self>) {
         loop {
@@ -1296,7 +1375,7 @@ impl Inner {
 
 enum Follow {
     Keys(String),
-    CrossSign(String, Vec<mxverify_proto::VerifiedKey>),
+    Upload,
     OwnDevice(String),
 }
 

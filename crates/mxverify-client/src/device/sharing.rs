@@ -3,12 +3,11 @@
 //! self-verification ([spec: cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
 //! [secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets)).
 
-use mxverify_proto::KeyKind;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::{Device, DeviceError, Inner, Notice, OsEntropy, now_ms, random_bytes, random_hex, refresh_own_identity};
-use crate::cross_signing::{self, CrossSigningKeys, MASTER, SECRET_NAMES, SELF_SIGNING, USER_SIGNING};
+use crate::cross_signing::{self, CrossSigningKeys, MASTER, SECRET_NAMES, SELF_SIGNING};
 use crate::keys;
 use crate::megolm::OlmSender;
 use crate::secret_storage::{self, KeyDescription, SecretStorageKey};
@@ -233,68 +232,38 @@ impl Inner {
         Ok(key)
     }
 
-    /// Sign what was verified so that every client sees it
-    /// ([cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)): another
-    /// device of ours with our self-signing key, another user's master key with our user-signing
-    /// key. A key with no canonical JSON form is reported, not signed.
-    pub(crate) async fn cross_sign_verified(&self, user: &str, verified: &[mxverify_proto::VerifiedKey]) {
-        let own = user == self.user_id;
-        let (name, what) = if own { (SELF_SIGNING, "self-signing") } else { (USER_SIGNING, "user-signing") };
-        let mut notices = Vec::new();
-        let body = {
-            let st = self.lock();
-            let Some(signer) = st.cross.get(name) else {
-                drop(st);
-                self.notice(Notice::new(
-                    "signatures",
-                    format!("this device does not hold our {what} key, so the verification was not signed (run `mxverify cross-signing bootstrap` or `recover`)"),
-                ));
-                return;
-            };
-            let signer_pub = signer.public_key().to_base64();
-            let mut body = serde_json::Map::new();
-            for k in verified {
-                let (object, key) = match (own, &k.kind) {
-                    (true, KeyKind::Device) => {
-                        let device = k.key_id.trim_start_matches("ed25519:");
-                        match st.known.get(user).and_then(|i| i.devices.get(device)) {
-                            Some(info) if info.ed25519 == k.key => (info.json.clone(), device.to_owned()),
-                            _ => continue,
-                        }
-                    }
-                    (false, KeyKind::MasterKey) => {
-                        match st.known.get(user).and_then(|i| i.master_json.clone().zip(i.master_key.clone())) {
-                            Some((obj, msk)) if msk == k.key => (obj, k.key.clone()),
-                            _ => continue,
-                        }
-                    }
-                    _ => continue,
-                };
-                let mut object = object;
-                if let Some(o) = object.as_object_mut() {
-                    o.remove("signatures");
+    /// Uploads the queued signatures; each stays queued until the homeserver acknowledges it
+    /// (or refuses it for good, reported). Returns whether any is still waiting.
+    pub(crate) async fn upload_queued(&self) -> bool {
+        let queued = self.lock().store.queued_uploads().unwrap_or_default();
+        let mut waiting = false;
+        for (id, what, body) in queued {
+            match self.hs.upload_signatures(&body).await {
+                Ok(()) => {
+                    let _ = self.lock().store.remove_upload(id);
+                    self.notice(Notice::new("signatures", format!("uploaded cross-signing signatures for {what}")));
                 }
-                match keys::sign_with(&mut object, &self.user_id, &signer_pub, signer) {
-                    Ok(()) => {
-                        body.entry(user.to_owned()).or_insert_with(|| json!({}))[key.as_str()] = object;
-                    }
-                    Err(why) => notices.push(Notice::new("signatures", format!("did not sign {}: {why}", k.key_id))),
+                // The server looked at it and said no: retrying changes nothing.
+                Err(
+                    e @ (crate::http::HttpError::Malformed(_)
+                    | crate::http::HttpError::Matrix { status: 400..=499, .. }),
+                ) if !e.is_rate_limited() && !e.is_unknown_token() => {
+                    let _ = self.lock().store.remove_upload(id);
+                    self.notice(Notice::new(
+                        "signatures",
+                        format!("the homeserver refused the signatures for {what}: {e}"),
+                    ));
+                }
+                Err(e) => {
+                    waiting = true;
+                    self.notice(Notice::new(
+                        "signatures",
+                        format!("could not upload the signatures for {what} yet ({e}); will retry"),
+                    ));
                 }
             }
-            body
-        };
-        for n in notices {
-            self.notice(n);
         }
-        if body.is_empty() {
-            return;
-        }
-        match self.hs.upload_signatures(&Value::Object(body)).await {
-            Ok(()) => self.notice(Notice::new("signatures", format!("uploaded cross-signing signatures for {user}"))),
-            Err(e) => {
-                self.notice(Notice::new("signatures", format!("could not upload the signatures for {user}: {e}")))
-            }
-        }
+        waiting
     }
 
     /// Whether one of our devices is trusted: verified by this device, or cross-signed by our
