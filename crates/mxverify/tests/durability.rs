@@ -95,3 +95,37 @@ fn a_failed_cross_signing_upload_leaves_nothing_half_made() {
     let (_, status, _) = run(&dir, &["cross-signing", "status"]);
     assert_eq!(status[0]["held_master_matches"], true);
 }
+
+#[test]
+fn a_store_passphrase_encrypts_the_secrets_at_rest() {
+    let u = user("pp");
+    let dir = state_dir("pp");
+    let hs = homeserver();
+    let env = [("MXVERIFY_STORE_PASSPHRASE", "open sesame")];
+    let login = |env: &[(&str, &str)]| {
+        let mut p =
+            Proc::spawn_env("login", &dir, &["login", "--homeserver", &hs, "--user", &u, "--password", PASSWORD], env);
+        let v = p.expect("logged_in");
+        assert_eq!(p.wait(), 0);
+        v
+    };
+    login(&env);
+    let mut b = Proc::spawn_env("bootstrap", &dir, &["cross-signing", "bootstrap", "--password", PASSWORD], &env);
+    b.expect("cross_signing");
+    assert_eq!(b.wait(), 0);
+    // No secret is in the file in the clear.
+    let token = sql_text(&dir, "SELECT value FROM kv WHERE key = 'access_token'");
+    assert!(token.starts_with("mxverify-enc-v1:"), "{token}");
+    let db = std::fs::read(dir.join("mxverify.sqlite3")).unwrap();
+    assert!(!db.windows(4).any(|w| w == b"syt_"), "no access token in the clear");
+    // Without the passphrase, or with a wrong one: a clear refusal (exit 2), nothing changed.
+    let (code, _, err) = run(&dir, &["cross-signing", "status"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("MXVERIFY_STORE_PASSPHRASE"), "{err}");
+    let mut wrong =
+        Proc::spawn_env("wrong", &dir, &["cross-signing", "status"], &[("MXVERIFY_STORE_PASSPHRASE", "nope")]);
+    assert_eq!(wrong.wait(), 2);
+    let mut right = Proc::spawn_env("right", &dir, &["cross-signing", "status"], &env);
+    assert_eq!(right.expect("cross_signing_status")["held"].as_array().map(Vec::len), Some(3));
+    assert_eq!(right.wait(), 0);
+}

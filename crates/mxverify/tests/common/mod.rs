@@ -300,3 +300,16 @@ pub fn sql(dir: &std::path::Path, query: &str) -> i64 {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
+
+/// One text value from the device's SQLite store.
+pub fn sql_text(dir: &std::path::Path, query: &str) -> String {
+    let db = dir.join("mxverify.sqlite3");
+    let out = Command::new("python3")
+        .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute(sys.argv[2]).fetchone(); print(r[0] if r else '')"])
+        .arg(&db)
+        .arg(query)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
