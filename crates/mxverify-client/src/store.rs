@@ -313,6 +313,13 @@ impl Store {
         }
     }
 
+    /// A store in memory only (nothing survives it): for tests, fuzzing and short-lived tools.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn, path: PathBuf::from(":memory:"), cipher: None, iterations: crate::store_cipher::DEFAULT_ITERATIONS })
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
