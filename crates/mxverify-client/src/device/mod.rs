@@ -911,9 +911,16 @@ impl Inner {
         }
         let refs: Vec<&str> = users.iter().map(String::as_str).collect();
         let resp = self.hs.keys_query(&refs).await?;
+        self.apply_keys(users, &resp, now_ms())?;
+        self.flush();
+        Ok(())
+    }
+
+    /// A `/keys/query` answer for `users`, checked and taken in. A user whose server did not
+    /// answer (listed in `failures`) keeps the keys we knew.
+    pub(crate) fn apply_keys(&self, users: &[String], resp: &Value, now: u64) -> Result<(), DeviceError> {
         let failed: BTreeSet<String> =
             resp["failures"].as_object().map(|f| f.keys().cloned().collect()).unwrap_or_default();
-        let now = now_ms();
         let mut notices = Vec::new();
         {
             let mut st = self.lock();
@@ -953,20 +960,22 @@ impl Inner {
         for n in notices {
             self.notice(n);
         }
-        self.flush();
         Ok(())
+    }
+
+    /// Whether a background key query for `user` may start now: not while one is in flight, and
+    /// not again within a few seconds of the last (unless `/sync` says the keys changed).
+    pub(crate) fn claim_key_query(&self, user: &str, now: u64) -> bool {
+        let mut st = self.lock();
+        let recent = st.keys_asked_at.get(user).is_some_and(|t| now.saturating_sub(*t) < REQUERY_KEYS_MS);
+        !recent && st.keys_in_flight.insert(user.to_owned())
     }
 
     /// Keys the machine asked for: fetched in the background, at most every few seconds per user
     /// unless `/sync` says they changed.
     pub(crate) fn want_keys(&self, user: &str) {
-        let now = now_ms();
-        {
-            let mut st = self.lock();
-            let recent = st.keys_asked_at.get(user).is_some_and(|t| now.saturating_sub(*t) < REQUERY_KEYS_MS);
-            if recent || !st.keys_in_flight.insert(user.to_owned()) {
-                return;
-            }
+        if !self.claim_key_query(user, now_ms()) {
+            return;
         }
         let inner = self.arc();
         let user = user.to_owned();
@@ -1406,4 +1415,61 @@ pub(crate) fn refresh_own_identity(st: &mut State, user_id: &str, device_id: &st
         master_key,
         trusts_master_key: trusts,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use vodozemac::Ed25519SecretKey;
+
+    use super::*;
+
+    /// A device opened from a store that looks logged in (no network is used).
+    fn offline_device() -> Device {
+        let dir = std::env::temp_dir().join(format!("mxverify-offline-{}-{}", std::process::id(), random_hex(4)));
+        let store = Store::open(&dir).unwrap();
+        for (k, v) in
+            [("homeserver", "http://127.0.0.1:9"), ("user_id", "@me:x"), ("device_id", "ME"), ("access_token", "t")]
+        {
+            store.set(k, v).unwrap();
+        }
+        drop(store);
+        Device::open(&dir, Config::default()).unwrap()
+    }
+
+    fn keys_answer(user: &str, device: &str, key: &Ed25519SecretKey) -> Value {
+        let mut d = json!({"user_id": user, "device_id": device, "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+            "keys": {format!("ed25519:{device}"): key.public_key().to_base64()}});
+        keys::sign_with(&mut d, user, device, key).unwrap();
+        json!({"device_keys": {user: {device: d}}})
+    }
+
+    #[test]
+    fn a_server_that_did_not_answer_keeps_the_keys_we_knew() {
+        let device = offline_device();
+        let users = vec!["@peer:other".to_owned()];
+        device.inner.apply_keys(&users, &keys_answer("@peer:other", "P", &Ed25519SecretKey::new()), 1).unwrap();
+        assert!(device.known("@peer:other").unwrap().devices.contains_key("P"));
+        device.inner.apply_keys(&users, &json!({"failures": {"other": {}}, "device_keys": {}}), 2).unwrap();
+        assert!(device.known("@peer:other").unwrap().devices.contains_key("P"), "not wiped by a failure");
+        // An answer that does come replaces them.
+        device.inner.apply_keys(&users, &json!({"device_keys": {}}), 3).unwrap();
+        assert!(device.known("@peer:other").unwrap().devices.is_empty());
+    }
+
+    #[test]
+    fn background_key_queries_are_one_at_a_time_and_not_too_often() {
+        let device = offline_device();
+        let inner = &device.inner;
+        assert!(inner.claim_key_query("@peer:x", 1_000));
+        assert!(!inner.claim_key_query("@peer:x", 1_001), "one in flight");
+        assert!(inner.claim_key_query("@other:x", 1_001), "per user");
+        {
+            let mut st = inner.lock();
+            st.keys_in_flight.remove("@peer:x");
+            st.keys_asked_at.insert("@peer:x".into(), 2_000);
+        }
+        assert!(!inner.claim_key_query("@peer:x", 2_000 + REQUERY_KEYS_MS - 1), "not again so soon");
+        assert!(inner.claim_key_query("@peer:x", 2_000 + REQUERY_KEYS_MS));
+    }
 }
