@@ -933,7 +933,7 @@ impl Inner {
                     ));
                     continue;
                 }
-                let info = keys::check_user(&resp, user);
+                let info = keys::check_user(resp, user);
                 for r in &info.rejected {
                     notices.push(Notice::new("keys", format!("ignored a key of {user}: {r}")));
                 }
