@@ -36,8 +36,9 @@ pub fn state_dir(arg: Option<PathBuf>) -> PathBuf {
 
 /// The machine configuration for a method choice: what this device can actually do.
 ///
-/// For tests, `MXVERIFY_FLOW_TIMEOUT_MS` and `MXVERIFY_PROMPT_TIMEOUT_MS` shorten the spec's
-/// 10-minute flow timeout and 2-minute prompt timeout.
+/// In test builds (feature `test-hooks`), `MXVERIFY_FLOW_TIMEOUT_MS` and
+/// `MXVERIFY_PROMPT_TIMEOUT_MS` shorten the spec's 10-minute flow timeout and 2-minute prompt
+/// timeout.
 pub fn config_for(method: &str) -> Config {
     let mut methods = vec![Method::SasV1];
     if method == "qr" {
@@ -45,7 +46,8 @@ pub fn config_for(method: &str) -> Config {
         methods.extend([Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1]);
     }
     let mut config = Config { methods, ..Config::default() };
-    let env_ms = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let env_ms =
+        |name: &str| cfg!(feature = "test-hooks").then(|| std::env::var(name).ok()?.parse::<u64>().ok()).flatten();
     if let Some(ms) = env_ms("MXVERIFY_FLOW_TIMEOUT_MS") {
         config.timeouts.flow = ms;
     }

@@ -235,7 +235,16 @@ impl StateLock {
     }
 }
 
-/// Test only (`MXVERIFY_TEST_FAULT`, and the demo's attacker): alters an outgoing message so that
+/// `MXVERIFY_TEST_FAULT`, read only in builds with the `test-hooks` feature.
+fn test_fault() -> Option<String> {
+    if cfg!(feature = "test-hooks") {
+        std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty())
+    } else {
+        None
+    }
+}
+
+/// The demo's attacker (and, in test builds, `MXVERIFY_TEST_FAULT`): alters an outgoing message so that
 /// a peer's answer to a wrong `commitment` (`"commitment"`), a wrong `mac` (`"mac"`) or an unknown
 /// start method (`"unknown_method"`) can be seen. Returns whether it changed anything.
 pub fn apply_fault(fault: &str, event_type: &str, content: &mut Value) -> bool {
@@ -560,7 +569,7 @@ impl Device {
             wake: Notify::new(),
             upload_wake: Notify::new(),
             txn_prefix: random_hex(6),
-            test_fault: std::env::var("MXVERIFY_TEST_FAULT").ok().filter(|f| !f.is_empty()),
+            test_fault: test_fault(),
             started: std::sync::atomic::AtomicBool::new(false),
             unsent: std::sync::atomic::AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
