@@ -118,7 +118,7 @@ struct Entry {
 }
 
 impl Entry {
-    /// OL-14: the session that most recently received a message is preferred; one that never
+    /// The session that most recently received a message is preferred; one that never
     /// received counts from its creation.
     fn recency(&self) -> u64 {
         self.last_received.max(self.created_at)

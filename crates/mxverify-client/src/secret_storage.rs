@@ -37,7 +37,7 @@ use sha2::{Sha256, Sha512};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// AES-256 in CTR mode with the whole 16-byte IV as a 128-bit big-endian counter (SS-05).
+/// AES-256 in CTR mode with the whole 16-byte IV as a 128-bit big-endian counter.
 type Aes256Ctr = ctr::Ctr128BE<Aes256>;
 type HmacSha256 = Hmac<Sha256>;
 
@@ -49,7 +49,7 @@ pub const ALGORITHM: &str = "m.secret_storage.v1.aes-hmac-sha2";
 /// ([spec](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases)).
 pub const PASSPHRASE_ALGORITHM: &str = "m.pbkdf2";
 
-/// PBKDF2 iteration count for new passphrase keys: what rust-sdk and mautrix write (SS-09).
+/// PBKDF2 iteration count for new passphrase keys: what rust-sdk and mautrix write.
 pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 500_000;
 
 /// The largest PBKDF2 iteration count [`SecretStorageKey::from_passphrase`] accepts: 20 times what
@@ -66,13 +66,13 @@ pub fn key_event_type(key_id: &str) -> String {
     format!("m.secret_storage.key.{key_id}")
 }
 
-/// The two bytes in front of the key in a recovery key (RC-01,
+/// The two bytes in front of the key in a recovery key (
 /// [spec](https://spec.matrix.org/v1.19/appendices/#cryptographic-key-representation)).
 const RECOVERY_KEY_PREFIX: [u8; 2] = [0x8B, 0x01];
 /// Prefix, key and parity byte.
 const RECOVERY_KEY_LEN: usize = 35;
 
-/// Why a string is not a recovery key (RC-03,
+/// Why a string is not a recovery key (
 /// [spec](https://spec.matrix.org/v1.19/appendices/#cryptographic-key-representation)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RecoveryKeyError {
@@ -90,7 +90,7 @@ pub enum RecoveryKeyError {
     WrongParity,
 }
 
-/// Why a key cannot be derived from a passphrase (SS-09,
+/// Why a key cannot be derived from a passphrase (
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases)).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PassphraseError {
@@ -175,7 +175,7 @@ impl SecretStorageKey {
         &self.0
     }
 
-    /// Parses a recovery key as the user typed it (RC-03,
+    /// Parses a recovery key as the user typed it (
     /// [spec](https://spec.matrix.org/v1.19/appendices/#cryptographic-key-representation)).
     ///
     /// All whitespace is dropped first, so any grouping (or none) is accepted. Then base58, length
@@ -204,7 +204,7 @@ impl SecretStorageKey {
         Ok(Self(key))
     }
 
-    /// The key as a recovery key to show the user (RC-01,
+    /// The key as a recovery key to show the user (
     /// [spec](https://spec.matrix.org/v1.19/appendices/#cryptographic-key-representation)):
     /// 48 base58 characters in groups of 4 separated by spaces, e.g. `EsTp RvZT … vLRK`.
     pub fn to_recovery_key(&self) -> Zeroizing<String> {
@@ -228,7 +228,7 @@ impl SecretStorageKey {
         out
     }
 
-    /// Derives the key from a passphrase with PBKDF2-HMAC-SHA-512 (SS-09,
+    /// Derives the key from a passphrase with PBKDF2-HMAC-SHA-512 (
     /// [spec](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases)).
     ///
     /// The salt is used as the UTF-8 bytes of the string, as every implementation does. `bits`
@@ -247,7 +247,7 @@ impl SecretStorageKey {
         Ok(key)
     }
 
-    /// HKDF-SHA-256 with 32 zero bytes of salt and `info` (SS-04): the AES key, then the HMAC key.
+    /// HKDF-SHA-256 with 32 zero bytes of salt and `info`: the AES key, then the HMAC key.
     fn sub_keys(&self, info: &str) -> SubKeys {
         let mut okm = SubKeys(Zeroizing::new([0; 64]));
         Hkdf::<Sha256>::new(Some(&[0; 32]), &self.0).expand(info.as_bytes(), &mut okm.0[..]).expect("64 <= 255 * 32");
@@ -269,7 +269,7 @@ impl SubKeys {
         <HmacSha256 as KeyInit>::new_from_slice(&self.0[32..]).expect("HMAC takes any key size")
     }
 
-    /// HMAC-SHA-256 of the raw ciphertext; the IV is not covered (SS-06).
+    /// HMAC-SHA-256 of the raw ciphertext; the IV is not covered.
     fn mac_of(&self, ciphertext: &[u8]) -> [u8; 32] {
         let mut mac = self.mac();
         mac.update(ciphertext);
@@ -277,7 +277,7 @@ impl SubKeys {
     }
 }
 
-/// Clears bit 63 of a random IV (the top bit of byte 8), as SS-05 requires of writers
+/// Clears bit 63 of a random IV (the top bit of byte 8), as the spec requires of writers
 /// ([spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1)).
 ///
 /// Why: js-sdk's WebCrypto counts only the low 64 bits, others all 128; with the bit clear the
@@ -288,7 +288,7 @@ pub fn clear_iv_bit63(mut iv: [u8; 16]) -> [u8; 16] {
     iv
 }
 
-/// The key check of SS-08: the MAC of 32 zero bytes encrypted with the sub-keys for info `""`.
+/// The key check: the MAC of 32 zero bytes encrypted with the sub-keys for info `""`.
 fn key_check_mac(key: &SecretStorageKey, iv: &[u8; 16]) -> [u8; 32] {
     let sub = key.sub_keys("");
     let mut zeros = [0u8; 32];
@@ -306,7 +306,7 @@ fn decode_mac(mac: &str) -> Result<[u8; 32], Error> {
     bytes.as_slice().try_into().map_err(|_| Error::MacLength(bytes.len()))
 }
 
-/// The `passphrase` property of a key description (SS-09,
+/// The `passphrase` property of a key description (
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassphraseInfo {
@@ -338,7 +338,7 @@ impl PassphraseInfo {
     }
 }
 
-/// The content of `m.secret_storage.key.<key ID>` account data (SS-02, SS-08,
+/// The content of `m.secret_storage.key.<key ID>` account data (
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#key-storage)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyDescription {
@@ -359,7 +359,7 @@ pub struct KeyDescription {
 }
 
 impl KeyDescription {
-    /// The description of a new key, with the key check of SS-08
+    /// The description of a new key, with the spec's key check
     /// ([spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2)).
     ///
     /// `iv` should be 16 bytes from the OS RNG; bit 63 is cleared here ([`clear_iv_bit63`]).
@@ -382,7 +382,7 @@ impl KeyDescription {
         Self::deserialize(content).map_err(|e| Error::BadDescription(e.to_string()))
     }
 
-    /// Checks an entered key against this description (SS-08,
+    /// Checks an entered key against this description (
     /// [spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2)).
     ///
     /// `Ok(())` if the key passes, or if the description has no check (`iv` or `mac` absent, or
@@ -406,7 +406,7 @@ impl KeyDescription {
 }
 
 /// One secret encrypted for one key: the `{iv, ciphertext, mac}` object stored under
-/// `encrypted.<key ID>` (SS-01, SS-06,
+/// `encrypted.<key ID>` (
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptedSecret {
@@ -426,15 +426,15 @@ impl EncryptedSecret {
     }
 
     /// The account-data content storing this secret for the single key `key_id`:
-    /// `{"encrypted": {key_id: {iv, ciphertext, mac}}}` (SS-01,
+    /// `{"encrypted": {key_id: {iv, ciphertext, mac}}}` (
     /// [spec](https://spec.matrix.org/v1.19/client-server-api/#secret-storage)).
     pub fn into_content(self, key_id: &str) -> Value {
         serde_json::json!({ "encrypted": { key_id: self } })
     }
 }
 
-/// Encrypts the secret `secret`, to be stored as the account-data type `name`, with `key` (SS-04,
-/// SS-06, [spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1)).
+/// Encrypts the secret `secret`, to be stored as the account-data type `name`, with `key` (
+/// [spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1)).
 ///
 /// `iv` should be 16 bytes from the OS RNG, fresh for every encryption; bit 63 is cleared here
 /// ([`clear_iv_bit63`]). The fields are unpadded base64.
@@ -449,7 +449,7 @@ pub fn encrypt_secret(key: &SecretStorageKey, name: &str, secret: &str, iv: [u8;
 }
 
 /// Decrypts one `{iv, ciphertext, mac}` object (the value under `encrypted.<key ID>`) of the
-/// secret stored as the account-data type `name` (SS-04, SS-07,
+/// secret stored as the account-data type `name` (
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1)).
 ///
 /// Padded and unpadded base64 are accepted. The IV must be 16 bytes and the MAC 32. The MAC is
@@ -486,7 +486,7 @@ fn decrypt_parts(
 }
 
 /// Reads and decrypts a stored secret from its whole account-data content
-/// (`{"encrypted": {<key ID>: {iv, ciphertext, mac}}}`, SS-01, SS-12,
+/// (`{"encrypted": {<key ID>: {iv, ciphertext, mac}}}`,
 /// [spec](https://spec.matrix.org/v1.19/client-server-api/#secret-storage)).
 ///
 /// `Ok(None)` when the secret is absent: content without `encrypted` (js-sdk "deletes" a secret
@@ -507,7 +507,7 @@ pub fn decrypt_stored_secret(
 
 /// Decodes a decrypted cross-signing private key secret (`m.cross_signing.master`,
 /// `.self_signing`, `.user_signing`; also fits `m.megolm_backup.v1`): base64, padded or not, of
-/// exactly 32 bytes (SS-11, [spec](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)).
+/// exactly 32 bytes ([spec](https://spec.matrix.org/v1.19/client-server-api/#cross-signing)).
 pub fn decode_cross_signing_secret(secret: &str) -> Result<Zeroizing<[u8; 32]>, Error> {
     let bytes = Zeroizing::new(b64::decode(secret).ok_or(Error::NotAKey)?);
     let mut key = Zeroizing::new([0u8; 32]);

@@ -317,7 +317,12 @@ impl Store {
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn, path: PathBuf::from(":memory:"), cipher: None, iterations: crate::store_cipher::DEFAULT_ITERATIONS })
+        Ok(Store {
+            conn,
+            path: PathBuf::from(":memory:"),
+            cipher: None,
+            iterations: crate::store_cipher::DEFAULT_ITERATIONS,
+        })
     }
 
     /// The file.

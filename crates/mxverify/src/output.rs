@@ -111,7 +111,7 @@ pub fn sas_side_by_side(left: (&str, &[Emoji]), right: (&str, &[Emoji])) -> Stri
     out
 }
 
-/// Decimals as the spec suggests (DC-02): three groups with dashes.
+/// Decimals as the spec suggests: three groups with dashes.
 pub fn decimals(d: &[u16; 3]) -> String {
     format!("{}-{}-{}", d[0], d[1], d[2])
 }

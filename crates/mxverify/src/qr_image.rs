@@ -230,7 +230,7 @@ impl ModuleGrid {
 /// helps with screen glare and terminal line gaps; larger payloads fall back to L.
 const EC_LEVELS: [EcLevel; 2] = [EcLevel::M, EcLevel::L];
 
-/// The smallest QR code holding `payload` as exactly one byte-mode segment (QF-01).
+/// The smallest QR code holding `payload` as exactly one byte-mode segment.
 fn encode_byte_mode(payload: &[u8]) -> Result<QrCode, QrImageError> {
     let (bits, ec) = byte_mode_bits(payload)?;
     QrCode::with_bits(bits, ec).map_err(QrImageError::Encode)
