@@ -45,6 +45,15 @@ const MAX_ERROR_TEXT: usize = 500;
 
 const LOGIN_PATH: &str = "/_matrix/client/v3/login";
 
+/// How deep an answer is built ([`parse_json`]); what lies deeper is replaced by [`TOO_DEEP`].
+/// Every structure of the Client-Server API lies far above it; serde_json refuses a whole
+/// document nested deeper than 128 levels.
+pub const MAX_DEPTH: usize = 64;
+
+/// What stands in for a value nested deeper than [`MAX_DEPTH`] in a parsed answer. Whoever reads
+/// an item that contains it (an event, a key) refuses that item alone.
+pub const TOO_DEEP: &str = "(nested too deep: left out by mxverify)";
+
 /// A failure talking to the homeserver.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -520,6 +529,87 @@ async fn read_bounded(resp: &mut reqwest::Response, limit: usize) -> Result<(Vec
     Ok((buf, false))
 }
 
+/// Parses a JSON answer as `serde_json::from_slice` would, except that a value nested deeper
+/// than [`MAX_DEPTH`] is skipped (without recursion, however deep it goes) and replaced by
+/// [`TOO_DEEP`]. Anyone can make the homeserver pass on an event nested a thousand levels deep; a
+/// parser that refused the whole `/sync` answer for it would refuse the same answer for ever.
+pub fn parse_json(bytes: &[u8]) -> serde_json::Result<Value> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = Bounded(0).deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// A JSON value at this depth (see [`parse_json`]).
+struct Bounded(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Bounded {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        if self.0 >= MAX_DEPTH {
+            // serde_json skips a value with a loop, not by recursion.
+            <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d)?;
+            return Ok(Value::String(TOO_DEEP.into()));
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Bounded {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Bounded(self.0 + 1))? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(Bounded(self.0 + 1))?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 impl Homeserver {
     /// A client for `base` (e.g. `https://matrix.example.org`), taken as it is.
     ///
@@ -656,7 +746,7 @@ impl Homeserver {
                     let value: Value = if answer.body.is_empty() {
                         json!({})
                     } else {
-                        serde_json::from_slice(&answer.body).unwrap_or(Value::Null)
+                        parse_json(&answer.body).unwrap_or(Value::Null)
                     };
                     let status = answer.status;
                     if status.is_success() {
@@ -1116,6 +1206,48 @@ async fn validate_homeserver(base: &str, allow_insecure: bool) -> Result<String,
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
+    use super::{MAX_DEPTH, TOO_DEEP, parse_json};
+
+    #[test]
+    fn answers_parse_as_serde_json_parses_them() {
+        for text in
+            [r#"{"a": [1, -2, 3.5, 1e300, 18446744073709551615, true, null, "x\u00e9"], "b": {}}"#, "[]", "\"s\"", "0"]
+        {
+            assert_eq!(parse_json(text.as_bytes()).unwrap(), serde_json::from_str::<Value>(text).unwrap(), "{text}");
+        }
+        for bad in ["", "{", "[1,]", "{} x", "<html>", "{\"a\": [[[}"] {
+            assert!(parse_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_nested_too_deep_are_left_out_and_the_rest_is_kept() {
+        let deep = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        // serde_json itself gives up at 128 levels; the whole answer would be lost.
+        let text = format!(
+            r#"{{"events": [{{"type": "ok"}}, {{"type": "deep", "content": {}}}], "next": "s2"}}"#,
+            deep(1_000_000)
+        );
+        assert!(serde_json::from_str::<Value>(&text).is_err());
+        let v = parse_json(text.as_bytes()).unwrap();
+        assert_eq!(v["next"], "s2");
+        assert_eq!(v["events"][0], json!({"type": "ok"}));
+        let mut inner = &v["events"][1]["content"];
+        let mut levels = 3;
+        while let Some(a) = inner.as_array() {
+            inner = &a[0];
+            levels += 1;
+        }
+        assert_eq!((inner.as_str(), levels), (Some(TOO_DEEP), MAX_DEPTH));
+        // Just inside the bound, nothing is replaced.
+        let v = parse_json(deep(MAX_DEPTH - 1).as_bytes()).unwrap();
+        assert!(!v.to_string().contains(TOO_DEEP));
+        // An unclosed deep value is still an error, found without recursion.
+        assert!(parse_json("[".repeat(1_000_000).as_bytes()).is_err());
+    }
+
     #[test]
     fn path_segments_are_encoded() {
         assert_eq!(super::enc("!room:example.org"), "%21room%3Aexample.org");

@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+use crate::http::TOO_DEEP;
+
 /// The longest identifier or event type we accept (the spec's limit for IDs is 255 bytes).
 const MAX_ID: usize = 255;
 
@@ -93,8 +95,20 @@ fn short(v: &Value) -> Option<&str> {
     v.as_str().filter(|s| !s.is_empty() && s.len() <= MAX_ID)
 }
 
+/// Whether the parser left out part of this value for being nested too deep
+/// ([`crate::http::parse_json`]): the item it belongs to is not what it was sent as.
+fn too_deep(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s == TOO_DEEP,
+        Value::Array(a) => a.iter().any(too_deep),
+        Value::Object(o) => o.values().any(too_deep),
+        _ => false,
+    }
+}
+
 fn room_event(ev: &Value, rejected: &mut Vec<String>, where_: &str) -> Option<RoomEvent> {
     let why = match (user_id(&ev["sender"]), short(&ev["type"]), short(&ev["event_id"]), ev["content"].is_object()) {
+        _ if too_deep(ev) => "nesting too deep to read",
         (Some(sender), Some(event_type), Some(event_id), true) => {
             return Some(RoomEvent {
                 sender: sender.to_owned(),
@@ -132,6 +146,10 @@ pub fn parse(resp: &Value, own_user: &str) -> Batch {
         .map(|types| types.iter().any(|t| t == "signed_curve25519"));
     for ev in events(resp, "/to_device/events") {
         match (user_id(&ev["sender"]), short(&ev["type"]), ev["content"].is_object()) {
+            _ if too_deep(ev) => b.rejected.push(format!(
+                "a to-device event{} with nesting too deep to read",
+                user_id(&ev["sender"]).map(|s| format!(" from {s}")).unwrap_or_default()
+            )),
             (Some(sender), Some(event_type), true) => b.to_device.push(ToDevice {
                 sender: sender.to_owned(),
                 event_type: event_type.to_owned(),
@@ -218,6 +236,30 @@ mod tests {
         assert_eq!(b.rooms[0].state[0].state_key.as_deref(), Some(""));
         assert_eq!(b.invites, vec![Invite { room_id: "!i:x".into(), inviter: Some("@a:x".into()), is_direct: true }]);
         assert_eq!(b.rejected.len(), 6, "{:#?}", b.rejected);
+    }
+
+    #[test]
+    fn an_item_nested_too_deep_is_left_out_alone() {
+        let deep = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        let text = format!(
+            r#"{{"next_batch": "s2", "to_device": {{"events": [
+                {{"sender": "@a:x", "type": "m.key.verification.request", "content": {{"deep": {d}}}}},
+                {{"sender": "@a:x", "type": "m.key.verification.request", "content": {{"transaction_id": "t"}}}}
+            ]}}, "rooms": {{"join": {{"!r:x": {{"timeline": {{"events": [
+                {{"sender": "@a:x", "type": "m.room.message", "event_id": "$1", "content": {{"body": {d}}}}},
+                {{"sender": "@a:x", "type": "m.room.message", "event_id": "$2", "content": {{"body": "hi"}}}}
+            ]}}}}}}}}}}"#,
+            d = deep(500)
+        );
+        let b = parse(&crate::http::parse_json(text.as_bytes()).unwrap(), "@me:x");
+        assert_eq!(b.next_batch.as_deref(), Some("s2"));
+        assert_eq!(b.to_device.len(), 1);
+        assert_eq!(b.to_device[0].content["transaction_id"], "t");
+        assert_eq!(b.rooms[0].timeline.len(), 1);
+        assert_eq!(b.rooms[0].timeline[0].event_id, "$2");
+        assert_eq!(b.rejected.len(), 2, "{:#?}", b.rejected);
+        assert!(b.rejected.iter().all(|r| r.contains("nesting too deep")), "{:#?}", b.rejected);
+        assert!(b.rejected[0].contains("from @a:x"), "{:#?}", b.rejected);
     }
 
     #[test]
