@@ -492,9 +492,22 @@ impl Device {
         store.set("access_token", &token)?;
         drop(store);
         let device = Device::open(dir, options)?;
+        // A logout deletes the device and its keys on the server: logging in again as the same
+        // device must publish them again, or no one can verify it.
+        if same_device && !device.keys_published().await? {
+            device.inner.lock().store.delete("keys_uploaded")?;
+        }
         device.upload_device_keys().await?;
         device.filter_id().await?;
         Ok(device)
+    }
+
+    /// Whether the homeserver holds this device's Ed25519 key as we made it.
+    async fn keys_published(&self) -> Result<bool, DeviceError> {
+        let (me, device) = (&self.inner.user_id, &self.inner.device_id);
+        let resp = self.inner.hs.keys_query(&[me.as_str()]).await?;
+        let key = &resp["device_keys"][me][device]["keys"][format!("ed25519:{device}")];
+        Ok(key.as_str() == Some(self.ed25519().as_str()))
     }
 
     /// Opens the stored session (no network).
