@@ -214,6 +214,29 @@ pub(crate) const HOLD_FOR_ROOM_KEY_MS: u64 = 10 * 60 * 1000;
 /// How soon the same user's keys are asked for again when nothing says they changed: a peer
 /// that names new devices of theirs over and over cannot keep us querying.
 const REQUERY_KEYS_MS: u64 = 10_000;
+/// How long a to-device flow whose `done` we sent is remembered across restarts.
+const FINISHED_KEPT_MS: u64 = 10 * 60 * 1000;
+
+/// Our `done` for this flow is about to leave, and the other side may finish with it: a restart
+/// must neither cancel the flow nor answer its last messages as unknown.
+fn record_finished(store: &Store, flow: &FlowKey) -> Result<(), StoreError> {
+    store.remove_active(flow.flow_id())?;
+    if let FlowKey::ToDevice { user_id, transaction_id } = flow {
+        let now = now_ms();
+        let mut list = finished_flows(store);
+        list.retain(|(_, _, at)| now.saturating_sub(*at) < FINISHED_KEPT_MS);
+        list.push((user_id.clone(), transaction_id.clone(), now));
+        let excess = list.len().saturating_sub(256);
+        list.drain(..excess);
+        store.set("finished_flows", &json!(list).to_string())?;
+    }
+    Ok(())
+}
+
+/// The to-device flows we sent `done` for lately: (other user, transaction ID, when).
+fn finished_flows(store: &Store) -> Vec<(String, String, u64)> {
+    store.get("finished_flows").ok().flatten().and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default()
+}
 
 /// Held while a process drives this device: two processes syncing and answering for one device
 /// would race for the same events and the same store.
@@ -1036,6 +1059,14 @@ impl Inner {
                 events.push(event);
             }
             while let Some(out) = st.machine.poll_outgoing() {
+                // Once our `done` may be out, the other side can finish: a restart must not cancel
+                // the flow. Recorded before the message leaves, as everything else.
+                if out.event_type == "m.key.verification.done"
+                    && let Some(flow) = &out.flow
+                    && let Err(e) = record_finished(&st.store, flow)
+                {
+                    self.notice(Notice::new("store", format!("could not record a finished flow: {e}")));
+                }
                 self.unsent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = self.outbox.send(out);
             }
@@ -1189,6 +1220,9 @@ impl Inner {
 
     /// Feeds one incoming (decrypted) event to the machine and handles what follows.
     pub(crate) fn feed(&self, incoming: IncomingEvent, now: u64) {
+        if self.finished_before_restart(&incoming) {
+            return;
+        }
         let raw = json!({"sender": incoming.sender, "type": incoming.event_type, "content": incoming.content,
             "room": incoming.room.as_ref().map(|r| json!({"room_id": r.room_id, "event_id": r.event_id,
                 "origin_server_ts": r.origin_server_ts, "relates_to_fallback": r.relates_to_fallback}))});
@@ -1198,6 +1232,20 @@ impl Inner {
             st.machine.receive(incoming, now);
         }
         self.flush_with(Some((&raw, now)));
+    }
+
+    /// A to-device verification message (the other side's `done`, typically) for a flow we sent
+    /// `done` for before a restart: the machine no longer knows the flow and would answer it with
+    /// `m.unknown_transaction`. It is ignored instead. (In rooms, unknown flows are never answered.)
+    fn finished_before_restart(&self, e: &IncomingEvent) -> bool {
+        let id = match e.content["transaction_id"].as_str() {
+            Some(id) if e.room.is_none() && e.event_type.starts_with("m.key.verification.") => id,
+            _ => return false,
+        };
+        let st = self.lock();
+        let key = FlowKey::ToDevice { user_id: e.sender.clone(), transaction_id: id.to_owned() };
+        st.machine.flow(&key).is_none()
+            && finished_flows(&st.store).iter().any(|(user, txn, _)| *user == e.sender && txn == id)
     }
 
     /// Flows that were in progress when the program stopped cannot go on (their keys were in
