@@ -36,22 +36,26 @@ impl Inner {
                 };
                 let _ = events.send(DeviceEvent::Connection(event));
             };
-            match self.hs.sync_resilient(since.as_deref(), &filter, POLL_MS, on_state).await {
-                Ok(resp) => {
+            let answer = self.hs.sync_resilient(since.as_deref(), &filter, POLL_MS, on_state).await.and_then(|resp| {
+                let batch = crate::sync::parse(&resp, &self.user_id);
+                match batch.next_batch.clone() {
+                    Some(next) => Ok((batch, next)),
+                    // Not a sync answer. Taken as one, it would be asked for again at once, for ever.
+                    None => Err(HttpError::Malformed("GET /_matrix/client/v3/sync: no valid next_batch".into())),
+                }
+            });
+            match answer {
+                Ok((batch, next)) => {
                     if !online {
                         online = true;
                         self.emit(DeviceEvent::Connection(Connection::Online));
                     }
                     pause = Duration::from_millis(500);
-                    let batch = crate::sync::parse(&resp, &self.user_id);
-                    let next = batch.next_batch.clone();
                     self.handle_batch(batch).await;
-                    if let Some(n) = next {
-                        if let Err(e) = self.lock().store.set("since", &n) {
-                            self.notice(Notice::new("store", format!("could not save the sync position: {e}")));
-                        }
-                        since = Some(n);
+                    if let Err(e) = self.lock().store.set("since", &next) {
+                        self.notice(Notice::new("store", format!("could not save the sync position: {e}")));
                     }
+                    since = Some(next);
                 }
                 Err(e) if e.is_unknown_token() => {
                     self.emit(DeviceEvent::LoggedOut(format!(
