@@ -220,24 +220,31 @@ impl MacMethod {
     }
 }
 
-/// libolm's historical `_olm_encode_base64(mac, 32, mac)`, run in place (B64-03): later input bytes
-/// are read after earlier output overwrote them.
-pub fn libolm_inplace_base64(mac: &[u8; 32]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut buf = [0u8; 44];
-    buf[..32].copy_from_slice(mac);
-    for k in 0..10 {
-        let v = [buf[3 * k], buf[3 * k + 1], buf[3 * k + 2]];
-        let n = u32::from(v[0]) << 16 | u32::from(v[1]) << 8 | u32::from(v[2]);
-        for j in 0..4 {
-            buf[4 * k + j] = ALPHABET[((n >> (18 - 6 * j)) & 63) as usize];
+#[cfg(feature = "libolm-base64")]
+pub use legacy::libolm_inplace_base64;
+#[cfg(not(feature = "libolm-base64"))]
+use legacy::libolm_inplace_base64;
+
+mod legacy {
+    /// libolm's historical `_olm_encode_base64(mac, 32, mac)`, run in place (B64-03): later input bytes
+    /// are read after earlier output overwrote them.
+    pub fn libolm_inplace_base64(mac: &[u8; 32]) -> String {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut buf = [0u8; 44];
+        buf[..32].copy_from_slice(mac);
+        for k in 0..10 {
+            let v = [buf[3 * k], buf[3 * k + 1], buf[3 * k + 2]];
+            let n = u32::from(v[0]) << 16 | u32::from(v[1]) << 8 | u32::from(v[2]);
+            for j in 0..4 {
+                buf[4 * k + j] = ALPHABET[((n >> (18 - 6 * j)) & 63) as usize];
+            }
         }
+        let n = u32::from(buf[30]) << 16 | u32::from(buf[31]) << 8;
+        for j in 0..3 {
+            buf[40 + j] = ALPHABET[((n >> (18 - 6 * j)) & 63) as usize];
+        }
+        String::from_utf8(buf[..43].to_vec()).expect("alphabet is ASCII")
     }
-    let n = u32::from(buf[30]) << 16 | u32::from(buf[31]) << 8;
-    for j in 0..3 {
-        buf[40 + j] = ALPHABET[((n >> (18 - 6 * j)) & 63) as usize];
-    }
-    String::from_utf8(buf[..43].to_vec()).expect("alphabet is ASCII")
 }
 
 /// The three SAS numbers (DC-01), each in 1000..=9191.

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-const TABLE_JSON: &str = include_str!("../../../testdata/spec-data/data-definitions/sas-emoji.json");
+const TABLE_JSON: &str = include_str!("../data/sas-emoji.json");
 
 /// One of the 64 SAS emoji.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -54,6 +54,8 @@ pub mod cancel;
 pub mod canonical;
 pub mod crypto;
 pub mod emoji;
+#[cfg(feature = "loopback")]
+#[cfg_attr(docsrs, doc(cfg(feature = "loopback")))]
 pub mod loopback;
 mod machine;
 pub mod qr;

@@ -415,6 +415,7 @@ pub enum ActionError {
     UnknownOutgoing(u64),
 }
 
+#[cfg(feature = "seeded-entropy")]
 /// Deterministic [`Entropy`] from a seed (SHA-256 in counter mode), for tests, benchmarks, fuzzing
 /// and replays. **Never use it for real verifications**: anyone who knows the seed knows the keys.
 #[derive(Debug, Clone)]
@@ -423,6 +424,7 @@ pub struct SeededEntropy {
     counter: u64,
 }
 
+#[cfg(feature = "seeded-entropy")]
 impl SeededEntropy {
     /// A generator for this seed.
     pub fn new(seed: u64) -> Self {
@@ -432,6 +434,7 @@ impl SeededEntropy {
     }
 }
 
+#[cfg(feature = "seeded-entropy")]
 impl Entropy for SeededEntropy {
     fn fill(&mut self, buf: &mut [u8]) {
         use sha2::Digest;
