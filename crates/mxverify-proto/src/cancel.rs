@@ -3,117 +3,7 @@
 
 use std::fmt;
 
-/// A cancel code (CX-02). Unknown codes, including custom ones in Java package naming, are kept
-/// as [`CancelCode::Custom`] and round-trip unchanged (FW-09, EV-CN-02).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum CancelCode {
-    /// `m.user`: the user cancelled or rejected.
-    User,
-    /// `m.timeout`: the verification timed out.
-    Timeout,
-    /// `m.unknown_transaction`: an event for a flow the device does not know.
-    UnknownTransaction,
-    /// `m.unknown_method`: the device cannot handle the method, or there is nothing in common.
-    UnknownMethod,
-    /// `m.unexpected_message`: a message out of sequence, or colliding starts of different methods.
-    UnexpectedMessage,
-    /// `m.key_mismatch`: a key was not verified.
-    KeyMismatch,
-    /// `m.user_mismatch`: the user verified was not the expected one.
-    UserMismatch,
-    /// `m.invalid_message`: a malformed or invalid message.
-    InvalidMessage,
-    /// `m.accepted`: another device accepted the request.
-    Accepted,
-    /// `m.mismatched_commitment`: the SAS commitment did not match.
-    MismatchedCommitment,
-    /// `m.mismatched_sas`: the user says the short authentication strings differ.
-    MismatchedSas,
-    /// Any other code (kept verbatim).
-    Custom(String),
-}
-
-impl CancelCode {
-    /// The eleven codes the spec defines.
-    pub const SPEC: [CancelCode; 11] = [
-        Self::User,
-        Self::Timeout,
-        Self::UnknownTransaction,
-        Self::UnknownMethod,
-        Self::UnexpectedMessage,
-        Self::KeyMismatch,
-        Self::UserMismatch,
-        Self::InvalidMessage,
-        Self::Accepted,
-        Self::MismatchedCommitment,
-        Self::MismatchedSas,
-    ];
-
-    /// The code on the wire.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::User => "m.user",
-            Self::Timeout => "m.timeout",
-            Self::UnknownTransaction => "m.unknown_transaction",
-            Self::UnknownMethod => "m.unknown_method",
-            Self::UnexpectedMessage => "m.unexpected_message",
-            Self::KeyMismatch => "m.key_mismatch",
-            Self::UserMismatch => "m.user_mismatch",
-            Self::InvalidMessage => "m.invalid_message",
-            Self::Accepted => "m.accepted",
-            Self::MismatchedCommitment => "m.mismatched_commitment",
-            Self::MismatchedSas => "m.mismatched_sas",
-            Self::Custom(s) => s,
-        }
-    }
-
-    /// Parses a wire code; never fails.
-    pub fn from_wire(s: &str) -> Self {
-        Self::SPEC.into_iter().find(|c| c.as_str() == s).unwrap_or_else(|| Self::Custom(s.to_owned()))
-    }
-
-    /// The short, fixed reason we put on the wire with this code (EV-CN-01).
-    pub fn default_reason(&self) -> &'static str {
-        match self {
-            Self::User => "The user cancelled the verification.",
-            Self::Timeout => "The verification timed out.",
-            Self::UnknownTransaction => "The device does not know this verification.",
-            Self::UnknownMethod => "The device cannot handle the requested method.",
-            Self::UnexpectedMessage => "The device received an unexpected message.",
-            Self::KeyMismatch => "The key was not verified.",
-            Self::UserMismatch => "The expected user did not match the user verified.",
-            Self::InvalidMessage => "The message received was invalid.",
-            Self::Accepted => "The request was accepted by another device.",
-            Self::MismatchedCommitment => "The hash commitment did not match.",
-            Self::MismatchedSas => "The short authentication strings did not match.",
-            Self::Custom(_) => "The verification was cancelled.",
-        }
-    }
-
-    /// What a person should hear about this code, whoever sent it.
-    pub fn explanation(&self) -> &'static str {
-        match self {
-            Self::User => "the verification was declined or cancelled by a person",
-            Self::Timeout => "nobody finished the verification in time",
-            Self::UnknownTransaction => "the other device did not recognise this verification",
-            Self::UnknownMethod => "the two devices have no verification method in common",
-            Self::UnexpectedMessage => "a message arrived out of order",
-            Self::KeyMismatch => "a key could not be verified",
-            Self::UserMismatch => "a message came from a different user than the one being verified",
-            Self::InvalidMessage => "a message was malformed",
-            Self::Accepted => "another device answered the request",
-            Self::MismatchedCommitment => "the other device's key did not match its commitment",
-            Self::MismatchedSas => "the emoji or numbers did not match",
-            Self::Custom(_) => "the other side gave a reason this program does not know",
-        }
-    }
-}
-
-impl fmt::Display for CancelCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::wire::CancelCode;
 
 /// Which local check or event led to a cancellation. This is for people and logs; only the
 /// [`CancelCode`] and a short reason go on the wire.
@@ -255,57 +145,9 @@ impl CancelInfo {
     }
 }
 
-/// The state of the flow an offending message belongs to, as the error-loop rule sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FlowStatus {
-    /// No flow with this id exists (or it was forgotten).
-    Unknown,
-    /// A flow that has not ended.
-    Active,
-    /// A flow that ended (done or cancelled, by either side).
-    Ended,
-}
-
-/// Which transport an incoming message came over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Via {
-    ToDevice,
-    Room,
-}
-
-/// The error-loop rule (CX-04, CX-06, CX-07, EV-RQI-05), in one place: given a problem with an
-/// incoming message, whether to answer with a cancel and which code.
-///
-/// * never answer a cancel;
-/// * never send anything for a flow that has ended;
-/// * an unknown to-device flow gets `m.unknown_transaction`, except for messages that may open a
-///   flow (`request`, and a `start` of a method that can begin without a request);
-/// * never answer in-room events of flows that are not ours;
-/// * an active flow is cancelled with `wanted` (the flow then ends, so at most one cancel is sent).
-pub(crate) fn verdict(
-    incoming: crate::wire::MsgKind,
-    may_open_flow: bool,
-    via: Via,
-    status: FlowStatus,
-    wanted: CancelCode,
-) -> Option<CancelCode> {
-    use crate::wire::MsgKind;
-    if incoming == MsgKind::Cancel {
-        return None;
-    }
-    match status {
-        FlowStatus::Ended => None,
-        // A request, or a start that can open a flow (ST-06), is not an unknown transaction.
-        FlowStatus::Unknown if via == Via::Room || may_open_flow => None,
-        FlowStatus::Unknown => Some(CancelCode::UnknownTransaction),
-        FlowStatus::Active => Some(wanted),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::MsgKind;
 
     #[test]
     fn codes_round_trip() {
@@ -315,44 +157,5 @@ mod tests {
         let custom = CancelCode::from_wire("org.example.custom");
         assert_eq!(custom, CancelCode::Custom("org.example.custom".into()));
         assert_eq!(custom.as_str(), "org.example.custom");
-    }
-
-    #[test]
-    fn error_loop_rule() {
-        let all = [
-            MsgKind::Request,
-            MsgKind::Ready,
-            MsgKind::Start,
-            MsgKind::Accept,
-            MsgKind::Key,
-            MsgKind::Mac,
-            MsgKind::Done,
-            MsgKind::Cancel,
-        ];
-        for kind in all {
-            for via in [Via::ToDevice, Via::Room] {
-                for status in [FlowStatus::Unknown, FlowStatus::Active, FlowStatus::Ended] {
-                    let v = verdict(kind, false, via, status, CancelCode::InvalidMessage);
-                    if kind == MsgKind::Cancel || status == FlowStatus::Ended {
-                        assert_eq!(v, None, "{kind:?} {via:?} {status:?}");
-                    }
-                }
-                assert_eq!(verdict(kind, true, Via::Room, FlowStatus::Unknown, CancelCode::User), None);
-            }
-        }
-        assert_eq!(
-            verdict(MsgKind::Key, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
-            Some(CancelCode::UnknownTransaction)
-        );
-        assert_eq!(verdict(MsgKind::Start, true, Via::ToDevice, FlowStatus::Unknown, CancelCode::User), None);
-        // A reciprocation cannot open a flow: for an unknown flow it is an unknown transaction.
-        assert_eq!(
-            verdict(MsgKind::Start, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
-            Some(CancelCode::UnknownTransaction)
-        );
-        assert_eq!(
-            verdict(MsgKind::Mac, false, Via::Room, FlowStatus::Active, CancelCode::KeyMismatch),
-            Some(CancelCode::KeyMismatch)
-        );
     }
 }

@@ -54,12 +54,12 @@ pub mod cancel;
 pub mod canonical;
 pub mod crypto;
 pub mod emoji;
+mod flow;
 #[cfg(feature = "loopback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "loopback")))]
 pub mod loopback;
 mod machine;
 pub mod qr;
-mod sas;
 pub mod types;
 pub mod wire;
 

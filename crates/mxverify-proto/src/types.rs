@@ -415,6 +415,12 @@ pub enum ActionError {
     UnknownOutgoing(u64),
 }
 
+impl From<crate::qr::QrDecodeError> for ActionError {
+    fn from(e: crate::qr::QrDecodeError) -> Self {
+        ActionError::InvalidQr(e)
+    }
+}
+
 #[cfg(feature = "seeded-entropy")]
 /// Deterministic [`Entropy`] from a seed (SHA-256 in counter mode), for tests, benchmarks, fuzzing
 /// and replays. **Never use it for real verifications**: anyone who knows the seed knows the keys.

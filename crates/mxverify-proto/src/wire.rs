@@ -12,7 +12,118 @@ use std::fmt;
 use serde_json::{Map, Value, json};
 
 use crate::b64;
-use crate::cancel::CancelCode;
+
+/// A cancel code (CX-02). Unknown codes, including custom ones in Java package naming, are kept
+/// as [`CancelCode::Custom`] and round-trip unchanged (FW-09, EV-CN-02).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CancelCode {
+    /// `m.user`: the user cancelled or rejected.
+    User,
+    /// `m.timeout`: the verification timed out.
+    Timeout,
+    /// `m.unknown_transaction`: an event for a flow the device does not know.
+    UnknownTransaction,
+    /// `m.unknown_method`: the device cannot handle the method, or there is nothing in common.
+    UnknownMethod,
+    /// `m.unexpected_message`: a message out of sequence, or colliding starts of different methods.
+    UnexpectedMessage,
+    /// `m.key_mismatch`: a key was not verified.
+    KeyMismatch,
+    /// `m.user_mismatch`: the user verified was not the expected one.
+    UserMismatch,
+    /// `m.invalid_message`: a malformed or invalid message.
+    InvalidMessage,
+    /// `m.accepted`: another device accepted the request.
+    Accepted,
+    /// `m.mismatched_commitment`: the SAS commitment did not match.
+    MismatchedCommitment,
+    /// `m.mismatched_sas`: the user says the short authentication strings differ.
+    MismatchedSas,
+    /// Any other code (kept verbatim).
+    Custom(String),
+}
+
+impl CancelCode {
+    /// The eleven codes the spec defines.
+    pub const SPEC: [CancelCode; 11] = [
+        Self::User,
+        Self::Timeout,
+        Self::UnknownTransaction,
+        Self::UnknownMethod,
+        Self::UnexpectedMessage,
+        Self::KeyMismatch,
+        Self::UserMismatch,
+        Self::InvalidMessage,
+        Self::Accepted,
+        Self::MismatchedCommitment,
+        Self::MismatchedSas,
+    ];
+
+    /// The code on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::User => "m.user",
+            Self::Timeout => "m.timeout",
+            Self::UnknownTransaction => "m.unknown_transaction",
+            Self::UnknownMethod => "m.unknown_method",
+            Self::UnexpectedMessage => "m.unexpected_message",
+            Self::KeyMismatch => "m.key_mismatch",
+            Self::UserMismatch => "m.user_mismatch",
+            Self::InvalidMessage => "m.invalid_message",
+            Self::Accepted => "m.accepted",
+            Self::MismatchedCommitment => "m.mismatched_commitment",
+            Self::MismatchedSas => "m.mismatched_sas",
+            Self::Custom(s) => s,
+        }
+    }
+
+    /// Parses a wire code; never fails.
+    pub fn from_wire(s: &str) -> Self {
+        Self::SPEC.into_iter().find(|c| c.as_str() == s).unwrap_or_else(|| Self::Custom(s.to_owned()))
+    }
+
+    /// The short, fixed reason we put on the wire with this code (EV-CN-01).
+    pub fn default_reason(&self) -> &'static str {
+        match self {
+            Self::User => "The user cancelled the verification.",
+            Self::Timeout => "The verification timed out.",
+            Self::UnknownTransaction => "The device does not know this verification.",
+            Self::UnknownMethod => "The device cannot handle the requested method.",
+            Self::UnexpectedMessage => "The device received an unexpected message.",
+            Self::KeyMismatch => "The key was not verified.",
+            Self::UserMismatch => "The expected user did not match the user verified.",
+            Self::InvalidMessage => "The message received was invalid.",
+            Self::Accepted => "The request was accepted by another device.",
+            Self::MismatchedCommitment => "The hash commitment did not match.",
+            Self::MismatchedSas => "The short authentication strings did not match.",
+            Self::Custom(_) => "The verification was cancelled.",
+        }
+    }
+
+    /// What a person should hear about this code, whoever sent it.
+    pub fn explanation(&self) -> &'static str {
+        match self {
+            Self::User => "the verification was declined or cancelled by a person",
+            Self::Timeout => "nobody finished the verification in time",
+            Self::UnknownTransaction => "the other device did not recognise this verification",
+            Self::UnknownMethod => "the two devices have no verification method in common",
+            Self::UnexpectedMessage => "a message arrived out of order",
+            Self::KeyMismatch => "a key could not be verified",
+            Self::UserMismatch => "a message came from a different user than the one being verified",
+            Self::InvalidMessage => "a message was malformed",
+            Self::Accepted => "another device answered the request",
+            Self::MismatchedCommitment => "the other device's key did not match its commitment",
+            Self::MismatchedSas => "the emoji or numbers did not match",
+            Self::Custom(_) => "the other side gave a reason this program does not know",
+        }
+    }
+}
+
+impl fmt::Display for CancelCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The eight kinds of verification event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,26 +1,23 @@
 //! The `m.sas.v1` flow ([spec: SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification)),
 //! from `start` to `done`, for both roles: S sends the (winning) `start`, A sends `accept`.
+//!
+//! Each phase holds what it needs: the ephemeral key until the agreement consumes it, the choice
+//! once the accept is made, the shared secret once the keys are exchanged, and what the other side
+//! already did while our user compares.
 
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::{Acted, Ctx, End, How, Next, Peer, Pinned, Refused, State, Step, Transition, encode};
 use crate::cancel::{CancelCode, LocalCause};
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
-use crate::machine::{Flow, Machine};
-use crate::types::{DropReason, Event, FlowKey, KeyKind, SasParams, VerifiedKey};
-use crate::wire::{self, Accept, Envelope, MacMsg, Msg, SasOffer, Start, StartMethod};
+use crate::types::{ActionError, DropReason, Event, FlowKey, KeyKind, SasParams, VerifiedKey};
+use crate::wire::{self, Accept, MacMsg, Method, Msg, MsgKind, SasOffer, Start, StartMethod};
 
 /// The SAS methods we know, in our order.
 const SAS_METHODS: [&str; 2] = ["decimal", "emoji"];
 const SHA256: &str = "sha256";
-
-/// The other side's keys, fixed by value when SAS starts (TR-01).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Pinned {
-    pub(crate) device_key: String,
-    pub(crate) master_key: Option<String>,
-}
 
 /// What the accepter chose (SA-05).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,97 +28,92 @@ struct Choice {
     decimal: bool,
 }
 
-pub(crate) struct Exchanged {
-    secret: SharedSecret,
-    their_key: String,
-    confirmed: bool,
-    their_mac: Option<(MacMsg, Vec<VerifiedKey>)>,
-    done_sent: bool,
-    their_done: bool,
+/// SAS in one flow: what holds for its whole life, and the current phase.
+#[derive(Debug)]
+pub(crate) struct Sas {
+    c: Common,
+    phase: Phase,
 }
 
-impl Exchanged {
-    fn name(&self) -> &'static str {
-        if !self.confirmed {
-            "waiting for you to compare the emoji"
-        } else if self.their_mac.is_none() {
-            "waiting for the other device to confirm"
-        } else {
-            "waiting for the other device to finish"
-        }
-    }
+/// What a SAS exchange keeps from start to end.
+#[derive(Debug)]
+struct Common {
+    /// The other device.
+    device: String,
+    /// Whether our start is the one in force.
+    we_start: bool,
+    /// The start content hashed for the commitment (CM-02..CM-04).
+    start_content: Value,
+    /// The start's offer.
+    offer: SasOffer,
+    /// The other side's keys, fixed when SAS started (TR-01).
+    pinned: Pinned,
 }
 
-pub(crate) enum SasPhase {
+#[derive(Debug)]
+enum Phase {
     /// S: start sent, waiting for `accept`.
     AwaitAccept(EphemeralKey),
     /// A, legacy start-first flow: waiting for our user to accept the start.
     AwaitUserAccept,
     /// A: `accept` sent, waiting for S's `key` (SQ-04: our key goes only after theirs).
-    AwaitStarterKey(EphemeralKey),
-    /// S: `key` sent, waiting for A's `key` to check the commitment.
-    AwaitAccepterKey(EphemeralKey),
-    /// Keys exchanged: SAS shown, MACs and `done` to exchange.
-    Exchanged(Box<Exchanged>),
-    /// Only during a transition.
-    Moving,
+    AwaitStarterKey { eph: EphemeralKey, choice: Choice },
+    /// S: `key` sent, waiting for A's `key` to check its commitment.
+    AwaitAccepterKey { eph: EphemeralKey, choice: Choice, accept: Accept },
+    /// Keys exchanged: SAS shown; MACs and `done` to exchange.
+    Exchanged(Box<Exchanged>, Stage),
 }
 
-impl std::fmt::Debug for SasPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
+#[derive(Debug)]
+struct Exchanged {
+    secret: SharedSecret,
+    choice: Choice,
+    /// Their ephemeral key, to recognise a duplicate `key`.
+    their_key: String,
+    /// S: the accept we got, to recognise a duplicate.
+    their_accept: Option<Accept>,
 }
 
-impl SasPhase {
-    pub(crate) fn name(&self) -> &'static str {
+/// After the keys: what our user and the other side have done.
+#[derive(Debug)]
+enum Stage {
+    /// Our user compares the SAS; the other side may already be further.
+    Compare(Theirs),
+    /// Our user confirmed and our MAC went out; waiting for theirs.
+    AwaitTheirMac,
+    /// Both MACs verified and our `done` sent; waiting for theirs.
+    AwaitTheirDone(CheckedMac),
+}
+
+/// What the other side did while our user compares.
+#[derive(Debug)]
+enum Theirs {
+    Nothing,
+    Mac(CheckedMac),
+    MacAndDone(CheckedMac),
+}
+
+/// Their `mac`, verified, and the keys it proved.
+#[derive(Debug)]
+struct CheckedMac {
+    mac: MacMsg,
+    keys: Vec<VerifiedKey>,
+}
+
+impl Stage {
+    fn their_mac(&self) -> Option<&MacMsg> {
         match self {
-            Self::AwaitAccept(_) => "waiting for the other device to accept SAS",
-            Self::AwaitUserAccept => "waiting for you to accept SAS",
-            Self::AwaitStarterKey(_) | Self::AwaitAccepterKey(_) => "exchanging keys",
-            Self::Exchanged(x) => x.name(),
-            Self::Moving => "changing state",
+            Stage::Compare(Theirs::Mac(c) | Theirs::MacAndDone(c)) | Stage::AwaitTheirDone(c) => Some(&c.mac),
+            Stage::Compare(Theirs::Nothing) | Stage::AwaitTheirMac => None,
         }
     }
-}
 
-/// SAS state of one flow.
-#[derive(Debug)]
-pub(crate) struct Sas {
-    we_start: bool,
-    starter_device: String,
-    /// The start content hashed for the commitment (CM-02..CM-04).
-    start_content: Value,
-    offer: SasOffer,
-    choice: Option<Choice>,
-    /// S: the accepter's commitment. A: our accept, to recognise duplicates.
-    accept: Option<Accept>,
-    pinned: Pinned,
-    pub(crate) phase: SasPhase,
-}
-
-/// What a SAS transition asks the machine to do.
-#[derive(Default)]
-pub(crate) struct SasStep {
-    pub(crate) send: Vec<Msg>,
-    pub(crate) events: Vec<Event>,
-    pub(crate) fail: Option<(CancelCode, LocalCause)>,
-    pub(crate) verified: Option<Vec<VerifiedKey>>,
-}
-
-impl SasStep {
-    fn fail(code: CancelCode, cause: LocalCause) -> Self {
-        Self { fail: Some((code, cause)), ..Self::default() }
-    }
-
-    fn unexpected(msg: &Msg, state: &'static str) -> Self {
-        Self::fail(CancelCode::UnexpectedMessage, LocalCause::Unexpected { message: msg.kind().event_type(), state })
-    }
-
-    fn drop(flow: &Flow, msg: &Msg, reason: DropReason) -> Self {
-        let event =
-            Event::Dropped { sender: flow.other_user.clone(), event_type: msg.kind().event_type().into(), reason };
-        Self { events: vec![event], ..Self::default() }
+    fn name(&self) -> &'static str {
+        match self {
+            Stage::Compare(_) => "waiting for you to compare the emoji",
+            Stage::AwaitTheirMac => "waiting for the other device to confirm",
+            Stage::AwaitTheirDone(_) => "waiting for the other device to finish",
+        }
     }
 }
 
@@ -195,69 +187,188 @@ fn check_accept(offer: &SasOffer, accept: &Accept) -> Result<Choice, &'static st
 }
 
 impl Sas {
+    /// The other device.
+    pub(crate) fn device(&self) -> &str {
+        &self.c.device
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        self.phase.name()
+    }
+
+    /// Whether the user can now confirm or deny the SAS.
+    pub(crate) fn can_confirm(&self) -> bool {
+        matches!(&self.phase, Phase::Exchanged(_, Stage::Compare(_)))
+    }
+
     /// We start SAS (SQ-01): a fresh ephemeral key and our offer.
-    pub(crate) fn start(m: &mut Machine, flow: &Flow, pinned: Pinned) -> (Sas, Msg) {
-        let eph = EphemeralKey::from_random(m.random_bytes());
-        let offer = our_offer(&m.config.sas);
-        let msg = Msg::Start(Start { from_device: m.own.device_id.clone(), method: StartMethod::Sas(offer.clone()) });
-        let envelope = match &flow.key {
-            FlowKey::ToDevice { transaction_id, .. } => Envelope::ToDevice(transaction_id.clone()),
-            FlowKey::Room { event_id, .. } => Envelope::Room(Some(event_id.clone())),
-        };
+    pub(crate) fn start(device: String, pinned: Pinned, ctx: &mut Ctx<'_>) -> (Sas, Msg) {
+        let eph = EphemeralKey::from_random(ctx.random());
+        let offer = our_offer(&ctx.config.sas);
+        let msg = Msg::Start(Start { from_device: ctx.own.device_id.clone(), method: StartMethod::Sas(offer.clone()) });
         // CM-04: as S, the commitment covers exactly the content we send.
-        let start_content = wire::encode(&msg, &envelope).1;
-        let sas = Sas {
-            we_start: true,
-            starter_device: m.own.device_id.clone(),
-            start_content,
-            offer,
-            choice: None,
-            accept: None,
-            pinned,
-            phase: SasPhase::AwaitAccept(eph),
-        };
-        (sas, msg)
+        let start_content = encode(&msg, ctx);
+        let c = Common { device, we_start: true, start_content, offer, pinned };
+        (Sas { c, phase: Phase::AwaitAccept(eph) }, msg)
     }
 
     /// Their start arrived: we are A. In a request flow the user already agreed, so we accept at
     /// once; a legacy start waits for the user (ST-06).
     pub(crate) fn from_their_start(
-        m: &mut Machine,
-        flow: &Flow,
-        start: &Start,
+        device: String,
+        offer: SasOffer,
         content: Value,
         pinned: Pinned,
-    ) -> (Sas, SasStep) {
-        let StartMethod::Sas(offer) = &start.method else { unreachable!("only SAS starts reach here") };
-        let mut sas = Sas {
-            we_start: false,
-            starter_device: start.from_device.clone(),
-            start_content: content,
-            offer: offer.clone(),
-            choice: None,
-            accept: None,
-            pinned,
-            phase: SasPhase::AwaitUserAccept,
+        ctx: &mut Ctx<'_>,
+    ) -> Transition {
+        let c = Common { device, we_start: false, start_content: content, offer, pinned };
+        if ctx.origin.began_with_request() {
+            c.user_accepts(ctx)
+        } else {
+            c.stay(Phase::AwaitUserAccept, Step::default())
+        }
+    }
+
+    /// Our user accepts a legacy start.
+    pub(crate) fn user_accepts(self: Box<Self>, ctx: &mut Ctx<'_>) -> Acted {
+        match self.phase {
+            Phase::AwaitUserAccept => Ok(self.c.user_accepts(ctx)),
+            phase => Err(self.c.refuse(phase, "accept")),
+        }
+    }
+
+    /// A start while SAS is already running: a collision (ST-03, ST-04) or a duplicate.
+    pub(crate) fn on_start(self: Box<Self>, start: Start, raw: &Value, ctx: &mut Ctx<'_>) -> Transition {
+        let Sas { c, phase } = *self;
+        let StartMethod::Sas(offer) = start.method else {
+            return c.fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
         };
-        let step = if flow.from_request { sas.user_accepts(m) } else { SasStep::default() };
-        (sas, step)
+        if !c.we_start {
+            return if start_content_for_commitment(raw, ctx.key) == c.start_content {
+                c.dropped(phase, ctx, MsgKind::Start, DropReason::Duplicate)
+            } else {
+                c.unexpected(MsgKind::Start, phase.name())
+            };
+        }
+        if we_win_tie_break(ctx, &start.from_device) {
+            return c.dropped(phase, ctx, MsgKind::Start, DropReason::LostTieBreak);
+        }
+        if !matches!(phase, Phase::AwaitAccept(_)) {
+            // They won the tie-break, but we already moved on with an accept of theirs: impossible
+            // for an honest peer.
+            return c.unexpected(MsgKind::Start, phase.name());
+        }
+        // We lost: our start is void (its key is dropped and zeroized); we accept theirs.
+        let mut step = Step::default();
+        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1.as_str().into(), by_us: false });
+        let content = start_content_for_commitment(raw, ctx.key);
+        let (next, more) = Sas::from_their_start(c.device, offer, content, c.pinned, ctx);
+        step.append(more);
+        (next, step)
+    }
+
+    /// `accept`, `key`, `mac` and `done`.
+    pub(crate) fn on_message(self: Box<Self>, msg: Msg, ctx: &mut Ctx<'_>) -> Transition {
+        let Sas { c, phase } = *self;
+        let kind = msg.kind();
+        let name = phase.name();
+        match (phase, msg) {
+            (Phase::AwaitAccept(eph), Msg::Accept(accept)) => match check_accept(&c.offer, &accept) {
+                Err(field) => c.fail(CancelCode::UnknownMethod, LocalCause::AcceptNotOffered(field)),
+                Ok(choice) => {
+                    // SQ-03: keep the commitment, send our key.
+                    let mut step = Step::default();
+                    step.send(Msg::Key(eph.public_b64()), c.peer());
+                    c.stay(Phase::AwaitAccepterKey { eph, choice, accept }, step)
+                }
+            },
+            (Phase::AwaitStarterKey { eph, choice }, Msg::Key(theirs)) => {
+                // SQ-04: only now does A reveal its key.
+                let ours = Msg::Key(eph.public_b64());
+                c.exchange(eph, choice, theirs, None, Some(ours), ctx)
+            }
+            (Phase::AwaitAccepterKey { eph, choice, accept }, Msg::Key(theirs)) => {
+                // SQ-05: the accepter's key must hash to its commitment.
+                let expected = crypto::commitment(&theirs, &c.start_content).unwrap_or_default();
+                if !bool::from(expected.as_bytes().ct_eq(accept.commitment.as_bytes())) {
+                    return c.fail(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch);
+                }
+                c.exchange(eph, choice, theirs, Some(accept), None, ctx)
+            }
+            (Phase::AwaitAccepterKey { eph, choice, accept }, Msg::Accept(a)) if a == accept => {
+                c.dropped(Phase::AwaitAccepterKey { eph, choice, accept }, ctx, kind, DropReason::Duplicate)
+            }
+            (Phase::Exchanged(x, stage), msg) => c.on_exchanged(x, stage, msg, ctx),
+            (_, _) => c.unexpected(kind, name),
+        }
+    }
+
+    /// The user confirmed that the SAS match (SQ-09): send our MAC.
+    pub(crate) fn confirm(self: Box<Self>, ctx: &mut Ctx<'_>) -> Acted {
+        let Sas { c, phase } = *self;
+        match phase {
+            Phase::Exchanged(x, Stage::Compare(theirs)) => {
+                let mut step = Step::default();
+                step.send(Msg::Mac(c.our_mac(&x.secret, x.choice.mac, ctx)), c.peer());
+                Ok(match theirs {
+                    Theirs::Nothing => c.stay(Phase::Exchanged(x, Stage::AwaitTheirMac), step),
+                    Theirs::Mac(m) => c.finish(x, m, false, step, ctx),
+                    Theirs::MacAndDone(m) => c.finish(x, m, true, step, ctx),
+                })
+            }
+            phase => Err(c.refuse(phase, "confirm")),
+        }
+    }
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::AwaitAccept(_) => "waiting for the other device to accept SAS",
+            Phase::AwaitUserAccept => "waiting for you to accept SAS",
+            Phase::AwaitStarterKey { .. } | Phase::AwaitAccepterKey { .. } => "exchanging keys",
+            Phase::Exchanged(_, stage) => stage.name(),
+        }
+    }
+}
+
+impl Common {
+    fn peer(&self) -> Peer {
+        Peer::Device(self.device.clone())
+    }
+
+    fn stay(self, phase: Phase, step: Step) -> Transition {
+        (Next::Go(State::Sas(Box::new(Sas { c: self, phase }))), step)
+    }
+
+    fn refuse(self, phase: Phase, action: &'static str) -> Box<Refused> {
+        let state = phase.name();
+        Refused::new(State::Sas(Box::new(Sas { c: self, phase })), ActionError::WrongState { action, state })
+    }
+
+    fn fail(&self, code: CancelCode, cause: LocalCause) -> Transition {
+        (Next::fail(self.peer(), code, cause), Step::default())
+    }
+
+    fn unexpected(&self, kind: MsgKind, state: &'static str) -> Transition {
+        self.fail(CancelCode::UnexpectedMessage, LocalCause::Unexpected { message: kind.event_type(), state })
+    }
+
+    fn dropped(self, phase: Phase, ctx: &Ctx<'_>, kind: MsgKind, reason: DropReason) -> Transition {
+        let step = Step::dropped(ctx, kind, reason);
+        self.stay(phase, step)
     }
 
     /// A accepts the start (SQ-02): choose, commit to a fresh ephemeral key, send `accept`.
-    pub(crate) fn user_accepts(&mut self, m: &mut Machine) -> SasStep {
-        let choice = match choose(&self.offer, &m.config.sas) {
+    fn user_accepts(self, ctx: &mut Ctx<'_>) -> Transition {
+        let choice = match choose(&self.offer, &ctx.config.sas) {
             Ok(c) => c,
-            Err(what) => {
-                return SasStep::fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what));
-            }
+            Err(what) => return self.fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what)),
         };
-        let eph = EphemeralKey::from_random(m.random_bytes());
-        let commitment = match crypto::commitment(&eph.public_b64(), &self.start_content) {
-            Ok(c) => c,
-            Err(_) => {
-                let e = wire::WireError { field: "content", problem: wire::Problem::Invalid("no canonical JSON form") };
-                return SasStep::fail(CancelCode::InvalidMessage, LocalCause::Malformed(e));
-            }
+        let eph = EphemeralKey::from_random(ctx.random());
+        let Ok(commitment) = crypto::commitment(&eph.public_b64(), &self.start_content) else {
+            let e = wire::WireError { field: "content", problem: wire::Problem::Invalid("no canonical JSON form") };
+            return self.fail(CancelCode::InvalidMessage, LocalCause::Malformed(e));
         };
         let sas_methods: Vec<String> = SAS_METHODS
             .iter()
@@ -271,210 +382,122 @@ impl Sas {
             short_authentication_string: sas_methods,
             commitment,
         };
-        self.choice = Some(choice);
-        self.accept = Some(accept.clone());
-        self.phase = SasPhase::AwaitStarterKey(eph);
-        SasStep { send: vec![Msg::Accept(accept)], ..SasStep::default() }
+        let mut step = Step::default();
+        step.send(Msg::Accept(accept), self.peer());
+        self.stay(Phase::AwaitStarterKey { eph, choice }, step)
     }
 
-    /// Whether the user can now confirm or deny the SAS.
-    pub(crate) fn can_confirm(&self) -> bool {
-        matches!(&self.phase, SasPhase::Exchanged(x) if !x.confirmed)
-    }
-
-    /// A start while SAS is already running: a collision (ST-03, ST-04) or a duplicate.
-    pub(crate) fn on_start(&mut self, m: &mut Machine, flow: &Flow, start: &Start, raw: &Value) -> SasStep {
-        let msg = Msg::Start(start.clone());
-        let StartMethod::Sas(_) = &start.method else {
-            return SasStep::fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
+    /// A message once the keys are exchanged.
+    fn on_exchanged(self, x: Box<Exchanged>, stage: Stage, msg: Msg, ctx: &mut Ctx<'_>) -> Transition {
+        let kind = msg.kind();
+        let name = stage.name();
+        let duplicate = match &msg {
+            Msg::Key(k) => *k == x.their_key,
+            Msg::Accept(a) => x.their_accept.as_ref() == Some(a),
+            Msg::Mac(mac) => match stage.their_mac() {
+                Some(seen) if seen == mac => true,
+                Some(_) => return self.unexpected(kind, name),
+                None => false,
+            },
+            Msg::Done => matches!(stage, Stage::Compare(Theirs::MacAndDone(_))),
+            _ => false,
         };
-        if !self.we_start {
-            let same = start_content_for_commitment(raw, &flow.key) == self.start_content;
-            return if same {
-                SasStep::drop(flow, &msg, DropReason::Duplicate)
-            } else {
-                SasStep::unexpected(&msg, self.phase.name())
-            };
+        if duplicate {
+            return self.dropped(Phase::Exchanged(x, stage), ctx, kind, DropReason::Duplicate);
         }
-        // ST-03, ST-05: the smaller user ID wins; for one user, the smaller device ID. Byte order
-        // of UTF-8 strings is code-point order.
-        let we_win = if m.own.user_id != flow.other_user {
-            m.own.user_id < flow.other_user
-        } else {
-            m.own.device_id < start.from_device
-        };
-        if we_win {
-            return SasStep::drop(flow, &msg, DropReason::LostTieBreak);
-        }
-        if !matches!(self.phase, SasPhase::AwaitAccept(_)) {
-            // They won the tie-break, but we already moved on with an accept of ours: impossible
-            // for an honest peer.
-            return SasStep::unexpected(&msg, self.phase.name());
-        }
-        // We lost: our start is void (its key is dropped and zeroized); we accept theirs.
-        let (mut sas, mut step) =
-            Sas::from_their_start(m, flow, start, start_content_for_commitment(raw, &flow.key), self.pinned.clone());
-        std::mem::swap(self, &mut sas);
-        step.events.insert(0, Event::Started { flow: flow.key.clone(), method: "m.sas.v1".into(), by_us: false });
-        step
-    }
-
-    /// `accept`, `key`, `mac` and `done`.
-    pub(crate) fn on_message(&mut self, m: &mut Machine, flow: &Flow, msg: Msg) -> SasStep {
-        let phase = std::mem::replace(&mut self.phase, SasPhase::Moving);
-        let (phase, step) = match (phase, msg) {
-            (SasPhase::AwaitAccept(eph), Msg::Accept(accept)) => {
-                match check_accept(&self.offer, &accept) {
-                    Err(field) => (
-                        SasPhase::AwaitAccept(eph),
-                        SasStep::fail(CancelCode::UnknownMethod, LocalCause::AcceptNotOffered(field)),
-                    ),
-                    Ok(choice) => {
-                        // SQ-03: store the commitment, send our key.
-                        self.choice = Some(choice);
-                        self.accept = Some(accept);
-                        let key = Msg::Key(eph.public_b64());
-                        (SasPhase::AwaitAccepterKey(eph), SasStep { send: vec![key], ..SasStep::default() })
+        match (stage, msg) {
+            (Stage::Compare(Theirs::Nothing), Msg::Mac(mac)) => {
+                match self.check_mac(&x.secret, x.choice.mac, &mac, ctx) {
+                    Err(cause) => self.fail(CancelCode::KeyMismatch, cause),
+                    Ok(keys) => {
+                        let stage = Stage::Compare(Theirs::Mac(CheckedMac { mac, keys }));
+                        self.stay(Phase::Exchanged(x, stage), Step::default())
                     }
                 }
             }
-            (SasPhase::AwaitStarterKey(eph), Msg::Key(theirs)) => {
-                // SQ-04: only now does A reveal its key.
-                let ours = eph.public_b64();
-                self.exchange(m, flow, eph, theirs, Some(Msg::Key(ours)))
+            (Stage::AwaitTheirMac, Msg::Mac(mac)) => match self.check_mac(&x.secret, x.choice.mac, &mac, ctx) {
+                Err(cause) => self.fail(CancelCode::KeyMismatch, cause),
+                Ok(keys) => self.finish(x, CheckedMac { mac, keys }, false, Step::default(), ctx),
+            },
+            (Stage::Compare(Theirs::Mac(m)), Msg::Done) => {
+                self.stay(Phase::Exchanged(x, Stage::Compare(Theirs::MacAndDone(m))), Step::default())
             }
-            (SasPhase::AwaitAccepterKey(eph), Msg::Key(theirs)) => {
-                // SQ-05: the accepter's key must hash to its commitment.
-                let committed = self.accept.as_ref().map(|a| a.commitment.as_str()).unwrap_or_default();
-                let expected = crypto::commitment(&theirs, &self.start_content).unwrap_or_default();
-                if !bool::from(expected.as_bytes().ct_eq(committed.as_bytes())) {
-                    (
-                        SasPhase::AwaitAccepterKey(eph),
-                        SasStep::fail(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch),
-                    )
-                } else {
-                    self.exchange(m, flow, eph, theirs, None)
-                }
+            (Stage::AwaitTheirDone(m), Msg::Done) => {
+                (Next::End(End { how: How::Verified(m.keys), peer: self.peer() }), Step::default())
             }
-            (SasPhase::Exchanged(mut x), Msg::Mac(mac)) => {
-                let step = if let Some((seen, _)) = &x.their_mac {
-                    if *seen == mac {
-                        SasStep::drop(flow, &Msg::Mac(mac), DropReason::Duplicate)
-                    } else {
-                        SasStep::unexpected(&Msg::Mac(mac), x.name())
-                    }
-                } else {
-                    match self.check_mac(m, flow, &x.secret, &mac) {
-                        Err(cause) => SasStep::fail(CancelCode::KeyMismatch, cause),
-                        Ok(keys) => {
-                            x.their_mac = Some((mac, keys));
-                            self.try_finish(m, flow, &mut x)
-                        }
-                    }
-                };
-                (SasPhase::Exchanged(x), step)
-            }
-            (SasPhase::Exchanged(mut x), Msg::Done) => {
-                let step = if x.their_mac.is_none() {
-                    SasStep::unexpected(&Msg::Done, x.name())
-                } else if x.their_done {
-                    SasStep::drop(flow, &Msg::Done, DropReason::Duplicate)
-                } else {
-                    x.their_done = true;
-                    self.try_finish(m, flow, &mut x)
-                };
-                (SasPhase::Exchanged(x), step)
-            }
-            (SasPhase::Exchanged(x), Msg::Key(k)) if k == x.their_key => {
-                (SasPhase::Exchanged(x), SasStep::drop(flow, &Msg::Key(k), DropReason::Duplicate))
-            }
-            (
-                phase @ (SasPhase::AwaitAccepterKey(_) | SasPhase::AwaitStarterKey(_) | SasPhase::Exchanged(_)),
-                Msg::Accept(a),
-            ) if self.we_start && self.accept.as_ref() == Some(&a) => {
-                (phase, SasStep::drop(flow, &Msg::Accept(a), DropReason::Duplicate))
-            }
-            (phase, msg) => {
-                let step = SasStep::unexpected(&msg, phase.name());
-                (phase, step)
-            }
-        };
-        self.phase = phase;
-        step
+            (_, _) => self.unexpected(kind, name),
+        }
     }
 
-    /// The user confirmed that the SAS match (SQ-09): send our MAC.
-    pub(crate) fn confirm(&mut self, m: &mut Machine, flow: &Flow) -> SasStep {
-        let SasPhase::Exchanged(mut x) = std::mem::replace(&mut self.phase, SasPhase::Moving) else {
-            unreachable!("confirm is only offered once keys are exchanged")
-        };
-        x.confirmed = true;
-        let mac = self.our_mac(m, flow, &x.secret);
-        let mut step = self.try_finish(m, flow, &mut x);
-        step.send.insert(0, Msg::Mac(mac));
-        self.phase = SasPhase::Exchanged(x);
-        step
+    /// SQ-11, SQ-12: `done` once we confirmed and their MAC verified, if the keys are still the
+    /// pinned ones (TR-01); verified once both `done`s are exchanged (a legacy peer sends none).
+    fn finish(
+        self,
+        x: Box<Exchanged>,
+        theirs: CheckedMac,
+        their_done: bool,
+        mut step: Step,
+        ctx: &mut Ctx<'_>,
+    ) -> Transition {
+        if !self.pinned.holds(ctx.their_keys, &self.device) {
+            return (Next::fail(self.peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), step);
+        }
+        step.send(Msg::Done, self.peer());
+        if their_done || !ctx.origin.began_with_request() {
+            return (Next::End(End { how: How::Verified(theirs.keys), peer: self.peer() }), step);
+        }
+        self.stay(Phase::Exchanged(x, Stage::AwaitTheirDone(theirs)), step)
     }
 
     fn exchange(
-        &mut self,
-        m: &mut Machine,
-        flow: &Flow,
+        self,
         eph: EphemeralKey,
+        choice: Choice,
         theirs: String,
+        their_accept: Option<Accept>,
         reply: Option<Msg>,
-    ) -> (SasPhase, SasStep) {
+        ctx: &mut Ctx<'_>,
+    ) -> Transition {
         let ours = eph.public_b64();
-        let secret = match eph.agree(&theirs) {
-            Ok(s) => s,
-            // The key is consumed either way; the flow is over.
-            Err(_) => {
-                return (SasPhase::Moving, SasStep::fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey));
-            }
+        // The key is consumed either way; a failed agreement ends the flow.
+        let Ok(secret) = eph.agree(&theirs) else {
+            return self.fail(CancelCode::InvalidMessage, LocalCause::NonContributoryKey);
         };
-        let choice = self.choice.clone().expect("choice made before keys");
-        let own = (m.own.user_id.as_str(), m.own.device_id.as_str(), ours.as_str());
-        let other_device = flow.other_device.as_deref().unwrap_or_default();
-        let other = (flow.other_user.as_str(), other_device, theirs.as_str());
+        let own = (ctx.own.user_id.as_str(), ctx.own.device_id.as_str(), ours.as_str());
+        let other = (ctx.other_user, self.device.as_str(), theirs.as_str());
         let (s, a) = if self.we_start { (own, other) } else { (other, own) };
         let info = choice.key_agreement.sas_info(
             &Party { user_id: s.0, device_id: s.1, ephemeral_key: s.2 },
             &Party { user_id: a.0, device_id: a.1, ephemeral_key: a.2 },
-            flow.key.flow_id(),
+            ctx.key.flow_id(),
         );
-        debug_assert_eq!(s.1, self.starter_device);
         let bytes = secret.sas_bytes(&info);
         // RS#6944: show only what was negotiated.
         let event = Event::Sas {
-            flow: flow.key.clone(),
+            flow: ctx.key.clone(),
             emoji: choice.emoji.then(|| crypto::emoji_indices(&bytes).iter().map(|&i| emoji::emoji(i)).collect()),
             decimals: choice.decimal.then(|| crypto::decimals(&bytes)),
         };
-        let x = Exchanged {
-            secret,
-            their_key: theirs,
-            confirmed: false,
-            their_mac: None,
-            done_sent: false,
-            their_done: false,
-        };
-        (
-            SasPhase::Exchanged(Box::new(x)),
-            SasStep { send: reply.into_iter().collect(), events: vec![event], ..SasStep::default() },
-        )
+        let mut step = Step::default();
+        if let Some(reply) = reply {
+            step.send(reply, self.peer());
+        }
+        step.events.push(event);
+        let x = Exchanged { secret, choice, their_key: theirs, their_accept };
+        self.stay(Phase::Exchanged(Box::new(x), Stage::Compare(Theirs::Nothing)), step)
     }
 
     /// Our `mac` (MC-01..MC-07): our device key, and our master key if this device trusts it.
-    fn our_mac(&self, m: &Machine, flow: &Flow, secret: &SharedSecret) -> MacMsg {
-        let method = self.choice.as_ref().expect("choice made").mac;
-        let mut keys = vec![(format!("ed25519:{}", m.own.device_id), m.own.ed25519.clone())];
-        if let (Some(msk), true) = (&m.own.master_key, m.own.trusts_master_key) {
+    fn our_mac(&self, secret: &SharedSecret, method: MacMethod, ctx: &Ctx<'_>) -> MacMsg {
+        let own = ctx.own;
+        let mut keys = vec![(format!("ed25519:{}", own.device_id), own.ed25519.clone())];
+        if let (Some(msk), true) = (&own.master_key, own.trusts_master_key) {
             keys.push((format!("ed25519:{msk}"), msk.clone()));
         }
         keys.sort();
-        let sender = (m.own.user_id.as_str(), m.own.device_id.as_str());
-        let receiver = (flow.other_user.as_str(), flow.other_device.as_deref().unwrap_or_default());
-        let flow_id = flow.key.flow_id();
+        let sender = (own.user_id.as_str(), own.device_id.as_str());
+        let receiver = (ctx.other_user, self.device.as_str());
+        let flow_id = ctx.key.flow_id();
         let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
         let list = secret.mac_encoded(method, &ids.join(","), &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"));
         let mac = keys
@@ -489,35 +512,29 @@ impl Sas {
     /// Checks their `mac` against our own copies of their keys (SQ-10, MV-01..MV-04).
     fn check_mac(
         &self,
-        m: &Machine,
-        flow: &Flow,
         secret: &SharedSecret,
+        method: MacMethod,
         mac: &MacMsg,
+        ctx: &Ctx<'_>,
     ) -> Result<Vec<VerifiedKey>, LocalCause> {
-        let method = self.choice.as_ref().expect("choice made").mac;
-        let other_device = flow.other_device.as_deref().unwrap_or_default();
-        let sender = (flow.other_user.as_str(), other_device);
-        let receiver = (m.own.user_id.as_str(), m.own.device_id.as_str());
-        let flow_id = flow.key.flow_id();
+        let sender = (ctx.other_user, self.device.as_str());
+        let receiver = (ctx.own.user_id.as_str(), ctx.own.device_id.as_str());
+        let flow_id = ctx.key.flow_id();
         // MV-01: the key list first (BTreeMap keys are sorted lexicographically).
         let ids: Vec<&str> = mac.mac.keys().map(String::as_str).collect();
-        if !secret.verify_mac(
-            method,
-            &ids.join(","),
-            &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"),
-            &mac.keys,
-        ) {
+        let info = crypto::mac_info(sender, receiver, flow_id, "KEY_IDS");
+        if !secret.verify_mac(method, &ids.join(","), &info, &mac.keys) {
             return Err(LocalCause::KeyListMacMismatch);
         }
-        let device_id = format!("ed25519:{other_device}");
-        let master_id = self.pinned.master_key.as_ref().map(|k| format!("ed25519:{k}"));
+        let device_id = format!("ed25519:{}", self.device);
+        let master = self.pinned.master_key.as_ref().map(|k| (format!("ed25519:{k}"), k));
         let mut verified = Vec::new();
         for (id, value) in &mac.mac {
             // MV-02: MAC over our own copy; MV-04: key IDs we have no key for are skipped.
             let (key, kind) = if *id == device_id {
                 (&self.pinned.device_key, KeyKind::Device)
-            } else if Some(id) == master_id.as_ref() {
-                (self.pinned.master_key.as_ref().expect("master id implies key"), KeyKind::MasterKey)
+            } else if let Some((_, key)) = master.as_ref().filter(|(master_id, _)| master_id == id) {
+                (*key, KeyKind::MasterKey)
             } else {
                 continue;
             };
@@ -531,27 +548,14 @@ impl Sas {
         }
         Ok(verified)
     }
+}
 
-    /// SQ-11, SQ-12: `done` once we confirmed and their MAC verified; verified once both `done`s
-    /// are exchanged (a legacy start-first peer sends none).
-    fn try_finish(&mut self, m: &Machine, flow: &Flow, x: &mut Exchanged) -> SasStep {
-        let mut step = SasStep::default();
-        let Some((_, keys)) = &x.their_mac else {
-            return step;
-        };
-        if !x.confirmed {
-            return step;
-        }
-        if !x.done_sent {
-            if !m.keys_unchanged(flow, &self.pinned) {
-                return SasStep::fail(CancelCode::KeyMismatch, LocalCause::KeysChanged);
-            }
-            x.done_sent = true;
-            step.send.push(Msg::Done);
-        }
-        if x.their_done || !flow.from_request {
-            step.verified = Some(keys.clone());
-        }
-        step
+/// ST-03, ST-05: of two colliding starts, the one from the smaller user ID wins; for one user, the
+/// one from the smaller device ID. Byte order of UTF-8 strings is code-point order.
+pub(crate) fn we_win_tie_break(ctx: &Ctx<'_>, their_device: &str) -> bool {
+    if ctx.own.user_id != ctx.other_user {
+        ctx.own.user_id.as_str() < ctx.other_user
+    } else {
+        ctx.own.device_id.as_str() < their_device
     }
 }

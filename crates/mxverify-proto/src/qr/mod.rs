@@ -5,7 +5,6 @@
 //! [`crate::Machine`]); drawing and reading the QR image itself is I/O and lives outside the
 //! sans-IO core.
 
-pub(crate) mod flow;
 mod payload;
 
 pub use payload::{

@@ -1,0 +1,474 @@
+//! The flows of a verification: the request phase ([`request`]), SAS ([`sas`]) and QR ([`qr`]).
+//!
+//! Each state is a type holding exactly the data of that moment. Each input is a transition that
+//! consumes the state and returns what comes next ([`Next`]: a new state, or the end of the flow)
+//! with what to send and report ([`Step`]). Transitions never see the machine: they get a [`Ctx`]
+//! (who we are, our configuration, what we know of the other side's keys, and the entropy they may
+//! draw from). The machine routes inputs, applies steps, keeps the deadlines and decides, through its
+//! cancel gate, whether an ending puts a cancel on the wire.
+
+pub(crate) mod qr;
+pub(crate) mod request;
+pub(crate) mod sas;
+
+use serde_json::Value;
+
+use crate::cancel::{CancelCode, CancelInfo, LocalCause};
+use crate::types::{
+    ActionError, Config, DropReason, Entropy, Event, FlowKey, Millis, OwnIdentity, UserKeys, VerifiedKey,
+};
+use crate::wire::{self, Envelope, Method, Msg, MsgKind};
+
+pub(crate) use request::{Incoming, Ready, Requested};
+
+/// One flow: who it is with, how it began, and its state.
+#[derive(Debug)]
+pub(crate) struct Flow {
+    pub(crate) key: FlowKey,
+    pub(crate) other_user: String,
+    pub(crate) origin: Origin,
+    pub(crate) state: State,
+}
+
+/// How a flow began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// We sent the request.
+    OurRequest,
+    /// They sent the request.
+    TheirRequest,
+    /// A start without a request (ST-06), by us or by them.
+    LegacyStart { by_us: bool },
+}
+
+impl Origin {
+    pub(crate) fn we_requested(self) -> bool {
+        matches!(self, Origin::OurRequest | Origin::LegacyStart { by_us: true })
+    }
+
+    /// `false` for the legacy start-first flow, which needs no `done` from the peer.
+    pub(crate) fn began_with_request(self) -> bool {
+        !matches!(self, Origin::LegacyStart { .. })
+    }
+}
+
+/// Where in its life a flow is.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// Our request is out; waiting for `ready` (or `cancel`).
+    Requested(Requested),
+    /// Their request waits for our user, until the prompt closes (RQ-04).
+    Incoming(Incoming),
+    /// Both ready; either side may start a method (ST-01).
+    Ready(Ready),
+    /// SAS in progress.
+    Sas(Box<sas::Sas>),
+    /// QR in progress (after a scan).
+    Qr(qr::Qr),
+    /// Verified.
+    Done(Finished),
+    /// Ended without verification.
+    Cancelled(Ended),
+}
+
+/// A verified flow.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) device: String,
+    #[expect(dead_code, reason = "kept for the public projection of the flow")]
+    pub(crate) keys: Vec<VerifiedKey>,
+}
+
+/// A flow that ended without verification.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    pub(crate) device: Option<String>,
+    pub(crate) info: CancelInfo,
+}
+
+impl State {
+    /// A short description, for people.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            State::Requested(_) => "waiting for the other device to accept",
+            State::Incoming(_) => "waiting for you to accept",
+            State::Ready(_) => "ready to start a method",
+            State::Sas(s) => s.name(),
+            State::Qr(q) => q.name(),
+            State::Done(_) => "done",
+            State::Cancelled(_) => "cancelled",
+        }
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        matches!(self, State::Done(_) | State::Cancelled(_))
+    }
+
+    /// The other device, once bound.
+    pub(crate) fn device(&self) -> Option<&str> {
+        match self {
+            State::Requested(_) => None,
+            State::Incoming(i) => Some(&i.device),
+            State::Ready(r) => Some(&r.device),
+            State::Sas(s) => Some(s.device()),
+            State::Qr(q) => Some(&q.device),
+            State::Done(d) => Some(&d.device),
+            State::Cancelled(e) => e.device.as_deref(),
+        }
+    }
+
+    /// Who a message of this flow goes to (to-device; in rooms everyone in the room sees it).
+    pub(crate) fn peer(&self) -> Peer {
+        match self {
+            State::Requested(r) => Peer::Devices(r.devices.clone()),
+            other => match other.device() {
+                Some(d) => Peer::Device(d.to_owned()),
+                None => Peer::Devices(Vec::new()),
+            },
+        }
+    }
+
+    /// A message of the flow, other than a cancel (which the machine handles for every state).
+    pub(crate) fn on_message(self, msg: Msg, raw: &Value, ctx: &mut Ctx<'_>) -> Transition {
+        let kind = msg.kind();
+        match (self, msg) {
+            (State::Requested(r), Msg::Ready(ready)) => r.on_ready(ready, ctx),
+            (State::Ready(r), Msg::Ready(_)) => {
+                (Next::Go(State::Ready(r)), Step::dropped(ctx, kind, DropReason::Duplicate))
+            }
+            (State::Ready(r), Msg::Start(start)) => r.on_start(start, raw, ctx),
+            (State::Sas(s), Msg::Start(start)) => s.on_start(start, raw, ctx),
+            (State::Sas(s), msg @ (Msg::Accept(_) | Msg::Key(_) | Msg::Mac(_) | Msg::Done)) => s.on_message(msg, ctx),
+            (State::Qr(q), Msg::Done) => q.on_done(ctx),
+            (state, _) => {
+                let peer = state.peer();
+                let cause = LocalCause::Unexpected { message: kind.event_type(), state: state.name() };
+                (Next::fail(peer, CancelCode::UnexpectedMessage, cause), Step::default())
+            }
+        }
+    }
+
+    /// Their cancel (CX-01): the flow ends. RQ-08: a device that refuses our request to several
+    /// devices ends it for all, and the others are told with `m.user` (we cannot tell which device
+    /// refused).
+    pub(crate) fn on_cancel(self, cancel: wire::Cancel) -> Transition {
+        let mut step = Step::default();
+        if let State::Requested(r) = &self
+            && r.devices.len() > 1
+        {
+            let code = CancelCode::User;
+            let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
+            step.send(msg, Peer::Devices(r.devices.clone()));
+        }
+        let how = How::CancelledByThem { code: cancel.code, reason: cancel.reason };
+        (Next::End(End { how, peer: self.peer() }), step)
+    }
+
+    /// The user accepts: an incoming request (sends `ready`, RQ-07), or a legacy start.
+    pub(crate) fn accept(self, ctx: &mut Ctx<'_>) -> Acted {
+        match self {
+            State::Incoming(i) => i.accept(ctx),
+            State::Sas(s) => s.user_accepts(ctx),
+            other => Err(wrong_state(other, "accept")),
+        }
+    }
+
+    /// The user starts SAS in a ready flow (ST-01).
+    pub(crate) fn start_sas(self, ctx: &mut Ctx<'_>) -> Acted {
+        match self {
+            State::Ready(r) => r.start_sas(ctx),
+            other => Err(wrong_state(other, "start SAS")),
+        }
+    }
+
+    /// The user says the emoji match (SQ-09), or that the other device showed success (QR-05).
+    pub(crate) fn confirm(self, ctx: &mut Ctx<'_>) -> Acted {
+        match self {
+            State::Qr(q) => q.confirm(ctx),
+            State::Sas(s) => s.confirm(ctx),
+            other => Err(wrong_state(other, "confirm")),
+        }
+    }
+
+    /// The user says the emoji differ (SQ-08), or that the other device did not show success.
+    pub(crate) fn mismatch(self) -> Acted {
+        match self {
+            State::Sas(s) if s.can_confirm() => {
+                let peer = Peer::Device(s.device().to_owned());
+                Ok((Next::fail(peer, CancelCode::MismatchedSas, LocalCause::UserSaidMismatch), Step::default()))
+            }
+            State::Qr(q) if q.awaits_confirmation() => {
+                let cause = LocalCause::QrMismatch("you said the other device did not show success".into());
+                Ok((Next::fail(Peer::Device(q.device), CancelCode::KeyMismatch, cause), Step::default()))
+            }
+            other => Err(wrong_state(other, "report a mismatch")),
+        }
+    }
+
+    /// The user scanned the other device's code (QR-03, QR-04).
+    pub(crate) fn scan_qr(self, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
+        match self {
+            State::Ready(r) => qr::scan(r, scanned, ctx),
+            other => Err(wrong_state(other, "scan a QR code")),
+        }
+    }
+
+    /// The user cancels or rejects (CX-01, RQ-08); `cause` says why.
+    pub(crate) fn cancel(self, cause: LocalCause) -> Acted {
+        if self.ended() {
+            return Err(wrong_state(self, "cancel"));
+        }
+        Ok((Next::fail(self.peer(), CancelCode::User, cause), Step::default()))
+    }
+}
+
+fn wrong_state(state: State, action: &'static str) -> Box<Refused> {
+    let name = state.name();
+    Refused::new(state, ActionError::WrongState { action, state: name })
+}
+
+/// Who the messages of a flow go to over to-device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// The bound device.
+    Device(String),
+    /// Several devices (our request before anyone answered), or none known.
+    Devices(Vec<String>),
+}
+
+impl Peer {
+    pub(crate) fn devices(self) -> Vec<String> {
+        match self {
+            Peer::Device(d) => vec![d],
+            Peer::Devices(ds) => ds,
+        }
+    }
+
+    fn device(self) -> Option<String> {
+        match self {
+            Peer::Device(d) => Some(d),
+            Peer::Devices(_) => None,
+        }
+    }
+}
+
+/// A message to send.
+#[derive(Debug)]
+pub(crate) struct Out {
+    pub(crate) msg: Msg,
+    pub(crate) to: Peer,
+}
+
+/// How a flow ends.
+#[derive(Debug)]
+pub(crate) enum How {
+    /// Every check passed: these keys are verified.
+    Verified(Vec<VerifiedKey>),
+    /// A check failed or the user cancelled: the machine's cancel gate decides whether a cancel
+    /// with this code goes on the wire.
+    Failed(CancelCode, LocalCause),
+    /// Closed without a word on the wire (a prompt nobody answered, a request another of our
+    /// devices took).
+    Dismissed(CancelCode, LocalCause),
+    /// The other side cancelled.
+    CancelledByThem { code: CancelCode, reason: String },
+}
+
+/// The end of a flow, and who the flow was with.
+#[derive(Debug)]
+pub(crate) struct End {
+    pub(crate) how: How,
+    pub(crate) peer: Peer,
+}
+
+impl End {
+    /// The other device, if one was bound.
+    pub(crate) fn device(&self) -> Option<String> {
+        self.peer.clone().device()
+    }
+}
+
+/// What follows a transition.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// The flow goes on in this state.
+    Go(State),
+    /// The flow ends.
+    End(End),
+}
+
+impl Next {
+    pub(crate) fn fail(peer: Peer, code: CancelCode, cause: LocalCause) -> Next {
+        Next::End(End { how: How::Failed(code, cause), peer })
+    }
+}
+
+/// What a transition asks the machine to do besides changing the state.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    /// Messages to send, in order.
+    pub(crate) out: Vec<Out>,
+    /// Events for the user, in order.
+    pub(crate) events: Vec<Event>,
+    /// Keep the incoming event until the other user's keys arrive, then feed it again.
+    pub(crate) hold: bool,
+    /// Ask the caller for the other user's keys.
+    pub(crate) ask_keys: bool,
+}
+
+impl Step {
+    pub(crate) fn send(&mut self, msg: Msg, to: Peer) {
+        self.out.push(Out { msg, to });
+    }
+
+    /// Adds another step's effects after this one's.
+    pub(crate) fn append(&mut self, other: Step) {
+        self.out.extend(other.out);
+        self.events.extend(other.events);
+        self.hold |= other.hold;
+        self.ask_keys |= other.ask_keys;
+    }
+
+    pub(crate) fn dropped(ctx: &Ctx<'_>, kind: MsgKind, reason: DropReason) -> Step {
+        let event = Event::Dropped { sender: ctx.other_user.to_owned(), event_type: kind.event_type().into(), reason };
+        Step { events: vec![event], ..Step::default() }
+    }
+}
+
+/// A transition's result.
+pub(crate) type Transition = (Next, Step);
+
+/// A user action's result: a transition, or the untouched state and why the action is refused.
+pub(crate) type Acted = Result<Transition, Box<Refused>>;
+
+/// A refused user action: the state, untouched, and why.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) state: State,
+    pub(crate) error: ActionError,
+}
+
+impl Refused {
+    pub(crate) fn new(state: State, error: ActionError) -> Box<Refused> {
+        Box::new(Refused { state, error })
+    }
+}
+
+/// What a transition may look at: read-only facts about us and the other side, and the entropy.
+pub(crate) struct Ctx<'a> {
+    pub(crate) own: &'a OwnIdentity,
+    pub(crate) config: &'a Config,
+    pub(crate) key: &'a FlowKey,
+    pub(crate) other_user: &'a str,
+    pub(crate) origin: Origin,
+    /// What we know of the other user's keys (for a self-verification, our own user's).
+    pub(crate) their_keys: Option<&'a UserKeys>,
+    pub(crate) entropy: &'a mut dyn Entropy,
+    /// When the flow times out (from the machine's timer table).
+    pub(crate) deadline: Millis,
+    /// The input waited for keys before: it is not held again.
+    pub(crate) retry: bool,
+}
+
+impl Ctx<'_> {
+    pub(crate) fn random<const N: usize>(&mut self) -> [u8; N] {
+        let mut buf = [0u8; N];
+        self.entropy.fill(&mut buf);
+        buf
+    }
+
+    /// Where this flow's id goes in a message (FW-03).
+    pub(crate) fn envelope(&self) -> Envelope {
+        match self.key {
+            FlowKey::ToDevice { transaction_id, .. } => Envelope::ToDevice(transaction_id.clone()),
+            FlowKey::Room { event_id, .. } => Envelope::Room(Some(event_id.clone())),
+        }
+    }
+
+    pub(crate) fn is_to_device(&self) -> bool {
+        matches!(self.key, FlowKey::ToDevice { .. })
+    }
+
+    pub(crate) fn has_device_key(&self, device: &str) -> bool {
+        self.their_keys.is_some_and(|k| k.devices.contains_key(device))
+    }
+
+    pub(crate) fn self_verification(&self) -> bool {
+        self.other_user == self.own.user_id
+    }
+
+    /// Our methods that correspond to theirs (EV-RD-02, QR-01).
+    pub(crate) fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
+        common_methods(&self.config.methods, theirs)
+    }
+}
+
+/// Our methods that correspond to theirs (EV-RD-02, QR-01): SAS for SAS, showing a QR code for
+/// their scanning and scanning for their showing (each needing `m.reciprocate.v1` on both sides),
+/// and the reciprocation whenever a QR method remains.
+pub(crate) fn common_methods(ours: &[Method], theirs: &[Method]) -> Vec<Method> {
+    let both_reciprocate = ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
+    let mut common: Vec<Method> = ours
+        .iter()
+        .filter(|m| match m {
+            Method::QrShowV1 => both_reciprocate && theirs.contains(&Method::QrScanV1),
+            Method::QrScanV1 => both_reciprocate && theirs.contains(&Method::QrShowV1),
+            Method::ReciprocateV1 => false,
+            other => theirs.contains(other),
+        })
+        .cloned()
+        .collect();
+    if common.iter().any(|m| matches!(m, Method::QrShowV1 | Method::QrScanV1)) {
+        common.push(Method::ReciprocateV1);
+    }
+    common
+}
+
+/// The other side's keys, fixed by value when a method starts (TR-01).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pinned {
+    pub(crate) device_key: String,
+    pub(crate) master_key: Option<String>,
+}
+
+impl Pinned {
+    /// Pins the other device's key and its user's master key, refusing a user with a device ID
+    /// equal to one of their cross-signing keys (TR-01, TR-02).
+    pub(crate) fn pin(their_keys: Option<&UserKeys>, device: &str) -> Result<Pinned, LocalCause> {
+        let keys = their_keys.ok_or_else(|| LocalCause::DeviceKeysUnknown(device.to_owned()))?;
+        let device_key =
+            keys.devices.get(device).cloned().ok_or_else(|| LocalCause::DeviceKeysUnknown(device.to_owned()))?;
+        check_no_clash(keys)?;
+        Ok(Pinned { device_key, master_key: keys.master_key.clone() })
+    }
+
+    /// Whether the other side's keys still equal the pinned ones (TR-01).
+    pub(crate) fn holds(&self, their_keys: Option<&UserKeys>, device: &str) -> bool {
+        their_keys.and_then(|k| k.devices.get(device)) == Some(&self.device_key)
+            && their_keys.and_then(|k| k.master_key.as_ref()) == self.master_key.as_ref()
+    }
+}
+
+/// TR-02: device key IDs and cross-signing key IDs share one namespace; a user with a device whose
+/// ID equals one of their cross-signing keys must be refused.
+pub(crate) fn check_no_clash(keys: &UserKeys) -> Result<(), LocalCause> {
+    let cross: Vec<&String> = keys.master_key.iter().chain(&keys.other_cross_signing_keys).collect();
+    match keys.devices.keys().find(|d| cross.contains(d)) {
+        Some(clash) => Err(LocalCause::DeviceIdClashesWithCrossSigningKey(clash.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The event the user sees when both sides are ready.
+pub(crate) fn ready_event(ctx: &Ctx<'_>, ready: &Ready) -> Event {
+    Event::Ready {
+        flow: ctx.key.clone(),
+        other_device: ready.device.clone(),
+        methods: ctx.common_methods(&ready.methods).iter().map(|m| m.as_str().to_owned()).collect(),
+    }
+}
+
+/// Encodes a message for this flow, as the commitment needs our own start (CM-04).
+pub(crate) fn encode(msg: &Msg, ctx: &Ctx<'_>) -> Value {
+    wire::encode(msg, &ctx.envelope()).1
+}

@@ -1,0 +1,214 @@
+//! The cancel gate: the only place that decides whether a cancel goes on the wire, together with
+//! the memory it needs (flow ids answered as unknown, and ids of flows that ended or were cancelled
+//! before we knew them). The rule (CX-04, CX-06, CX-07, EV-RQI-05):
+//!
+//! * never answer a cancel;
+//! * never send anything for a flow that has ended;
+//! * an unknown to-device flow gets `m.unknown_transaction` once per flow id, except for messages
+//!   that may open a flow (`request`, and a `start` of a method that can begin without a request);
+//! * never answer in-room events of flows that are not ours;
+//! * an active flow is cancelled with the code the failed check wants (the flow then ends, so at
+//!   most one cancel is sent for it).
+
+use std::collections::VecDeque;
+
+use crate::cancel::CancelCode;
+use crate::types::FlowKey;
+use crate::wire::MsgKind;
+
+/// How many flow ids each memory keeps, oldest forgotten first.
+const MEMORY: usize = 256;
+
+/// What led to the cancel being considered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// An incoming message of this kind.
+    Incoming(MsgKind),
+    /// Something on our side: a user action, a deadline.
+    Local,
+}
+
+/// The state of the flow an offending message belongs to, as the rule sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FlowStatus {
+    /// No flow with this id exists (or it was forgotten).
+    Unknown,
+    /// A flow that has not ended.
+    Active,
+    /// A flow that ended (done or cancelled, by either side).
+    Ended,
+}
+
+/// Which transport the flow uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    ToDevice,
+    Room,
+}
+
+impl Via {
+    pub(crate) fn of(key: &FlowKey) -> Via {
+        match key {
+            FlowKey::ToDevice { .. } => Via::ToDevice,
+            FlowKey::Room { .. } => Via::Room,
+        }
+    }
+}
+
+/// The rule itself, without memory.
+fn verdict(
+    trigger: Trigger,
+    may_open_flow: bool,
+    via: Via,
+    status: FlowStatus,
+    wanted: CancelCode,
+) -> Option<CancelCode> {
+    if trigger == Trigger::Incoming(MsgKind::Cancel) {
+        return None;
+    }
+    match status {
+        FlowStatus::Ended => None,
+        // A request, or a start that can open a flow (ST-06), is not an unknown transaction.
+        FlowStatus::Unknown if via == Via::Room || may_open_flow => None,
+        FlowStatus::Unknown => Some(CancelCode::UnknownTransaction),
+        FlowStatus::Active => Some(wanted),
+    }
+}
+
+/// The rule and its memory.
+#[derive(Debug, Default)]
+pub(crate) struct CancelGate {
+    /// To-device flow ids (sender, transaction id) we answered with `m.unknown_transaction`.
+    answered_unknown: VecDeque<(String, String)>,
+    /// Flows that ended and were forgotten, or that a cancel overtook before we knew them.
+    closed: VecDeque<FlowKey>,
+}
+
+impl CancelGate {
+    /// Whether a problem in a flow we know is answered with a cancel, and with which code.
+    pub(crate) fn for_flow(
+        &self,
+        trigger: Trigger,
+        key: &FlowKey,
+        status: FlowStatus,
+        wanted: CancelCode,
+    ) -> Option<CancelCode> {
+        verdict(trigger, false, Via::of(key), status, wanted)
+    }
+
+    /// An event for a to-device flow we do not know (CX-04): the code to answer with, at most
+    /// once per flow id.
+    pub(crate) fn for_unknown(&mut self, kind: MsgKind, may_open_flow: bool, key: &FlowKey) -> Option<CancelCode> {
+        let code = verdict(
+            Trigger::Incoming(kind),
+            may_open_flow,
+            Via::of(key),
+            FlowStatus::Unknown,
+            CancelCode::UnknownTransaction,
+        )?;
+        let FlowKey::ToDevice { user_id, transaction_id } = key else {
+            return None;
+        };
+        if self.answered_unknown.iter().any(|(u, t)| u == user_id && t == transaction_id) {
+            return None;
+        }
+        remember(&mut self.answered_unknown, (user_id.clone(), transaction_id.clone()));
+        Some(code)
+    }
+
+    /// A flow id that must never open a flow again: opening it would put a second cancel for one
+    /// flow id on the wire, or reopen a flow that ended.
+    pub(crate) fn is_closed(&self, key: &FlowKey) -> bool {
+        self.closed.contains(key)
+            || matches!(key, FlowKey::ToDevice { user_id, transaction_id }
+                if self.answered_unknown.iter().any(|(u, t)| u == user_id && t == transaction_id))
+    }
+
+    /// Remembers a flow id as closed: a flow that ended and is forgotten, or one a cancel
+    /// overtook (so the request it overtook never prompts).
+    pub(crate) fn close(&mut self, key: FlowKey) {
+        remember(&mut self.closed, key);
+    }
+}
+
+/// Adds to a bounded memory, forgetting the oldest first.
+fn remember<T>(memory: &mut VecDeque<T>, item: T) {
+    if memory.len() == MEMORY {
+        memory.pop_front();
+    }
+    memory.push_back(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_loop_rule() {
+        let all = [
+            MsgKind::Request,
+            MsgKind::Ready,
+            MsgKind::Start,
+            MsgKind::Accept,
+            MsgKind::Key,
+            MsgKind::Mac,
+            MsgKind::Done,
+            MsgKind::Cancel,
+        ];
+        for kind in all {
+            for via in [Via::ToDevice, Via::Room] {
+                for status in [FlowStatus::Unknown, FlowStatus::Active, FlowStatus::Ended] {
+                    let v = verdict(Trigger::Incoming(kind), false, via, status, CancelCode::InvalidMessage);
+                    if kind == MsgKind::Cancel || status == FlowStatus::Ended {
+                        assert_eq!(v, None, "{kind:?} {via:?} {status:?}");
+                    }
+                }
+                assert_eq!(
+                    verdict(Trigger::Incoming(kind), true, Via::Room, FlowStatus::Unknown, CancelCode::User),
+                    None
+                );
+            }
+        }
+        let key = Trigger::Incoming(MsgKind::Key);
+        assert_eq!(
+            verdict(key, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
+            Some(CancelCode::UnknownTransaction)
+        );
+        let start = Trigger::Incoming(MsgKind::Start);
+        assert_eq!(verdict(start, true, Via::ToDevice, FlowStatus::Unknown, CancelCode::User), None);
+        // A reciprocation cannot open a flow: for an unknown flow it is an unknown transaction.
+        assert_eq!(
+            verdict(start, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
+            Some(CancelCode::UnknownTransaction)
+        );
+        let mac = Trigger::Incoming(MsgKind::Mac);
+        assert_eq!(
+            verdict(mac, false, Via::Room, FlowStatus::Active, CancelCode::KeyMismatch),
+            Some(CancelCode::KeyMismatch)
+        );
+        // Our own cancels go out for active flows only.
+        assert_eq!(
+            verdict(Trigger::Local, false, Via::Room, FlowStatus::Active, CancelCode::User),
+            Some(CancelCode::User)
+        );
+        assert_eq!(verdict(Trigger::Local, false, Via::ToDevice, FlowStatus::Ended, CancelCode::User), None);
+    }
+
+    #[test]
+    fn unknown_flows_are_answered_once_and_stay_closed() {
+        let mut gate = CancelGate::default();
+        let key = FlowKey::ToDevice { user_id: "@a:x".into(), transaction_id: "t".into() };
+        assert!(!gate.is_closed(&key));
+        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &key), Some(CancelCode::UnknownTransaction));
+        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &key), None);
+        assert!(gate.is_closed(&key));
+        let room = FlowKey::Room { room_id: "!r:x".into(), event_id: "$e".into() };
+        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &room), None, "rooms are never answered");
+        gate.close(room.clone());
+        assert!(gate.is_closed(&room));
+        for i in 0..MEMORY {
+            gate.close(FlowKey::Room { room_id: "!r:x".into(), event_id: format!("${i}") });
+        }
+        assert!(!gate.is_closed(&room), "the memory is bounded");
+    }
+}
