@@ -44,6 +44,9 @@ pub enum LocalCause {
     NothingVerified,
     /// The other device's or user's keys changed during the flow (TR-01).
     KeysChanged,
+    /// The other device's or user's keys changed after we sent `done`: nothing is verified, and
+    /// no cancel went on the wire after our `done` (TR-01).
+    KeysChangedAfterDone,
     /// The other user has a device whose ID equals a cross-signing key (TR-02).
     DeviceIdClashesWithCrossSigningKey(String),
     /// The other device's keys are not known, so it cannot be verified.
@@ -82,6 +85,9 @@ impl fmt::Display for LocalCause {
             Self::KeyMacMismatch(id) => write!(f, "the MAC of key {id} did not verify"),
             Self::NothingVerified => f.write_str("the MAC message contained no key we could verify"),
             Self::KeysChanged => f.write_str("the other side's keys changed during the verification"),
+            Self::KeysChangedAfterDone => {
+                f.write_str("the other side's keys changed after this device finished; nothing was verified")
+            }
             Self::DeviceIdClashesWithCrossSigningKey(d) => {
                 write!(f, "the other user has a device ID {d:?} equal to a cross-signing key")
             }

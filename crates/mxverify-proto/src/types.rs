@@ -257,6 +257,9 @@ pub enum DropReason {
     LostTieBreak,
     /// An event that waited for keys that never came.
     KeysNeverArrived,
+    /// Too many events wait for keys: this one was given up (its sender's oldest, or a newcomer
+    /// when everyone together is at the bound).
+    HoldLimit,
 }
 
 /// Something the user interface (or a bot) should know about.
@@ -327,6 +330,21 @@ pub enum Event {
         /// The flow.
         flow: FlowKey,
     },
+    /// We sent our `done`: on our side every check passed, and these are exactly the keys
+    /// [`Event::Done`] will report once the other side's `done` arrives. A client that keeps
+    /// trust records persists one here, before the `done` queued with this event goes out (see
+    /// [`crate::Machine::poll_event`]), and never cancels the flow afterwards. If the flow then
+    /// ends with [`Event::Cancelled`] (the keys changed after our `done`), nothing was verified.
+    DoneSent {
+        /// The flow.
+        flow: FlowKey,
+        /// The user being verified.
+        user_id: String,
+        /// The device being verified.
+        device_id: String,
+        /// The keys that will be verified.
+        keys: Vec<VerifiedKey>,
+    },
     /// Verified: every check passed and `done` was exchanged (TR-04). These exact keys are trusted.
     Done {
         /// The flow.
@@ -351,6 +369,16 @@ pub enum Event {
     KeysNeeded {
         /// The user.
         user_id: String,
+    },
+    /// A user's master key was replaced by another one, or removed (TR-06): tell the user before
+    /// trusting anything from them again. Every flow with that user in progress fails.
+    IdentityChanged {
+        /// The user.
+        user_id: String,
+        /// The master key we knew.
+        old_master_key: String,
+        /// The master key now published, if any.
+        new_master_key: Option<String>,
     },
     /// An incoming event was ignored; for logs.
     Dropped {

@@ -301,3 +301,59 @@ fn every_key_agreement_mac_and_sas_method_combination() {
     assert_eq!(accept.out.content["key_agreement_protocol"], "curve25519-hkdf-sha256");
     assert_eq!(accept.out.content["message_authentication_code"], "hkdf-hmac-sha256.v2");
 }
+
+/// `DoneSent` for `side`, with its keys, and its position among that side's events.
+fn done_sent(net: &Net, side: Side) -> Option<(usize, Vec<VerifiedKey>)> {
+    net.events(side).iter().enumerate().find_map(|(i, e)| match e {
+        Event::DoneSent { keys, .. } => Some((i, keys.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn done_sent_announces_exactly_the_keys_of_done() {
+    for requester_starts in [true, false] {
+        let net = full_flow(false, false, requester_starts);
+        for side in [Side::A, Side::B] {
+            let (at, keys) = done_sent(&net, side).expect("DoneSent");
+            let done_at = net.events(side).iter().position(|e| matches!(e, Event::Done { .. })).unwrap();
+            assert!(at < done_at, "DoneSent comes before Done");
+            assert_eq!(Some(keys), net.done(side), "the same keys");
+        }
+    }
+}
+
+#[test]
+fn done_sent_is_emitted_with_our_done() {
+    let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let (fa, fb) = net.request_and_accept(false);
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
+    // Step by step: whenever a side's `done` is queued, its DoneSent was emitted with it.
+    net.collect();
+    while !net.lb.queue.is_empty() {
+        net.deliver(0);
+        for side in [Side::A, Side::B] {
+            let sent_done = net.sent_types(side).contains(&"m.key.verification.done");
+            assert_eq!(sent_done, done_sent(&net, side).is_some(), "{side:?}");
+        }
+    }
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+}
+
+#[test]
+fn legacy_flow_reports_done_sent_then_done() {
+    let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let now = net.lb.now;
+    let fa = net.lb.a.start_sas_without_request(BOB, "B1", now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.lb.b.accept(&fb, now).unwrap();
+    net.run();
+    confirm_both(&mut net, &fa, &fb);
+    for side in [Side::A, Side::B] {
+        assert_eq!(done_sent(&net, side).map(|(_, k)| k), net.done(side));
+    }
+}

@@ -716,3 +716,274 @@ fn a_request_accepted_by_another_of_our_devices_closes_quietly() {
     assert!(net.cancels_sent().is_empty(), "nothing answered");
     assert!(net.lb.b.accept(&fb, T0).is_err(), "the prompt is gone");
 }
+
+// ----- hardening -------------------------------------------------------------------------------
+
+fn room_event(sender: &str, ty: &str, flow_id: &str, event_id: &str, body: serde_json::Value) -> IncomingEvent {
+    let mut content = body;
+    content["m.relates_to"] = json!({"rel_type": "m.reference", "event_id": flow_id});
+    IncomingEvent {
+        sender: sender.into(),
+        event_type: ty.into(),
+        content,
+        room: Some(RoomContext {
+            room_id: ROOM.into(),
+            event_id: event_id.into(),
+            origin_server_ts: T0,
+            relates_to_fallback: None,
+        }),
+    }
+}
+
+#[test]
+fn own_other_device_that_answered_first_in_room_makes_us_stand_down() {
+    // RQ-11: B1 accepted too, but B2's ready comes first in the room: B1 stands down silently.
+    let mut net = pair();
+    net.lb.a.request_in_room(ROOM, BOB, net.lb.now);
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.lb.b.accept(&fb, net.lb.now).unwrap();
+    net.collect(); // B1's ready is on its way, not yet in the timeline
+    let ready = json!({"from_device": "B2", "methods": ["m.sas.v1"]});
+    net.lb.b.receive(room_event(BOB, "m.key.verification.ready", fb.flow_id(), "$b2ready", ready), T0);
+    net.collect();
+    let info = net.cancelled(Side::B).expect("B1 stands down");
+    assert_eq!(info.cause, Some(LocalCause::AnsweredByOwnDevice));
+    assert!(!info.sent);
+    net.run();
+    assert!(net.cancels_sent().is_empty(), "standing down sends nothing: {:?}", net.cancels_sent());
+    assert!(net.lb.b.start_sas(&fb, net.lb.now).is_err());
+}
+
+#[test]
+fn own_other_device_answering_after_us_in_room_is_ignored() {
+    // B1's ready is first in the timeline: B2's later ready does not concern B1.
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(true);
+    let ready = json!({"from_device": "B2", "methods": ["m.sas.v1"]});
+    net.lb.b.receive(room_event(BOB, "m.key.verification.ready", fb.flow_id(), "$b2ready", ready), T0);
+    net.collect();
+    assert!(net.cancelled(Side::B).is_none());
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
+    net.run();
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+}
+
+#[test]
+fn starts_for_unknown_to_device_flows_never_get_unknown_transaction() {
+    // CX-04 exempts every start: a reciprocation (or a malformed start) for an unknown flow gets no answer.
+    let mut net = pair();
+    let starts = [
+        json!({"transaction_id": "ghost1", "from_device": "A1", "method": "m.reciprocate.v1", "secret": "MTIzNDU2Nzg"}),
+        json!({"transaction_id": "ghost2", "from_device": "A1", "method": "m.reciprocate.v1"}),
+        json!({"transaction_id": "ghost3", "from_device": "A1"}),
+    ];
+    for s in starts {
+        net.lb.b.receive(to_device(ALICE, "m.key.verification.start", s), T0);
+    }
+    net.collect();
+    assert!(net.lb.log.is_empty(), "{:?}", net.lb.log);
+    // Other unknown messages still get their one m.unknown_transaction.
+    net.lb.b.receive(to_device(ALICE, "m.key.verification.done", json!({"transaction_id": "ghost4"})), T0);
+    net.collect();
+    assert_eq!(net.lb.log.len(), 1);
+}
+
+#[test]
+fn late_inputs_find_their_flows_timed_out() {
+    // No handle_timeout in between: each input first ends what is due at its `now`.
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    let late = net.lb.now + 10 * 60_000 + 1;
+    assert!(matches!(net.lb.a.confirm(&fa, late), Err(ActionError::WrongState { .. })), "a late confirm is refused");
+    let info = net.lb.a.flow(&fa).unwrap().cancel.expect("the flow timed out");
+    assert_eq!(info.code, CancelCode::Timeout);
+    // A late message: B's flow times out first, and the message is for an ended flow.
+    net.lb.b.receive(to_device(ALICE, "m.key.verification.done", json!({"transaction_id": fb.flow_id()})), late);
+    net.collect();
+    assert_eq!(net.cancelled(Side::B).unwrap().code, CancelCode::Timeout);
+    assert!(net.events(Side::B).iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowEnded, .. })));
+    assert_eq!(net.cancels_sent(), vec![(Side::A, "m.timeout".into()), (Side::B, "m.timeout".into())]);
+    // A late accept of a prompt that closed is refused; so is a late key update's held event.
+    let mut net = pair();
+    net.lb.a.request_to_device(BOB, &["B1".into()], T0).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    assert!(net.lb.b.accept(&fb, T0 + 2 * 60_000).is_err(), "the prompt closed at its deadline");
+    assert!(net.cancels_sent().is_empty());
+}
+
+fn legacy_start(sender: &str, device: &str, txn: &str) -> IncomingEvent {
+    to_device(
+        sender,
+        "m.key.verification.start",
+        json!({"transaction_id": txn, "from_device": device, "method": "m.sas.v1",
+            "key_agreement_protocols": ["curve25519-hkdf-sha256"], "hashes": ["sha256"],
+            "message_authentication_codes": ["hkdf-hmac-sha256.v2"], "short_authentication_string": ["decimal"]}),
+    )
+}
+
+#[test]
+fn a_flood_from_one_sender_cannot_evict_anothers_held_events() {
+    let mut net = pair();
+    // B knows nobody's keys: every start is held until they come.
+    net.lb.b = Machine::new(net.db.identity(), Config::default(), Box::new(SeededEntropy::new(9)));
+    let fa = net.lb.a.start_sas_without_request(BOB, "B1", T0).unwrap();
+    net.run();
+    for i in 0..200 {
+        net.lb.b.receive(legacy_start("@eve:example.org", &format!("E{i}"), &format!("eve{i}")), T0);
+    }
+    net.collect();
+    assert!(net.lb.flow_of(Side::B).is_none(), "everything is held");
+    let keys = keys_of(&[&net.da.clone()]);
+    net.lb.b.update_user_keys(ALICE, keys, T0);
+    net.run();
+    let fb = net.flow_of(Side::B);
+    assert_eq!(fb.flow_id(), fa.flow_id(), "Alice's held start survived Eve's flood");
+    net.lb.b.accept(&fb, T0).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, T0).unwrap();
+    net.lb.b.confirm(&fb, T0).unwrap();
+    net.run();
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+    // Eve's flood was cut at her quota, reported.
+    let dropped = net
+        .events(Side::B)
+        .iter()
+        .filter(|e| matches!(e, Event::Dropped { sender, .. } if sender == "@eve:example.org"))
+        .count();
+    assert!(dropped > 0);
+}
+
+#[test]
+fn device_key_changed_after_our_done_ends_the_flow_without_a_cancel() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.run(); // A's MAC reaches B
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
+    net.collect(); // B's MAC and done are queued
+    let mac = net.lb.queue.iter().position(|w| w.out.event_type == "m.key.verification.mac").unwrap();
+    net.deliver(mac); // A verifies B's MAC and sends its done
+    assert!(net.sent_types(Side::A).contains(&"m.key.verification.done"));
+    // Bob's device key changes in A's view before B's done arrives (TR-01).
+    let mut changed = keys_of(&[&net.db.clone()]);
+    changed.devices.insert("B1".into(), fake_key("rotated"));
+    net.lb.a.update_user_keys(BOB, changed, net.lb.now);
+    net.run();
+    let info = net.cancelled(Side::A).expect("A's flow fails");
+    assert!(info.by_us && !info.sent, "{info:?}");
+    assert_eq!((info.code, info.cause), (CancelCode::KeyMismatch, Some(LocalCause::KeysChangedAfterDone)));
+    assert!(net.done(Side::A).is_none(), "nothing verified");
+    assert!(net.cancels_sent().is_empty(), "our done went out: no cancel after it");
+}
+
+#[test]
+fn a_replaced_master_key_is_reported_and_fails_the_flows_with_that_user() {
+    let mut net = pair();
+    let identity_changes = |net: &Net| {
+        net.events(Side::A)
+            .into_iter()
+            .filter(|e| matches!(e, Event::IdentityChanged { .. }))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(identity_changes(&net).is_empty(), "first keys for a user are no change");
+    let (fa, _) = net.request_and_accept(false);
+    let carol = net.lb.a.request_to_device("@carol:example.org", &["C1".into()], T0).unwrap();
+    net.lb.queue.clear();
+    net.lb.a.start_sas(&fa, T0).unwrap();
+    net.run();
+    let same = keys_of(&[&net.db.clone()]);
+    net.lb.a.update_user_keys(BOB, same.clone(), T0);
+    net.collect();
+    assert!(identity_changes(&net).is_empty(), "the same master key again is no change");
+    // Bob's master key is replaced (TR-06): reported, and the flow with Bob fails (TR-01).
+    let old = net.db.msk.clone().unwrap();
+    let new = fake_key("bob's new identity");
+    let mut replaced = same.clone();
+    replaced.master_key = Some(new.clone());
+    net.lb.a.update_user_keys(BOB, replaced.clone(), T0);
+    net.run();
+    let changes = identity_changes(&net);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(matches!(&changes[0], Event::IdentityChanged { user_id, old_master_key, new_master_key }
+        if user_id == BOB && *old_master_key == old && *new_master_key == Some(new.clone())));
+    let info = assert_cancelled(&net, Side::A, "m.key_mismatch");
+    assert_eq!(info.cause, Some(LocalCause::KeysChanged));
+    assert!(net.lb.a.flow(&carol).unwrap().cancel.is_none(), "a flow with another user goes on");
+    // Removing the master key is a change too.
+    replaced.master_key = None;
+    net.lb.a.update_user_keys(BOB, replaced, T0);
+    net.collect();
+    let changes = identity_changes(&net);
+    assert!(matches!(changes.last(), Some(Event::IdentityChanged { new_master_key: None, .. })), "{changes:?}");
+}
+
+#[test]
+fn a_flow_whose_done_we_sent_is_never_cancelled_by_us() {
+    let mut net = pair();
+    let (fa, fb) = net.request_and_accept(false);
+    net.lb.a.start_sas(&fa, net.lb.now).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.run();
+    net.lb.b.confirm(&fb, net.lb.now).unwrap();
+    net.collect();
+    let mac = net.lb.queue.iter().position(|w| w.out.event_type == "m.key.verification.mac").unwrap();
+    net.deliver(mac);
+    net.lb.queue.clear(); // B's done never arrives
+    assert!(net.events(Side::A).iter().any(|e| matches!(e, Event::DoneSent { .. })));
+    assert!(matches!(net.lb.a.cancel(&fa, net.lb.now), Err(ActionError::WrongState { .. })));
+    net.lb.a.abandon(fa.clone(), BOB, Some("B1".into()), net.lb.now);
+    net.advance(10 * 60_000);
+    let info = net.cancelled(Side::A).expect("the flow ends at its deadline");
+    assert_eq!((info.code, info.sent), (CancelCode::Timeout, false));
+    assert!(net.done(Side::A).is_none());
+    assert!(!net.sent_types(Side::A).contains(&"m.key.verification.cancel"), "no cancel after our done");
+}
+
+#[test]
+fn qr_keys_changed_after_the_displayers_done_end_the_flow_without_a_cancel() {
+    use mxverify_proto::wire::Method;
+    let config = || Config {
+        methods: vec![Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1],
+        ..Config::default()
+    };
+    // A self-verification: A1 (displayer, mode 0x01) trusts A2's device key once A2 scanned.
+    let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(ALICE, "A2"), config(), config());
+    let (fa, fb) = net.request_and_accept(false);
+    let code = net
+        .events(Side::A)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::QrCode { payload, .. } => Some(payload.clone()),
+            _ => None,
+        })
+        .unwrap();
+    net.lb.b.scan_qr(&fb, &code, net.lb.now).unwrap();
+    net.run();
+    net.lb.a.confirm(&fa, net.lb.now).unwrap(); // A1's done goes out
+    net.collect();
+    let done = net.lb.queue.iter().position(|w| w.from == Side::A && w.out.event_type == "m.key.verification.done");
+    net.deliver(done.unwrap()); // A2 answers with its done
+    // A2's device key changes in A1's view before A2's done arrives.
+    let mut keys = keys_of(&[&net.da.clone(), &net.db.clone()]);
+    keys.devices.insert("A2".into(), fake_key("rotated"));
+    net.lb.a.update_user_keys(ALICE, keys, net.lb.now);
+    net.run();
+    let info = net.cancelled(Side::A).expect("A1's flow fails");
+    assert_eq!(
+        (info.code, info.sent, info.cause),
+        (CancelCode::KeyMismatch, false, Some(LocalCause::KeysChangedAfterDone))
+    );
+    assert!(net.done(Side::A).is_none());
+    assert!(net.cancels_sent().is_empty());
+}

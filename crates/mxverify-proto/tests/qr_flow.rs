@@ -294,13 +294,13 @@ fn reciprocation_without_a_shown_code_or_flow() {
     net.lb.a.receive(recip(fa.flow_id()), T0);
     net.collect();
     assert_eq!(net.cancelled(Side::A).unwrap().code, CancelCode::UnknownMethod);
-    // For a flow nobody knows: an unknown transaction, answered once.
+    // For a flow nobody knows: no answer at all, since CX-04 exempts every start.
     let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
     net.lb.a.receive(recip("never-seen"), T0);
     net.lb.a.receive(recip("never-seen"), T0);
     net.collect();
     let codes: Vec<_> = net.lb.log.iter().map(|w| w.out.content["code"].clone()).collect();
-    assert_eq!(codes, vec![json!("m.unknown_transaction")]);
+    assert_eq!(codes, Vec::<serde_json::Value>::new());
     assert!(net.cancelled(Side::A).is_none() && net.done(Side::A).is_none());
 }
 
@@ -338,9 +338,161 @@ fn qr_keys_changed_before_done() {
     let mut keys = keys_of(&[&net.db.clone()]);
     keys.master_key = Some(fake_key("new master key"));
     net.lb.a.update_user_keys(BOB, keys, net.lb.now);
-    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    // A replaced master key fails the flow at once (TR-06): there is nothing left to confirm.
+    assert!(net.lb.a.confirm(&fa, net.lb.now).is_err());
     net.run();
     let info = net.cancelled(Side::A).unwrap();
     assert_eq!((info.code, info.cause), (CancelCode::KeyMismatch, Some(LocalCause::KeysChanged)));
     assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
+}
+
+// ----- hardening -------------------------------------------------------------------------------
+
+/// The other user's keys as `side` knows them, with a device whose ID is their master key (TR-02).
+fn give_clashing_keys(net: &mut Net, side: Side) -> String {
+    let other = net.dev(side.other()).clone();
+    let mut keys = keys_of(&[&other]);
+    let msk = keys.master_key.clone().unwrap();
+    keys.devices.insert(msk.to_string(), fake_key("evil"));
+    let (user, now) = (other.user.clone(), net.lb.now);
+    net.m(side).update_user_keys(&user, keys, now);
+    msk.to_string()
+}
+
+#[test]
+fn device_id_clashing_with_a_cross_signing_key_refuses_showing_a_code() {
+    // TR-02 for QR: the displayer must not offer to verify a user with a clashing device ID.
+    let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let msk = give_clashing_keys(&mut net, Side::A);
+    net.request_and_accept(false);
+    assert!(shown(&net, Side::A).is_none(), "no code is shown for a user we must refuse");
+    let info = net.cancelled(Side::A).expect("the displayer refuses");
+    assert_eq!(info.code, CancelCode::KeyMismatch);
+    assert_eq!(info.cause, Some(LocalCause::DeviceIdClashesWithCrossSigningKey(msk)));
+    assert_eq!(net.cancels_sent(), vec![(Side::A, "m.key_mismatch".into())]);
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
+}
+
+#[test]
+fn device_id_clashing_with_a_cross_signing_key_refuses_scanning_a_code() {
+    // A can only scan, so it shows nothing; it must refuse when it scans Bob's code.
+    let scan = Config { methods: vec![Method::QrScanV1, Method::ReciprocateV1], ..Config::default() };
+    let show = Config { methods: vec![Method::QrShowV1, Method::ReciprocateV1], ..Config::default() };
+    let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), scan, show);
+    let msk = give_clashing_keys(&mut net, Side::A);
+    let (fa, _) = net.request_and_accept(false);
+    assert!(net.cancelled(Side::A).is_none());
+    let (payload, _) = shown(&net, Side::B).expect("Bob shows a code");
+    net.lb.a.scan_qr(&fa, &payload, net.lb.now).unwrap();
+    net.run();
+    let info = net.cancelled(Side::A).expect("the scanner refuses");
+    assert_eq!(info.code, CancelCode::KeyMismatch);
+    assert_eq!(info.cause, Some(LocalCause::DeviceIdClashesWithCrossSigningKey(msk)));
+    assert_eq!(net.cancels_sent(), vec![(Side::A, "m.key_mismatch".into())]);
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
+}
+
+/// Both devices scan each other's code at the same moment: two `m.reciprocate.v1` starts cross.
+fn colliding_scans(da: Dev, db: Dev) -> (Net, Side) {
+    let winner =
+        if (da.user.as_str(), da.device.as_str()) < (db.user.as_str(), db.device.as_str()) { Side::A } else { Side::B };
+    let mut net = qr_net(da, db);
+    let (fa, fb) = net.request_and_accept(false);
+    let (pa, pb) = (shown(&net, Side::A).unwrap().0, shown(&net, Side::B).unwrap().0);
+    let now = net.lb.now;
+    net.lb.a.scan_qr(&fa, &pb, now).unwrap();
+    net.lb.b.scan_qr(&fb, &pa, now).unwrap();
+    net.run();
+    // ST-03: the loser's start is ignored, so the loser is the displayer and its user confirms.
+    assert!(net.events(winner.other()).iter().any(|e| matches!(e, Event::QrScanned { .. })), "loser asks its user");
+    assert!(!net.events(winner).iter().any(|e| matches!(e, Event::QrScanned { .. })), "winner is the scanner");
+    let loser_flow = if winner == Side::A { fb } else { fa };
+    net.m(winner.other()).confirm(&loser_flow, now).unwrap();
+    net.run();
+    assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+    (net, winner)
+}
+
+#[test]
+fn colliding_reciprocations_smaller_user_wins() {
+    for (a_user, b_user) in [(ALICE, BOB), (BOB, ALICE)] {
+        let (net, _) = colliding_scans(Dev::new(a_user, "DEV1"), Dev::new(b_user, "DEV2"));
+        for side in [Side::A, Side::B] {
+            let other = net.dev(side.other()).clone();
+            assert_eq!(done_keys(&net, side), vec![(other.msk.clone().unwrap(), KeyKind::MasterKey)]);
+        }
+    }
+}
+
+#[test]
+fn colliding_reciprocations_same_user_smaller_device_wins() {
+    let (net, winner) = colliding_scans(Dev::new(ALICE, "ZZZ"), Dev::new(ALICE, "AAA"));
+    assert_eq!(winner, Side::B);
+    // The winner scanned the loser's mode 0x01 code: it trusts the master key; the loser, as the
+    // displayer, trusts the winner's device key.
+    assert_eq!(done_keys(&net, Side::B), vec![(net.da.msk.clone().unwrap(), KeyKind::MasterKey)]);
+    assert_eq!(done_keys(&net, Side::A), vec![(net.db.ed25519.clone(), KeyKind::Device)]);
+}
+
+/// Bob's device knows nothing of Alice's keys; Alice's device shows a code Bob scans at once.
+fn scan_before_keys() -> (Net, FlowKey, FlowKey) {
+    let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    net.lb.b = Machine::new(net.db.identity(), qr_config(), Box::new(SeededEntropy::new(9)));
+    let now = net.lb.now;
+    let fa = net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.lb.b.accept(&fb, now).unwrap();
+    net.run();
+    let (payload, _) = shown(&net, Side::A).expect("Alice shows a code");
+    net.lb.b.scan_qr(&fb, &payload, now).unwrap();
+    net.run();
+    assert!(net.cancelled(Side::B).is_none(), "a scan before the keys is held, not refused");
+    assert!(net.cancels_sent().is_empty());
+    assert!(!net.sent_types(Side::B).contains(&"m.key.verification.start"), "nothing reciprocated yet");
+    assert!(net.events(Side::B).iter().any(|e| matches!(e, Event::KeysNeeded { user_id } if user_id == ALICE)));
+    (net, fa, fb)
+}
+
+#[test]
+fn scanning_before_the_keys_are_known_completes_when_they_arrive() {
+    let (mut net, fa, _) = scan_before_keys();
+    let keys = keys_of(&[&net.da.clone()]);
+    net.lb.b.update_user_keys(ALICE, keys, net.lb.now);
+    net.run();
+    assert!(net.sent_types(Side::B).contains(&"m.key.verification.start"), "the scan completes");
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.run();
+    assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    assert_eq!(done_keys(&net, Side::B), vec![(net.da.msk.clone().unwrap(), KeyKind::MasterKey)]);
+    assert_eq!(done_keys(&net, Side::A), vec![(net.db.msk.clone().unwrap(), KeyKind::MasterKey)]);
+}
+
+#[test]
+fn scanning_before_keys_that_never_come_times_out() {
+    let (mut net, _, _) = scan_before_keys();
+    net.advance(10 * 60_000);
+    let info = net.cancelled(Side::B).expect("the flow ends at its deadline");
+    assert_eq!(info.code, CancelCode::Timeout);
+    assert!(net.done(Side::A).is_none() && net.done(Side::B).is_none());
+}
+
+#[test]
+fn done_sent_by_displayer_at_confirmation_and_by_scanner_at_the_end() {
+    let (mut net, fa) = bob_scanned_alices_code();
+    let done_sent = |net: &Net, side: Side| {
+        net.events(side).into_iter().find_map(|e| match e {
+            Event::DoneSent { keys, .. } => Some(keys.clone()),
+            _ => None,
+        })
+    };
+    assert!(done_sent(&net, Side::A).is_none() && done_sent(&net, Side::B).is_none());
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    net.collect();
+    assert_eq!(done_sent(&net, Side::A).map(|k| k[0].kind.clone()), Some(KeyKind::MasterKey));
+    net.run();
+    for side in [Side::A, Side::B] {
+        assert_eq!(done_sent(&net, side), net.done(side));
+    }
 }

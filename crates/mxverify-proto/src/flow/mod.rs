@@ -35,8 +35,9 @@ pub(crate) struct Flow {
 pub(crate) enum Origin {
     /// We sent the request.
     OurRequest,
-    /// They sent the request.
-    TheirRequest,
+    /// They sent the request. In a room, whether our `ready` has come back in the timeline yet:
+    /// another of our devices whose `ready` comes first takes the flow (RQ-11).
+    TheirRequest { ready_echoed: bool },
     /// A start without a request (ST-06), by us or by them.
     LegacyStart { by_us: bool },
 }
@@ -104,6 +105,15 @@ impl State {
         matches!(self, State::Done(_) | State::Cancelled(_))
     }
 
+    /// Whether our `done` went out and the flow waits for theirs: no cancel may follow.
+    pub(crate) fn done_sent(&self) -> bool {
+        match self {
+            State::Sas(s) => s.done_sent(),
+            State::Qr(q) => q.done_sent(),
+            _ => false,
+        }
+    }
+
     /// The other device, once bound.
     pub(crate) fn device(&self) -> Option<&str> {
         match self {
@@ -139,6 +149,7 @@ impl State {
             (State::Ready(r), Msg::Start(start)) => r.on_start(start, raw, ctx),
             (State::Sas(s), Msg::Start(start)) => s.on_start(start, raw, ctx),
             (State::Sas(s), msg @ (Msg::Accept(_) | Msg::Key(_) | Msg::Mac(_) | Msg::Done)) => s.on_message(msg, ctx),
+            (State::Qr(q), Msg::Start(start)) => q.on_start(start, ctx),
             (State::Qr(q), Msg::Done) => q.on_done(ctx),
             (state, _) => {
                 let peer = state.peer();
@@ -213,9 +224,26 @@ impl State {
         }
     }
 
-    /// The user cancels or rejects (CX-01, RQ-08); `cause` says why.
+    /// The keys of the other user (or ours, for a self-verification) arrived: a ready flow may
+    /// now show its code, and a scan that waited for them completes.
+    pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
+        match self {
+            State::Ready(mut ready) if ready.shown.is_none() => {
+                let mut step = Step::default();
+                if let Err(cause) = ready.offer_qr(ctx, &mut step) {
+                    return (Next::fail(Peer::Device(ready.device), CancelCode::KeyMismatch, cause), step);
+                }
+                (Next::Go(State::Ready(ready)), step)
+            }
+            State::Qr(q) => q.keys_arrived(ctx),
+            other => (Next::Go(other), Step::default()),
+        }
+    }
+
+    /// The user cancels or rejects (CX-01, RQ-08); `cause` says why. A flow whose `done` we sent
+    /// is not cancelled: the other side may already trust us.
     pub(crate) fn cancel(self, cause: LocalCause) -> Acted {
-        if self.ended() {
+        if self.ended() || self.done_sent() {
             return Err(wrong_state(self, "cancel"));
         }
         Ok((Next::fail(self.peer(), CancelCode::User, cause), Step::default()))
@@ -442,10 +470,15 @@ impl Pinned {
         Ok(Pinned { device_key, master_key: keys.master_key.clone() })
     }
 
-    /// Whether the other side's keys still equal the pinned ones (TR-01).
-    pub(crate) fn holds(&self, their_keys: Option<&UserKeys>, device: &str) -> bool {
-        their_keys.and_then(|k| k.devices.get(device)) == Some(&self.device_key)
-            && their_keys.and_then(|k| k.master_key.as_ref()) == self.master_key.as_ref()
+    /// Whether the other side's keys still equal the pinned ones (TR-01), and still have no
+    /// device ID that clashes with a cross-signing key (TR-02).
+    pub(crate) fn holds(&self, their_keys: Option<&UserKeys>, device: &str) -> Result<(), LocalCause> {
+        let same = their_keys.and_then(|k| k.devices.get(device)) == Some(&self.device_key)
+            && their_keys.and_then(|k| k.master_key.as_ref()) == self.master_key.as_ref();
+        if !same {
+            return Err(LocalCause::KeysChanged);
+        }
+        their_keys.map_or(Ok(()), check_no_clash)
     }
 }
 
@@ -456,6 +489,16 @@ pub(crate) fn check_no_clash(keys: &UserKeys) -> Result<(), LocalCause> {
     match keys.devices.keys().find(|d| cross.contains(d)) {
         Some(clash) => Err(LocalCause::DeviceIdClashesWithCrossSigningKey(clash.clone())),
         None => Ok(()),
+    }
+}
+
+/// The event that says our `done` is going out, with the keys that will be verified.
+pub(crate) fn done_sent_event(ctx: &Ctx<'_>, device: &str, keys: &[VerifiedKey]) -> Event {
+    Event::DoneSent {
+        flow: ctx.key.clone(),
+        user_id: ctx.other_user.to_owned(),
+        device_id: device.to_owned(),
+        keys: keys.to_vec(),
     }
 }
 

@@ -5,11 +5,14 @@
 
 use subtle::ConstantTimeEq;
 
-use super::{Acted, Ctx, End, How, Next, Peer, Ready, Refused, State, Step, Transition};
+use super::sas::we_win_tie_break;
+use super::{
+    Acted, Ctx, End, How, Next, Peer, Ready, Refused, State, Step, Transition, check_no_clash, done_sent_event,
+};
 use crate::b64;
 use crate::cancel::{CancelCode, LocalCause};
 use crate::qr::{QrMode, QrPayload, QrSecret};
-use crate::types::{ActionError, Event, KeyKind, UserKeys, VerifiedKey};
+use crate::types::{ActionError, DropReason, Event, KeyKind, UserKeys, VerifiedKey};
 use crate::wire::{Method, Msg, MsgKind, Start, StartMethod};
 
 /// The code we show, and what we will trust once it was scanned and our user confirmed.
@@ -30,9 +33,13 @@ pub(crate) struct Qr {
 
 #[derive(Debug)]
 enum Phase {
+    /// Scanner: the user scanned the other device's code before we knew the keys to check it
+    /// against; it is checked when they arrive (principle 7: nothing is refused for lack of keys).
+    ScanPending { payload: QrPayload, shown: Option<Box<ShownQr>> },
     /// Scanner: the code checked out and our reciprocation went out; waiting for the displayer's
-    /// `done` (QR-04).
-    Reciprocated { trust: VerifiedKey },
+    /// `done` (QR-04). Our own code stays, in case the other device scanned it at the same moment
+    /// and its start wins the tie-break (ST-03).
+    Reciprocated { trust: VerifiedKey, shown: Option<Box<ShownQr>> },
     /// Displayer: the other device scanned our code with the right secret; waiting for our user
     /// to confirm that it shows success (QR-05).
     Scanned { shown: Box<ShownQr> },
@@ -94,7 +101,8 @@ fn keys_to_show(ctx: &Ctx<'_>, dev: &str) -> Option<(QrMode, String, String, Ver
 
 /// The user scanned the other device's code (QR-03, QR-04): check it and, if it holds, send the
 /// `m.reciprocate.v1` start. A code that does not hold ends the flow; bytes that are not a
-/// verification code at all are an error, so the user can try again.
+/// verification code at all are an error, so the user can try again. A code scanned before the
+/// keys it must be checked against are known waits for them.
 pub(crate) fn scan(ready: Ready, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
     if !ctx.common_methods(&ready.methods).contains(&Method::QrScanV1) {
         let err = ActionError::NoCommonMethod("the other device cannot show a QR code");
@@ -104,40 +112,58 @@ pub(crate) fn scan(ready: Ready, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
         Ok(p) => p,
         Err(e) => return Err(Refused::new(State::Ready(ready), ActionError::InvalidQr(e))),
     };
-    let trust = match check_scanned(ctx, &ready.device, &payload) {
+    if let Err((code, cause)) = check_shape(ctx, &payload) {
+        return Ok((Next::fail(Peer::Device(ready.device), code, cause), Step::default()));
+    }
+    // Mode 0x01 is checked against our own keys only; the others need the other side's.
+    if payload.mode() != QrMode::SelfTrusted && !ctx.has_device_key(&ready.device) {
+        let qr = Qr { device: ready.device, phase: Phase::ScanPending { payload, shown: ready.shown } };
+        return Ok((Next::Go(State::Qr(qr)), Step { ask_keys: true, ..Step::default() }));
+    }
+    Ok(complete_scan(ready.device, payload, ready.shown, ctx))
+}
+
+/// The scanned code is checked against the keys we know; if it holds, our reciprocation goes out.
+fn complete_scan(device: String, payload: QrPayload, shown: Option<Box<ShownQr>>, ctx: &mut Ctx<'_>) -> Transition {
+    let trust = match check_keys(ctx, &device, &payload) {
         Ok(trust) => trust,
-        Err((code, cause)) => return Ok((Next::fail(Peer::Device(ready.device), code, cause), Step::default())),
+        Err((code, cause)) => return (Next::fail(Peer::Device(device), code, cause), Step::default()),
     };
     let mut step = Step::default();
     let start = Start {
         from_device: ctx.own.device_id.clone(),
         method: StartMethod::Reciprocate { secret: payload.secret().to_base64() },
     };
-    step.send(Msg::Start(start), Peer::Device(ready.device.clone()));
+    step.send(Msg::Start(start), Peer::Device(device.clone()));
     step.events.push(Event::Started {
         flow: ctx.key.clone(),
         method: Method::ReciprocateV1.as_str().into(),
         by_us: true,
     });
-    let qr = Qr { device: ready.device, phase: Phase::Reciprocated { trust } };
-    Ok((Next::Go(State::Qr(qr)), step))
+    (Next::Go(State::Qr(Qr { device, phase: Phase::Reciprocated { trust, shown } })), step)
 }
 
-/// QR-03: the scanned keys must be what we know; returns what the scanner trusts (the first key,
-/// QR-07).
-fn check_scanned(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey, Refusal> {
+/// QR-03, the part that needs no keys: the code is for this flow, and its mode fits the
+/// relationship.
+fn check_shape(ctx: &Ctx<'_>, p: &QrPayload) -> Result<(), Refusal> {
     if p.flow_id() != ctx.key.flow_id() {
         return Err(key_mismatch("the code belongs to another verification"));
     }
     let wrong_user = |what: &str| (CancelCode::UserMismatch, LocalCause::QrMismatch(what.to_owned()));
     match (p.mode(), ctx.self_verification()) {
-        (QrMode::OtherUser, true) => {
-            return Err(wrong_user("the code is for verifying another user, not our own devices"));
-        }
+        (QrMode::OtherUser, true) => Err(wrong_user("the code is for verifying another user, not our own devices")),
         (QrMode::SelfTrusted | QrMode::SelfUntrusted, false) => {
-            return Err(wrong_user("the code is for a self-verification, not for verifying another user"));
+            Err(wrong_user("the code is for a self-verification, not for verifying another user"))
         }
-        _ => {}
+        _ => Ok(()),
+    }
+}
+
+/// QR-03: the scanned keys must be what we know (and the other user must not have a device ID
+/// equal to a cross-signing key, TR-02); returns what the scanner trusts (the first key, QR-07).
+fn check_keys(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey, Refusal> {
+    if let Some(keys) = ctx.their_keys {
+        check_no_clash(keys).map_err(|cause| (CancelCode::KeyMismatch, cause))?;
     }
     let own_msk =
         ctx.own.master_key.as_deref().ok_or_else(|| key_mismatch("we have no master key to check the code against"))?;
@@ -189,8 +215,13 @@ fn check_scanned(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey,
 /// The displayer gets the reciprocation (QR-05): the secret must be the one in our code (compared
 /// in constant time); then our user confirms.
 pub(crate) fn on_reciprocate(ready: Ready, secret: &str, ctx: &mut Ctx<'_>) -> Transition {
-    let peer = Peer::Device(ready.device.clone());
-    let Some(shown) = ready.shown else {
+    reciprocated(ready.device, ready.shown, secret, ctx)
+}
+
+fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: &mut Ctx<'_>) -> Transition {
+    let peer = Peer::Device(device.clone());
+    let Some(shown) = shown else {
+        // They cannot have scanned a code we never showed.
         let cause = LocalCause::UnsupportedMethod(Method::ReciprocateV1.as_str().to_owned());
         return (Next::fail(peer, CancelCode::UnknownMethod, cause), Step::default());
     };
@@ -207,22 +238,27 @@ pub(crate) fn on_reciprocate(ready: Ready, secret: &str, ctx: &mut Ctx<'_>) -> T
         by_us: false,
     });
     step.events.push(Event::QrScanned { flow: ctx.key.clone() });
-    (Next::Go(State::Qr(Qr { device: ready.device, phase: Phase::Scanned { shown } })), step)
+    (Next::Go(State::Qr(Qr { device, phase: Phase::Scanned { shown } })), step)
 }
 
-/// TR-01: the key about to be trusted is still the key we know.
-fn trust_holds(ctx: &Ctx<'_>, dev: &str, trust: &VerifiedKey) -> bool {
+/// TR-01: the key about to be trusted is still the key we know (and TR-02 still holds).
+fn trust_holds(ctx: &Ctx<'_>, dev: &str, trust: &VerifiedKey) -> Result<(), LocalCause> {
     let theirs: Option<&UserKeys> = ctx.their_keys;
-    match trust.kind {
+    let same = match trust.kind {
         KeyKind::MasterKey if ctx.self_verification() => ctx.own.master_key.as_deref() == Some(&trust.key),
         KeyKind::MasterKey => theirs.and_then(|t| t.master_key.as_deref()) == Some(&trust.key),
         KeyKind::Device => theirs.and_then(|t| t.devices.get(dev)) == Some(&trust.key),
+    };
+    if !same {
+        return Err(LocalCause::KeysChanged);
     }
+    theirs.map_or(Ok(()), check_no_clash)
 }
 
 impl Qr {
     pub(crate) fn name(&self) -> &'static str {
         match self.phase {
+            Phase::ScanPending { .. } => "waiting for the other device's keys to check the scanned code",
             Phase::Scanned { .. } => "waiting for you to confirm that the other device scanned the code",
             Phase::Reciprocated { .. } | Phase::DoneSent { .. } => "waiting for the other device to finish",
         }
@@ -233,8 +269,55 @@ impl Qr {
         matches!(self.phase, Phase::Scanned { .. })
     }
 
+    /// Whether our `done` went out.
+    pub(crate) fn done_sent(&self) -> bool {
+        matches!(self.phase, Phase::DoneSent { .. })
+    }
+
     fn peer(&self) -> Peer {
         Peer::Device(self.device.clone())
+    }
+
+    fn unexpected(&self, kind: MsgKind) -> Transition {
+        let cause = LocalCause::Unexpected { message: kind.event_type(), state: self.name() };
+        (Next::fail(self.peer(), CancelCode::UnexpectedMessage, cause), Step::default())
+    }
+
+    /// The keys arrived: a scan that waited for them is checked now.
+    pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
+        match self.phase {
+            Phase::ScanPending { payload, shown } => complete_scan(self.device, payload, shown, ctx),
+            phase => (Next::Go(State::Qr(Qr { device: self.device, phase })), Step::default()),
+        }
+    }
+
+    /// A start after our scan: both devices scanned each other's code at once, so two
+    /// reciprocations crossed (ST-03: the one from the smaller user ID, then device ID, wins), or
+    /// a start of another method (ST-04).
+    pub(crate) fn on_start(self, start: Start, ctx: &mut Ctx<'_>) -> Transition {
+        let secret = match start.method {
+            StartMethod::Reciprocate { secret } => secret,
+            StartMethod::Sas(_) | StartMethod::Other(_) => {
+                return (
+                    Next::fail(self.peer(), CancelCode::UnexpectedMessage, LocalCause::StartCollision),
+                    Step::default(),
+                );
+            }
+        };
+        match self.phase {
+            Phase::Reciprocated { trust, shown } => {
+                if we_win_tie_break(ctx, &start.from_device) {
+                    let step = Step::dropped(ctx, MsgKind::Start, DropReason::LostTieBreak);
+                    return (
+                        Next::Go(State::Qr(Qr { device: self.device, phase: Phase::Reciprocated { trust, shown } })),
+                        step,
+                    );
+                }
+                // We lost: our reciprocation is void, and we are the displayer of the code they scanned.
+                reciprocated(self.device, shown, &secret, ctx)
+            }
+            phase => Qr { device: self.device, phase }.unexpected(MsgKind::Start),
+        }
     }
 
     /// Our user confirmed that the other device shows success: send `done` (QR-05, QR-06).
@@ -244,31 +327,39 @@ impl Qr {
             return Err(Refused::new(State::Qr(self), ActionError::WrongState { action: "confirm", state }));
         };
         let peer = Peer::Device(self.device.clone());
-        if !trust_holds(ctx, &self.device, &shown.trust) {
-            return Ok((Next::fail(peer, CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default()));
+        if let Err(cause) = trust_holds(ctx, &self.device, &shown.trust) {
+            return Ok((Next::fail(peer, CancelCode::KeyMismatch, cause), Step::default()));
         }
         let mut step = Step::default();
         step.send(Msg::Done, peer);
-        Ok((Next::Go(State::Qr(Qr { device: self.device, phase: Phase::DoneSent { trust: shown.trust } })), step))
+        step.events.push(done_sent_event(ctx, &self.device, std::slice::from_ref(&shown.trust)));
+        let qr = Qr { device: self.device, phase: Phase::DoneSent { trust: shown.trust } };
+        Ok((Next::Go(State::Qr(qr)), step))
     }
 
-    /// The other side's `done`: the scanner answers with its own (QR-06); both now trust.
+    /// The other side's `done`: the scanner answers with its own (QR-06); both now trust, if the
+    /// keys are still the ones checked (TR-01).
     pub(crate) fn on_done(self, ctx: &mut Ctx<'_>) -> Transition {
         let peer = self.peer();
         match self.phase {
-            Phase::Reciprocated { trust } => {
-                if !trust_holds(ctx, &self.device, &trust) {
-                    return (Next::fail(peer, CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default());
+            Phase::Reciprocated { trust, .. } => {
+                if let Err(cause) = trust_holds(ctx, &self.device, &trust) {
+                    return (Next::fail(peer, CancelCode::KeyMismatch, cause), Step::default());
                 }
                 let mut step = Step::default();
                 step.send(Msg::Done, peer.clone());
+                step.events.push(done_sent_event(ctx, &self.device, std::slice::from_ref(&trust)));
                 (Next::End(End { how: How::Verified(vec![trust]), peer }), step)
             }
-            Phase::DoneSent { trust } => (Next::End(End { how: How::Verified(vec![trust]), peer }), Step::default()),
-            Phase::Scanned { .. } => {
-                let cause = LocalCause::Unexpected { message: MsgKind::Done.event_type(), state: self.name() };
-                (Next::fail(peer, CancelCode::UnexpectedMessage, cause), Step::default())
+            Phase::DoneSent { trust } => {
+                // Our `done` went out: keys replaced since end the flow here, without a cancel.
+                if trust_holds(ctx, &self.device, &trust).is_err() {
+                    let cause = LocalCause::KeysChangedAfterDone;
+                    return (Next::fail(peer, CancelCode::KeyMismatch, cause), Step::default());
+                }
+                (Next::End(End { how: How::Verified(vec![trust]), peer }), Step::default())
             }
+            phase => Qr { device: self.device, phase }.unexpected(MsgKind::Done),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{Acted, Ctx, Next, Peer, Pinned, Refused, State, Step, Transition, qr, ready_event, sas};
+use super::{Acted, Ctx, Next, Peer, Pinned, Refused, State, Step, Transition, check_no_clash, qr, ready_event, sas};
 use crate::cancel::{CancelCode, LocalCause};
 use crate::types::{ActionError, DropReason, Event};
 use crate::wire::{self, Method, Msg, MsgKind, StartMethod};
@@ -57,8 +57,10 @@ impl Requested {
             return (Next::fail(Peer::Device(ready.device), CancelCode::UnknownMethod, cause), step);
         }
         step.events.push(ready_event(ctx, &ready));
-        ready.offer_qr(ctx, &mut step);
         step.ask_keys = !ctx.has_device_key(&ready.device);
+        if let Err(cause) = ready.offer_qr(ctx, &mut step) {
+            return (Next::fail(Peer::Device(ready.device), CancelCode::KeyMismatch, cause), step);
+        }
         (Next::Go(State::Ready(ready)), step)
     }
 }
@@ -76,21 +78,28 @@ impl Incoming {
         step.send(msg, Peer::Device(self.device.clone()));
         let mut ready = Ready { device: self.device, methods: self.methods, shown: None };
         step.events.push(ready_event(ctx, &ready));
-        ready.offer_qr(ctx, &mut step);
+        if let Err(cause) = ready.offer_qr(ctx, &mut step) {
+            return Ok((Next::fail(Peer::Device(ready.device), CancelCode::KeyMismatch, cause), step));
+        }
         Ok((Next::Go(State::Ready(ready)), step))
     }
 }
 
 impl Ready {
-    /// Shows a QR code when we may (QR-01) and know the keys it needs.
-    pub(crate) fn offer_qr(&mut self, ctx: &mut Ctx<'_>, step: &mut Step) {
+    /// Shows a QR code when we may (QR-01) and know the keys it needs. A user with a device ID
+    /// equal to one of their cross-signing keys is refused (TR-02): the error is the cause.
+    pub(crate) fn offer_qr(&mut self, ctx: &mut Ctx<'_>, step: &mut Step) -> Result<(), LocalCause> {
         if self.shown.is_some() || !ctx.common_methods(&self.methods).contains(&Method::QrShowV1) {
-            return;
+            return Ok(());
+        }
+        if let Some(keys) = ctx.their_keys {
+            check_no_clash(keys)?;
         }
         if let Some((shown, event)) = qr::ShownQr::make(ctx, &self.device) {
             self.shown = Some(Box::new(shown));
             step.events.push(event);
         }
+        Ok(())
     }
 
     /// Their start (ST-01): SAS, or the reciprocation of our QR code.

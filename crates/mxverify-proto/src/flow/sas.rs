@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::{Acted, Ctx, End, How, Next, Peer, Pinned, Refused, State, Step, Transition, encode};
+use super::{Acted, Ctx, End, How, Next, Peer, Pinned, Refused, State, Step, Transition, done_sent_event, encode};
 use crate::cancel::{CancelCode, LocalCause};
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
@@ -194,6 +194,11 @@ impl Sas {
 
     pub(crate) fn name(&self) -> &'static str {
         self.phase.name()
+    }
+
+    /// Whether our `done` went out.
+    pub(crate) fn done_sent(&self) -> bool {
+        matches!(self.phase, Phase::Exchanged(_, Stage::AwaitTheirDone(_)))
     }
 
     /// Whether the user can now confirm or deny the SAS.
@@ -423,6 +428,11 @@ impl Common {
                 self.stay(Phase::Exchanged(x, Stage::Compare(Theirs::MacAndDone(m))), Step::default())
             }
             (Stage::AwaitTheirDone(m), Msg::Done) => {
+                // TR-01 again at the very end: keys replaced after our `done` are not trusted, and
+                // since our `done` went out, the flow ends here without a cancel.
+                if self.pinned.holds(ctx.their_keys, &self.device).is_err() {
+                    return self.fail(CancelCode::KeyMismatch, LocalCause::KeysChangedAfterDone);
+                }
                 (Next::End(End { how: How::Verified(m.keys), peer: self.peer() }), Step::default())
             }
             (_, _) => self.unexpected(kind, name),
@@ -439,10 +449,11 @@ impl Common {
         mut step: Step,
         ctx: &mut Ctx<'_>,
     ) -> Transition {
-        if !self.pinned.holds(ctx.their_keys, &self.device) {
-            return (Next::fail(self.peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), step);
+        if let Err(cause) = self.pinned.holds(ctx.their_keys, &self.device) {
+            return (Next::fail(self.peer(), CancelCode::KeyMismatch, cause), step);
         }
         step.send(Msg::Done, self.peer());
+        step.events.push(done_sent_event(ctx, &self.device, &theirs.keys));
         if their_done || !ctx.origin.began_with_request() {
             return (Next::End(End { how: How::Verified(theirs.keys), peer: self.peer() }), step);
         }

@@ -3,9 +3,9 @@
 //! before we knew them). The rule (CX-04, CX-06, CX-07, EV-RQI-05):
 //!
 //! * never answer a cancel;
-//! * never send anything for a flow that has ended;
-//! * an unknown to-device flow gets `m.unknown_transaction` once per flow id, except for messages
-//!   that may open a flow (`request`, and a `start` of a method that can begin without a request);
+//! * never send anything for a flow that has ended, nor a cancel once our `done` went out;
+//! * an unknown to-device flow gets `m.unknown_transaction` once per flow id, except for a
+//!   `request` or a `start` (CX-04 exempts every start: it may legitimately open a flow);
 //! * never answer in-room events of flows that are not ours;
 //! * an active flow is cancelled with the code the failed check wants (the flow then ends, so at
 //!   most one cancel is sent for it).
@@ -35,6 +35,8 @@ pub(crate) enum FlowStatus {
     Unknown,
     /// A flow that has not ended.
     Active,
+    /// A flow that has not ended but whose `done` we sent: no cancel may follow it.
+    DoneSent,
     /// A flow that ended (done or cancelled, by either side).
     Ended,
 }
@@ -56,20 +58,19 @@ impl Via {
 }
 
 /// The rule itself, without memory.
-fn verdict(
-    trigger: Trigger,
-    may_open_flow: bool,
-    via: Via,
-    status: FlowStatus,
-    wanted: CancelCode,
-) -> Option<CancelCode> {
+fn verdict(trigger: Trigger, via: Via, status: FlowStatus, wanted: CancelCode) -> Option<CancelCode> {
     if trigger == Trigger::Incoming(MsgKind::Cancel) {
         return None;
     }
     match status {
-        FlowStatus::Ended => None,
-        // A request, or a start that can open a flow (ST-06), is not an unknown transaction.
-        FlowStatus::Unknown if via == Via::Room || may_open_flow => None,
+        FlowStatus::Ended | FlowStatus::DoneSent => None,
+        // CX-04: a request or a start may open a flow, so neither is an unknown transaction; in
+        // rooms, flows that are not ours are never answered (EV-RQI-05).
+        FlowStatus::Unknown
+            if via == Via::Room || matches!(trigger, Trigger::Incoming(MsgKind::Request | MsgKind::Start)) =>
+        {
+            None
+        }
         FlowStatus::Unknown => Some(CancelCode::UnknownTransaction),
         FlowStatus::Active => Some(wanted),
     }
@@ -93,19 +94,13 @@ impl CancelGate {
         status: FlowStatus,
         wanted: CancelCode,
     ) -> Option<CancelCode> {
-        verdict(trigger, false, Via::of(key), status, wanted)
+        verdict(trigger, Via::of(key), status, wanted)
     }
 
     /// An event for a to-device flow we do not know (CX-04): the code to answer with, at most
     /// once per flow id.
-    pub(crate) fn for_unknown(&mut self, kind: MsgKind, may_open_flow: bool, key: &FlowKey) -> Option<CancelCode> {
-        let code = verdict(
-            Trigger::Incoming(kind),
-            may_open_flow,
-            Via::of(key),
-            FlowStatus::Unknown,
-            CancelCode::UnknownTransaction,
-        )?;
+    pub(crate) fn for_unknown(&mut self, kind: MsgKind, key: &FlowKey) -> Option<CancelCode> {
+        let code = verdict(Trigger::Incoming(kind), Via::of(key), FlowStatus::Unknown, CancelCode::UnknownTransaction)?;
         let FlowKey::ToDevice { user_id, transaction_id } = key else {
             return None;
         };
@@ -155,43 +150,37 @@ mod tests {
             MsgKind::Done,
             MsgKind::Cancel,
         ];
+        let statuses = [FlowStatus::Unknown, FlowStatus::Active, FlowStatus::DoneSent, FlowStatus::Ended];
         for kind in all {
+            let trigger = Trigger::Incoming(kind);
             for via in [Via::ToDevice, Via::Room] {
-                for status in [FlowStatus::Unknown, FlowStatus::Active, FlowStatus::Ended] {
-                    let v = verdict(Trigger::Incoming(kind), false, via, status, CancelCode::InvalidMessage);
-                    if kind == MsgKind::Cancel || status == FlowStatus::Ended {
+                for status in statuses {
+                    let v = verdict(trigger, via, status, CancelCode::InvalidMessage);
+                    // Never answer a cancel; nothing after the end or after our done.
+                    if kind == MsgKind::Cancel || matches!(status, FlowStatus::Ended | FlowStatus::DoneSent) {
                         assert_eq!(v, None, "{kind:?} {via:?} {status:?}");
                     }
                 }
-                assert_eq!(
-                    verdict(Trigger::Incoming(kind), true, Via::Room, FlowStatus::Unknown, CancelCode::User),
-                    None
-                );
+                // In rooms, unknown flows are never answered.
+                assert_eq!(verdict(trigger, Via::Room, FlowStatus::Unknown, CancelCode::User), None);
             }
         }
-        let key = Trigger::Incoming(MsgKind::Key);
-        assert_eq!(
-            verdict(key, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
-            Some(CancelCode::UnknownTransaction)
-        );
-        let start = Trigger::Incoming(MsgKind::Start);
-        assert_eq!(verdict(start, true, Via::ToDevice, FlowStatus::Unknown, CancelCode::User), None);
-        // A reciprocation cannot open a flow: for an unknown flow it is an unknown transaction.
-        assert_eq!(
-            verdict(start, false, Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
-            Some(CancelCode::UnknownTransaction)
-        );
+        // CX-04: unknown to-device flows get m.unknown_transaction, except for requests and every start.
+        for kind in [MsgKind::Ready, MsgKind::Accept, MsgKind::Key, MsgKind::Mac, MsgKind::Done] {
+            assert_eq!(
+                verdict(Trigger::Incoming(kind), Via::ToDevice, FlowStatus::Unknown, CancelCode::User),
+                Some(CancelCode::UnknownTransaction)
+            );
+        }
+        for kind in [MsgKind::Request, MsgKind::Start] {
+            assert_eq!(verdict(Trigger::Incoming(kind), Via::ToDevice, FlowStatus::Unknown, CancelCode::User), None);
+        }
         let mac = Trigger::Incoming(MsgKind::Mac);
-        assert_eq!(
-            verdict(mac, false, Via::Room, FlowStatus::Active, CancelCode::KeyMismatch),
-            Some(CancelCode::KeyMismatch)
-        );
+        assert_eq!(verdict(mac, Via::Room, FlowStatus::Active, CancelCode::KeyMismatch), Some(CancelCode::KeyMismatch));
         // Our own cancels go out for active flows only.
-        assert_eq!(
-            verdict(Trigger::Local, false, Via::Room, FlowStatus::Active, CancelCode::User),
-            Some(CancelCode::User)
-        );
-        assert_eq!(verdict(Trigger::Local, false, Via::ToDevice, FlowStatus::Ended, CancelCode::User), None);
+        assert_eq!(verdict(Trigger::Local, Via::Room, FlowStatus::Active, CancelCode::User), Some(CancelCode::User));
+        assert_eq!(verdict(Trigger::Local, Via::ToDevice, FlowStatus::DoneSent, CancelCode::Timeout), None);
+        assert_eq!(verdict(Trigger::Local, Via::ToDevice, FlowStatus::Ended, CancelCode::User), None);
     }
 
     #[test]
@@ -199,11 +188,14 @@ mod tests {
         let mut gate = CancelGate::default();
         let key = FlowKey::ToDevice { user_id: "@a:x".into(), transaction_id: "t".into() };
         assert!(!gate.is_closed(&key));
-        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &key), Some(CancelCode::UnknownTransaction));
-        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &key), None);
+        assert_eq!(gate.for_unknown(MsgKind::Mac, &key), Some(CancelCode::UnknownTransaction));
+        assert_eq!(gate.for_unknown(MsgKind::Mac, &key), None);
         assert!(gate.is_closed(&key));
+        let other = FlowKey::ToDevice { user_id: "@a:x".into(), transaction_id: "u".into() };
+        assert_eq!(gate.for_unknown(MsgKind::Start, &other), None, "a start is never an unknown transaction");
+        assert!(!gate.is_closed(&other));
         let room = FlowKey::Room { room_id: "!r:x".into(), event_id: "$e".into() };
-        assert_eq!(gate.for_unknown(MsgKind::Mac, false, &room), None, "rooms are never answered");
+        assert_eq!(gate.for_unknown(MsgKind::Mac, &room), None, "rooms are never answered");
         gate.close(room.clone());
         assert!(gate.is_closed(&room));
         for i in 0..MEMORY {

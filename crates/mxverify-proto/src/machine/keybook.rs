@@ -5,8 +5,11 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::types::{IncomingEvent, UserKeys};
 
-/// How many events may wait for keys at once (a bound against floods).
+/// How many events may wait for keys at once, from everyone together (a bound against floods).
 pub(crate) const MAX_HELD: usize = 64;
+/// How many events one sender may have waiting for keys: a flood from one sender only ever
+/// displaces that sender's own events.
+pub(crate) const MAX_HELD_PER_SENDER: usize = 8;
 
 /// An event waiting for its sender's keys.
 #[derive(Debug)]
@@ -14,6 +17,24 @@ pub(crate) struct Held {
     /// Its handle (its deadline is `Timer::Held(id)`).
     pub(crate) id: u64,
     pub(crate) event: IncomingEvent,
+}
+
+/// What [`KeyBook::update`] changed.
+#[derive(Debug)]
+pub(crate) struct Updated {
+    /// The user's previous master key, if the update replaced it with another one or removed it.
+    pub(crate) replaced_master: Option<String>,
+    /// The events that waited for these keys, oldest first.
+    pub(crate) released: Vec<Held>,
+}
+
+/// What became of an event given to [`KeyBook::hold`].
+#[derive(Debug)]
+pub(crate) enum Hold {
+    /// Held under this handle; the sender's oldest held event made room for it.
+    Held { id: u64, evicted: Option<Held> },
+    /// Not held: too many events wait already.
+    Refused(IncomingEvent),
 }
 
 #[derive(Debug, Default)]
@@ -42,14 +63,17 @@ impl KeyBook {
         self.users.get(user).is_some_and(|k| k.devices.contains_key(device))
     }
 
-    /// Records a user's keys and hands back the events that waited for them, oldest first.
-    pub(crate) fn update(&mut self, user: &str, keys: UserKeys) -> Vec<Held> {
-        self.users.insert(user.to_owned(), keys);
+    /// Records a user's keys. Returns the master key they replace, if it was a different one
+    /// (TR-06), and the events that waited for them, oldest first.
+    pub(crate) fn update(&mut self, user: &str, keys: UserKeys) -> Updated {
+        let new_master = keys.master_key.clone();
+        let old = self.users.insert(user.to_owned(), keys);
+        let replaced_master = old.and_then(|k| k.master_key).filter(|old| Some(old) != new_master.as_ref());
         self.asked.retain(|u| u != user);
         let (ready, rest): (VecDeque<Held>, VecDeque<Held>) =
             std::mem::take(&mut self.held).into_iter().partition(|h| h.event.sender == user);
         self.held = rest;
-        ready.into()
+        Updated { replaced_master, released: ready.into() }
     }
 
     /// Whether the caller must be asked for this user's keys: once, until they arrive.
@@ -61,14 +85,23 @@ impl KeyBook {
         true
     }
 
-    /// Holds an event until its sender's keys arrive. Returns its handle and the event pushed out
-    /// to make room, if any.
-    pub(crate) fn hold(&mut self, event: IncomingEvent) -> (u64, Option<Held>) {
-        let evicted = if self.held.len() >= MAX_HELD { self.held.pop_front() } else { None };
+    /// Holds an event until its sender's keys arrive. A sender at its quota gives up its own
+    /// oldest event; when everyone together is at the global bound, the new event is refused, so
+    /// that no sender ever pushes out another's.
+    pub(crate) fn hold(&mut self, event: IncomingEvent) -> Hold {
+        let theirs = self.held.iter().filter(|h| h.event.sender == event.sender).count();
+        let evicted = if theirs >= MAX_HELD_PER_SENDER {
+            let oldest = self.held.iter().position(|h| h.event.sender == event.sender);
+            oldest.and_then(|i| self.held.remove(i))
+        } else if self.held.len() >= MAX_HELD {
+            return Hold::Refused(event);
+        } else {
+            None
+        };
         let id = self.next_held;
         self.next_held += 1;
         self.held.push_back(Held { id, event });
-        (id, evicted)
+        Hold::Held { id, evicted }
     }
 
     /// Gives up a held event (its deadline passed).
@@ -91,15 +124,23 @@ mod tests {
         }
     }
 
+    fn id(hold: Hold) -> u64 {
+        match hold {
+            Hold::Held { id, .. } => id,
+            Hold::Refused(_) => panic!("refused"),
+        }
+    }
+
     #[test]
     fn held_events_come_back_with_their_keys() {
         let mut book = KeyBook::default();
         assert!(book.ask("@a:x"));
         assert!(!book.ask("@a:x"), "asked once until the keys come");
-        let (a, _) = book.hold(ev("@a:x"));
-        let (b, _) = book.hold(ev("@b:x"));
-        let back = book.update("@a:x", UserKeys::default());
-        assert_eq!(back.iter().map(|h| h.id).collect::<Vec<_>>(), [a]);
+        let a = id(book.hold(ev("@a:x")));
+        let b = id(book.hold(ev("@b:x")));
+        let up = book.update("@a:x", UserKeys::default());
+        assert_eq!(up.released.iter().map(|h| h.id).collect::<Vec<_>>(), [a]);
+        assert_eq!(up.replaced_master, None);
         assert!(book.knows("@a:x") && !book.has_device("@a:x", "D"));
         assert!(book.ask("@a:x"), "a later need asks again");
         assert_eq!(book.release(b).map(|e| e.sender), Some("@b:x".into()));
@@ -107,12 +148,42 @@ mod tests {
     }
 
     #[test]
-    fn holding_is_bounded() {
+    fn a_replaced_master_key_is_reported() {
         let mut book = KeyBook::default();
-        for _ in 0..MAX_HELD {
-            assert!(book.hold(ev("@a:x")).1.is_none());
+        let with = |msk: Option<&str>| UserKeys { master_key: msk.map(str::to_owned), ..UserKeys::default() };
+        assert_eq!(book.update("@a:x", with(Some("K1"))).replaced_master, None, "first keys replace nothing");
+        assert_eq!(book.update("@a:x", with(Some("K1"))).replaced_master, None, "the same key again");
+        assert_eq!(book.update("@a:x", with(Some("K2"))).replaced_master.as_deref(), Some("K1"));
+        assert_eq!(book.update("@a:x", with(None)).replaced_master.as_deref(), Some("K2"));
+        assert_eq!(book.update("@a:x", with(Some("K3"))).replaced_master, None, "none known before");
+    }
+
+    #[test]
+    fn one_sender_cannot_push_out_another() {
+        let mut book = KeyBook::default();
+        let alice = id(book.hold(ev("@alice:x")));
+        for i in 0..100 {
+            match book.hold(ev("@eve:x")) {
+                Hold::Held { evicted, .. } => {
+                    assert_eq!(evicted.is_some(), i >= MAX_HELD_PER_SENDER, "{i}");
+                    assert!(evicted.is_none_or(|e| e.event.sender == "@eve:x"));
+                }
+                Hold::Refused(_) => panic!("Eve only displaces her own"),
+            }
         }
-        let (_, evicted) = book.hold(ev("@a:x"));
-        assert_eq!(evicted.map(|h| h.id), Some(0));
+        assert!(book.release(alice).is_some(), "Alice's event survived the flood");
+    }
+
+    #[test]
+    fn holding_is_bounded_for_everyone_together() {
+        let mut book = KeyBook::default();
+        for i in 0..MAX_HELD {
+            let sender = format!("@u{}:x", i % (MAX_HELD / MAX_HELD_PER_SENDER));
+            assert!(matches!(book.hold(ev(&sender)), Hold::Held { evicted: None, .. }));
+        }
+        assert!(matches!(book.hold(ev("@late:x")), Hold::Refused(_)), "full: a newcomer is refused");
+        // A sender at its quota still replaces its own oldest event.
+        assert!(matches!(book.hold(ev("@u0:x")), Hold::Held { evicted: Some(_), .. }));
+        assert_eq!(book.held.len(), MAX_HELD);
     }
 }

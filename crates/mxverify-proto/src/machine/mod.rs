@@ -21,7 +21,7 @@ use crate::flow::{Ctx, End, Ended, Finished, Flow, How, Incoming, Next, Origin, 
 use crate::types::*;
 use crate::wire::{self, Envelope, Method, Msg, MsgKind, Request, StartMethod};
 use gate::{CancelGate, FlowStatus, Trigger};
-use keybook::KeyBook;
+use keybook::{Hold, KeyBook};
 use timers::{FlowId, Timer, TimerTable};
 
 #[derive(Debug)]
@@ -49,6 +49,10 @@ impl FlowTable {
 
     fn by_id(&self, id: FlowId) -> Option<&Flow> {
         self.flows.get(&id)
+    }
+
+    fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.flows.get_mut(&id)
     }
 
     fn insert(&mut self, flow: Flow) -> FlowId {
@@ -156,32 +160,38 @@ impl Machine {
     }
 
     /// Gives the machine a user's keys (already checked by the caller); events held for them are
-    /// processed now (principle: never drop a request for lack of keys).
+    /// processed now (principle: never drop a request for lack of keys). A master key replaced by
+    /// another one (or removed) is reported with [`Event::IdentityChanged`], and every flow with
+    /// that user in progress fails (TR-01, TR-06).
     pub fn update_user_keys(&mut self, user_id: &str, keys: UserKeys, now: Millis) {
-        for held in self.keys.update(user_id, keys) {
+        self.handle_timeout(now);
+        let new_master = keys.master_key.clone();
+        let updated = self.keys.update(user_id, keys);
+        if let Some(old_master_key) = updated.replaced_master {
+            self.events.push_back(Event::IdentityChanged {
+                user_id: user_id.to_owned(),
+                old_master_key,
+                new_master_key: new_master,
+            });
+            let affected = self.flows_where(|f| f.other_user == user_id && !f.state.ended());
+            for id in affected {
+                self.transition(id, Trigger::Local, false, None, now, |state, _| {
+                    (Next::fail(state.peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default())
+                });
+            }
+        }
+        for held in updated.released {
             self.timers.stop(Timer::Held(held.id));
             self.receive_inner(held.event, now, true);
         }
-        // Ready flows that could not show a QR code for lack of keys may now.
-        let waiting: Vec<FlowId> = self
-            .flows
-            .ids()
-            .filter(|id| {
-                self.flows.by_id(*id).is_some_and(|f| {
-                    matches!(&f.state, State::Ready(r) if r.shown.is_none())
-                        && (f.other_user == user_id || user_id == self.own.user_id)
-                })
-            })
-            .collect();
+        // Ready flows that could not show a QR code for lack of keys may now; a scan that waited
+        // for them completes.
+        let waiting = self.flows_where(|f| {
+            matches!(&f.state, State::Ready(_) | State::Qr(_))
+                && (f.other_user == user_id || user_id == self.own.user_id)
+        });
         for id in waiting {
-            self.transition(id, Trigger::Local, false, None, now, |state, ctx| match state {
-                State::Ready(mut ready) => {
-                    let mut step = Step::default();
-                    ready.offer_qr(ctx, &mut step);
-                    (Next::Go(State::Ready(ready)), step)
-                }
-                other => (Next::Go(other), Step::default()),
-            });
+            self.transition(id, Trigger::Local, false, None, now, |state, ctx| state.keys_arrived(ctx));
         }
     }
 
@@ -231,6 +241,9 @@ impl Machine {
     /// Ends what is due at `now`: unanswered prompts close silently (RQ-04), unfinished flows are
     /// cancelled with `m.timeout` (TO-01), ended flows are forgotten after the flow timeout, and
     /// events that waited for keys in vain are given up.
+    ///
+    /// Every other input applies what is due at its `now` first, so a late input never acts on a
+    /// flow that should already have ended.
     pub fn handle_timeout(&mut self, now: Millis) {
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
@@ -286,6 +299,7 @@ impl Machine {
         device_ids: &[String],
         now: Millis,
     ) -> Result<FlowKey, ActionError> {
+        self.handle_timeout(now);
         let devices: Vec<String> = device_ids
             .iter()
             .filter(|d| !(user_id == self.own.user_id && **d == self.own.device_id))
@@ -318,6 +332,7 @@ impl Machine {
     /// Returns the outgoing id; once the homeserver has given the event ID, report it with
     /// [`Machine::room_event_sent`], which creates the flow.
     pub fn request_in_room(&mut self, room_id: &str, user_id: &str, now: Millis) -> u64 {
+        self.handle_timeout(now);
         let msg = Msg::Request(Request {
             from_device: self.own.device_id.clone(),
             methods: self.config.methods.clone(),
@@ -341,6 +356,7 @@ impl Machine {
 
     /// Reports the event ID the homeserver gave an in-room request: the flow now exists (FW-03).
     pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, now: Millis) -> Result<FlowKey, ActionError> {
+        self.handle_timeout(now);
         let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
         let deadline = self.timers.get(Timer::PendingRoom(outgoing_id)).unwrap_or(now + self.config.timeouts.flow);
         self.timers.stop(Timer::PendingRoom(outgoing_id));
@@ -364,6 +380,7 @@ impl Machine {
         device_id: &str,
         now: Millis,
     ) -> Result<FlowKey, ActionError> {
+        self.handle_timeout(now);
         let key = FlowKey::ToDevice { user_id: user_id.to_owned(), transaction_id: self.random_id() };
         let flow = Flow {
             key: key.clone(),
@@ -427,6 +444,7 @@ impl Machine {
     /// `other_device` is where a to-device cancel goes. A flow the machine still knows is simply
     /// cancelled; an ended one is left alone.
     pub fn abandon(&mut self, key: FlowKey, other_user: &str, other_device: Option<String>, now: Millis) {
+        self.handle_timeout(now);
         if let Some(id) = self.flows.id(&key) {
             self.transition(id, Trigger::Local, false, None, now, |state, _| {
                 match state.cancel(LocalCause::Abandoned) {
@@ -440,7 +458,12 @@ impl Machine {
             Some(device) => State::Ready(Ready { device, methods: Vec::new(), shown: None }),
             None => State::Requested(Requested { devices: Vec::new() }),
         };
-        let flow = Flow { key, other_user: other_user.to_owned(), origin: Origin::TheirRequest, state };
+        let flow = Flow {
+            key,
+            other_user: other_user.to_owned(),
+            origin: Origin::TheirRequest { ready_echoed: false },
+            state,
+        };
         let id = self.insert(flow, now + self.config.timeouts.flow);
         self.transition(id, Trigger::Local, false, None, now, |state, _| match state.cancel(LocalCause::Abandoned) {
             Ok(t) => t,
@@ -453,6 +476,7 @@ impl Machine {
     /// Handles one event from the homeserver (to-device or room timeline). Non-verification
     /// events are ignored.
     pub fn receive(&mut self, event: IncomingEvent, now: Millis) {
+        self.handle_timeout(now);
         self.receive_inner(event, now, false);
     }
 
@@ -577,7 +601,7 @@ impl Machine {
         let flow = Flow {
             key: key.clone(),
             other_user: event.sender.clone(),
-            origin: Origin::TheirRequest,
+            origin: Origin::TheirRequest { ready_echoed: false },
             state: State::Incoming(Incoming { device: req.from_device.clone(), methods: req.methods }),
         };
         let id = self.insert(flow, flow_deadline);
@@ -655,14 +679,11 @@ impl Machine {
         }
     }
 
-    /// An event for a to-device flow we do not know (CX-04), answered at most once per flow id.
+    /// An event for a to-device flow we do not know (CX-04): the cancel gate decides whether it
+    /// is answered (at most once per flow id, never for a start).
     fn answer_unknown(&mut self, event: &IncomingEvent, kind: MsgKind, key: FlowKey, msg: Option<Msg>) {
-        // Only a request, or a start of a method that can begin a flow, may open one (ST-06).
-        let may_open = kind == MsgKind::Request
-            || (kind == MsgKind::Start
-                && !matches!(msg, Some(Msg::Start(wire::Start { method: StartMethod::Reciprocate { .. }, .. }))));
-        let Some(code) = self.gate.for_unknown(kind, may_open, &key) else {
-            return;
+        let Some(code) = self.gate.for_unknown(kind, &key) else {
+            return self.dropped(event, DropReason::UnknownFlow);
         };
         let device = match msg {
             Some(Msg::Ready(r)) => r.from_device,
@@ -697,13 +718,28 @@ impl Machine {
         };
         let own = event.sender == self.own.user_id;
         let other_own_device = own && from_device.is_some_and(|d| d != self.own.device_id);
-        let prompting = self.flows.by_id(id).is_some_and(|f| matches!(f.state, State::Incoming(_)));
-        if prompting && own && (other_own_device || kind == MsgKind::Cancel) {
+        let Some(flow) = self.flows.by_id(id) else { return };
+        let prompting = matches!(flow.state, State::Incoming(_));
+        // We answered too: whichever `ready` comes first in the room takes the flow (RQ-11), so
+        // another of our devices' `ready` before our own's echo means we stand down.
+        let answered_first_elsewhere = other_own_device
+            && kind == MsgKind::Ready
+            && flow.origin == Origin::TheirRequest { ready_echoed: false }
+            && !prompting
+            && !flow.state.ended();
+        if (prompting && own && (other_own_device || kind == MsgKind::Cancel)) || answered_first_elsewhere {
             self.transition(id, Trigger::Local, false, None, now, |state, _| {
                 let how = How::Dismissed(CancelCode::Accepted, LocalCause::AnsweredByOwnDevice);
                 (Next::End(End { how, peer: state.peer() }), Step::default())
             });
             return;
+        }
+        if own && kind == MsgKind::Ready && !other_own_device {
+            // Our own `ready` came back: from now on, a later one from another of our devices is
+            // not the first.
+            if let Some(flow) = self.flows.get_mut(id) {
+                flow.origin = Origin::TheirRequest { ready_echoed: true };
+            }
         }
         self.dropped(event, if own { DropReason::Own } else { DropReason::NotAParty });
     }
@@ -725,6 +761,7 @@ impl Machine {
         now: Millis,
         f: impl FnOnce(State, &mut Ctx<'_>) -> crate::flow::Acted,
     ) -> Result<(), ActionError> {
+        self.handle_timeout(now);
         let id = self.flows.id(key).ok_or_else(|| ActionError::UnknownFlow(key.clone()))?;
         let mut result = Ok(());
         self.transition(id, Trigger::Local, false, None, now, |state, ctx| match f(state, ctx) {
@@ -756,7 +793,13 @@ impl Machine {
             return;
         };
         let was_incoming = matches!(state, State::Incoming(_));
-        let status = if state.ended() { FlowStatus::Ended } else { FlowStatus::Active };
+        let status = if state.ended() {
+            FlowStatus::Ended
+        } else if state.done_sent() {
+            FlowStatus::DoneSent
+        } else {
+            FlowStatus::Active
+        };
         let deadline = self.timers.get(Timer::Expire(id)).unwrap_or(now);
         let (next, step) = {
             let mut ctx = Ctx {
@@ -870,17 +913,22 @@ impl Machine {
     /// Keeps an event until its sender's keys arrive, at most until `until`.
     fn hold(&mut self, event: IncomingEvent, until: Millis) {
         let user = event.sender.clone();
-        let (id, evicted) = self.keys.hold(event);
-        if let Some(old) = evicted {
-            self.timers.stop(Timer::Held(old.id));
-            self.events.push_back(Event::Dropped {
-                sender: old.event.sender,
-                event_type: old.event.event_type,
-                reason: DropReason::KeysNeverArrived,
-            });
+        match self.keys.hold(event) {
+            Hold::Held { id, evicted } => {
+                if let Some(old) = evicted {
+                    self.timers.stop(Timer::Held(old.id));
+                    self.dropped(&old.event, DropReason::HoldLimit);
+                }
+                self.timers.set(Timer::Held(id), until);
+            }
+            Hold::Refused(event) => self.dropped(&event, DropReason::HoldLimit),
         }
-        self.timers.set(Timer::Held(id), until);
         self.ask_keys(&user);
+    }
+
+    /// The handles of the flows that satisfy `f`, in the order of their keys.
+    fn flows_where(&self, f: impl Fn(&Flow) -> bool) -> Vec<FlowId> {
+        self.flows.ids().filter(|id| self.flows.by_id(*id).is_some_and(&f)).collect()
     }
 
     fn take_id(&mut self) -> u64 {
