@@ -65,11 +65,11 @@ pub(crate) enum State {
     /// SAS in progress.
     Sas(Box<sas::Sas>),
     /// QR in progress (after a scan).
-    Qr(qr::Qr),
+    Qr(Box<qr::Qr>),
     /// Verified.
     Done(Finished),
     /// Ended without verification.
-    Cancelled(Ended),
+    Cancelled(Box<Ended>),
 }
 
 /// A verified flow.
@@ -210,7 +210,7 @@ impl State {
             }
             State::Qr(q) if q.awaits_confirmation() => {
                 let cause = LocalCause::QrMismatch("you said the other device did not show success".into());
-                Ok((Next::fail(Peer::Device(q.device), CancelCode::KeyMismatch, cause), Step::default()))
+                Ok((Next::fail(Peer::Device(q.device.clone()), CancelCode::KeyMismatch, cause), Step::default()))
             }
             other => Err(wrong_state(other, "report a mismatch")),
         }

@@ -118,7 +118,7 @@ pub(crate) fn scan(ready: Ready, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
     // Mode 0x01 is checked against our own keys only; the others need the other side's.
     if payload.mode() != QrMode::SelfTrusted && !ctx.has_device_key(&ready.device) {
         let qr = Qr { device: ready.device, phase: Phase::ScanPending { payload, shown: ready.shown } };
-        return Ok((Next::Go(State::Qr(qr)), Step { ask_keys: true, ..Step::default() }));
+        return Ok((Next::Go(State::Qr(Box::new(qr))), Step { ask_keys: true, ..Step::default() }));
     }
     Ok(complete_scan(ready.device, payload, ready.shown, ctx))
 }
@@ -140,7 +140,7 @@ fn complete_scan(device: String, payload: QrPayload, shown: Option<Box<ShownQr>>
         method: Method::ReciprocateV1.as_str().into(),
         by_us: true,
     });
-    (Next::Go(State::Qr(Qr { device, phase: Phase::Reciprocated { trust, shown } })), step)
+    (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Reciprocated { trust, shown } }))), step)
 }
 
 /// QR-03, the part that needs no keys: the code is for this flow, and its mode fits the
@@ -238,7 +238,7 @@ fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: 
         by_us: false,
     });
     step.events.push(Event::QrScanned { flow: ctx.key.clone() });
-    (Next::Go(State::Qr(Qr { device, phase: Phase::Scanned { shown } })), step)
+    (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Scanned { shown } }))), step)
 }
 
 /// TR-01: the key about to be trusted is still the key we know (and TR-02 still holds).
@@ -287,7 +287,7 @@ impl Qr {
     pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
         match self.phase {
             Phase::ScanPending { payload, shown } => complete_scan(self.device, payload, shown, ctx),
-            phase => (Next::Go(State::Qr(Qr { device: self.device, phase })), Step::default()),
+            phase => (Next::Go(State::Qr(Box::new(Qr { device: self.device, phase }))), Step::default()),
         }
     }
 
@@ -309,7 +309,10 @@ impl Qr {
                 if we_win_tie_break(ctx, &start.from_device) {
                     let step = Step::dropped(ctx, MsgKind::Start, DropReason::LostTieBreak);
                     return (
-                        Next::Go(State::Qr(Qr { device: self.device, phase: Phase::Reciprocated { trust, shown } })),
+                        Next::Go(State::Qr(Box::new(Qr {
+                            device: self.device,
+                            phase: Phase::Reciprocated { trust, shown },
+                        }))),
                         step,
                     );
                 }
@@ -324,7 +327,7 @@ impl Qr {
     pub(crate) fn confirm(self, ctx: &mut Ctx<'_>) -> Acted {
         let Phase::Scanned { shown } = self.phase else {
             let state = self.name();
-            return Err(Refused::new(State::Qr(self), ActionError::WrongState { action: "confirm", state }));
+            return Err(Refused::new(State::Qr(Box::new(self)), ActionError::WrongState { action: "confirm", state }));
         };
         let peer = Peer::Device(self.device.clone());
         if let Err(cause) = trust_holds(ctx, &self.device, &shown.trust) {
@@ -334,7 +337,7 @@ impl Qr {
         step.send(Msg::Done, peer);
         step.events.push(done_sent_event(ctx, &self.device, std::slice::from_ref(&shown.trust)));
         let qr = Qr { device: self.device, phase: Phase::DoneSent { trust: shown.trust } };
-        Ok((Next::Go(State::Qr(qr)), step))
+        Ok((Next::Go(State::Qr(Box::new(qr))), step))
     }
 
     /// The other side's `done`: the scanner answers with its own (QR-06); both now trust, if the

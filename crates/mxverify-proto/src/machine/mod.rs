@@ -882,7 +882,7 @@ impl Machine {
             }
         };
         self.events.push_back(Event::Cancelled { flow: key.clone(), info: info.clone() });
-        State::Cancelled(Ended { device, info })
+        State::Cancelled(Box::new(Ended { device, info }))
     }
 
     // ----- helpers ----------------------------------------------------------------------------
@@ -958,5 +958,14 @@ impl Machine {
         };
         let id = self.take_id();
         self.outgoing.push_back(Outgoing { id, flow: Some(key.clone()), destination, event_type, content });
+    }
+}
+#[cfg(test)]
+mod tests {
+    /// Waiting flows are the many ones: their state stays small (large states are boxed).
+    #[test]
+    fn flow_states_stay_small() {
+        assert!(std::mem::size_of::<crate::flow::State>() <= 64);
+        assert!(std::mem::size_of::<crate::flow::Flow>() <= 160);
     }
 }
