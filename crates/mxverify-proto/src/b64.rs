@@ -21,11 +21,13 @@ pub fn encode(bytes: impl AsRef<[u8]>) -> String {
 }
 
 /// Decodes standard base64, padded or not (B64-02).
+#[must_use]
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     DECODER.decode(text).ok()
 }
 
 /// Decodes exactly 32 bytes of base64 (a Curve25519 or Ed25519 public key).
+#[must_use]
 pub fn decode32(text: &str) -> Option<[u8; 32]> {
     decode(text)?.try_into().ok()
 }

@@ -8,6 +8,7 @@ pub use crate::wire::CancelCode;
 /// Which local check or event led to a cancellation. This is for people and logs; only the
 /// [`CancelCode`] and a short reason go on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LocalCause {
     /// The user cancelled.
     UserCancelled,
@@ -121,6 +122,7 @@ pub struct CancelInfo {
 
 impl CancelInfo {
     /// One plain sentence: who cancelled, why, and what to do next.
+    #[must_use]
     pub fn explain(&self) -> String {
         // RQ-10, RQ-11: another of our devices took the request; nothing went wrong.
         if self.code == CancelCode::Accepted || self.cause == Some(LocalCause::AnsweredByOwnDevice) {

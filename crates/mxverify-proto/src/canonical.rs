@@ -5,6 +5,7 @@ use serde_json::Value;
 
 /// Why a value has no canonical JSON form.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CanonicalError {
     /// Canonical JSON forbids non-integer numbers.
     #[error("canonical JSON does not allow the non-integer number {0}")]

@@ -16,6 +16,7 @@ use crate::{b64, canonical};
 
 /// A failure of the key agreement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// The other side's key is not 32 bytes of base64.
     #[error("the ephemeral public key is not 32 bytes of base64")]
@@ -42,6 +43,7 @@ impl std::fmt::Debug for EphemeralKey {
 
 impl EphemeralKey {
     /// Builds the key pair from 32 secret random bytes supplied by the caller.
+    #[must_use]
     pub fn from_random(bytes: [u8; 32]) -> Self {
         let secret = StaticSecret::from(bytes);
         let public = PublicKey::from(&secret);
@@ -49,6 +51,7 @@ impl EphemeralKey {
     }
 
     /// The public key as sent in `m.key.verification.key` (unpadded base64, 43 characters).
+    #[must_use]
     pub fn public_b64(&self) -> String {
         b64::encode(self.public.as_bytes())
     }
@@ -80,6 +83,7 @@ impl SharedSecret {
     }
 
     /// The six SAS bytes for `info` (SK-02: decimals use the first five).
+    #[must_use]
     pub fn sas_bytes(&self, info: &str) -> [u8; 6] {
         let mut out = [0u8; 6];
         self.hkdf().expand(info.as_bytes(), &mut out).expect("6 <= 255 * 32");
@@ -94,6 +98,7 @@ impl SharedSecret {
     }
 
     /// The raw 32-byte MAC of `input` under the key derived with `info`.
+    #[must_use]
     pub fn mac(&self, input: &str, info: &str) -> [u8; 32] {
         let mut mac = self.mac_key(info);
         mac.update(input.as_bytes());
@@ -101,11 +106,13 @@ impl SharedSecret {
     }
 
     /// The MAC of `input` in the wire encoding of `method` (MC-06).
+    #[must_use]
     pub fn mac_encoded(&self, method: MacMethod, input: &str, info: &str) -> String {
         method.encode(&self.mac(input, info))
     }
 
     /// Checks a received MAC string in constant time (MV-05).
+    #[must_use]
     pub fn verify_mac(&self, method: MacMethod, input: &str, info: &str, received: &str) -> bool {
         match method {
             MacMethod::HkdfHmacSha256V2 | MacMethod::Msc3783 => {
@@ -126,6 +133,7 @@ impl SharedSecret {
 
 /// Key agreement protocols of `m.sas.v1` (SA-01).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum KeyAgreement {
     /// `curve25519-hkdf-sha256`: the current protocol.
     Curve25519HkdfSha256,
@@ -138,6 +146,7 @@ impl KeyAgreement {
     pub const ALL: [KeyAgreement; 2] = [Self::Curve25519HkdfSha256, Self::Curve25519];
 
     /// The identifier on the wire.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Curve25519HkdfSha256 => "curve25519-hkdf-sha256",
@@ -146,11 +155,13 @@ impl KeyAgreement {
     }
 
     /// Parses a wire identifier.
+    #[must_use]
     pub fn from_wire(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     /// The SAS HKDF info string (HK-01..HK-03): the start sender's values always come first.
+    #[must_use]
     pub fn sas_info(self, starter: &Party<'_>, accepter: &Party<'_>, flow_id: &str) -> String {
         match self {
             Self::Curve25519HkdfSha256 => format!(
@@ -184,6 +195,7 @@ pub struct Party<'a> {
 
 /// MAC methods (SA-03).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum MacMethod {
     /// `hkdf-hmac-sha256.v2`.
     HkdfHmacSha256V2,
@@ -198,6 +210,7 @@ impl MacMethod {
     pub const ALL: [MacMethod; 3] = [Self::HkdfHmacSha256V2, Self::Msc3783, Self::HkdfHmacSha256Legacy];
 
     /// The identifier on the wire.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HkdfHmacSha256V2 => "hkdf-hmac-sha256.v2",
@@ -207,11 +220,13 @@ impl MacMethod {
     }
 
     /// Parses a wire identifier.
+    #[must_use]
     pub fn from_wire(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
     /// Encodes a raw MAC for the wire (MC-06).
+    #[must_use]
     pub fn encode(self, mac: &[u8; 32]) -> String {
         match self {
             Self::HkdfHmacSha256V2 | Self::Msc3783 => b64::encode(mac),
@@ -258,12 +273,14 @@ pub fn decimals(bytes: &[u8; 6]) -> [u16; 3] {
 }
 
 /// The seven emoji indices (EM-01): the first 42 bits as 6-bit groups, most significant first.
+#[must_use]
 pub fn emoji_indices(bytes: &[u8; 6]) -> [u8; 7] {
     let n = bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
     std::array::from_fn(|i| ((n >> (42 - 6 * i)) & 63) as u8)
 }
 
 /// The MAC info string (MC-02): sender's IDs, receiver's IDs, flow id, then the key ID or `KEY_IDS`.
+#[must_use]
 pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, item: &str) -> String {
     format!("MATRIX_KEY_VERIFICATION_MAC{}{}{}{}{}{}", sender.0, sender.1, receiver.0, receiver.1, flow_id, item)
 }

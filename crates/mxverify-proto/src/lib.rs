@@ -26,7 +26,7 @@
 //! let id = |user: &str, device: &str| OwnIdentity {
 //!     user_id: user.into(),
 //!     device_id: device.into(),
-//!     ed25519: b64::encode([device.len() as u8; 32]),
+//!     ed25519: Ed25519PublicKey::from_bytes([device.len() as u8; 32]),
 //!     master_key: None,
 //!     trusts_master_key: false,
 //! };
@@ -55,6 +55,7 @@ pub mod canonical;
 pub mod crypto;
 pub mod emoji;
 mod flow;
+pub mod keys;
 #[cfg(feature = "loopback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "loopback")))]
 pub mod loopback;
@@ -64,5 +65,31 @@ pub mod types;
 pub mod wire;
 
 pub use cancel::{CancelCode, CancelInfo, LocalCause};
-pub use machine::{FlowInfo, Machine};
+pub use keys::{Ed25519PublicKey, KeyDecodeError};
+pub use machine::Machine;
 pub use types::*;
+
+// Embedders move the machine and its outputs across threads (a tokio task, a worker pool): checked
+// at compile time. `Machine` is `Send` but not `Sync` (its entropy source need not be `Sync`, and
+// every input takes `&mut self`); what it hands out is both.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    send::<Machine>();
+    send_sync::<Event>();
+    send_sync::<FlowKey>();
+    send_sync::<FlowInfo>();
+    send_sync::<FlowPhase>();
+    send_sync::<Outgoing>();
+    send_sync::<IncomingEvent>();
+    send_sync::<CancelInfo>();
+    send_sync::<ActionError>();
+    send_sync::<Config>();
+    send_sync::<OwnIdentity>();
+    send_sync::<UserKeys>();
+    send_sync::<VerifiedKey>();
+    send_sync::<Ed25519PublicKey>();
+    send_sync::<qr::QrPayload>();
+    send_sync::<wire::Msg>();
+    send_sync::<emoji::Emoji>();
+};

@@ -9,6 +9,7 @@ use crate::types::*;
 /// Which of the two machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Side {
     /// The first machine.
     A,

@@ -7,6 +7,7 @@ use serde_json::Value;
 use crate::cancel::CancelInfo;
 use crate::crypto::{KeyAgreement, MacMethod};
 use crate::emoji::Emoji;
+use crate::keys::Ed25519PublicKey;
 use crate::wire::Method;
 
 /// Milliseconds since the Unix epoch, as given by the caller's clock.
@@ -16,6 +17,7 @@ pub type Millis = u64;
 /// user, or the event ID of an in-room request together with its room.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(tag = "transport", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum FlowKey {
     /// A to-device flow.
     ToDevice {
@@ -35,6 +37,7 @@ pub enum FlowKey {
 
 impl FlowKey {
     /// The flow id as the SAS info strings and QR codes use it (FW-04).
+    #[must_use]
     pub fn flow_id(&self) -> &str {
         match self {
             Self::ToDevice { transaction_id, .. } => transaction_id,
@@ -50,10 +53,10 @@ pub struct OwnIdentity {
     pub user_id: String,
     /// Our device ID.
     pub device_id: String,
-    /// Our device's Ed25519 key, unpadded base64.
-    pub ed25519: String,
-    /// Our master cross-signing key, unpadded base64, if we have one.
-    pub master_key: Option<String>,
+    /// Our device's Ed25519 key.
+    pub ed25519: Ed25519PublicKey,
+    /// Our master cross-signing key, if we have one.
+    pub master_key: Option<Ed25519PublicKey>,
     /// Whether this device trusts that master key; only then is it included in our MAC (MC-07, MC-08).
     pub trusts_master_key: bool,
 }
@@ -61,12 +64,12 @@ pub struct OwnIdentity {
 /// What the caller knows of a user's keys, checked by the caller (signatures) before it is given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserKeys {
-    /// Device ID → Ed25519 key (unpadded base64).
-    pub devices: BTreeMap<String, String>,
-    /// The master cross-signing key (unpadded base64).
-    pub master_key: Option<String>,
+    /// Device ID → Ed25519 key.
+    pub devices: BTreeMap<String, Ed25519PublicKey>,
+    /// The master cross-signing key.
+    pub master_key: Option<Ed25519PublicKey>,
     /// The self-signing and user-signing keys, used only for the device-ID clash check (TR-02).
-    pub other_cross_signing_keys: Vec<String>,
+    pub other_cross_signing_keys: Vec<Ed25519PublicKey>,
 }
 
 /// Timeouts and windows (section 7 of the requirements); the defaults are the spec's.
@@ -112,6 +115,7 @@ pub struct SasParams {
 
 impl SasParams {
     /// The SAS methods as named on the wire.
+    #[must_use]
     pub fn sas_methods(&self) -> Vec<&'static str> {
         [("decimal", self.decimal), ("emoji", self.emoji)].into_iter().filter(|(_, on)| *on).map(|(m, _)| m).collect()
     }
@@ -175,6 +179,7 @@ pub struct IncomingEvent {
 /// Where an outgoing message goes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "transport", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Destination {
     /// `PUT /sendToDevice` to these devices of this user (`*` = all of them).
     ToDevice {
@@ -209,6 +214,7 @@ pub struct Outgoing {
 /// What a verified key is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum KeyKind {
     /// A device's Ed25519 key.
     Device,
@@ -221,15 +227,30 @@ pub enum KeyKind {
 pub struct VerifiedKey {
     /// The key ID, e.g. `ed25519:DEVICEID` or `ed25519:<master key>`.
     pub key_id: String,
-    /// The public key, unpadded base64.
-    pub key: String,
+    /// The public key.
+    pub key: Ed25519PublicKey,
     /// What it is.
     pub kind: KeyKind,
+}
+
+impl VerifiedKey {
+    /// A device's key, with its key ID `ed25519:<device ID>`.
+    #[must_use]
+    pub fn device(device_id: &str, key: Ed25519PublicKey) -> Self {
+        Self { key_id: format!("ed25519:{device_id}"), key, kind: KeyKind::Device }
+    }
+
+    /// A master cross-signing key, with its key ID `ed25519:<the key>`.
+    #[must_use]
+    pub fn master_key(key: Ed25519PublicKey) -> Self {
+        Self { key_id: format!("ed25519:{key}"), key, kind: KeyKind::MasterKey }
+    }
 }
 
 /// Why an incoming event was dropped without an answer (for logs and diagnostics).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DropReason {
     /// It has no usable flow id, so it belongs to no flow.
     NoFlowId,
@@ -265,6 +286,7 @@ pub enum DropReason {
 /// Something the user interface (or a bot) should know about.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Event {
     /// Someone asks us to verify (RQ-01) — or, for a legacy start-first flow, started SAS directly.
     IncomingRequest {
@@ -273,9 +295,9 @@ pub enum Event {
         /// Their device.
         from_device: String,
         /// Their methods.
-        methods: Vec<String>,
+        methods: Vec<Method>,
         /// The methods we could use with them (empty: tell the user, do not cancel — RQ-06).
-        common_methods: Vec<String>,
+        common_methods: Vec<Method>,
         /// `true` for a start without a request (ST-06).
         legacy: bool,
         /// When the prompt closes by itself (RQ-04).
@@ -293,14 +315,14 @@ pub enum Event {
         /// The other device.
         other_device: String,
         /// The methods both sides support.
-        methods: Vec<String>,
+        methods: Vec<Method>,
     },
     /// A method was started.
     Started {
         /// The flow.
         flow: FlowKey,
         /// The method.
-        method: String,
+        method: Method,
         /// Whether we started it (after the tie-break).
         by_us: bool,
     },
@@ -376,9 +398,9 @@ pub enum Event {
         /// The user.
         user_id: String,
         /// The master key we knew.
-        old_master_key: String,
+        old_master_key: Ed25519PublicKey,
         /// The master key now published, if any.
-        new_master_key: Option<String>,
+        new_master_key: Option<Ed25519PublicKey>,
     },
     /// An incoming event was ignored; for logs.
     Dropped {
@@ -407,8 +429,125 @@ fn ser_cancel<S: serde::Serializer>(info: &CancelInfo, s: S) -> Result<S::Ok, S:
     st.end()
 }
 
+/// What a flow is doing now, with the data of that moment: a projection of its state for user
+/// interfaces (see [`FlowInfo`], which also lists the [`Action`]s legal in it).
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlowPhase {
+    /// Our request is out; the other side has not answered yet.
+    Requested,
+    /// Someone asks us to verify: accept or decline.
+    Incoming {
+        /// The methods they offered.
+        methods: Vec<Method>,
+        /// The methods we could use with them (empty: we can only decline).
+        common_methods: Vec<Method>,
+    },
+    /// Both sides are ready: start SAS, scan their code, or let them scan ours.
+    Ready {
+        /// The methods both sides support.
+        methods: Vec<Method>,
+        /// The QR code we show (the raw `MATRIX` payload), if any.
+        qr_code: Option<Vec<u8>>,
+    },
+    /// A device started SAS with us without a request (the deprecated start-first flow): accept
+    /// or decline.
+    SasIncoming,
+    /// SAS was started; the devices are exchanging keys.
+    SasStarted,
+    /// Compare these with the other device, then confirm or report a mismatch.
+    SasCompare {
+        /// The seven emoji, if `emoji` was agreed.
+        emoji: Option<Vec<Emoji>>,
+        /// The three numbers, if `decimal` was agreed.
+        decimals: Option<[u16; 3]>,
+    },
+    /// Our user confirmed the SAS; waiting for the other device's.
+    SasConfirmed,
+    /// We scanned the other device's code before knowing the keys to check it against; it is
+    /// checked when they arrive.
+    QrScanPending,
+    /// We scanned the other device's code and told it so; waiting for it to finish.
+    QrReciprocated,
+    /// The other device scanned our code: confirm that it shows success, or report a mismatch.
+    QrScanned,
+    /// Our `done` went out: waiting for the other device's.
+    DoneSent {
+        /// The keys that will be verified.
+        keys: Vec<VerifiedKey>,
+    },
+    /// Verified.
+    Done {
+        /// The keys verified.
+        keys: Vec<VerifiedKey>,
+    },
+    /// Ended without verification.
+    Cancelled(CancelInfo),
+}
+
+/// A user action on a flow, each one a method of [`crate::Machine`].
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Action {
+    /// [`crate::Machine::accept`]: answer a request with `ready`, or accept a start-first SAS.
+    Accept,
+    /// [`crate::Machine::start_sas`].
+    StartSas,
+    /// [`crate::Machine::scan_qr`].
+    ScanQr,
+    /// [`crate::Machine::confirm`]: the emoji match, or the other device shows success.
+    Confirm,
+    /// [`crate::Machine::mismatch`]: they do not.
+    Mismatch,
+    /// [`crate::Machine::cancel`]: cancel or decline.
+    Cancel,
+}
+
+/// A read-only view of one flow for user interfaces: where it is ([`FlowPhase`]) and what the
+/// user may do now ([`Action`]).
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlowInfo {
+    /// The flow.
+    pub key: FlowKey,
+    /// The other user.
+    pub other_user: String,
+    /// The other device, once known.
+    pub other_device: Option<String>,
+    /// Whether we sent the request (or started a start-first SAS).
+    pub we_requested: bool,
+    /// Where the flow is, with the data of that moment.
+    pub phase: FlowPhase,
+    /// The actions the user may take now.
+    pub actions: Vec<Action>,
+    /// A short description of the state, for people.
+    pub state: &'static str,
+    /// When the flow (or its prompt) ends by itself; `None` once it ended.
+    pub deadline: Option<Millis>,
+    /// Set once the flow was cancelled.
+    pub cancel: Option<CancelInfo>,
+    /// Set once the flow is verified.
+    pub verified: bool,
+}
+
+impl FlowInfo {
+    /// Whether the user may take this action now.
+    #[must_use]
+    pub fn can(&self, action: Action) -> bool {
+        self.actions.contains(&action)
+    }
+}
+
 /// A user action that cannot be carried out (never a silent no-op).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ActionError {
     /// No such flow (or it was forgotten).
     #[error("no verification flow {0:?}")]

@@ -16,6 +16,7 @@ use crate::b64;
 /// A cancel code (CX-02). Unknown codes, including custom ones in Java package naming, are kept
 /// as [`CancelCode::Custom`] and round-trip unchanged (FW-09, EV-CN-02).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CancelCode {
     /// `m.user`: the user cancelled or rejected.
     User,
@@ -60,6 +61,7 @@ impl CancelCode {
     ];
 
     /// The code on the wire.
+    #[must_use]
     pub fn as_str(&self) -> &str {
         match self {
             Self::User => "m.user",
@@ -78,11 +80,13 @@ impl CancelCode {
     }
 
     /// Parses a wire code; never fails.
+    #[must_use]
     pub fn from_wire(s: &str) -> Self {
         Self::SPEC.into_iter().find(|c| c.as_str() == s).unwrap_or_else(|| Self::Custom(s.to_owned()))
     }
 
     /// The short, fixed reason we put on the wire with this code (EV-CN-01).
+    #[must_use]
     pub fn default_reason(&self) -> &'static str {
         match self {
             Self::User => "The user cancelled the verification.",
@@ -101,6 +105,7 @@ impl CancelCode {
     }
 
     /// What a person should hear about this code, whoever sent it.
+    #[must_use]
     pub fn explanation(&self) -> &'static str {
         match self {
             Self::User => "the verification was declined or cancelled by a person",
@@ -127,6 +132,7 @@ impl fmt::Display for CancelCode {
 
 /// The eight kinds of verification event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum MsgKind {
     /// `m.key.verification.request` (or the in-room `m.room.message` form).
     Request,
@@ -151,6 +157,7 @@ impl MsgKind {
         [Self::Request, Self::Ready, Self::Start, Self::Accept, Self::Key, Self::Mac, Self::Done, Self::Cancel];
 
     /// The `m.key.verification.*` event type.
+    #[must_use]
     pub fn event_type(self) -> &'static str {
         match self {
             Self::Request => "m.key.verification.request",
@@ -165,6 +172,7 @@ impl MsgKind {
     }
 
     /// The kind for an `m.key.verification.*` event type.
+    #[must_use]
     pub fn from_event_type(event_type: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.event_type() == event_type)
     }
@@ -172,6 +180,7 @@ impl MsgKind {
 
 /// A verification method name (ST-02). Unknown names are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Method {
     /// `m.sas.v1`.
     SasV1,
@@ -187,6 +196,7 @@ pub enum Method {
 
 impl Method {
     /// The name on the wire.
+    #[must_use]
     pub fn as_str(&self) -> &str {
         match self {
             Self::SasV1 => "m.sas.v1",
@@ -198,6 +208,7 @@ impl Method {
     }
 
     /// Parses a wire name; never fails.
+    #[must_use]
     pub fn from_wire(s: &str) -> Self {
         match s {
             "m.sas.v1" => Self::SasV1,
@@ -206,6 +217,31 @@ impl Method {
             "m.reciprocate.v1" => Self::ReciprocateV1,
             other => Self::Custom(other.to_owned()),
         }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares with a method's wire name.
+impl PartialEq<str> for Method {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Method {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -246,6 +282,7 @@ pub struct SasOffer {
 
 /// What a start asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StartMethod {
     /// `m.sas.v1` with its offer.
     Sas(SasOffer),
@@ -302,6 +339,7 @@ pub struct Cancel {
 
 /// A verification message, independent of transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Msg {
     /// request
     Request(Request),
@@ -323,6 +361,7 @@ pub enum Msg {
 
 impl Msg {
     /// The kind of this message.
+    #[must_use]
     pub fn kind(&self) -> MsgKind {
         match self {
             Self::Request(_) => MsgKind::Request,
@@ -339,6 +378,7 @@ impl Msg {
 
 /// Where a message's flow id lives (FW-03).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Envelope {
     /// To-device: `transaction_id` in the content.
     ToDevice(String),
@@ -348,6 +388,7 @@ pub enum Envelope {
 
 /// What was wrong with a field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Problem {
     /// The field is required but absent.
     Missing,

@@ -73,13 +73,11 @@ fn every_js_sdk_sample_parses_into_the_right_message() {
 fn as_event(w: &Wire, net: &Net, n: usize) -> Value {
     let sender = net.dev(w.from).user.clone();
     match &w.out.destination {
-        Destination::ToDevice { .. } => {
-            json!({"type": w.out.event_type, "sender": sender, "content": w.out.content})
-        }
         Destination::Room { room_id } => json!({
             "type": w.out.event_type, "sender": sender, "content": w.out.content,
             "room_id": room_id, "event_id": format!("$e{n}:example.org"), "origin_server_ts": T0,
         }),
+        _ => json!({"type": w.out.event_type, "sender": sender, "content": w.out.content}),
     }
 }
 
@@ -144,4 +142,27 @@ fn everything_the_machine_emits_validates() {
         }
     }
     assert!(seen.contains("room m.room.message"));
+}
+
+#[test]
+fn emoji_translations_match_the_spec_i18n_files() {
+    // The crate ships sas-emoji.json; its translations must be the spec's per-language files.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/spec-data/data-definitions/sas-emoji-v1-i18n");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let lang = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if lang == "base" {
+            continue;
+        }
+        let names: std::collections::BTreeMap<String, Option<String>> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for i in 0..64 {
+            let e = mxverify_proto::emoji::emoji(i);
+            let want = names.get(e.description).cloned().flatten().filter(|t| !t.is_empty());
+            assert_eq!(e.name_in(&lang).map(str::to_owned), want, "{lang} {}", e.description);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 32 * 64);
 }

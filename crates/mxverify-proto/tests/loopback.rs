@@ -357,3 +357,41 @@ fn legacy_flow_reports_done_sent_then_done() {
         assert_eq!(done_sent(&net, side).map(|(_, k)| k), net.done(side));
     }
 }
+
+#[test]
+fn the_projection_follows_the_flow_with_its_legal_actions() {
+    use mxverify_proto::wire::Method;
+    let mut net = Net::new(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let now = net.lb.now;
+    let fa = net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert_eq!((a.phase, a.actions), (FlowPhase::Requested, vec![Action::Cancel]));
+    let b = net.lb.b.flow(&fb).unwrap();
+    assert!(matches!(&b.phase, FlowPhase::Incoming { common_methods, .. } if *common_methods == [Method::SasV1]));
+    assert_eq!(b.actions, [Action::Accept, Action::Cancel]);
+    assert!(b.can(Action::Accept) && !b.can(Action::Confirm));
+    assert_eq!(b.deadline, Some(now + 2 * 60_000), "the prompt's deadline");
+    net.lb.b.accept(&fb, now).unwrap();
+    net.run();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert_eq!(a.phase, FlowPhase::Ready { methods: vec![Method::SasV1], qr_code: None });
+    assert_eq!(a.actions, [Action::StartSas, Action::Cancel]);
+    assert_eq!(a.deadline, Some(now + 10 * 60_000), "the flow's deadline");
+    net.lb.a.start_sas(&fa, now).unwrap();
+    net.run();
+    for (m, f) in [(&net.lb.a, &fa), (&net.lb.b, &fb)] {
+        let info = m.flow(f).unwrap();
+        assert!(matches!(&info.phase, FlowPhase::SasCompare { emoji: Some(e), decimals: Some(_) } if e.len() == 7));
+        assert_eq!(info.actions, [Action::Confirm, Action::Mismatch, Action::Cancel]);
+    }
+    net.lb.a.confirm(&fa, now).unwrap();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert_eq!((a.phase, a.actions), (FlowPhase::SasConfirmed, vec![Action::Cancel]));
+    net.lb.b.confirm(&fb, now).unwrap();
+    net.run();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert!(matches!(&a.phase, FlowPhase::Done { keys } if Some(keys.clone()) == net.done(Side::A)));
+    assert!(a.actions.is_empty() && a.verified && a.deadline.is_none());
+}

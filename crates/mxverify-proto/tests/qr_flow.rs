@@ -45,7 +45,7 @@ fn scan_and_confirm(net: &mut Net, scanner: Side, payload: &[u8]) {
     }
 }
 
-fn done_keys(net: &Net, side: Side) -> Vec<(String, KeyKind)> {
+fn done_keys(net: &Net, side: Side) -> Vec<(Ed25519PublicKey, KeyKind)> {
     net.done(side).map(|k| k.into_iter().map(|k| (k.key, k.kind)).collect()).unwrap_or_default()
 }
 
@@ -174,7 +174,7 @@ fn altered(payload: &[u8], f: impl FnOnce(&mut Parts)) -> Vec<u8> {
 }
 
 fn other_point() -> [u8; 32] {
-    b64::decode32(&fake_key("someone else")).unwrap()
+    *fake_key("someone else").as_bytes()
 }
 
 /// Scanner B scans A's (altered) code; returns the cancel B reports.
@@ -495,4 +495,25 @@ fn done_sent_by_displayer_at_confirmation_and_by_scanner_at_the_end() {
     for side in [Side::A, Side::B] {
         assert_eq!(done_sent(&net, side), net.done(side));
     }
+}
+
+#[test]
+fn the_projection_of_a_qr_flow() {
+    let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let (fa, fb) = net.request_and_accept(false);
+    let (payload, _) = shown(&net, Side::A).unwrap();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert!(matches!(&a.phase, FlowPhase::Ready { qr_code: Some(code), .. } if *code == payload));
+    assert_eq!(a.actions, [Action::StartSas, Action::ScanQr, Action::Cancel]);
+    net.lb.b.scan_qr(&fb, &payload, net.lb.now).unwrap();
+    assert_eq!(net.lb.b.flow(&fb).unwrap().phase, FlowPhase::QrReciprocated);
+    net.run();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert_eq!((a.phase, a.actions), (FlowPhase::QrScanned, vec![Action::Confirm, Action::Mismatch, Action::Cancel]));
+    net.lb.a.confirm(&fa, net.lb.now).unwrap();
+    let a = net.lb.a.flow(&fa).unwrap();
+    assert!(matches!(&a.phase, FlowPhase::DoneSent { keys } if keys.len() == 1));
+    assert!(a.actions.is_empty(), "no cancel after our done");
+    net.run();
+    assert!(net.lb.a.flow(&fa).unwrap().verified && net.lb.b.flow(&fb).unwrap().verified);
 }

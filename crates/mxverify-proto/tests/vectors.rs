@@ -287,7 +287,7 @@ fn machine_replays_recorded_js_sdk_exchange() {
     let own = OwnIdentity {
         user_id: s("/raw_device/user_id"),
         device_id: s("/raw_device/device_id"),
-        ed25519: s("/raw_device/ed25519"),
+        ed25519: s("/raw_device/ed25519").parse().unwrap(),
         master_key: None,
         trusts_master_key: false,
     };
@@ -297,7 +297,7 @@ fn machine_replays_recorded_js_sdk_exchange() {
     let txn = s("/transaction_id");
     let now = 1_795_676_123_512;
     let mut keys = UserKeys::default();
-    keys.devices.insert(js_device.clone(), s("/js_device/ed25519"));
+    keys.devices.insert(js_device.clone(), s("/js_device/ed25519").parse().unwrap());
     m.update_user_keys(&js_user, keys, now);
     let ev = |ty: &str, content: Value| IncomingEvent {
         sender: js_user.clone(),

@@ -14,8 +14,10 @@ pub(crate) mod sas;
 use serde_json::Value;
 
 use crate::cancel::{CancelCode, CancelInfo, LocalCause};
+use crate::keys::Ed25519PublicKey;
 use crate::types::{
-    ActionError, Config, DropReason, Entropy, Event, FlowKey, Millis, OwnIdentity, UserKeys, VerifiedKey,
+    Action, ActionError, Config, DropReason, Entropy, Event, FlowKey, FlowPhase, Millis, OwnIdentity, UserKeys,
+    VerifiedKey,
 };
 use crate::wire::{self, Envelope, Method, Msg, MsgKind};
 
@@ -76,7 +78,6 @@ pub(crate) enum State {
 #[derive(Debug)]
 pub(crate) struct Finished {
     pub(crate) device: String,
-    #[expect(dead_code, reason = "kept for the public projection of the flow")]
     pub(crate) keys: Vec<VerifiedKey>,
 }
 
@@ -135,6 +136,36 @@ impl State {
                 Some(d) => Peer::Device(d.to_owned()),
                 None => Peer::Devices(Vec::new()),
             },
+        }
+    }
+
+    /// The public projection of this state, and the actions legal in it.
+    pub(crate) fn project(&self, config: &Config) -> (FlowPhase, Vec<Action>) {
+        use Action::{Accept, Cancel, ScanQr, StartSas};
+        match self {
+            State::Requested(_) => (FlowPhase::Requested, vec![Cancel]),
+            State::Incoming(i) => {
+                let common = common_methods(&config.methods, &i.methods);
+                let actions = if common.is_empty() { vec![Cancel] } else { vec![Accept, Cancel] };
+                (FlowPhase::Incoming { methods: i.methods.clone(), common_methods: common }, actions)
+            }
+            State::Ready(r) => {
+                let methods = common_methods(&config.methods, &r.methods);
+                let mut actions = Vec::new();
+                if methods.contains(&Method::SasV1) {
+                    actions.push(StartSas);
+                }
+                if methods.contains(&Method::QrScanV1) {
+                    actions.push(ScanQr);
+                }
+                actions.push(Cancel);
+                let qr_code = r.shown.as_ref().map(|s| s.payload().encode());
+                (FlowPhase::Ready { methods, qr_code }, actions)
+            }
+            State::Sas(s) => s.project(),
+            State::Qr(q) => q.project(),
+            State::Done(d) => (FlowPhase::Done { keys: d.keys.clone() }, Vec::new()),
+            State::Cancelled(e) => (FlowPhase::Cancelled(e.info.clone()), Vec::new()),
         }
     }
 
@@ -455,8 +486,8 @@ pub(crate) fn common_methods(ours: &[Method], theirs: &[Method]) -> Vec<Method> 
 /// The other side's keys, fixed by value when a method starts (TR-01).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Pinned {
-    pub(crate) device_key: String,
-    pub(crate) master_key: Option<String>,
+    pub(crate) device_key: Ed25519PublicKey,
+    pub(crate) master_key: Option<Ed25519PublicKey>,
 }
 
 impl Pinned {
@@ -485,8 +516,8 @@ impl Pinned {
 /// TR-02: device key IDs and cross-signing key IDs share one namespace; a user with a device whose
 /// ID equals one of their cross-signing keys must be refused.
 pub(crate) fn check_no_clash(keys: &UserKeys) -> Result<(), LocalCause> {
-    let cross: Vec<&String> = keys.master_key.iter().chain(&keys.other_cross_signing_keys).collect();
-    match keys.devices.keys().find(|d| cross.contains(d)) {
+    let cross: Vec<&Ed25519PublicKey> = keys.master_key.iter().chain(&keys.other_cross_signing_keys).collect();
+    match keys.devices.keys().find(|d| cross.iter().any(|k| **k == ***d)) {
         Some(clash) => Err(LocalCause::DeviceIdClashesWithCrossSigningKey(clash.clone())),
         None => Ok(()),
     }
@@ -507,7 +538,7 @@ pub(crate) fn ready_event(ctx: &Ctx<'_>, ready: &Ready) -> Event {
     Event::Ready {
         flow: ctx.key.clone(),
         other_device: ready.device.clone(),
-        methods: ctx.common_methods(&ready.methods).iter().map(|m| m.as_str().to_owned()).collect(),
+        methods: ctx.common_methods(&ready.methods),
     }
 }
 

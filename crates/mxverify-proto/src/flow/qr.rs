@@ -9,10 +9,10 @@ use super::sas::we_win_tie_break;
 use super::{
     Acted, Ctx, End, How, Next, Peer, Ready, Refused, State, Step, Transition, check_no_clash, done_sent_event,
 };
-use crate::b64;
 use crate::cancel::{CancelCode, LocalCause};
+use crate::keys::Ed25519PublicKey;
 use crate::qr::{QrMode, QrPayload, QrSecret};
-use crate::types::{ActionError, DropReason, Event, KeyKind, UserKeys, VerifiedKey};
+use crate::types::{Action, ActionError, DropReason, Event, FlowPhase, KeyKind, UserKeys, VerifiedKey};
 use crate::wire::{Method, Msg, MsgKind, Start, StartMethod};
 
 /// The code we show, and what we will trust once it was scanned and our user confirmed.
@@ -47,14 +47,6 @@ enum Phase {
     DoneSent { trust: VerifiedKey },
 }
 
-fn master(key: &str) -> VerifiedKey {
-    VerifiedKey { key_id: format!("ed25519:{key}"), key: key.to_owned(), kind: KeyKind::MasterKey }
-}
-
-fn device(id: &str, key: &str) -> VerifiedKey {
-    VerifiedKey { key_id: format!("ed25519:{id}"), key: key.to_owned(), kind: KeyKind::Device }
-}
-
 type Refusal = (CancelCode, LocalCause);
 
 fn key_mismatch(what: &str) -> Refusal {
@@ -66,11 +58,10 @@ impl ShownQr {
     /// the keys it needs. Emits [`Event::QrCode`].
     pub(crate) fn make(ctx: &mut Ctx<'_>, device: &str) -> Option<(ShownQr, Event)> {
         let (mode, key1, key2, trust) = keys_to_show(ctx, device)?;
-        let (k1, k2) = (b64::decode32(&key1)?, b64::decode32(&key2)?);
         let bytes: [u8; 16] = ctx.random();
         let secret = QrSecret::generate(|buf| buf.copy_from_slice(&bytes));
         // Keys that are not Ed25519 points cannot be put in a code (QF-10): show none.
-        let payload = QrPayload::new(mode, ctx.key.flow_id(), k1, k2, secret).ok()?;
+        let payload = QrPayload::new(mode, ctx.key.flow_id(), *key1.as_bytes(), *key2.as_bytes(), secret).ok()?;
         let event = Event::QrCode { flow: ctx.key.clone(), payload: payload.encode(), mode: mode.as_byte() };
         Some((ShownQr { payload, trust }, event))
     }
@@ -83,19 +74,16 @@ impl ShownQr {
 
 /// The mode and keys of our code (QF-04, QF-06, QF-07), and what the displayer trusts once the
 /// scan is confirmed: always the second key (QR-07).
-fn keys_to_show(ctx: &Ctx<'_>, dev: &str) -> Option<(QrMode, String, String, VerifiedKey)> {
+fn keys_to_show(ctx: &Ctx<'_>, dev: &str) -> Option<(QrMode, Ed25519PublicKey, Ed25519PublicKey, VerifiedKey)> {
     let own_msk = ctx.own.master_key.clone()?;
     if !ctx.self_verification() {
         let their_msk = ctx.their_keys?.master_key.clone()?;
-        let trusted = master(&their_msk);
-        Some((QrMode::OtherUser, own_msk, their_msk, trusted))
+        Some((QrMode::OtherUser, own_msk, their_msk.clone(), VerifiedKey::master_key(their_msk)))
     } else if ctx.own.trusts_master_key {
         let dev_key = ctx.their_keys?.devices.get(dev)?.clone();
-        let trusted = device(dev, &dev_key);
-        Some((QrMode::SelfTrusted, own_msk, dev_key, trusted))
+        Some((QrMode::SelfTrusted, own_msk, dev_key.clone(), VerifiedKey::device(dev, dev_key)))
     } else {
-        let trusted = master(&own_msk);
-        Some((QrMode::SelfUntrusted, ctx.own.ed25519.clone(), own_msk, trusted))
+        Some((QrMode::SelfUntrusted, ctx.own.ed25519.clone(), own_msk.clone(), VerifiedKey::master_key(own_msk)))
     }
 }
 
@@ -135,11 +123,7 @@ fn complete_scan(device: String, payload: QrPayload, shown: Option<Box<ShownQr>>
         method: StartMethod::Reciprocate { secret: payload.secret().to_base64() },
     };
     step.send(Msg::Start(start), Peer::Device(device.clone()));
-    step.events.push(Event::Started {
-        flow: ctx.key.clone(),
-        method: Method::ReciprocateV1.as_str().into(),
-        by_us: true,
-    });
+    step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::ReciprocateV1, by_us: true });
     (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Reciprocated { trust, shown } }))), step)
 }
 
@@ -166,30 +150,30 @@ fn check_keys(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey, Re
         check_no_clash(keys).map_err(|cause| (CancelCode::KeyMismatch, cause))?;
     }
     let own_msk =
-        ctx.own.master_key.as_deref().ok_or_else(|| key_mismatch("we have no master key to check the code against"))?;
-    let (key1, key2) = (b64::encode(p.key1()), b64::encode(p.key2()));
+        ctx.own.master_key.as_ref().ok_or_else(|| key_mismatch("we have no master key to check the code against"))?;
+    let (key1, key2) = (Ed25519PublicKey::from_bytes(*p.key1()), Ed25519PublicKey::from_bytes(*p.key2()));
     let theirs = ctx.their_keys;
     match p.mode() {
         QrMode::OtherUser => {
             let their_msk = theirs
-                .and_then(|k| k.master_key.as_deref())
+                .and_then(|k| k.master_key.as_ref())
                 .ok_or_else(|| key_mismatch("we do not know the other user's master key"))?;
-            if key1 != their_msk {
+            if key1 != *their_msk {
                 return Err(key_mismatch("the first key is not the other user's master key"));
             }
-            if key2 != own_msk {
+            if key2 != *own_msk {
                 return Err(key_mismatch("the second key is not our master key"));
             }
-            Ok(master(their_msk))
+            Ok(VerifiedKey::master_key(their_msk.clone()))
         }
         QrMode::SelfTrusted => {
-            if key1 != own_msk {
+            if key1 != *own_msk {
                 return Err(key_mismatch("the first key is not our master key"));
             }
             if key2 != ctx.own.ed25519 {
                 return Err(key_mismatch("the second key is not this device's key"));
             }
-            Ok(master(own_msk))
+            Ok(VerifiedKey::master_key(own_msk.clone()))
         }
         QrMode::SelfUntrusted => {
             // The displayer asks us to vouch for the master key: only worth anything if we trust it.
@@ -204,10 +188,10 @@ fn check_keys(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey, Re
             if key1 != *dev_key {
                 return Err(key_mismatch("the first key is not the other device's key"));
             }
-            if key2 != own_msk {
+            if key2 != *own_msk {
                 return Err(key_mismatch("the second key is not our master key"));
             }
-            Ok(device(dev, dev_key))
+            Ok(VerifiedKey::device(dev, dev_key.clone()))
         }
     }
 }
@@ -232,11 +216,7 @@ fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: 
         return (Next::fail(peer, CancelCode::KeyMismatch, cause), Step::default());
     }
     let mut step = Step::default();
-    step.events.push(Event::Started {
-        flow: ctx.key.clone(),
-        method: Method::ReciprocateV1.as_str().into(),
-        by_us: false,
-    });
+    step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::ReciprocateV1, by_us: false });
     step.events.push(Event::QrScanned { flow: ctx.key.clone() });
     (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Scanned { shown } }))), step)
 }
@@ -245,8 +225,8 @@ fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: 
 fn trust_holds(ctx: &Ctx<'_>, dev: &str, trust: &VerifiedKey) -> Result<(), LocalCause> {
     let theirs: Option<&UserKeys> = ctx.their_keys;
     let same = match trust.kind {
-        KeyKind::MasterKey if ctx.self_verification() => ctx.own.master_key.as_deref() == Some(&trust.key),
-        KeyKind::MasterKey => theirs.and_then(|t| t.master_key.as_deref()) == Some(&trust.key),
+        KeyKind::MasterKey if ctx.self_verification() => ctx.own.master_key.as_ref() == Some(&trust.key),
+        KeyKind::MasterKey => theirs.and_then(|t| t.master_key.as_ref()) == Some(&trust.key),
         KeyKind::Device => theirs.and_then(|t| t.devices.get(dev)) == Some(&trust.key),
     };
     if !same {
@@ -261,6 +241,16 @@ impl Qr {
             Phase::ScanPending { .. } => "waiting for the other device's keys to check the scanned code",
             Phase::Scanned { .. } => "waiting for you to confirm that the other device scanned the code",
             Phase::Reciprocated { .. } | Phase::DoneSent { .. } => "waiting for the other device to finish",
+        }
+    }
+
+    /// The public projection of this state, and the actions legal in it.
+    pub(crate) fn project(&self) -> (FlowPhase, Vec<Action>) {
+        match &self.phase {
+            Phase::ScanPending { .. } => (FlowPhase::QrScanPending, vec![Action::Cancel]),
+            Phase::Reciprocated { .. } => (FlowPhase::QrReciprocated, vec![Action::Cancel]),
+            Phase::Scanned { .. } => (FlowPhase::QrScanned, vec![Action::Confirm, Action::Mismatch, Action::Cancel]),
+            Phase::DoneSent { trust } => (FlowPhase::DoneSent { keys: vec![trust.clone()] }, Vec::new()),
         }
     }
 

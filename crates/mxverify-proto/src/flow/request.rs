@@ -127,13 +127,13 @@ impl Ready {
         };
         let content = sas::start_content_for_commitment(raw, ctx.key);
         let mut step = Step::default();
-        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1.as_str().into(), by_us: false });
+        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1, by_us: false });
         if !ctx.origin.began_with_request() {
             step.events.push(Event::IncomingRequest {
                 flow: ctx.key.clone(),
                 from_device: start.from_device.clone(),
-                methods: vec![Method::SasV1.as_str().into()],
-                common_methods: vec![Method::SasV1.as_str().into()],
+                methods: vec![Method::SasV1],
+                common_methods: vec![Method::SasV1],
                 legacy: true,
                 deadline: ctx.deadline,
             });
@@ -166,7 +166,7 @@ impl Ready {
         };
         let (sas, msg) = sas::Sas::start(self.device, pinned, ctx);
         let mut step = Step::default();
-        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1.as_str().into(), by_us: true });
+        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1, by_us: true });
         step.send(msg, Peer::Device(sas.device().to_owned()));
         Ok((Next::Go(State::Sas(Box::new(sas))), step))
     }

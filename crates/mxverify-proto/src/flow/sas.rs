@@ -12,7 +12,7 @@ use super::{Acted, Ctx, End, How, Next, Peer, Pinned, Refused, State, Step, Tran
 use crate::cancel::{CancelCode, LocalCause};
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
-use crate::types::{ActionError, DropReason, Event, FlowKey, KeyKind, SasParams, VerifiedKey};
+use crate::types::{Action, ActionError, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
 use crate::wire::{self, Accept, MacMsg, Method, Msg, MsgKind, SasOffer, Start, StartMethod};
 
 /// The SAS methods we know, in our order.
@@ -72,6 +72,8 @@ struct Exchanged {
     their_key: String,
     /// S: the accept we got, to recognise a duplicate.
     their_accept: Option<Accept>,
+    /// What the user compares: emoji indices and numbers, as negotiated.
+    shown: (Option<[u8; 7]>, Option<[u16; 3]>),
 }
 
 /// After the keys: what our user and the other side have done.
@@ -206,6 +208,22 @@ impl Sas {
         matches!(&self.phase, Phase::Exchanged(_, Stage::Compare(_)))
     }
 
+    /// The public projection of this state, and the actions legal in it.
+    pub(crate) fn project(&self) -> (FlowPhase, Vec<Action>) {
+        match &self.phase {
+            Phase::AwaitUserAccept => (FlowPhase::SasIncoming, vec![Action::Accept, Action::Cancel]),
+            Phase::AwaitAccept(_) | Phase::AwaitStarterKey { .. } | Phase::AwaitAccepterKey { .. } => {
+                (FlowPhase::SasStarted, vec![Action::Cancel])
+            }
+            Phase::Exchanged(x, Stage::Compare(_)) => (
+                FlowPhase::SasCompare { emoji: emoji_of(x.shown.0), decimals: x.shown.1 },
+                vec![Action::Confirm, Action::Mismatch, Action::Cancel],
+            ),
+            Phase::Exchanged(_, Stage::AwaitTheirMac) => (FlowPhase::SasConfirmed, vec![Action::Cancel]),
+            Phase::Exchanged(_, Stage::AwaitTheirDone(m)) => (FlowPhase::DoneSent { keys: m.keys.clone() }, Vec::new()),
+        }
+    }
+
     /// We start SAS (SQ-01): a fresh ephemeral key and our offer.
     pub(crate) fn start(device: String, pinned: Pinned, ctx: &mut Ctx<'_>) -> (Sas, Msg) {
         let eph = EphemeralKey::from_random(ctx.random());
@@ -265,7 +283,7 @@ impl Sas {
         }
         // We lost: our start is void (its key is dropped and zeroized); we accept theirs.
         let mut step = Step::default();
-        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1.as_str().into(), by_us: false });
+        step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1, by_us: false });
         let content = start_content_for_commitment(raw, ctx.key);
         let (next, more) = Sas::from_their_start(c.device, offer, content, c.pinned, ctx);
         step.append(more);
@@ -484,26 +502,24 @@ impl Common {
         );
         let bytes = secret.sas_bytes(&info);
         // RS#6944: show only what was negotiated.
-        let event = Event::Sas {
-            flow: ctx.key.clone(),
-            emoji: choice.emoji.then(|| crypto::emoji_indices(&bytes).iter().map(|&i| emoji::emoji(i)).collect()),
-            decimals: choice.decimal.then(|| crypto::decimals(&bytes)),
-        };
+        let shown =
+            (choice.emoji.then(|| crypto::emoji_indices(&bytes)), choice.decimal.then(|| crypto::decimals(&bytes)));
+        let event = Event::Sas { flow: ctx.key.clone(), emoji: emoji_of(shown.0), decimals: shown.1 };
         let mut step = Step::default();
         if let Some(reply) = reply {
             step.send(reply, self.peer());
         }
         step.events.push(event);
-        let x = Exchanged { secret, choice, their_key: theirs, their_accept };
+        let x = Exchanged { secret, choice, their_key: theirs, their_accept, shown };
         self.stay(Phase::Exchanged(Box::new(x), Stage::Compare(Theirs::Nothing)), step)
     }
 
     /// Our `mac` (MC-01..MC-07): our device key, and our master key if this device trusts it.
     fn our_mac(&self, secret: &SharedSecret, method: MacMethod, ctx: &Ctx<'_>) -> MacMsg {
         let own = ctx.own;
-        let mut keys = vec![(format!("ed25519:{}", own.device_id), own.ed25519.clone())];
+        let mut keys = vec![(format!("ed25519:{}", own.device_id), own.ed25519.to_base64())];
         if let (Some(msk), true) = (&own.master_key, own.trusts_master_key) {
-            keys.push((format!("ed25519:{msk}"), msk.clone()));
+            keys.push((format!("ed25519:{msk}"), msk.to_base64()));
         }
         keys.sort();
         let sender = (own.user_id.as_str(), own.device_id.as_str());
@@ -549,7 +565,7 @@ impl Common {
             } else {
                 continue;
             };
-            if !secret.verify_mac(method, key, &crypto::mac_info(sender, receiver, flow_id, id), value) {
+            if !secret.verify_mac(method, &key.to_base64(), &crypto::mac_info(sender, receiver, flow_id, id), value) {
                 return Err(LocalCause::KeyMacMismatch(id.clone()));
             }
             verified.push(VerifiedKey { key_id: id.clone(), key: key.clone(), kind });
@@ -559,6 +575,10 @@ impl Common {
         }
         Ok(verified)
     }
+}
+
+fn emoji_of(indices: Option<[u8; 7]>) -> Option<Vec<emoji::Emoji>> {
+    indices.map(|i| i.iter().map(|&i| emoji::emoji(i)).collect())
 }
 
 /// ST-03, ST-05: of two colliding starts, the one from the smaller user ID wins; for one user, the

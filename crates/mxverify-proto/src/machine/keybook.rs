@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::keys::Ed25519PublicKey;
 use crate::types::{IncomingEvent, UserKeys};
 
 /// How many events may wait for keys at once, from everyone together (a bound against floods).
@@ -23,7 +24,7 @@ pub(crate) struct Held {
 #[derive(Debug)]
 pub(crate) struct Updated {
     /// The user's previous master key, if the update replaced it with another one or removed it.
-    pub(crate) replaced_master: Option<String>,
+    pub(crate) replaced_master: Option<Ed25519PublicKey>,
     /// The events that waited for these keys, oldest first.
     pub(crate) released: Vec<Held>,
 }
@@ -150,12 +151,13 @@ mod tests {
     #[test]
     fn a_replaced_master_key_is_reported() {
         let mut book = KeyBook::default();
-        let with = |msk: Option<&str>| UserKeys { master_key: msk.map(str::to_owned), ..UserKeys::default() };
-        assert_eq!(book.update("@a:x", with(Some("K1"))).replaced_master, None, "first keys replace nothing");
-        assert_eq!(book.update("@a:x", with(Some("K1"))).replaced_master, None, "the same key again");
-        assert_eq!(book.update("@a:x", with(Some("K2"))).replaced_master.as_deref(), Some("K1"));
-        assert_eq!(book.update("@a:x", with(None)).replaced_master.as_deref(), Some("K2"));
-        assert_eq!(book.update("@a:x", with(Some("K3"))).replaced_master, None, "none known before");
+        let k = |n: u8| Some(Ed25519PublicKey::from_bytes([n; 32]));
+        let with = |msk| UserKeys { master_key: msk, ..UserKeys::default() };
+        assert_eq!(book.update("@a:x", with(k(1))).replaced_master, None, "first keys replace nothing");
+        assert_eq!(book.update("@a:x", with(k(1))).replaced_master, None, "the same key again");
+        assert_eq!(book.update("@a:x", with(k(2))).replaced_master, k(1));
+        assert_eq!(book.update("@a:x", with(None)).replaced_master, k(2));
+        assert_eq!(book.update("@a:x", with(k(3))).replaced_master, None, "none known before");
     }
 
     #[test]

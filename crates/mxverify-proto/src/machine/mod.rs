@@ -109,30 +109,10 @@ impl std::fmt::Debug for Machine {
     }
 }
 
-/// A read-only view of one flow for user interfaces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowInfo {
-    /// The flow.
-    pub key: FlowKey,
-    /// The other user.
-    pub other_user: String,
-    /// The other device, once known.
-    pub other_device: Option<String>,
-    /// Whether we sent the request.
-    pub we_requested: bool,
-    /// A short description of the state.
-    pub state: &'static str,
-    /// When the flow (or its prompt) ends by itself.
-    pub deadline: Millis,
-    /// Set once the flow was cancelled.
-    pub cancel: Option<CancelInfo>,
-    /// Set once the flow is verified.
-    pub verified: bool,
-}
-
 impl Machine {
     /// A machine for this device. `entropy` supplies every random byte (transaction ids,
     /// ephemeral keys, QR secrets).
+    #[must_use]
     pub fn new(own: OwnIdentity, config: Config, entropy: Box<dyn Entropy + Send>) -> Self {
         Self {
             own,
@@ -150,6 +130,7 @@ impl Machine {
     }
 
     /// Our identity.
+    #[must_use]
     pub fn own_identity(&self) -> &OwnIdentity {
         &self.own
     }
@@ -196,28 +177,30 @@ impl Machine {
     }
 
     /// The next message to send, if any.
+    #[must_use = "a polled message is gone from the machine: send it"]
     pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
         self.outgoing.pop_front()
     }
 
     /// The next event for the user interface, if any.
+    #[must_use = "a polled event is gone from the machine: handle it"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
-    /// A view of one flow.
+    /// A view of one flow: where it is and which actions are legal in it.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowInfo> {
         let id = self.flows.id(key)?;
         let f = self.flows.by_id(id)?;
-        let deadline = [Timer::Prompt(id), Timer::Expire(id), Timer::Forget(id)]
-            .into_iter()
-            .find_map(|t| self.timers.get(t))
-            .unwrap_or_default();
+        let deadline = [Timer::Prompt(id), Timer::Expire(id)].into_iter().find_map(|t| self.timers.get(t));
+        let (phase, actions) = f.state.project(&self.config);
         Some(FlowInfo {
             key: f.key.clone(),
             other_user: f.other_user.clone(),
             other_device: f.state.device().map(str::to_owned),
             we_requested: f.origin.we_requested(),
+            phase,
+            actions,
             state: f.state.name(),
             deadline,
             cancel: match &f.state {
@@ -234,6 +217,7 @@ impl Machine {
     }
 
     /// When [`Machine::handle_timeout`] must be called next (principle 8: exact deadlines).
+    #[must_use]
     pub fn next_deadline(&self) -> Option<Millis> {
         self.timers.next()
     }
@@ -424,6 +408,7 @@ impl Machine {
     }
 
     /// The code we are showing in a flow, if any.
+    #[must_use]
     pub fn qr_code(&self, key: &FlowKey) -> Option<Vec<u8>> {
         match &self.flows.get(key)?.state {
             State::Ready(Ready { shown: Some(shown), .. }) => Some(shown.payload().encode()),
@@ -593,11 +578,8 @@ impl Machine {
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let flow_deadline = now + t.flow;
         let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
-        let common: Vec<String> = crate::flow::common_methods(&self.config.methods, &req.methods)
-            .iter()
-            .map(|m| m.as_str().to_owned())
-            .collect();
-        let methods: Vec<String> = req.methods.iter().map(|m| m.as_str().to_owned()).collect();
+        let common = crate::flow::common_methods(&self.config.methods, &req.methods);
+        let methods = req.methods.clone();
         let flow = Flow {
             key: key.clone(),
             other_user: event.sender.clone(),

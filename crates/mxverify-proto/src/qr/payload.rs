@@ -58,6 +58,7 @@ const B64: base64::engine::GeneralPurpose = STANDARD_NO_PAD_INDIFFERENT;
 /// proposal (MSC4108), not to key verification; they are rejected with
 /// [`QrDecodeError::LoginMode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum QrMode {
     /// `0x00`: verifying another user with cross-signing.
     OtherUser,
@@ -72,6 +73,7 @@ impl QrMode {
     /// The mode byte written at offset 7 of the payload.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub const fn as_byte(self) -> u8 {
         match self {
             QrMode::OtherUser => 0x00,
@@ -83,6 +85,7 @@ impl QrMode {
     /// The mode for a payload byte, or `None` if the byte is not a verification mode.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub const fn from_byte(byte: u8) -> Option<QrMode> {
         match byte {
             0x00 => Some(QrMode::OtherUser),
@@ -108,6 +111,7 @@ pub struct QrSecret(Vec<u8>);
 
 impl QrSecret {
     /// Wraps secret bytes as they are (no length check; see [`QR_MIN_SECRET_LEN`]).
+    #[must_use]
     pub fn from_bytes(bytes: Vec<u8>) -> QrSecret {
         QrSecret(bytes)
     }
@@ -124,16 +128,19 @@ impl QrSecret {
     }
 
     /// The secret bytes.
+    #[must_use]
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
     /// Number of secret bytes.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Whether the secret has no bytes at all.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -143,6 +150,7 @@ impl QrSecret {
     ///
     /// Spec: [`m.key.verification.start` `m.reciprocate.v1`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationstartmreciprocatev1),
     /// [Unpadded Base64](https://spec.matrix.org/v1.19/appendices/#unpadded-base64).
+    #[must_use]
     pub fn to_base64(&self) -> String {
         B64.encode(&self.0)
     }
@@ -188,6 +196,7 @@ pub struct QrSecretDecodeError;
 
 /// Which of the two keys of a payload a [`QrDecodeError::InvalidKey`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum QrKeyPosition {
     /// The first key (offset `10+L`).
     First,
@@ -212,6 +221,7 @@ impl std::fmt::Display for QrKeyPosition {
 /// then the two keys.
 /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum QrDecodeError {
     /// The payload does not start with ASCII `MATRIX`.
     #[error("not a Matrix QR code: the payload does not start with \"MATRIX\"")]
@@ -270,6 +280,7 @@ pub enum QrDecodeError {
 /// "Displayer" is the device showing the QR code, "scanner" the device reading it.
 /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QrKeys<'a> {
     /// Mode `0x00`.
     OtherUser {
@@ -378,6 +389,7 @@ impl QrPayload {
     }
 
     /// The mode (payload byte 7).
+    #[must_use]
     pub fn mode(&self) -> QrMode {
         self.mode
     }
@@ -386,6 +398,7 @@ impl QrPayload {
     /// `transaction_id` for to-device flows.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn flow_id(&self) -> &str {
         &self.flow_id
     }
@@ -395,6 +408,7 @@ impl QrPayload {
     /// `0x02`: the displaying device's own Ed25519 device key.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn key1(&self) -> &[u8; 32] {
         &self.key1
     }
@@ -404,11 +418,13 @@ impl QrPayload {
     /// device's Ed25519 key; `0x02`: the user's master signing key.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn key2(&self) -> &[u8; 32] {
         &self.key2
     }
 
     /// The shared secret.
+    #[must_use]
     pub fn secret(&self) -> &QrSecret {
         &self.secret
     }
@@ -416,6 +432,7 @@ impl QrPayload {
     /// Both keys, named by role for this payload's mode.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn keys(&self) -> QrKeys<'_> {
         match self.mode {
             QrMode::OtherUser => QrKeys::OtherUser { displayer_master_key: &self.key1, scanner_master_key: &self.key2 },
@@ -429,6 +446,7 @@ impl QrPayload {
     /// not trust it yet).
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn displayer_master_key(&self) -> &[u8; 32] {
         match self.mode {
             QrMode::OtherUser | QrMode::SelfTrusted => &self.key1,
@@ -439,6 +457,7 @@ impl QrPayload {
     /// The displaying device's own Ed25519 key; only mode `0x02` carries it (first key).
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn displayer_device_key(&self) -> Option<&[u8; 32]> {
         (self.mode == QrMode::SelfUntrusted).then_some(&self.key1)
     }
@@ -447,6 +466,7 @@ impl QrPayload {
     /// carries it (second key).
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn scanner_master_key(&self) -> Option<&[u8; 32]> {
         (self.mode == QrMode::OtherUser).then_some(&self.key2)
     }
@@ -455,6 +475,7 @@ impl QrPayload {
     /// `0x01` carries it (second key).
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn scanner_device_key(&self) -> Option<&[u8; 32]> {
         (self.mode == QrMode::SelfTrusted).then_some(&self.key2)
     }
@@ -462,6 +483,7 @@ impl QrPayload {
     /// The payload bytes, to be put in a QR code as a single byte-mode segment.
     ///
     /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+    #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let flow_id = self.flow_id.as_bytes();
         // Guaranteed by every constructor: the length came from, or was checked

@@ -18,16 +18,16 @@ pub const T0: u64 = 1_700_000_000_000;
 pub struct Dev {
     pub user: String,
     pub device: String,
-    pub ed25519: String,
-    pub msk: Option<String>,
+    pub ed25519: Ed25519PublicKey,
+    pub msk: Option<Ed25519PublicKey>,
     pub trusts_msk: bool,
 }
 
 /// Deterministic Ed25519 public keys (valid curve points, as QR codes need), from a label.
-pub fn fake_key(label: &str) -> String {
+pub fn fake_key(label: &str) -> Ed25519PublicKey {
     use sha2::Digest;
     let seed: [u8; 32] = sha2::Sha256::digest(label.as_bytes()).into();
-    vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().to_base64()
+    Ed25519PublicKey::from_bytes(vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().as_bytes().to_owned())
 }
 
 impl Dev {
@@ -110,10 +110,7 @@ impl Net {
     }
 
     pub fn dev(&self, side: Side) -> &Dev {
-        match side {
-            Side::A => &self.da,
-            Side::B => &self.db,
-        }
+        if side == Side::A { &self.da } else { &self.db }
     }
 
     pub fn set_tamper(&mut self, f: impl FnMut(&mut Wire) -> bool + 'static) {
