@@ -1,4 +1,12 @@
-//! Unpadded base64 ([spec appendix](https://spec.matrix.org/v1.19/appendices/#unpadded-base64)).
+//! Unpadded base64 ([spec appendix](https://spec.matrix.org/v1.19/appendices/#unpadded-base64)):
+//! what every key, MAC, commitment and QR secret of a verification is written in.
+//!
+//! ```
+//! use mxverify_proto::b64;
+//!
+//! assert_eq!(b64::encode(b"foob"), "Zm9vYg");
+//! assert_eq!(b64::decode("Zm9vYg==").unwrap(), b"foob"); // padding is accepted when reading
+//! ```
 
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -15,18 +23,24 @@ const DECODER: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
-/// Encodes bytes as unpadded standard base64 (B64-01).
+/// Encodes bytes as unpadded standard base64.
+///
+/// Spec: [unpadded base64](https://spec.matrix.org/v1.19/appendices/#unpadded-base64).
 pub fn encode(bytes: impl AsRef<[u8]>) -> String {
     ENCODER.encode(bytes)
 }
 
-/// Decodes standard base64, padded or not (B64-02).
+/// Decodes standard base64, padded or not, as the spec asks decoders to.
+///
+/// Spec: [unpadded base64](https://spec.matrix.org/v1.19/appendices/#unpadded-base64).
 #[must_use]
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     DECODER.decode(text).ok()
 }
 
 /// Decodes exactly 32 bytes of base64 (a Curve25519 or Ed25519 public key).
+///
+/// Spec: [unpadded base64](https://spec.matrix.org/v1.19/appendices/#unpadded-base64).
 #[must_use]
 pub fn decode32(text: &str) -> Option<[u8; 32]> {
     decode(text)?.try_into().ok()

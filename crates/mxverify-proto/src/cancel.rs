@@ -1,5 +1,22 @@
-//! Cancellation: the codes, the reasons sent on the wire, the local causes shown to people, and the
-//! error-loop rule ([spec: `m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel)).
+//! Cancellation ([spec: `m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel)):
+//! the codes, the reasons sent on the wire, and the local causes shown to people. Whether a cancel
+//! goes on the wire at all is decided inside the machine by one rule: never answer a cancel, send
+//! nothing after a flow ended (or after our `done`), answer an unknown to-device flow at most once
+//! and never for a `request` or `start`, never answer in-room events of flows that are not ours.
+//!
+//! ```
+//! use mxverify_proto::{CancelCode, CancelInfo, LocalCause};
+//!
+//! let info = CancelInfo {
+//!     by_us: true,
+//!     code: CancelCode::MismatchedSas,
+//!     reason: CancelCode::MismatchedSas.default_reason().to_owned(),
+//!     cause: Some(LocalCause::UserSaidMismatch),
+//!     sent: true,
+//! };
+//! assert!(info.explain().starts_with("This device cancelled the verification (m.mismatched_sas)"));
+//! assert_eq!(CancelCode::from_wire("org.example.busy"), CancelCode::Custom("org.example.busy".into()));
+//! ```
 
 use std::fmt;
 
@@ -7,6 +24,8 @@ pub use crate::wire::CancelCode;
 
 /// Which local check or event led to a cancellation. This is for people and logs; only the
 /// [`CancelCode`] and a short reason go on the wire.
+///
+/// Spec: [error and exception handling](https://spec.matrix.org/v1.19/client-server-api/#error-and-exception-handling).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LocalCause {
@@ -31,32 +50,33 @@ pub enum LocalCause {
     },
     /// A field was missing or malformed.
     Malformed(crate::wire::WireError),
-    /// Both sides sent `start` with different methods (ST-04).
+    /// Both sides sent `start` with different methods.
     StartCollision,
-    /// The accepter's key does not hash to its commitment (SQ-05).
+    /// The accepter's key does not hash to its commitment.
     CommitmentMismatch,
-    /// The ephemeral key was a low-order point (SQ-13).
+    /// The ephemeral key was a low-order point: the shared secret would not depend on ours.
     NonContributoryKey,
-    /// The `keys` MAC over the key list did not verify (MV-01).
+    /// The `keys` MAC over the key list did not verify.
     KeyListMacMismatch,
-    /// The MAC of this key ID did not verify (MV-02).
+    /// The MAC of this key ID did not verify.
     KeyMacMismatch(String),
-    /// No key in the MAC message could be verified (TR-04).
+    /// No key in the MAC message could be verified.
     NothingVerified,
-    /// The other device's or user's keys changed during the flow (TR-01).
+    /// The other device's or user's keys changed during the flow.
     KeysChanged,
     /// The other device's or user's keys changed after we sent `done`: nothing is verified, and
-    /// no cancel went on the wire after our `done` (TR-01).
+    /// no cancel went on the wire after our `done`.
     KeysChangedAfterDone,
-    /// The other user has a device whose ID equals a cross-signing key (TR-02).
+    /// The other user has a device whose ID equals a cross-signing key: the spec requires
+    /// refusing to verify them ([key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)).
     DeviceIdClashesWithCrossSigningKey(String),
     /// The other device's keys are not known, so it cannot be verified.
     DeviceKeysUnknown(String),
-    /// A second attempt by the same device while one was in progress (CX-03).
+    /// A second attempt by the same device while one was in progress.
     MultipleAttempts,
-    /// Another of the other user's devices answered our request first (RQ-09).
+    /// Another of the other user's devices answered our request first.
     OtherDeviceAnswered,
-    /// One of our own devices answered the request (RQ-10, RQ-11).
+    /// One of our own devices answered the request.
     AnsweredByOwnDevice,
     /// This device lost the flow's state (it restarted in the middle) and ended it.
     Abandoned,
@@ -104,7 +124,10 @@ impl fmt::Display for LocalCause {
     }
 }
 
-/// Everything known about how a flow was cancelled (CX-02, EV-CN-02).
+/// Everything known about how a flow was cancelled: by whom, the code and reason (sent or
+/// received), our local cause, and whether a cancel went on the wire.
+///
+/// Spec: [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelInfo {
     /// `true` if this device cancelled, `false` if the other side did.

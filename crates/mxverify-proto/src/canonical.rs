@@ -1,9 +1,17 @@
 //! Canonical JSON ([spec appendix](https://spec.matrix.org/v1.19/appendices/#canonical-json)),
-//! as needed for the SAS commitment (CM-02).
+//! as the SAS commitment needs it: the accepter commits to the canonical JSON of the start's
+//! content ([spec: `m.key.verification.accept`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationaccept)).
+//!
+//! ```
+//! let v = serde_json::json!({"b": 1, "a": [true, null]});
+//! assert_eq!(mxverify_proto::canonical::to_string(&v).unwrap(), r#"{"a":[true,null],"b":1}"#);
+//! ```
 
 use serde_json::Value;
 
 /// Why a value has no canonical JSON form.
+///
+/// Spec: [canonical JSON](https://spec.matrix.org/v1.19/appendices/#canonical-json).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CanonicalError {
@@ -19,6 +27,8 @@ const MAX_SAFE: i64 = (1 << 53) - 1;
 
 /// Writes `value` as canonical JSON: object keys sorted by code point, no insignificant
 /// whitespace, integers only, shortest escapes.
+///
+/// Spec: [canonical JSON](https://spec.matrix.org/v1.19/appendices/#canonical-json).
 pub fn to_string(value: &Value) -> Result<String, CanonicalError> {
     let mut out = String::with_capacity(256);
     write(value, &mut out)?;

@@ -4,6 +4,21 @@
 //! The primitives are the RustCrypto/dalek crates that vodozemac's `sas` module is built on;
 //! vodozemac's `Sas::new()` draws its key from the thread RNG and cannot be seeded, while this core
 //! takes all randomness from the caller. The tests cross-check every output against vodozemac.
+//!
+//! ```
+//! use mxverify_proto::crypto::{EphemeralKey, KeyAgreement, Party, decimals};
+//!
+//! // Both sides' ephemeral keys (the bytes come from the caller's entropy).
+//! let (alice, bob) = (EphemeralKey::from_random([1; 32]), EphemeralKey::from_random([2; 32]));
+//! let (a_pub, b_pub) = (alice.public_b64(), bob.public_b64());
+//! let start = Party { user_id: "@alice:example.org", device_id: "A", ephemeral_key: &a_pub };
+//! let accept = Party { user_id: "@bob:example.org", device_id: "B", ephemeral_key: &b_pub };
+//! let info = KeyAgreement::Curve25519HkdfSha256.sas_info(&start, &accept, "txn1");
+//! // Each side agrees with the other's public key and derives the same SAS.
+//! let a = alice.agree(&b_pub).unwrap().sas_bytes(&info);
+//! let b = bob.agree(&a_pub).unwrap().sas_bytes(&info);
+//! assert_eq!(decimals(&a), decimals(&b));
+//! ```
 
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
@@ -15,18 +30,22 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::{b64, canonical};
 
 /// A failure of the key agreement.
+///
+/// Spec: [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
     /// The other side's key is not 32 bytes of base64.
     #[error("the ephemeral public key is not 32 bytes of base64")]
     Malformed,
-    /// A low-order point: the shared secret would not depend on our key (SQ-13).
+    /// A low-order point: the shared secret would not depend on our key.
     #[error("the ephemeral public key is a low-order point (non-contributory)")]
     NonContributory,
 }
 
-/// Our ephemeral Curve25519 key pair for one SAS exchange (SQ-02, SQ-03, SQ-13).
+/// Our ephemeral Curve25519 key pair for one SAS exchange, fresh for each verification.
+///
+/// Spec: [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification).
 ///
 /// It is consumed by [`EphemeralKey::agree`], so the type system forbids reusing it; the secret
 /// is zeroized on drop and never printed.
@@ -56,7 +75,7 @@ impl EphemeralKey {
         b64::encode(self.public.as_bytes())
     }
 
-    /// X25519 with the other side's public key (SQ-06); rejects non-contributory keys.
+    /// X25519 with the other side's public key; rejects non-contributory (low-order) keys.
     pub fn agree(self, their_public_b64: &str) -> Result<SharedSecret, KeyError> {
         let theirs = b64::decode32(their_public_b64).ok_or(KeyError::Malformed)?;
         let shared = self.secret.diffie_hellman(&PublicKey::from(theirs));
@@ -68,6 +87,8 @@ impl EphemeralKey {
 }
 
 /// The established X25519 secret; zeroized on drop, never printed.
+///
+/// Spec: [SAS HKDF calculation](https://spec.matrix.org/v1.19/client-server-api/#sas-hkdf-calculation), [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
 pub struct SharedSecret(x25519_dalek::SharedSecret);
 
 impl std::fmt::Debug for SharedSecret {
@@ -82,7 +103,7 @@ impl SharedSecret {
         Hkdf::<Sha256>::new(None, self.0.as_bytes())
     }
 
-    /// The six SAS bytes for `info` (SK-02: decimals use the first five).
+    /// The six SAS bytes for `info` (decimals use the first five, emoji all six).
     #[must_use]
     pub fn sas_bytes(&self, info: &str) -> [u8; 6] {
         let mut out = [0u8; 6];
@@ -105,13 +126,13 @@ impl SharedSecret {
         mac.finalize().into_bytes().into()
     }
 
-    /// The MAC of `input` in the wire encoding of `method` (MC-06).
+    /// The MAC of `input` in the wire encoding of `method`.
     #[must_use]
     pub fn mac_encoded(&self, method: MacMethod, input: &str, info: &str) -> String {
         method.encode(&self.mac(input, info))
     }
 
-    /// Checks a received MAC string in constant time (MV-05).
+    /// Checks a received MAC string in constant time.
     #[must_use]
     pub fn verify_mac(&self, method: MacMethod, input: &str, info: &str, received: &str) -> bool {
         match method {
@@ -131,13 +152,15 @@ impl SharedSecret {
     }
 }
 
-/// Key agreement protocols of `m.sas.v1` (SA-01).
+/// Key agreement protocols of `m.sas.v1`.
+///
+/// Spec: [SAS HKDF calculation](https://spec.matrix.org/v1.19/client-server-api/#sas-hkdf-calculation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeyAgreement {
     /// `curve25519-hkdf-sha256`: the current protocol.
     Curve25519HkdfSha256,
-    /// `curve25519`: deprecated, different HKDF info string (HK-02).
+    /// `curve25519`: deprecated, with a different HKDF info string.
     Curve25519,
 }
 
@@ -160,7 +183,8 @@ impl KeyAgreement {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// The SAS HKDF info string (HK-01..HK-03): the start sender's values always come first.
+    /// The SAS HKDF info string: the start sender's values always come first, whichever side
+    /// computes it.
     #[must_use]
     pub fn sas_info(self, starter: &Party<'_>, accepter: &Party<'_>, flow_id: &str) -> String {
         match self {
@@ -183,6 +207,8 @@ impl KeyAgreement {
 }
 
 /// One side of a SAS exchange, as it enters the HKDF info string.
+///
+/// Spec: [SAS HKDF calculation](https://spec.matrix.org/v1.19/client-server-api/#sas-hkdf-calculation).
 #[derive(Debug, Clone, Copy)]
 pub struct Party<'a> {
     /// Matrix user ID.
@@ -193,7 +219,9 @@ pub struct Party<'a> {
     pub ephemeral_key: &'a str,
 }
 
-/// MAC methods (SA-03).
+/// MAC methods.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MacMethod {
@@ -201,12 +229,13 @@ pub enum MacMethod {
     HkdfHmacSha256V2,
     /// `org.matrix.msc3783.hkdf-hmac-sha256`: the unstable name of `.v2`, same semantics.
     Msc3783,
-    /// `hkdf-hmac-sha256`: deprecated; libolm's in-place base64 (B64-03).
+    /// `hkdf-hmac-sha256`: deprecated; its MACs are written with libolm's historical in-place
+    /// base64, reproduced exactly.
     HkdfHmacSha256Legacy,
 }
 
 impl MacMethod {
-    /// In order of preference (SA-05: legacy never chosen when `.v2` is common).
+    /// In order of preference (the legacy method is never chosen when `.v2` is common).
     pub const ALL: [MacMethod; 3] = [Self::HkdfHmacSha256V2, Self::Msc3783, Self::HkdfHmacSha256Legacy];
 
     /// The identifier on the wire.
@@ -225,7 +254,7 @@ impl MacMethod {
         Self::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
-    /// Encodes a raw MAC for the wire (MC-06).
+    /// Encodes a raw MAC for the wire.
     #[must_use]
     pub fn encode(self, mac: &[u8; 32]) -> String {
         match self {
@@ -241,8 +270,11 @@ pub use legacy::libolm_inplace_base64;
 use legacy::libolm_inplace_base64;
 
 mod legacy {
-    /// libolm's historical `_olm_encode_base64(mac, 32, mac)`, run in place (B64-03): later input bytes
-    /// are read after earlier output overwrote them.
+    /// libolm's historical `_olm_encode_base64(mac, 32, mac)`, run in place: later input bytes
+    /// are read after earlier output overwrote them. This is the encoding of the deprecated
+    /// `hkdf-hmac-sha256` MAC method.
+    ///
+    /// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
     pub fn libolm_inplace_base64(mac: &[u8; 32]) -> String {
         const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut buf = [0u8; 44];
@@ -262,7 +294,9 @@ mod legacy {
     }
 }
 
-/// The three SAS numbers (DC-01), each in 1000..=9191.
+/// The three SAS numbers, each in 1000..=9191.
+///
+/// Spec: [SAS method `decimal`](https://spec.matrix.org/v1.19/client-server-api/#sas-method-decimal).
 pub fn decimals(bytes: &[u8; 6]) -> [u16; 3] {
     let b: [u16; 5] = [bytes[0], bytes[1], bytes[2], bytes[3], bytes[4]].map(u16::from);
     [
@@ -272,21 +306,27 @@ pub fn decimals(bytes: &[u8; 6]) -> [u16; 3] {
     ]
 }
 
-/// The seven emoji indices (EM-01): the first 42 bits as 6-bit groups, most significant first.
+/// The seven emoji indices: the first 42 bits as 6-bit groups, most significant first.
+///
+/// Spec: [SAS method `emoji`](https://spec.matrix.org/v1.19/client-server-api/#sas-method-emoji).
 #[must_use]
 pub fn emoji_indices(bytes: &[u8; 6]) -> [u8; 7] {
     let n = bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
     std::array::from_fn(|i| ((n >> (42 - 6 * i)) & 63) as u8)
 }
 
-/// The MAC info string (MC-02): sender's IDs, receiver's IDs, flow id, then the key ID or `KEY_IDS`.
+/// The MAC info string: sender's IDs, receiver's IDs, flow id, then the key ID or `KEY_IDS`.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
 #[must_use]
 pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, item: &str) -> String {
     format!("MATRIX_KEY_VERIFICATION_MAC{}{}{}{}{}{}", sender.0, sender.1, receiver.0, receiver.1, flow_id, item)
 }
 
-/// The `commitment` of an `m.key.verification.accept` (CM-01, CM-02): SHA-256 over the accepter's
-/// base64 ephemeral key followed by the canonical JSON of the start's content.
+/// The `commitment` of an `m.key.verification.accept`: SHA-256 over the accepter's base64
+/// ephemeral key followed by the canonical JSON of the start's content.
+///
+/// Spec: [`m.key.verification.accept`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationaccept).
 pub fn commitment(accepter_key_b64: &str, start_content: &Value) -> Result<String, canonical::CanonicalError> {
     let json = canonical::to_string(start_content)?;
     let mut hash = Sha256::new();

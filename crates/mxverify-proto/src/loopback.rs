@@ -1,12 +1,43 @@
 //! Two machines wired together in memory: a stand-in homeserver that delivers to-device messages to
-//! the named device and room events (with event IDs, and echoes to the sender) to both members.
+//! the named device and room events (with event IDs, and echoes to the sender) to both members
+//! ([spec: key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)).
 //! Used by `mxverify demo`, the benchmarks and the tests; no I/O, and time is whatever the caller
-//! says it is. The crate-level documentation has an example.
+//! says it is. Only with the `loopback` feature.
+//!
+//! ```
+//! use mxverify_proto::loopback::{Loopback, Side};
+//! use mxverify_proto::*;
+//!
+//! let id = |user: &str, device: &str| OwnIdentity {
+//!     user_id: user.into(),
+//!     device_id: device.into(),
+//!     ed25519: Ed25519PublicKey::from_bytes([device.len() as u8; 32]),
+//!     master_key: None,
+//!     trusts_master_key: false,
+//! };
+//! let alice = Machine::new(id("@alice:example.org", "A"), Config::default(), Box::new(SeededEntropy::new(1)));
+//! let bob = Machine::new(id("@bob:example.org", "BB"), Config::default(), Box::new(SeededEntropy::new(2)));
+//! let mut net = Loopback::new(alice, bob, 1_700_000_000_000);
+//! net.exchange_device_keys();
+//! let flow_a = net.a.request_to_device("@bob:example.org", &["BB".into()], net.now).unwrap();
+//! net.run();
+//! let flow_b = net.flow_of(Side::B).unwrap();
+//! net.b.accept(&flow_b, net.now).unwrap();
+//! net.run();
+//! net.a.start_sas(&flow_a, net.now).unwrap();
+//! net.run();
+//! net.a.confirm(&flow_a, net.now).unwrap();
+//! net.b.confirm(&flow_b, net.now).unwrap();
+//! net.run();
+//! assert_eq!(net.events.iter().filter(|(_, e)| matches!(e, Event::Done { .. })).count(), 2);
+//! ```
 
 use crate::machine::Machine;
 use crate::types::*;
 
 /// Which of the two machines.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
@@ -28,6 +59,8 @@ impl Side {
 }
 
 /// A message on its way.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InFlight {
     /// Who sent it.
@@ -37,9 +70,13 @@ pub struct InFlight {
 }
 
 /// A filter on the wire: may change a message, or return `false` to drop it.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 pub type Filter = Box<dyn FnMut(&mut InFlight) -> bool>;
 
 /// Two machines and the messages between them.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 pub struct Loopback {
     /// The first machine.
     pub a: Machine,

@@ -1,4 +1,5 @@
-//! The vocabulary shared by the machine and its callers: flow keys, identities, inputs and outputs.
+//! The vocabulary shared by the machine and its callers: flow keys, identities, inputs and outputs
+//! ([spec: key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)).
 
 use std::collections::BTreeMap;
 
@@ -10,11 +11,23 @@ use crate::emoji::Emoji;
 use crate::keys::Ed25519PublicKey;
 use crate::wire::Method;
 
-/// Milliseconds since the Unix epoch, as given by the caller's clock.
+/// Milliseconds since the Unix epoch, as given by the caller's clock (the unit of the request's
+/// `timestamp` and of `origin_server_ts`).
+///
+/// Spec: [`m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationrequest).
 pub type Millis = u64;
 
-/// Identifies one verification flow (FW-03): a to-device `transaction_id` together with the other
-/// user, or the event ID of an in-room request together with its room.
+/// Identifies one verification flow: a to-device `transaction_id` together with the other user,
+/// or the event ID of an in-room request together with its room.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
+///
+/// ```
+/// use mxverify_proto::FlowKey;
+///
+/// let key = FlowKey::Room { room_id: "!dm:example.org".into(), event_id: "$request".into() };
+/// assert_eq!(key.flow_id(), "$request"); // what the SAS info strings and QR codes use
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(tag = "transport", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -36,7 +49,8 @@ pub enum FlowKey {
 }
 
 impl FlowKey {
-    /// The flow id as the SAS info strings and QR codes use it (FW-04).
+    /// The flow id as the SAS info strings and QR codes use it: the `transaction_id`, or in a room
+    /// the request's event ID.
     #[must_use]
     pub fn flow_id(&self) -> &str {
         match self {
@@ -47,6 +61,8 @@ impl FlowKey {
 }
 
 /// This device: who we are and which keys we vouch for in our MACs.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation), [cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnIdentity {
     /// Our user ID.
@@ -57,33 +73,39 @@ pub struct OwnIdentity {
     pub ed25519: Ed25519PublicKey,
     /// Our master cross-signing key, if we have one.
     pub master_key: Option<Ed25519PublicKey>,
-    /// Whether this device trusts that master key; only then is it included in our MAC (MC-07, MC-08).
+    /// Whether this device trusts that master key; only then is it included in our MAC.
     pub trusts_master_key: bool,
 }
 
-/// What the caller knows of a user's keys, checked by the caller (signatures) before it is given.
+/// What the caller knows of a user's keys, checked by the caller (signatures) before it is given:
+/// the result of [`/keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery) for one user.
+///
+/// Spec: [key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserKeys {
     /// Device ID → Ed25519 key.
     pub devices: BTreeMap<String, Ed25519PublicKey>,
     /// The master cross-signing key.
     pub master_key: Option<Ed25519PublicKey>,
-    /// The self-signing and user-signing keys, used only for the device-ID clash check (TR-02).
+    /// The self-signing and user-signing keys, used only to refuse a user with a device ID equal
+    /// to one of their cross-signing keys.
     pub other_cross_signing_keys: Vec<Ed25519PublicKey>,
 }
 
-/// Timeouts and windows (section 7 of the requirements); the defaults are the spec's.
+/// Timeouts and windows; the defaults are the spec's.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework), [error and exception handling](https://spec.matrix.org/v1.19/client-server-api/#error-and-exception-handling).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
-    /// An outgoing request with no answer, and a whole flow, end after this long (TO-01): 10 min.
+    /// An outgoing request with no answer, and a whole flow, end after this long: 10 min.
     pub flow: Millis,
-    /// An incoming request's prompt closes this long after it was received (RQ-04): 2 min.
+    /// An incoming request's prompt closes this long after it was received: 2 min.
     pub prompt_after_receipt: Millis,
-    /// …or this long after its timestamp (RQ-04): 10 min.
+    /// …or this long after its timestamp, whichever comes first: 10 min.
     pub prompt_after_timestamp: Millis,
-    /// Requests older than this are ignored (RQ-03): 10 min.
+    /// Requests older than this are ignored: 10 min.
     pub max_age: Millis,
-    /// Requests further in the future than this are ignored (RQ-03): 5 min.
+    /// Requests further in the future than this are ignored: 5 min.
     pub max_future: Millis,
 }
 
@@ -99,13 +121,15 @@ impl Default for Timeouts {
     }
 }
 
-/// Which SAS parameters this device offers and accepts (SA-01..SA-07), best first.
+/// Which SAS parameters this device offers and accepts, best first.
+///
+/// Spec: [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SasParams {
     /// Key agreement protocols.
     pub key_agreements: Vec<KeyAgreement>,
     /// MAC methods; keep the legacy `hkdf-hmac-sha256` after `.v2` so that it is never chosen
-    /// when both support `.v2` (SA-05).
+    /// when both support `.v2`.
     pub macs: Vec<MacMethod>,
     /// Whether emoji may be shown.
     pub emoji: bool,
@@ -128,6 +152,8 @@ impl Default for SasParams {
 }
 
 /// What this device can do, and its timing.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The methods we advertise in `request` and `ready`.
@@ -144,26 +170,34 @@ impl Default for Config {
     }
 }
 
-/// A source of secret random bytes, supplied by the caller: the core has no RNG of its own.
+/// A source of secret random bytes, supplied by the caller: the core has no RNG of its own. It
+/// makes transaction IDs, the SAS ephemeral keys and the QR secrets.
+///
+/// Spec: [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification), [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 pub trait Entropy {
     /// Fills `buf` with cryptographically secure random bytes.
     fn fill(&mut self, buf: &mut [u8]);
 }
 
 /// In-room context of an incoming event.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoomContext {
     /// The room.
     pub room_id: String,
     /// This event's ID.
     pub event_id: String,
-    /// The server timestamp (used for the request window, RQ-05).
+    /// The server timestamp (the in-room request's time, checked against the request window).
     pub origin_server_ts: Millis,
-    /// `m.relates_to` from the cleartext wrapper of an encrypted event (FW-07).
+    /// `m.relates_to` from the cleartext wrapper of an encrypted event, where the spec asks
+    /// senders to put it.
     pub relates_to_fallback: Option<Value>,
 }
 
 /// An event received from the homeserver (decrypted, if it was encrypted).
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncomingEvent {
     /// The event's `sender`.
@@ -177,6 +211,8 @@ pub struct IncomingEvent {
 }
 
 /// Where an outgoing message goes.
+///
+/// Spec: [send-to-device messaging](https://spec.matrix.org/v1.19/client-server-api/#send-to-device-messaging), [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "transport", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -196,6 +232,8 @@ pub enum Destination {
 }
 
 /// A message for the caller to send.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Outgoing {
     /// Identifies this message; for an in-room request, report its event ID with
@@ -212,6 +250,8 @@ pub struct Outgoing {
 }
 
 /// What a verified key is.
+///
+/// Spec: [cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -223,6 +263,8 @@ pub enum KeyKind {
 }
 
 /// A key the other side proved it holds, compared by value with our own copy.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation), [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifiedKey {
     /// The key ID, e.g. `ed25519:DEVICEID` or `ed25519:<master key>`.
@@ -248,6 +290,8 @@ impl VerifiedKey {
 }
 
 /// Why an incoming event was dropped without an answer (for logs and diagnostics).
+///
+/// Spec: [error and exception handling](https://spec.matrix.org/v1.19/client-server-api/#error-and-exception-handling).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -256,15 +300,15 @@ pub enum DropReason {
     NoFlowId,
     /// A malformed request (nothing to cancel yet).
     MalformedRequest(String),
-    /// A request outside the timestamp window (RQ-03).
+    /// A request more than 10 minutes old or 5 minutes in the future.
     OutsideTimeWindow,
     /// Our own echo or a request from this very device.
     Own,
-    /// An in-room event from someone who is not a party to the flow (EV-RQI-05, TR-03).
+    /// An in-room event from someone who is not a party to the flow.
     NotAParty,
     /// An in-room request for another user.
     NotForUs,
-    /// An event for a flow that ended (CX-07).
+    /// An event for a flow that ended.
     FlowEnded,
     /// An in-room event for a flow we do not know.
     UnknownRoomFlow,
@@ -272,9 +316,9 @@ pub enum DropReason {
     UnknownFlow,
     /// An exact duplicate of a message already handled.
     Duplicate,
-    /// A message from another of the other user's devices than the one in the flow (RQ-12).
+    /// A message from another of the other user's devices than the one in the flow.
     OtherDevice,
-    /// A start of the losing side of a tie-break (ST-03).
+    /// The start of the losing side of a tie-break between two starts.
     LostTieBreak,
     /// An event that waited for keys that never came.
     KeysNeverArrived,
@@ -284,11 +328,13 @@ pub enum DropReason {
 }
 
 /// Something the user interface (or a bot) should know about.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
-    /// Someone asks us to verify (RQ-01) — or, for a legacy start-first flow, started SAS directly.
+    /// Someone asks us to verify — or, for a legacy start-first flow, started SAS directly.
     IncomingRequest {
         /// The flow.
         flow: FlowKey,
@@ -296,11 +342,12 @@ pub enum Event {
         from_device: String,
         /// Their methods.
         methods: Vec<Method>,
-        /// The methods we could use with them (empty: tell the user, do not cancel — RQ-06).
+        /// The methods we could use with them (empty: tell the user and let them decline; another
+        /// of our devices may support them).
         common_methods: Vec<Method>,
-        /// `true` for a start without a request (ST-06).
+        /// `true` for a start without a request (the deprecated flow).
         legacy: bool,
-        /// When the prompt closes by itself (RQ-04).
+        /// When the prompt closes by itself.
         deadline: Millis,
     },
     /// Our request went out.
@@ -308,7 +355,7 @@ pub enum Event {
         /// The flow.
         flow: FlowKey,
     },
-    /// Both sides are ready; a method can be started (ST-01).
+    /// Both sides are ready; a method can be started.
     Ready {
         /// The flow.
         flow: FlowKey,
@@ -326,8 +373,8 @@ pub enum Event {
         /// Whether we started it (after the tie-break).
         by_us: bool,
     },
-    /// Keys exchanged: show these to the user and ask whether they match (SQ-07). Only the
-    /// negotiated representations are present.
+    /// Keys exchanged: show these to the user and ask whether they match. Only the negotiated
+    /// representations are present.
     Sas {
         /// The flow.
         flow: FlowKey,
@@ -336,7 +383,7 @@ pub enum Event {
         /// The three numbers, if `decimal` was agreed.
         decimals: Option<[u16; 3]>,
     },
-    /// We show this QR code (the raw `MATRIX` payload) for the other device to scan (QR-01).
+    /// We show this QR code (the raw `MATRIX` payload) for the other device to scan.
     QrCode {
         /// The flow.
         flow: FlowKey,
@@ -347,7 +394,7 @@ pub enum Event {
         mode: u8,
     },
     /// The other device scanned our code and proved it with the right secret: ask the user to
-    /// confirm that the other device shows success, then call [`crate::Machine::confirm`] (QR-05).
+    /// confirm that the other device shows success, then call [`crate::Machine::confirm`].
     QrScanned {
         /// The flow.
         flow: FlowKey,
@@ -367,7 +414,7 @@ pub enum Event {
         /// The keys that will be verified.
         keys: Vec<VerifiedKey>,
     },
-    /// Verified: every check passed and `done` was exchanged (TR-04). These exact keys are trusted.
+    /// Verified: every check passed and `done` was exchanged. These exact keys are trusted.
     Done {
         /// The flow.
         flow: FlowKey,
@@ -392,8 +439,8 @@ pub enum Event {
         /// The user.
         user_id: String,
     },
-    /// A user's master key was replaced by another one, or removed (TR-06): tell the user before
-    /// trusting anything from them again. Every flow with that user in progress fails.
+    /// A user's master key was replaced by another one, or removed: the spec requires telling the
+    /// user before communicating further. Every flow with that user in progress fails.
     IdentityChanged {
         /// The user.
         user_id: String,
@@ -546,6 +593,8 @@ impl FlowInfo {
 }
 
 /// A user action that cannot be carried out (never a silent no-op).
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ActionError {
@@ -591,6 +640,9 @@ impl From<crate::qr::QrDecodeError> for ActionError {
 #[cfg(feature = "seeded-entropy")]
 /// Deterministic [`Entropy`] from a seed (SHA-256 in counter mode), for tests, benchmarks, fuzzing
 /// and replays. **Never use it for real verifications**: anyone who knows the seed knows the keys.
+/// Only with the `seeded-entropy` feature.
+///
+/// Spec: [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification) (the ephemeral keys it would make).
 #[derive(Debug, Clone)]
 pub struct SeededEntropy {
     seed: [u8; 32],

@@ -5,6 +5,21 @@
 //! contents carry `m.relates_to` (and the in-room request is an `m.room.message`). Parsing is
 //! strict about required fields and their types and tolerant of unknown extra fields, methods and
 //! cancel codes, which are kept verbatim.
+//!
+//! ```
+//! use mxverify_proto::wire::{self, Envelope, Msg, MsgKind};
+//! use serde_json::json;
+//!
+//! let content = json!({"transaction_id": "t1", "key": "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI"});
+//! let parsed = wire::parse("m.key.verification.key", &content, false, None).unwrap();
+//! assert_eq!((parsed.kind, parsed.flow_id.as_deref()), (MsgKind::Key, Some("t1")));
+//! let msg = parsed.msg.unwrap();
+//! // The same message in a room carries the relation instead of the transaction id.
+//! let (event_type, room) = wire::encode(&msg, &Envelope::Room(Some("$request".into())));
+//! assert_eq!(event_type, "m.key.verification.key");
+//! assert_eq!(room["m.relates_to"], json!({"rel_type": "m.reference", "event_id": "$request"}));
+//! assert!(matches!(msg, Msg::Key(_)));
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,8 +28,10 @@ use serde_json::{Map, Value, json};
 
 use crate::b64;
 
-/// A cancel code (CX-02). Unknown codes, including custom ones in Java package naming, are kept
-/// as [`CancelCode::Custom`] and round-trip unchanged (FW-09, EV-CN-02).
+/// A cancel code. Unknown codes, including custom ones in Java package naming, are kept as
+/// [`CancelCode::Custom`] and round-trip unchanged; a receiver treats them as a cancellation too.
+///
+/// Spec: [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum CancelCode {
@@ -85,7 +102,7 @@ impl CancelCode {
         Self::SPEC.into_iter().find(|c| c.as_str() == s).unwrap_or_else(|| Self::Custom(s.to_owned()))
     }
 
-    /// The short, fixed reason we put on the wire with this code (EV-CN-01).
+    /// The short, fixed reason we put on the wire with this code (the `reason` field).
     #[must_use]
     pub fn default_reason(&self) -> &'static str {
         match self {
@@ -131,6 +148,8 @@ impl fmt::Display for CancelCode {
 }
 
 /// The eight kinds of verification event.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MsgKind {
@@ -178,7 +197,10 @@ impl MsgKind {
     }
 }
 
-/// A verification method name (ST-02). Unknown names are kept.
+/// A verification method name. Unknown names are kept.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework), [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification),
+/// [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Method {
@@ -245,7 +267,11 @@ impl serde::Serialize for Method {
     }
 }
 
-/// `m.key.verification.request` content (EV-RQ-01, EV-RQI-02).
+/// `m.key.verification.request` content, to-device or in a room (`m.room.message` with that
+/// `msgtype`).
+///
+/// Spec: [`m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationrequest),
+/// [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessage-with-msgtype-mkeyverificationrequest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// The requesting device.
@@ -258,7 +284,9 @@ pub struct Request {
     pub to: Option<String>,
 }
 
-/// `m.key.verification.ready` content (EV-RD-01).
+/// `m.key.verification.ready` content.
+///
+/// Spec: [`m.key.verification.ready`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationready).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
     /// The accepting device.
@@ -267,7 +295,9 @@ pub struct Ready {
     pub methods: Vec<Method>,
 }
 
-/// The offer of an `m.sas.v1` start (EV-SS-01). Lists are kept verbatim, unknown entries included.
+/// The offer of an `m.sas.v1` start. Lists are kept verbatim, unknown entries included.
+///
+/// Spec: [`m.key.verification.start` with `m.sas.v1`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationstartmsasv1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SasOffer {
     /// `key_agreement_protocols`.
@@ -281,12 +311,14 @@ pub struct SasOffer {
 }
 
 /// What a start asks for.
+///
+/// Spec: [`m.key.verification.start`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationstart).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StartMethod {
     /// `m.sas.v1` with its offer.
     Sas(SasOffer),
-    /// `m.reciprocate.v1` with the QR secret (unpadded base64, EV-SR-01).
+    /// `m.reciprocate.v1` with the QR secret (unpadded base64).
     Reciprocate {
         /// The shared secret read from the QR code.
         secret: String,
@@ -295,7 +327,9 @@ pub enum StartMethod {
     Other(String),
 }
 
-/// `m.key.verification.start` content (EV-ST-01).
+/// `m.key.verification.start` content.
+///
+/// Spec: [`m.key.verification.start`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationstart).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start {
     /// The starting device.
@@ -304,7 +338,10 @@ pub struct Start {
     pub method: StartMethod,
 }
 
-/// `m.key.verification.accept` content (EV-AC-01). `method` is not required (EV-AC-02).
+/// `m.key.verification.accept` content. `method` is not required from others: the spec's schema
+/// lists it as required but no longer defines it.
+///
+/// Spec: [`m.key.verification.accept`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationaccept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accept {
     /// The chosen key agreement protocol.
@@ -319,7 +356,9 @@ pub struct Accept {
     pub commitment: String,
 }
 
-/// `m.key.verification.mac` content (EV-MC-01).
+/// `m.key.verification.mac` content.
+///
+/// Spec: [`m.key.verification.mac`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationmac).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MacMsg {
     /// Key ID → MAC.
@@ -328,7 +367,9 @@ pub struct MacMsg {
     pub keys: String,
 }
 
-/// `m.key.verification.cancel` content (EV-CN-01).
+/// `m.key.verification.cancel` content.
+///
+/// Spec: [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cancel {
     /// The code (unknown codes kept).
@@ -338,24 +379,26 @@ pub struct Cancel {
 }
 
 /// A verification message, independent of transport.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Msg {
-    /// request
+    /// `m.key.verification.request`.
     Request(Request),
-    /// ready
+    /// `m.key.verification.ready`.
     Ready(Ready),
-    /// start
+    /// `m.key.verification.start`.
     Start(Start),
-    /// accept
+    /// `m.key.verification.accept`.
     Accept(Accept),
-    /// key: the sender's ephemeral public key, unpadded base64 (EV-KY-01)
+    /// `m.key.verification.key`: the sender's ephemeral public key, unpadded base64.
     Key(String),
-    /// mac
+    /// `m.key.verification.mac`.
     Mac(MacMsg),
-    /// done
+    /// `m.key.verification.done`.
     Done,
-    /// cancel
+    /// `m.key.verification.cancel`.
     Cancel(Cancel),
 }
 
@@ -376,7 +419,10 @@ impl Msg {
     }
 }
 
-/// Where a message's flow id lives (FW-03).
+/// Where a message's flow id lives: a to-device `transaction_id`, or in a room the request's
+/// event ID in `m.relates_to`.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Envelope {
@@ -387,6 +433,8 @@ pub enum Envelope {
 }
 
 /// What was wrong with a field.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework) (the event schemas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Problem {
@@ -399,6 +447,8 @@ pub enum Problem {
 }
 
 /// A malformed message: which field, and what was wrong (answered with `m.invalid_message`).
+///
+/// Spec: [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub struct WireError {
     /// The content field (dotted path).
@@ -424,6 +474,8 @@ fn err(field: &'static str, problem: Problem) -> WireError {
 /// A parsed incoming event: its kind, its flow id if it has a usable one, and the message or the
 /// reason it is malformed. A message without a usable flow id cannot be attributed to any flow and
 /// is dropped without an answer.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone)]
 pub struct Parsed {
     /// The kind of event.
@@ -435,12 +487,16 @@ pub struct Parsed {
     pub msg: Result<Msg, WireError>,
 }
 
-/// The `msgtype` of the in-room request (EV-RQI-01).
+/// The `msgtype` of the in-room request.
+///
+/// Spec: [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessage-with-msgtype-mkeyverificationrequest).
 pub const ROOM_REQUEST_MSGTYPE: &str = "m.key.verification.request";
 
 /// Parses an event's content. `in_room` selects the transport; `relates_to_fallback` is the
-/// `m.relates_to` of an encrypted event's cleartext wrapper (FW-07). Returns `None` for events
-/// that are not verification events at all.
+/// `m.relates_to` of an encrypted event's cleartext wrapper (where the spec asks senders to put
+/// it). Returns `None` for events that are not verification events at all.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 pub fn parse(event_type: &str, content: &Value, in_room: bool, relates_to_fallback: Option<&Value>) -> Option<Parsed> {
     let room_request = in_room
         && event_type == "m.room.message"
@@ -591,7 +647,9 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
 }
 
 /// Encodes a message for the wire: the event type and the content. For an in-room request the
-/// type is `m.room.message` and `requester` names the sender in the fallback body.
+/// type is `m.room.message`, with a fallback `body` for clients that do not support verification.
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 pub fn encode(msg: &Msg, envelope: &Envelope) -> (&'static str, Value) {
     let mut content = match msg {
         Msg::Request(r) => {

@@ -356,3 +356,146 @@ impl Qr {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::testing::*;
+
+    /// The ready state of `party`, showing its code if it can.
+    fn ready(party: &mut Party, device: &str) -> Ready {
+        let mut ready = Ready { device: device.into(), methods: all_methods(), shown: None };
+        let mut step = Step::default();
+        ready.offer_qr(&mut party.ctx(), &mut step).unwrap();
+        ready
+    }
+
+    fn code(ready: &Ready) -> Vec<u8> {
+        ready.shown.as_ref().expect("a code is shown").payload.encode()
+    }
+
+    fn qr_of(state: State) -> Box<Qr> {
+        match state {
+            State::Qr(q) => q,
+            other => panic!("not QR: {}", other.name()),
+        }
+    }
+
+    fn reciprocation(step: &Step) -> Start {
+        match &sent(step)[..] {
+            [Msg::Start(start)] => start.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_code_shown_names_both_master_keys_and_the_displayer_trusts_the_scanners() {
+        let (mut alice, _) = alice_and_bob();
+        let ready = ready(&mut alice, "B1");
+        let shown = ready.shown.as_ref().unwrap();
+        assert_eq!(shown.payload.mode(), QrMode::OtherUser);
+        assert_eq!(shown.payload.flow_id(), "txn");
+        assert_eq!(shown.payload.key1(), alice.own.master_key.as_ref().unwrap().as_bytes());
+        let bob_msk = alice.their_keys.as_ref().unwrap().master_key.clone().unwrap();
+        assert_eq!(shown.payload.key2(), bob_msk.as_bytes());
+        assert_eq!(shown.trust, VerifiedKey::master_key(bob_msk));
+    }
+
+    #[test]
+    fn scan_reciprocate_confirm_done() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let alice_ready = ready(&mut alice, "B1");
+        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
+        // Bob scans Alice's code: his side is satisfied; he tells her with the secret.
+        let (bob_state, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        let start = reciprocation(&step);
+        assert_eq!(bob_state.project(&bob.config).0, FlowPhase::QrReciprocated);
+        // Alice checks the secret, then asks her user.
+        let StartMethod::Reciprocate { secret } = &start.method else { panic!() };
+        let (alice_state, step) = going(on_reciprocate(alice_ready, secret, &mut alice.ctx()));
+        assert!(matches!(&step.events[..], [Event::Started { by_us: false, .. }, Event::QrScanned { .. }]));
+        let (alice_state, step) = going(qr_of(alice_state).confirm(&mut alice.ctx()).unwrap());
+        assert_eq!(sent(&step), [&Msg::Done]);
+        assert!(matches!(&step.events[..], [Event::DoneSent { keys, .. }] if keys[0].kind == KeyKind::MasterKey));
+        assert!(alice_state.done_sent());
+        // Bob answers Alice's done with his own and trusts her master key.
+        let (how, step) = ending(qr_of(bob_state).on_done(&mut bob.ctx()));
+        assert_eq!(sent(&step), [&Msg::Done]);
+        assert!(
+            matches!(how, How::Verified(keys) if keys == [VerifiedKey::master_key(alice.own.master_key.clone().unwrap())])
+        );
+        let (how, _) = ending(qr_of(alice_state).on_done(&mut alice.ctx()));
+        assert!(matches!(how, How::Verified(_)));
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused() {
+        let (mut alice, _) = alice_and_bob();
+        let alice_ready = ready(&mut alice, "B1");
+        let (how, _) = ending(on_reciprocate(alice_ready, "bm90IHRoZSBzZWNyZXQ", &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::QrMismatch(m)) if m.contains("secret")));
+    }
+
+    #[test]
+    fn a_scan_before_the_keys_waits_for_them() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let alice_ready = ready(&mut alice, "B1");
+        let known = bob.their_keys.take();
+        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
+        let (state, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        assert!(step.ask_keys && step.out.is_empty());
+        assert_eq!(state.project(&bob.config).0, FlowPhase::QrScanPending);
+        bob.their_keys = known;
+        let (state, step) = going(state.keys_arrived(&mut bob.ctx()));
+        reciprocation(&step);
+        assert_eq!(state.project(&bob.config).0, FlowPhase::QrReciprocated);
+    }
+
+    #[test]
+    fn a_code_for_another_flow_or_relationship_is_refused_at_once() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let alice_ready = ready(&mut alice, "B1");
+        bob.key = crate::types::FlowKey::ToDevice { user_id: ALICE.into(), transaction_id: "other".into() };
+        bob.their_keys = None; // even without keys: the code is not for this flow
+        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
+        let (how, _) = ending(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        assert!(
+            matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::QrMismatch(m)) if m.contains("another verification"))
+        );
+    }
+
+    #[test]
+    fn crossed_reciprocations_the_smaller_user_is_the_scanner() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (alice_ready, bob_ready) = (ready(&mut alice, "B1"), ready(&mut bob, "A1"));
+        let (alice_code, bob_code) = (code(&alice_ready), code(&bob_ready));
+        let (alice_state, a_step) = going(scan(alice_ready, &bob_code, &mut alice.ctx()).unwrap());
+        let (bob_state, b_step) = going(scan(bob_ready, &alice_code, &mut bob.ctx()).unwrap());
+        // @alice < @bob: Alice's reciprocation wins; she ignores Bob's...
+        let (alice_state, step) = going(qr_of(alice_state).on_start(reciprocation(&b_step), &mut alice.ctx()));
+        assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::LostTieBreak, .. }]));
+        assert_eq!(alice_state.project(&alice.config).0, FlowPhase::QrReciprocated);
+        // ...and Bob becomes the displayer of the code she scanned.
+        let (bob_state, step) = going(qr_of(bob_state).on_start(reciprocation(&a_step), &mut bob.ctx()));
+        assert!(matches!(&step.events[..], [Event::Started { by_us: false, .. }, Event::QrScanned { .. }]));
+        assert_eq!(bob_state.project(&bob.config).0, FlowPhase::QrScanned);
+        // A SAS start at that point is a collision of different methods.
+        let sas = Start { from_device: "B1".into(), method: StartMethod::Other("m.sas.v1".into()) };
+        let (how, _) = ending(qr_of(alice_state).on_start(sas, &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, LocalCause::StartCollision)));
+    }
+
+    #[test]
+    fn keys_replaced_after_the_displayers_done_end_the_flow_without_verifying() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let alice_ready = ready(&mut alice, "B1");
+        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
+        let (_, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        let StartMethod::Reciprocate { secret } = reciprocation(&step).method else { panic!() };
+        let (state, _) = going(on_reciprocate(alice_ready, &secret, &mut alice.ctx()));
+        let (state, _) = going(qr_of(state).confirm(&mut alice.ctx()).unwrap());
+        alice.their_keys.as_mut().unwrap().master_key = Some(key(66));
+        let (how, _) = ending(qr_of(state).on_done(&mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::KeysChangedAfterDone)));
+    }
+}

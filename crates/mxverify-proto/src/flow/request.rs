@@ -171,3 +171,153 @@ impl Ready {
         Ok((Next::Go(State::Sas(Box::new(sas))), step))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::testing::*;
+    use crate::flow::{How, Out};
+    use crate::types::{Action, FlowPhase};
+
+    fn ready_from(device: &str) -> wire::Ready {
+        wire::Ready { from_device: device.into(), methods: all_methods() }
+    }
+
+    #[test]
+    fn requested_adopts_the_first_ready_and_tells_the_other_devices() {
+        let (mut alice, _) = alice_and_bob();
+        let requested = Requested { devices: vec!["B1".into(), "B2".into()] };
+        let (state, step) = going(requested.on_ready(ready_from("B1"), &mut alice.ctx()));
+        let State::Ready(ready) = &state else { panic!("{}", state.name()) };
+        assert_eq!(ready.device, "B1");
+        assert!(ready.shown.is_some(), "a QR code is shown at once");
+        assert!(matches!(&step.out[..], [Out { msg: Msg::Cancel(c), to: Peer::Devices(d) }]
+            if c.code == CancelCode::Accepted && *d == ["B2"]));
+        assert!(matches!(&step.events[..], [Event::Ready { .. }, Event::QrCode { mode: 0, .. }]));
+        assert!(!step.ask_keys, "Bob's keys are known");
+        let (phase, actions) = state.project(&alice.config);
+        assert!(matches!(phase, FlowPhase::Ready { qr_code: Some(_), .. }));
+        assert_eq!(actions, [Action::StartSas, Action::ScanQr, Action::Cancel]);
+    }
+
+    #[test]
+    fn requested_ignores_a_device_it_did_not_ask() {
+        let (mut alice, _) = alice_and_bob();
+        let requested = Requested { devices: vec!["B1".into()] };
+        let (state, step) = going(requested.on_ready(ready_from("B9"), &mut alice.ctx()));
+        assert!(matches!(state, State::Requested(_)));
+        assert!(step.out.is_empty());
+        assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::OtherDevice, .. }]));
+    }
+
+    #[test]
+    fn requested_with_no_method_in_common_fails() {
+        let (mut alice, _) = alice_and_bob();
+        let ready = wire::Ready { from_device: "B1".into(), methods: vec![Method::Custom("org.example.x".into())] };
+        let (how, _) = ending(Requested { devices: vec!["B1".into()] }.on_ready(ready, &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(_))));
+    }
+
+    #[test]
+    fn requested_refuses_to_show_a_code_to_a_user_with_a_clashing_device_id() {
+        let (mut alice, _) = alice_and_bob();
+        let keys = alice.their_keys.as_mut().unwrap();
+        let msk = keys.master_key.clone().unwrap().to_string();
+        keys.devices.insert(msk.clone(), key(99));
+        let (how, _) = ending(Requested { devices: vec!["B1".into()] }.on_ready(ready_from("B1"), &mut alice.ctx()));
+        assert!(
+            matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::DeviceIdClashesWithCrossSigningKey(d)) if d == msk)
+        );
+    }
+
+    #[test]
+    fn incoming_accept_answers_with_our_methods_that_fit_theirs() {
+        let (_, mut bob) = alice_and_bob();
+        let incoming = Incoming { device: "A1".into(), methods: vec![Method::SasV1, Method::QrScanV1] };
+        let (state, step) = going(incoming.accept(&mut bob.ctx()).unwrap());
+        // Without m.reciprocate.v1 on their side, QR is not common.
+        assert!(matches!(&sent(&step)[..], [Msg::Ready(r)] if r.methods == [Method::SasV1]));
+        assert!(matches!(state, State::Ready(Ready { shown: None, .. })));
+        let nothing = Incoming { device: "A1".into(), methods: vec![Method::Custom("x".into())] };
+        let refused = nothing.accept(&mut bob.ctx()).unwrap_err();
+        assert!(matches!(refused.error, ActionError::NoCommonMethod(_)));
+        assert!(matches!(refused.state, State::Incoming(_)), "the state is given back untouched");
+    }
+
+    fn bob_ready() -> Ready {
+        Ready { device: "A1".into(), methods: all_methods(), shown: None }
+    }
+
+    fn sas_start(from: &str) -> (wire::Start, Value) {
+        let offer = wire::SasOffer {
+            key_agreement_protocols: vec!["curve25519-hkdf-sha256".into()],
+            hashes: vec!["sha256".into()],
+            message_authentication_codes: vec!["hkdf-hmac-sha256.v2".into()],
+            short_authentication_string: vec!["decimal".into(), "emoji".into()],
+        };
+        let start = wire::Start { from_device: from.into(), method: StartMethod::Sas(offer) };
+        let raw = raw(&Msg::Start(start.clone()));
+        (start, raw)
+    }
+
+    #[test]
+    fn ready_accepts_their_sas_start_at_once() {
+        let (_, mut bob) = alice_and_bob();
+        let (start, raw) = sas_start("A1");
+        let (state, step) = going(bob_ready().on_start(start, &raw, &mut bob.ctx()));
+        assert!(matches!(state, State::Sas(_)));
+        assert!(matches!(&sent(&step)[..], [Msg::Accept(_)]));
+        assert!(matches!(&step.events[..], [Event::Started { by_us: false, .. }]));
+    }
+
+    #[test]
+    fn ready_holds_a_start_while_the_keys_are_unknown() {
+        let (_, mut bob) = alice_and_bob();
+        bob.their_keys = None;
+        let (start, raw) = sas_start("A1");
+        let (state, step) = going(bob_ready().on_start(start.clone(), &raw, &mut bob.ctx()));
+        assert!(step.hold && matches!(state, State::Ready(_)));
+        // Given again once the keys never came, it fails with a precise cause.
+        bob.retry = true;
+        let (how, _) = ending(bob_ready().on_start(start, &raw, &mut bob.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::DeviceKeysUnknown(_))));
+    }
+
+    #[test]
+    fn ready_refuses_starts_it_cannot_handle() {
+        let (_, mut bob) = alice_and_bob();
+        let recip =
+            wire::Start { from_device: "A1".into(), method: StartMethod::Reciprocate { secret: "AAAA".into() } };
+        let (how, _) = ending(bob_ready().on_start(recip, &Value::Null, &mut bob.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnknownMethod, _)), "no code shown, nothing to reciprocate");
+        let other = wire::Start { from_device: "A1".into(), method: StartMethod::Other("org.example.x".into()) };
+        let (how, _) = ending(bob_ready().on_start(other, &Value::Null, &mut bob.ctx()));
+        assert!(
+            matches!(how, How::Failed(CancelCode::UnknownMethod, LocalCause::UnsupportedMethod(m)) if m == "org.example.x")
+        );
+    }
+
+    #[test]
+    fn start_sas_needs_the_method_and_the_keys() {
+        let (mut alice, _) = alice_and_bob();
+        let ready = || Ready { device: "B1".into(), methods: all_methods(), shown: None };
+        let (state, step) = going(ready().start_sas(&mut alice.ctx()).unwrap());
+        assert!(matches!(state, State::Sas(_)) && matches!(&sent(&step)[..], [Msg::Start(_)]));
+        alice.their_keys = None;
+        let refused = ready().start_sas(&mut alice.ctx()).unwrap_err();
+        assert!(matches!(refused.error, ActionError::KeysUnknown { .. }));
+        let qr_only = Ready { device: "B1".into(), methods: vec![Method::QrScanV1], shown: None };
+        assert!(matches!(qr_only.start_sas(&mut alice.ctx()).unwrap_err().error, ActionError::NoCommonMethod(_)));
+    }
+
+    #[test]
+    fn their_cancel_ends_the_flow_and_a_refusal_of_a_request_to_several_devices_is_told_to_all() {
+        let cancel = || wire::Cancel { code: CancelCode::User, reason: "no".into() };
+        let state = State::Requested(Requested { devices: vec!["B1".into(), "B2".into()] });
+        let (how, step) = ending(state.on_cancel(cancel()));
+        assert!(matches!(how, How::CancelledByThem { code: CancelCode::User, .. }));
+        assert!(matches!(&step.out[..], [Out { to: Peer::Devices(d), .. }] if d.len() == 2));
+        let (_, step) = ending(State::Ready(bob_ready()).on_cancel(cancel()));
+        assert!(step.out.is_empty(), "never answer a cancel");
+    }
+}

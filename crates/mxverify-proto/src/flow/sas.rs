@@ -590,3 +590,174 @@ pub(crate) fn we_win_tie_break(ctx: &Ctx<'_>, their_device: &str) -> bool {
         ctx.own.device_id.as_str() < their_device
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::testing::{self, *};
+
+    fn sas_of(state: State) -> Box<Sas> {
+        match state {
+            State::Sas(s) => s,
+            other => panic!("not SAS: {}", other.name()),
+        }
+    }
+
+    fn only(step: &Step) -> Msg {
+        match &sent(step)[..] {
+            [msg] => (*msg).clone(),
+            other => panic!("expected one message, got {other:?}"),
+        }
+    }
+
+    fn shown(step: &Step) -> (Option<Vec<emoji::Emoji>>, Option<[u16; 3]>) {
+        step.events
+            .iter()
+            .find_map(|e| match e {
+                Event::Sas { emoji, decimals, .. } => Some((emoji.clone(), *decimals)),
+                _ => None,
+            })
+            .expect("the SAS is shown")
+    }
+
+    /// Alice starts SAS and Bob accepts; both exchange keys. Returns both states (comparing).
+    fn exchanged(alice: &mut testing::Party, bob: &mut testing::Party) -> (Box<Sas>, Box<Sas>) {
+        let pinned_by_alice = Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap();
+        let (a, start) = Sas::start("B1".into(), pinned_by_alice, &mut alice.ctx());
+        let Msg::Start(Start { method: StartMethod::Sas(offer), .. }) = &start else { panic!() };
+        let pinned_by_bob = Pinned::pin(bob.their_keys.as_ref(), "A1").unwrap();
+        let (b, step) =
+            going(Sas::from_their_start("A1".into(), offer.clone(), raw(&start), pinned_by_bob, &mut bob.ctx()));
+        let accept = only(&step);
+        assert!(matches!(accept, Msg::Accept(_)), "in a request flow the start is accepted at once");
+        let (a, step) = going(Box::new(a).on_message(accept, &mut alice.ctx()));
+        let alice_key = only(&step);
+        let (b, step) = going(sas_of(b).on_message(alice_key, &mut bob.ctx()));
+        let bob_key = only(&step);
+        let bob_sees = shown(&step);
+        let (a, step) = going(sas_of(a).on_message(bob_key, &mut alice.ctx()));
+        assert!(sent(&step).is_empty());
+        assert_eq!(shown(&step), bob_sees, "both show the same emoji and numbers");
+        (sas_of(a), sas_of(b))
+    }
+
+    #[test]
+    fn both_roles_reach_the_same_sas_and_verify_after_both_dones() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (a, b) = exchanged(&mut alice, &mut bob);
+        assert!(a.can_confirm() && b.can_confirm());
+        let (a, step) = going(a.confirm(&mut alice.ctx()).unwrap());
+        let alice_mac = only(&step);
+        assert_eq!(a.project(&alice.config).0, FlowPhase::SasConfirmed);
+        // Bob got Alice's MAC before his user confirmed: it is kept until then.
+        let (b, step) = going(b.on_message(alice_mac, &mut bob.ctx()));
+        assert!(sent(&step).is_empty());
+        let (b, step) = going(sas_of(b).confirm(&mut bob.ctx()).unwrap());
+        let (bob_mac, bob_done) = match &sent(&step)[..] {
+            [m @ Msg::Mac(_), Msg::Done] => ((*m).clone(), Msg::Done),
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(&step.events[..], [Event::DoneSent { keys, .. }] if keys.len() == 2));
+        assert!(b.done_sent());
+        let (a, step) = going(sas_of(a).on_message(bob_mac, &mut alice.ctx()));
+        assert_eq!(sent(&step), [&Msg::Done]);
+        let Event::DoneSent { keys: announced, .. } = &step.events[0] else { panic!() };
+        let announced = announced.clone();
+        let (how, _) = ending(sas_of(a).on_message(bob_done, &mut alice.ctx()));
+        assert!(matches!(how, How::Verified(keys) if keys == announced), "Done reports the announced keys");
+        let (how, _) = ending(sas_of(b).on_message(Msg::Done, &mut bob.ctx()));
+        assert!(matches!(how, How::Verified(keys) if keys.iter().any(|k| k.key == alice.own.ed25519)));
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_its_commitment_is_refused() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let pinned = Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap();
+        let (a, start) = Sas::start("B1".into(), pinned, &mut alice.ctx());
+        let Msg::Start(Start { method: StartMethod::Sas(offer), .. }) = &start else { panic!() };
+        let pinned = Pinned::pin(bob.their_keys.as_ref(), "A1").unwrap();
+        let (_, step) = going(Sas::from_their_start("A1".into(), offer.clone(), raw(&start), pinned, &mut bob.ctx()));
+        let (a, _) = going(Box::new(a).on_message(only(&step), &mut alice.ctx()));
+        // Not the key Bob committed to.
+        let other = EphemeralKey::from_random([9; 32]).public_b64();
+        let (how, _) = ending(sas_of(a).on_message(Msg::Key(other), &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch)));
+    }
+
+    #[test]
+    fn colliding_starts_are_won_by_the_smaller_user_id() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (a, a_start) =
+            Sas::start("B1".into(), Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap(), &mut alice.ctx());
+        let (b, b_start) = Sas::start("A1".into(), Pinned::pin(bob.their_keys.as_ref(), "A1").unwrap(), &mut bob.ctx());
+        let (Msg::Start(a_start_msg), Msg::Start(b_start_msg)) = (a_start.clone(), b_start.clone()) else { panic!() };
+        // @alice < @bob: Alice's start stands, Bob's is dropped on her side...
+        let (_, step) = going(Box::new(a).on_start(b_start_msg, &raw(&b_start), &mut alice.ctx()));
+        assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::LostTieBreak, .. }]));
+        // ...and Bob drops his own and accepts hers.
+        let (b, step) = going(Box::new(b).on_start(a_start_msg, &raw(&a_start), &mut bob.ctx()));
+        assert!(matches!(&sent(&step)[..], [Msg::Accept(_)]));
+        assert!(matches!(&step.events[0], Event::Started { by_us: false, .. }));
+        assert!(!sas_of(b).c.we_start);
+        // A start of another method is a collision of different methods.
+        let (a, _) = Sas::start("B1".into(), Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap(), &mut alice.ctx());
+        let recip = Start { from_device: "B1".into(), method: StartMethod::Reciprocate { secret: "AAAA".into() } };
+        let (how, _) = ending(Box::new(a).on_start(recip, &Value::Null, &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, LocalCause::StartCollision)));
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_out_of_order_messages_cancel() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (a, b) = exchanged(&mut alice, &mut bob);
+        // Done before any MAC.
+        let (how, _) = ending(b.on_message(Msg::Done, &mut bob.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, LocalCause::Unexpected { .. })));
+        let (_, step) = going(a.confirm(&mut alice.ctx()).unwrap());
+        let Msg::Mac(mac) = only(&step) else { panic!() };
+        // A MAC from another exchange (other ephemeral keys) does not verify.
+        let (mut alice2, mut bob2) = alice_and_bob();
+        alice2.entropy = Bytes(40);
+        let (_, b2) = exchanged(&mut alice2, &mut bob2);
+        let (how, _) = ending(b2.on_message(Msg::Mac(mac), &mut bob2.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::KeyListMacMismatch)));
+    }
+
+    #[test]
+    fn a_repeated_mac_is_a_duplicate_and_a_different_one_unexpected() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (a, b) = exchanged(&mut alice, &mut bob);
+        let (_, step) = going(a.confirm(&mut alice.ctx()).unwrap());
+        let Msg::Mac(mac) = only(&step) else { panic!() };
+        let (b, _) = going(b.on_message(Msg::Mac(mac.clone()), &mut bob.ctx()));
+        let (b, step) = going(sas_of(b).on_message(Msg::Mac(mac.clone()), &mut bob.ctx()));
+        assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::Duplicate, .. }]));
+        let mut other = mac;
+        other.keys = "AAAA".into();
+        let (how, _) = ending(sas_of(b).on_message(Msg::Mac(other), &mut bob.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, _)));
+    }
+
+    #[test]
+    fn keys_replaced_after_our_done_end_the_flow_without_verifying() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let (a, b) = exchanged(&mut alice, &mut bob);
+        let (_, step) = going(a.confirm(&mut alice.ctx()).unwrap());
+        let (b, _) = going(b.on_message(only(&step), &mut bob.ctx()));
+        let (b, _) = going(sas_of(b).confirm(&mut bob.ctx()).unwrap());
+        assert!(b.done_sent());
+        // Alice's device key changes in Bob's view before her done arrives.
+        bob.their_keys.as_mut().unwrap().devices.insert("A1".into(), key(77));
+        let (how, _) = ending(sas_of(b).on_message(Msg::Done, &mut bob.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::KeysChangedAfterDone)));
+    }
+
+    #[test]
+    fn confirming_before_the_keys_are_exchanged_is_refused() {
+        let (mut alice, _) = alice_and_bob();
+        let (a, _) = Sas::start("B1".into(), Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap(), &mut alice.ctx());
+        let refused = Box::new(a).confirm(&mut alice.ctx()).unwrap_err();
+        assert!(matches!(refused.error, ActionError::WrongState { action: "confirm", .. }));
+        assert!(matches!(refused.state, State::Sas(s) if !s.can_confirm()));
+    }
+}

@@ -85,7 +85,54 @@ impl FlowTable {
     }
 }
 
-/// Everything one device needs to run any number of verifications at once.
+/// Everything one device needs to run any number of verifications at once: the state of every
+/// flow, what it knows of other users' keys, and every deadline.
+///
+/// Inputs are [`Machine::receive`], the user actions, [`Machine::update_user_keys`] and
+/// [`Machine::handle_timeout`]; each takes the caller's `now` and first ends what is due at it.
+/// Outputs are drained with [`Machine::poll_event`] and [`Machine::poll_outgoing`]: handle the
+/// events of an input before sending the messages it queued (a trust record persisted on
+/// [`Event::DoneSent`] must be on disk before our `done` goes out). [`Machine::next_deadline`]
+/// says when to call [`Machine::handle_timeout`]. The crate documentation has a complete example.
+///
+/// `Machine` is `Send`, so it can live in a task of its own; it is not `Sync` (every input takes
+/// `&mut self`).
+///
+/// ```
+/// use mxverify_proto::*;
+///
+/// struct Os; // stands for the operating system's secure random source
+/// impl Entropy for Os {
+///     fn fill(&mut self, buf: &mut [u8]) {
+///         buf.fill(4); // illustration only: use real random bytes
+///     }
+/// }
+/// let own = OwnIdentity {
+///     user_id: "@bot:example.org".into(),
+///     device_id: "BOTDEVICE".into(),
+///     ed25519: Ed25519PublicKey::from_bytes([1; 32]),
+///     master_key: None,
+///     trusts_master_key: false,
+/// };
+/// let mut machine = Machine::new(own, Config::default(), Box::new(Os));
+/// let now = 1_700_000_000_000;
+/// let flow = machine.request_to_device("@alice:example.org", &["PHONE".into()], now)?;
+/// // The machine asks for Alice's keys, reports the request, and has a message to send.
+/// assert!(matches!(machine.poll_event(), Some(Event::KeysNeeded { .. })));
+/// assert!(matches!(machine.poll_event(), Some(Event::RequestSent { .. })));
+/// let out = machine.poll_outgoing().unwrap();
+/// assert_eq!(out.event_type, "m.key.verification.request");
+/// assert!(matches!(out.destination, Destination::ToDevice { .. }));
+/// // Nobody answers: at the deadline the machine gives up and tells Alice's device.
+/// assert_eq!(machine.next_deadline(), Some(now + 10 * 60_000));
+/// machine.handle_timeout(now + 10 * 60_000);
+/// assert_eq!(machine.flow(&flow).unwrap().cancel.unwrap().code, CancelCode::Timeout);
+/// assert_eq!(machine.poll_outgoing().unwrap().event_type, "m.key.verification.cancel");
+/// # Ok::<(), ActionError>(())
+/// ```
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework), [SAS](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification),
+/// [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
 pub struct Machine {
     own: OwnIdentity,
     config: Config,
@@ -143,7 +190,8 @@ impl Machine {
     /// Gives the machine a user's keys (already checked by the caller); events held for them are
     /// processed now (principle: never drop a request for lack of keys). A master key replaced by
     /// another one (or removed) is reported with [`Event::IdentityChanged`], and every flow with
-    /// that user in progress fails (TR-01, TR-06).
+    /// that user in progress fails with `m.key_mismatch`: the spec requires telling the user of a
+    /// changed identity, and never trusting keys that changed during a verification.
     pub fn update_user_keys(&mut self, user_id: &str, keys: UserKeys, now: Millis) {
         self.handle_timeout(now);
         let new_master = keys.master_key.clone();
@@ -176,13 +224,15 @@ impl Machine {
         }
     }
 
-    /// The next message to send, if any.
+    /// The next message to send, if any. Send the messages of an input after handling its
+    /// events ([`Machine::poll_event`]).
     #[must_use = "a polled message is gone from the machine: send it"]
     pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
         self.outgoing.pop_front()
     }
 
-    /// The next event for the user interface, if any.
+    /// The next event for the user interface, if any. Handle them before sending the messages
+    /// queued with them: see [`Event::DoneSent`].
     #[must_use = "a polled event is gone from the machine: handle it"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -216,15 +266,17 @@ impl Machine {
         self.flows.index.keys()
     }
 
-    /// When [`Machine::handle_timeout`] must be called next (principle 8: exact deadlines).
+    /// When [`Machine::handle_timeout`] must be called next: the exact earliest deadline of any
+    /// flow, prompt or held event.
     #[must_use]
     pub fn next_deadline(&self) -> Option<Millis> {
         self.timers.next()
     }
 
-    /// Ends what is due at `now`: unanswered prompts close silently (RQ-04), unfinished flows are
-    /// cancelled with `m.timeout` (TO-01), ended flows are forgotten after the flow timeout, and
-    /// events that waited for keys in vain are given up.
+    /// Ends what is due at `now`: unanswered prompts close silently (another of our devices may
+    /// still answer), unfinished flows are cancelled with `m.timeout` (ended locally if our `done`
+    /// went out), ended flows are forgotten after the flow timeout, and events that waited for
+    /// keys in vain are given up.
     ///
     /// Every other input applies what is due at its `now` first, so a late input never acts on a
     /// flow that should already have ended.
@@ -275,8 +327,9 @@ impl Machine {
 
     // ----- user actions -------------------------------------------------------------------
 
-    /// Requests verification of `user_id`'s devices over to-device messages (RQ-02): all listed
-    /// devices get the same `transaction_id`; the first to answer is adopted (RQ-09).
+    /// Requests verification of `user_id`'s devices over to-device messages: all listed devices
+    /// get the same `transaction_id`; the first to answer is adopted, and the others are told
+    /// with `m.accepted`.
     pub fn request_to_device(
         &mut self,
         user_id: &str,
@@ -312,7 +365,8 @@ impl Machine {
         Ok(key)
     }
 
-    /// Requests verification of `user_id` in `room_id` (FW-02: the way to verify another user).
+    /// Requests verification of `user_id` in `room_id` (the way the spec recommends to verify
+    /// another user).
     /// Returns the outgoing id; once the homeserver has given the event ID, report it with
     /// [`Machine::room_event_sent`], which creates the flow.
     pub fn request_in_room(&mut self, room_id: &str, user_id: &str, now: Millis) -> u64 {
@@ -338,7 +392,8 @@ impl Machine {
         id
     }
 
-    /// Reports the event ID the homeserver gave an in-room request: the flow now exists (FW-03).
+    /// Reports the event ID the homeserver gave an in-room request: the flow now exists, and the
+    /// event ID is its flow id.
     pub fn room_event_sent(&mut self, outgoing_id: u64, event_id: &str, now: Millis) -> Result<FlowKey, ActionError> {
         self.handle_timeout(now);
         let p = self.pending_room.remove(&outgoing_id).ok_or(ActionError::UnknownOutgoing(outgoing_id))?;
@@ -356,8 +411,8 @@ impl Machine {
         Ok(key)
     }
 
-    /// Starts SAS with a device directly, without a request: the deprecated pre-1.1 to-device flow
-    /// (ST-06). Only for peers that support nothing else.
+    /// Starts SAS with a device directly, without a request: the deprecated pre-1.1 to-device
+    /// flow. Only for peers that support nothing else.
     pub fn start_sas_without_request(
         &mut self,
         user_id: &str,
@@ -381,28 +436,31 @@ impl Machine {
         Ok(key)
     }
 
-    /// Accepts: an incoming request (sends `ready`, RQ-07), or a legacy start (sends `accept`).
+    /// Accepts: an incoming request (sends `ready`), or a start without a request (sends
+    /// `accept`).
     pub fn accept(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, ctx| state.accept(ctx))
     }
 
-    /// Starts SAS in a ready flow (ST-01).
+    /// Starts SAS in a ready flow.
     pub fn start_sas(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, ctx| state.start_sas(ctx))
     }
 
-    /// The user says the emoji/numbers match (SQ-09), or, for QR, that the other device shows
-    /// success (QR-05).
+    /// The user says the emoji/numbers match (our MAC goes out), or, for QR, that the other
+    /// device shows success (our `done` goes out).
     pub fn confirm(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, ctx| state.confirm(ctx))
     }
 
-    /// The user says the emoji/numbers differ: cancel with `m.mismatched_sas` (SQ-08).
+    /// The user says the emoji/numbers differ: cancel with `m.mismatched_sas` (for QR: the other
+    /// device did not show success, `m.key_mismatch`).
     pub fn mismatch(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, _| state.mismatch())
     }
 
-    /// Cancels (or rejects) a flow with `m.user` (CX-01, RQ-08).
+    /// Cancels (or rejects) a flow with `m.user`. A flow whose `done` we sent is not cancelled (an
+    /// error): the other side may already trust us.
     pub fn cancel(&mut self, key: &FlowKey, now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, _| state.cancel(LocalCause::UserCancelled))
     }
@@ -416,10 +474,11 @@ impl Machine {
         }
     }
 
-    /// The user scanned the other device's code (QR-03, QR-04): check it and, if it holds, send
-    /// the `m.reciprocate.v1` start. A code that does not hold cancels the flow (`m.key_mismatch`,
+    /// The user scanned the other device's code: check it and, if it holds, send the
+    /// `m.reciprocate.v1` start. A code that does not hold cancels the flow (`m.key_mismatch`,
     /// or `m.user_mismatch` for a code about the wrong user); bytes that are not a verification
-    /// code at all are an error, so the user can try again.
+    /// code at all are an error, so the user can try again. A code scanned before the other
+    /// side's keys are known waits for them ([`Event::KeysNeeded`]).
     pub fn scan_qr(&mut self, key: &FlowKey, scanned: &[u8], now: Millis) -> Result<(), ActionError> {
         self.act(key, now, |state, ctx| state.scan_qr(scanned, ctx))
     }
@@ -427,7 +486,7 @@ impl Machine {
     /// Ends a flow this device lost track of — typically one that was in progress when the
     /// program stopped — so that the other side is told instead of waiting for its timeout.
     /// `other_device` is where a to-device cancel goes. A flow the machine still knows is simply
-    /// cancelled; an ended one is left alone.
+    /// cancelled; an ended one, or one whose `done` we sent, is left alone.
     pub fn abandon(&mut self, key: FlowKey, other_user: &str, other_device: Option<String>, now: Millis) {
         self.handle_timeout(now);
         if let Some(id) = self.flows.id(&key) {

@@ -1,9 +1,9 @@
 //! QR code verification (`m.qr_code.show.v1`, `m.qr_code.scan.v1`, `m.reciprocate.v1`).
 //!
 //! Spec: [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
-//! This module holds the payload codec ([`QrPayload`]) and the flow (driven through
-//! [`crate::Machine`]); drawing and reading the QR image itself is I/O and lives outside the
-//! sans-IO core.
+//! This module holds the payload codec ([`QrPayload`]); the flow is driven through
+//! [`crate::Machine`] ([`crate::Machine::scan_qr`], [`crate::Event::QrCode`]). Drawing and
+//! reading the QR image itself is I/O and lives outside the sans-IO core.
 
 mod payload;
 

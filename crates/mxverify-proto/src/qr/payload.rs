@@ -40,9 +40,13 @@ pub const QR_MIN_SECRET_LEN: usize = 8;
 
 /// Length of a secret made by [`QrSecret::generate`], in bytes (as matrix-rust-sdk and
 /// mautrix-go do).
+///
+/// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 pub const QR_GENERATED_SECRET_LEN: usize = 16;
 
 /// Length of each key in the payload: a raw Ed25519 public key.
+///
+/// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 pub const QR_KEY_LEN: usize = 32;
 
 /// Size of the fixed header: prefix, version, mode and the flow id length.
@@ -195,6 +199,8 @@ impl std::fmt::Debug for QrSecret {
 pub struct QrSecretDecodeError;
 
 /// Which of the two keys of a payload a [`QrDecodeError::InvalidKey`] is about.
+///
+/// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum QrKeyPosition {
@@ -313,6 +319,21 @@ pub enum QrKeys<'a> {
 /// Only [`QrPayload::decode_unchecked`] can produce one with invalid keys or a short
 /// secret.
 /// Spec: [QR code format](https://spec.matrix.org/v1.19/client-server-api/#qr-code-format).
+///
+/// ```
+/// use mxverify_proto::qr::{QrMode, QrPayload, QrSecret};
+///
+/// // Two Ed25519 public keys (here the curve's base point, for brevity).
+/// let mut key = [0x66u8; 32];
+/// key[0] = 0x58;
+/// let secret = QrSecret::generate(|buf| buf.fill(7)); // use real random bytes
+/// let payload = QrPayload::other_user("$request:example.org", key, key, secret).unwrap();
+/// let bytes = payload.encode();
+/// assert!(bytes.starts_with(b"MATRIX\x02\x00"));
+/// let read = QrPayload::decode(&bytes).unwrap();
+/// assert_eq!((read.mode(), read.flow_id()), (QrMode::OtherUser, "$request:example.org"));
+/// assert_eq!(read, payload);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QrPayload {
     mode: QrMode,
