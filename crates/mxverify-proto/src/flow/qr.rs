@@ -5,15 +5,17 @@
 
 use subtle::ConstantTimeEq;
 
-use super::sas::we_win_tie_break;
-use super::{
-    Acted, Ctx, End, How, Next, Peer, Ready, Refused, State, Step, Transition, check_no_clash, done_sent_event,
-};
+use super::step::{Ctx, End, How, Next, Peer, Refused, Step, check_no_clash, done_sent_event, we_win_tie_break};
 use crate::cancel::{CancelCode, LocalCause};
 use crate::keys::Ed25519PublicKey;
 use crate::qr::{QrMode, QrPayload, QrSecret};
-use crate::types::{Action, ActionError, DropReason, Event, FlowPhase, KeyKind, UserKeys, VerifiedKey};
+use crate::types::{Action, DropReason, Event, FlowPhase, KeyKind, UserKeys, VerifiedKey};
 use crate::wire::{Method, Msg, MsgKind, Start, StartMethod};
+
+/// A QR transition: the next QR state, or the end of the flow.
+type Transition = super::step::Transition<Box<Qr>>;
+/// A user action on QR.
+type Acted = super::step::Acted<Box<Qr>>;
 
 /// The code we show, and what we will trust once it was scanned and our user confirmed.
 #[derive(Debug)]
@@ -87,28 +89,21 @@ fn keys_to_show(ctx: &Ctx<'_>, dev: &str) -> Option<(QrMode, Ed25519PublicKey, E
     }
 }
 
-/// The user scanned the other device's code (QR-03, QR-04): check it and, if it holds, send the
-/// `m.reciprocate.v1` start. A code that does not hold ends the flow; bytes that are not a
-/// verification code at all are an error, so the user can try again. A code scanned before the
-/// keys it must be checked against are known waits for them.
-pub(crate) fn scan(ready: Ready, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
-    if !ctx.common_methods(&ready.methods).contains(&Method::QrScanV1) {
-        let err = ActionError::NoCommonMethod("the other device cannot show a QR code");
-        return Err(Refused::new(State::Ready(ready), err));
-    }
-    let payload = match QrPayload::decode(scanned) {
-        Ok(p) => p,
-        Err(e) => return Err(Refused::new(State::Ready(ready), ActionError::InvalidQr(e))),
-    };
+/// The user scanned a verification code (QR-03, QR-04) in a ready flow with `device`, where we
+/// show `shown` (if anything): check it and, if it holds, send the `m.reciprocate.v1` start. A code
+/// that does not hold ends the flow. A code scanned before the keys it must be checked against are
+/// known waits for them. (The request phase checked that scanning is a common method and that the
+/// bytes are a verification code at all.)
+pub(crate) fn scan(device: String, shown: Option<Box<ShownQr>>, payload: QrPayload, ctx: &mut Ctx<'_>) -> Transition {
     if let Err((code, cause)) = check_shape(ctx, &payload) {
-        return Ok((Next::fail(Peer::Device(ready.device), code, cause), Step::default()));
+        return (Next::fail(Peer::Device(device), code, cause), Step::default());
     }
     // Mode 0x01 is checked against our own keys only; the others need the other side's.
-    if payload.mode() != QrMode::SelfTrusted && !ctx.has_device_key(&ready.device) {
-        let qr = Qr { device: ready.device, phase: Phase::ScanPending { payload, shown: ready.shown } };
-        return Ok((Next::Go(State::Qr(Box::new(qr))), Step { ask_keys: true, ..Step::default() }));
+    if payload.mode() != QrMode::SelfTrusted && !ctx.has_device_key(&device) {
+        let qr = Qr { device, phase: Phase::ScanPending { payload, shown } };
+        return (Next::Go(Box::new(qr)), Step { ask_keys: true, ..Step::default() });
     }
-    Ok(complete_scan(ready.device, payload, ready.shown, ctx))
+    complete_scan(device, payload, shown, ctx)
 }
 
 /// The scanned code is checked against the keys we know; if it holds, our reciprocation goes out.
@@ -124,7 +119,7 @@ fn complete_scan(device: String, payload: QrPayload, shown: Option<Box<ShownQr>>
     };
     step.send(Msg::Start(start), Peer::Device(device.clone()));
     step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::ReciprocateV1, by_us: true });
-    (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Reciprocated { trust, shown } }))), step)
+    (Next::Go(Box::new(Qr { device, phase: Phase::Reciprocated { trust, shown } })), step)
 }
 
 /// QR-03, the part that needs no keys: the code is for this flow, and its mode fits the
@@ -198,11 +193,12 @@ fn check_keys(ctx: &Ctx<'_>, dev: &str, p: &QrPayload) -> Result<VerifiedKey, Re
 
 /// The displayer gets the reciprocation (QR-05): the secret must be the one in our code (compared
 /// in constant time); then our user confirms.
-pub(crate) fn on_reciprocate(ready: Ready, secret: &str, ctx: &mut Ctx<'_>) -> Transition {
-    reciprocated(ready.device, ready.shown, secret, ctx)
-}
-
-fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: &mut Ctx<'_>) -> Transition {
+pub(crate) fn on_reciprocate(
+    device: String,
+    shown: Option<Box<ShownQr>>,
+    secret: &str,
+    ctx: &mut Ctx<'_>,
+) -> Transition {
     let peer = Peer::Device(device.clone());
     let Some(shown) = shown else {
         // They cannot have scanned a code we never showed.
@@ -218,7 +214,7 @@ fn reciprocated(device: String, shown: Option<Box<ShownQr>>, secret: &str, ctx: 
     let mut step = Step::default();
     step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::ReciprocateV1, by_us: false });
     step.events.push(Event::QrScanned { flow: ctx.key.clone() });
-    (Next::Go(State::Qr(Box::new(Qr { device, phase: Phase::Scanned { shown } }))), step)
+    (Next::Go(Box::new(Qr { device, phase: Phase::Scanned { shown } })), step)
 }
 
 /// TR-01: the key about to be trusted is still the key we know (and TR-02 still holds).
@@ -277,7 +273,7 @@ impl Qr {
     pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
         match self.phase {
             Phase::ScanPending { payload, shown } => complete_scan(self.device, payload, shown, ctx),
-            phase => (Next::Go(State::Qr(Box::new(Qr { device: self.device, phase }))), Step::default()),
+            phase => (Next::Go(Box::new(Qr { device: self.device, phase })), Step::default()),
         }
     }
 
@@ -299,15 +295,12 @@ impl Qr {
                 if we_win_tie_break(ctx, &start.from_device) {
                     let step = Step::dropped(ctx, MsgKind::Start, DropReason::LostTieBreak);
                     return (
-                        Next::Go(State::Qr(Box::new(Qr {
-                            device: self.device,
-                            phase: Phase::Reciprocated { trust, shown },
-                        }))),
+                        Next::Go(Box::new(Qr { device: self.device, phase: Phase::Reciprocated { trust, shown } })),
                         step,
                     );
                 }
                 // We lost: our reciprocation is void, and we are the displayer of the code they scanned.
-                reciprocated(self.device, shown, &secret, ctx)
+                on_reciprocate(self.device, shown, &secret, ctx)
             }
             phase => Qr { device: self.device, phase }.unexpected(MsgKind::Start),
         }
@@ -317,7 +310,7 @@ impl Qr {
     pub(crate) fn confirm(self, ctx: &mut Ctx<'_>) -> Acted {
         let Phase::Scanned { shown } = self.phase else {
             let state = self.name();
-            return Err(Refused::new(State::Qr(Box::new(self)), ActionError::WrongState { action: "confirm", state }));
+            return Err(Refused::wrong_state(Box::new(self), state, "confirm"));
         };
         let peer = Peer::Device(self.device.clone());
         if let Err(cause) = trust_holds(ctx, &self.device, &shown.trust) {
@@ -327,7 +320,7 @@ impl Qr {
         step.send(Msg::Done, peer);
         step.events.push(done_sent_event(ctx, &self.device, std::slice::from_ref(&shown.trust)));
         let qr = Qr { device: self.device, phase: Phase::DoneSent { trust: shown.trust } };
-        Ok((Next::Go(State::Qr(Box::new(qr))), step))
+        Ok((Next::Go(Box::new(qr)), step))
     }
 
     /// The other side's `done`: the scanner answers with its own (QR-06); both now trust, if the
@@ -362,23 +355,13 @@ mod tests {
     use super::*;
     use crate::flow::testing::*;
 
-    /// The ready state of `party`, showing its code if it can.
-    fn ready(party: &mut Party, device: &str) -> Ready {
-        let mut ready = Ready { device: device.into(), methods: all_methods(), shown: None };
-        let mut step = Step::default();
-        ready.offer_qr(&mut party.ctx(), &mut step).unwrap();
-        ready
+    /// The code `party` shows to `device`.
+    fn shown_by(party: &mut Party, device: &str) -> Box<ShownQr> {
+        Box::new(ShownQr::make(&mut party.ctx(), device).expect("a code is shown").0)
     }
 
-    fn code(ready: &Ready) -> Vec<u8> {
-        ready.shown.as_ref().expect("a code is shown").payload.encode()
-    }
-
-    fn qr_of(state: State) -> Box<Qr> {
-        match state {
-            State::Qr(q) => q,
-            other => panic!("not QR: {}", other.name()),
-        }
+    fn code(shown: &ShownQr) -> QrPayload {
+        QrPayload::decode(&shown.payload.encode()).unwrap()
     }
 
     fn reciprocation(step: &Step) -> Start {
@@ -388,11 +371,18 @@ mod tests {
         }
     }
 
+    fn secret_of(start: Start) -> String {
+        match start.method {
+            StartMethod::Reciprocate { secret } => secret,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn the_code_shown_names_both_master_keys_and_the_displayer_trusts_the_scanners() {
         let (mut alice, _) = alice_and_bob();
-        let ready = ready(&mut alice, "B1");
-        let shown = ready.shown.as_ref().unwrap();
+        let (shown, event) = ShownQr::make(&mut alice.ctx(), "B1").unwrap();
+        assert!(matches!(event, Event::QrCode { mode: 0, .. }));
         assert_eq!(shown.payload.mode(), QrMode::OtherUser);
         assert_eq!(shown.payload.flow_id(), "txn");
         assert_eq!(shown.payload.key1(), alice.own.master_key.as_ref().unwrap().as_bytes());
@@ -404,98 +394,110 @@ mod tests {
     #[test]
     fn scan_reciprocate_confirm_done() {
         let (mut alice, mut bob) = alice_and_bob();
-        let alice_ready = ready(&mut alice, "B1");
-        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
+        let alice_code = shown_by(&mut alice, "B1");
         // Bob scans Alice's code: his side is satisfied; he tells her with the secret.
-        let (bob_state, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        let (bob_state, step) = going(scan("A1".into(), None, code(&alice_code), &mut bob.ctx()));
         let start = reciprocation(&step);
-        assert_eq!(bob_state.project(&bob.config).0, FlowPhase::QrReciprocated);
+        assert_eq!(bob_state.project().0, FlowPhase::QrReciprocated);
         // Alice checks the secret, then asks her user.
-        let StartMethod::Reciprocate { secret } = &start.method else { panic!() };
-        let (alice_state, step) = going(on_reciprocate(alice_ready, secret, &mut alice.ctx()));
+        let (alice_state, step) =
+            going(on_reciprocate("B1".into(), Some(alice_code), &secret_of(start), &mut alice.ctx()));
         assert!(matches!(&step.events[..], [Event::Started { by_us: false, .. }, Event::QrScanned { .. }]));
-        let (alice_state, step) = going(qr_of(alice_state).confirm(&mut alice.ctx()).unwrap());
+        assert_eq!(alice_state.project().1, [Action::Confirm, Action::Mismatch, Action::Cancel]);
+        let (alice_state, step) = going(alice_state.confirm(&mut alice.ctx()).unwrap());
         assert_eq!(sent(&step), [&Msg::Done]);
         assert!(matches!(&step.events[..], [Event::DoneSent { keys, .. }] if keys[0].kind == KeyKind::MasterKey));
         assert!(alice_state.done_sent());
         // Bob answers Alice's done with his own and trusts her master key.
-        let (how, step) = ending(qr_of(bob_state).on_done(&mut bob.ctx()));
+        let (how, step) = ending(bob_state.on_done(&mut bob.ctx()));
         assert_eq!(sent(&step), [&Msg::Done]);
-        assert!(
-            matches!(how, How::Verified(keys) if keys == [VerifiedKey::master_key(alice.own.master_key.clone().unwrap())])
-        );
-        let (how, _) = ending(qr_of(alice_state).on_done(&mut alice.ctx()));
+        let alice_msk = alice.own.master_key.clone().unwrap();
+        assert!(matches!(how, How::Verified(keys) if keys == [VerifiedKey::master_key(alice_msk)]));
+        let (how, _) = ending(alice_state.on_done(&mut alice.ctx()));
         assert!(matches!(how, How::Verified(_)));
     }
 
     #[test]
     fn a_wrong_secret_is_refused() {
         let (mut alice, _) = alice_and_bob();
-        let alice_ready = ready(&mut alice, "B1");
-        let (how, _) = ending(on_reciprocate(alice_ready, "bm90IHRoZSBzZWNyZXQ", &mut alice.ctx()));
+        let alice_code = shown_by(&mut alice, "B1");
+        let (how, _) = ending(on_reciprocate("B1".into(), Some(alice_code), "bm90IHRoZSBzZWNyZXQ", &mut alice.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::QrMismatch(m)) if m.contains("secret")));
+        // Without a code shown there is nothing to reciprocate.
+        let (how, _) = ending(on_reciprocate("B1".into(), None, "AAAA", &mut alice.ctx()));
+        assert!(matches!(how, How::Failed(CancelCode::UnknownMethod, _)));
     }
 
     #[test]
     fn a_scan_before_the_keys_waits_for_them() {
         let (mut alice, mut bob) = alice_and_bob();
-        let alice_ready = ready(&mut alice, "B1");
+        let alice_code = shown_by(&mut alice, "B1");
         let known = bob.their_keys.take();
-        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
-        let (state, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        let (state, step) = going(scan("A1".into(), None, code(&alice_code), &mut bob.ctx()));
         assert!(step.ask_keys && step.out.is_empty());
-        assert_eq!(state.project(&bob.config).0, FlowPhase::QrScanPending);
+        assert_eq!(state.project().0, FlowPhase::QrScanPending);
         bob.their_keys = known;
         let (state, step) = going(state.keys_arrived(&mut bob.ctx()));
         reciprocation(&step);
-        assert_eq!(state.project(&bob.config).0, FlowPhase::QrReciprocated);
+        assert_eq!(state.project().0, FlowPhase::QrReciprocated);
     }
 
     #[test]
-    fn a_code_for_another_flow_or_relationship_is_refused_at_once() {
+    fn a_code_for_another_flow_is_refused_at_once() {
         let (mut alice, mut bob) = alice_and_bob();
-        let alice_ready = ready(&mut alice, "B1");
+        let alice_code = shown_by(&mut alice, "B1");
         bob.key = crate::types::FlowKey::ToDevice { user_id: ALICE.into(), transaction_id: "other".into() };
         bob.their_keys = None; // even without keys: the code is not for this flow
-        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
-        let (how, _) = ending(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
+        let (how, _) = ending(scan("A1".into(), None, code(&alice_code), &mut bob.ctx()));
         assert!(
             matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::QrMismatch(m)) if m.contains("another verification"))
         );
     }
 
     #[test]
+    fn a_clashing_device_id_refuses_the_scan() {
+        let (mut alice, mut bob) = alice_and_bob();
+        let alice_code = shown_by(&mut alice, "B1");
+        let keys = bob.their_keys.as_mut().unwrap();
+        let msk = keys.master_key.clone().unwrap().to_string();
+        keys.devices.insert(msk.clone(), key(99));
+        let (how, _) = ending(scan("A1".into(), None, code(&alice_code), &mut bob.ctx()));
+        assert!(
+            matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::DeviceIdClashesWithCrossSigningKey(d)) if d == msk)
+        );
+    }
+
+    #[test]
     fn crossed_reciprocations_the_smaller_user_is_the_scanner() {
         let (mut alice, mut bob) = alice_and_bob();
-        let (alice_ready, bob_ready) = (ready(&mut alice, "B1"), ready(&mut bob, "A1"));
-        let (alice_code, bob_code) = (code(&alice_ready), code(&bob_ready));
-        let (alice_state, a_step) = going(scan(alice_ready, &bob_code, &mut alice.ctx()).unwrap());
-        let (bob_state, b_step) = going(scan(bob_ready, &alice_code, &mut bob.ctx()).unwrap());
+        let (alice_code, bob_code) = (shown_by(&mut alice, "B1"), shown_by(&mut bob, "A1"));
+        let (alice_scan, bob_scan) = (code(&bob_code), code(&alice_code));
+        let (alice_state, a_step) = going(scan("B1".into(), Some(alice_code), alice_scan, &mut alice.ctx()));
+        let (bob_state, b_step) = going(scan("A1".into(), Some(bob_code), bob_scan, &mut bob.ctx()));
         // @alice < @bob: Alice's reciprocation wins; she ignores Bob's...
-        let (alice_state, step) = going(qr_of(alice_state).on_start(reciprocation(&b_step), &mut alice.ctx()));
+        let (alice_state, step) = going(alice_state.on_start(reciprocation(&b_step), &mut alice.ctx()));
         assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::LostTieBreak, .. }]));
-        assert_eq!(alice_state.project(&alice.config).0, FlowPhase::QrReciprocated);
+        assert_eq!(alice_state.project().0, FlowPhase::QrReciprocated);
         // ...and Bob becomes the displayer of the code she scanned.
-        let (bob_state, step) = going(qr_of(bob_state).on_start(reciprocation(&a_step), &mut bob.ctx()));
+        let (bob_state, step) = going(bob_state.on_start(reciprocation(&a_step), &mut bob.ctx()));
         assert!(matches!(&step.events[..], [Event::Started { by_us: false, .. }, Event::QrScanned { .. }]));
-        assert_eq!(bob_state.project(&bob.config).0, FlowPhase::QrScanned);
-        // A SAS start at that point is a collision of different methods.
-        let sas = Start { from_device: "B1".into(), method: StartMethod::Other("m.sas.v1".into()) };
-        let (how, _) = ending(qr_of(alice_state).on_start(sas, &mut alice.ctx()));
+        assert_eq!(bob_state.project().0, FlowPhase::QrScanned);
+        // A start of another method at that point is a collision of different methods.
+        let other = Start { from_device: "B1".into(), method: StartMethod::Other("org.example.x".into()) };
+        let (how, _) = ending(alice_state.on_start(other, &mut alice.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, LocalCause::StartCollision)));
     }
 
     #[test]
     fn keys_replaced_after_the_displayers_done_end_the_flow_without_verifying() {
         let (mut alice, mut bob) = alice_and_bob();
-        let alice_ready = ready(&mut alice, "B1");
-        let bob_ready = Ready { device: "A1".into(), methods: all_methods(), shown: None };
-        let (_, step) = going(scan(bob_ready, &code(&alice_ready), &mut bob.ctx()).unwrap());
-        let StartMethod::Reciprocate { secret } = reciprocation(&step).method else { panic!() };
-        let (state, _) = going(on_reciprocate(alice_ready, &secret, &mut alice.ctx()));
-        let (state, _) = going(qr_of(state).confirm(&mut alice.ctx()).unwrap());
+        let alice_code = shown_by(&mut alice, "B1");
+        let (_, step) = going(scan("A1".into(), None, code(&alice_code), &mut bob.ctx()));
+        let secret = secret_of(reciprocation(&step));
+        let (state, _) = going(on_reciprocate("B1".into(), Some(alice_code), &secret, &mut alice.ctx()));
+        let (state, _) = going(state.confirm(&mut alice.ctx()).unwrap());
         alice.their_keys.as_mut().unwrap().master_key = Some(key(66));
-        let (how, _) = ending(qr_of(state).on_done(&mut alice.ctx()));
+        let (how, _) = ending(state.on_done(&mut alice.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::KeysChangedAfterDone)));
     }
 }

@@ -4,37 +4,19 @@
 
 use serde_json::Value;
 
-use super::{Acted, Ctx, Next, Peer, Pinned, Refused, State, Step, Transition, check_no_clash, qr, ready_event, sas};
+use super::qr::{self, ShownQr};
+use super::sas::{self, Sas};
+use super::state::{Incoming, Ready, Requested, State};
+use super::step::{Ctx, Next, Peer, Pinned, Refused, Step, check_no_clash, map};
 use crate::cancel::{CancelCode, LocalCause};
+use crate::qr::QrPayload;
 use crate::types::{ActionError, DropReason, Event};
 use crate::wire::{self, Method, Msg, MsgKind, StartMethod};
 
-/// Our request is out.
-#[derive(Debug)]
-pub(crate) struct Requested {
-    /// To-device: every device it went to (RQ-09). Empty in rooms.
-    pub(crate) devices: Vec<String>,
-}
-
-/// Their request waits for our user.
-#[derive(Debug)]
-pub(crate) struct Incoming {
-    /// The requesting device.
-    pub(crate) device: String,
-    /// The methods they offered.
-    pub(crate) methods: Vec<Method>,
-}
-
-/// Both sides are ready.
-#[derive(Debug)]
-pub(crate) struct Ready {
-    /// The other device.
-    pub(crate) device: String,
-    /// The methods the other device offered.
-    pub(crate) methods: Vec<Method>,
-    /// The QR code we show, if any.
-    pub(crate) shown: Option<Box<qr::ShownQr>>,
-}
+/// A transition of the request phase, to any state.
+type Transition = super::step::Transition<State>;
+/// A user action in the request phase.
+type Acted = super::step::Acted<State>;
 
 impl Requested {
     /// A device answered our request (RQ-07, RQ-09).
@@ -95,7 +77,7 @@ impl Ready {
         if let Some(keys) = ctx.their_keys {
             check_no_clash(keys)?;
         }
-        if let Some((shown, event)) = qr::ShownQr::make(ctx, &self.device) {
+        if let Some((shown, event)) = ShownQr::make(ctx, &self.device) {
             self.shown = Some(Box::new(shown));
             step.events.push(event);
         }
@@ -106,7 +88,7 @@ impl Ready {
     pub(crate) fn on_start(self, start: wire::Start, raw: &Value, ctx: &mut Ctx<'_>) -> Transition {
         let offer = match start.method {
             StartMethod::Reciprocate { secret } if self.shown.is_some() => {
-                return qr::on_reciprocate(self, &secret, ctx);
+                return map(qr::on_reciprocate(self.device, self.shown, &secret, ctx), State::Qr);
             }
             StartMethod::Reciprocate { .. } => return self.unsupported(Method::ReciprocateV1.as_str()),
             StartMethod::Other(m) => return self.unsupported(&m),
@@ -138,7 +120,7 @@ impl Ready {
                 deadline: ctx.deadline,
             });
         }
-        let (next, more) = sas::Sas::from_their_start(self.device, offer, content, pinned, ctx);
+        let (next, more) = map(Sas::from_their_start(self.device, offer, content, pinned, ctx), State::Sas);
         step.append(more);
         (next, step)
     }
@@ -164,19 +146,42 @@ impl Ready {
                 return Ok((Next::fail(Peer::Device(self.device), CancelCode::KeyMismatch, cause), Step::default()));
             }
         };
-        let (sas, msg) = sas::Sas::start(self.device, pinned, ctx);
+        let (sas, msg) = Sas::start(self.device, pinned, ctx);
         let mut step = Step::default();
         step.events.push(Event::Started { flow: ctx.key.clone(), method: Method::SasV1, by_us: true });
         step.send(msg, Peer::Device(sas.device().to_owned()));
         Ok((Next::Go(State::Sas(Box::new(sas))), step))
+    }
+
+    /// Our user scanned the other device's code (QR-03, QR-04): bytes that are not a verification
+    /// code are an error the user can retry; a code is checked by the QR flow.
+    pub(crate) fn scan_qr(self, scanned: &[u8], ctx: &mut Ctx<'_>) -> Acted {
+        if !ctx.common_methods(&self.methods).contains(&Method::QrScanV1) {
+            let err = ActionError::NoCommonMethod("the other device cannot show a QR code");
+            return Err(Refused::new(State::Ready(self), err));
+        }
+        let payload = match QrPayload::decode(scanned) {
+            Ok(p) => p,
+            Err(e) => return Err(Refused::new(State::Ready(self), ActionError::InvalidQr(e))),
+        };
+        Ok(map(qr::scan(self.device, self.shown, payload, ctx), State::Qr))
+    }
+}
+
+/// The event the user sees when both sides are ready.
+pub(crate) fn ready_event(ctx: &Ctx<'_>, ready: &Ready) -> Event {
+    Event::Ready {
+        flow: ctx.key.clone(),
+        other_device: ready.device.clone(),
+        methods: ctx.common_methods(&ready.methods),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::step::{How, Out};
     use crate::flow::testing::*;
-    use crate::flow::{How, Out};
     use crate::types::{Action, FlowPhase};
 
     fn ready_from(device: &str) -> wire::Ready {

@@ -8,12 +8,17 @@
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::{Acted, Ctx, End, How, Next, Peer, Pinned, Refused, State, Step, Transition, done_sent_event, encode};
+use super::step::{Ctx, End, How, Next, Peer, Pinned, Refused, Step, done_sent_event, encode, we_win_tie_break};
 use crate::cancel::{CancelCode, LocalCause};
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
-use crate::types::{Action, ActionError, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
+use crate::types::{Action, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
 use crate::wire::{self, Accept, MacMsg, Method, Msg, MsgKind, SasOffer, Start, StartMethod};
+
+/// A SAS transition: the next SAS state, or the end of the flow.
+type Transition = super::step::Transition<Box<Sas>>;
+/// A user action on SAS.
+type Acted = super::step::Acted<Box<Sas>>;
 
 /// The SAS methods we know, in our order.
 const SAS_METHODS: [&str; 2] = ["decimal", "emoji"];
@@ -361,12 +366,12 @@ impl Common {
     }
 
     fn stay(self, phase: Phase, step: Step) -> Transition {
-        (Next::Go(State::Sas(Box::new(Sas { c: self, phase }))), step)
+        (Next::Go(Box::new(Sas { c: self, phase })), step)
     }
 
-    fn refuse(self, phase: Phase, action: &'static str) -> Box<Refused> {
+    fn refuse(self, phase: Phase, action: &'static str) -> Box<Refused<Box<Sas>>> {
         let state = phase.name();
-        Refused::new(State::Sas(Box::new(Sas { c: self, phase })), ActionError::WrongState { action, state })
+        Refused::wrong_state(Box::new(Sas { c: self, phase }), state, action)
     }
 
     fn fail(&self, code: CancelCode, cause: LocalCause) -> Transition {
@@ -581,27 +586,10 @@ fn emoji_of(indices: Option<[u8; 7]>) -> Option<Vec<emoji::Emoji>> {
     indices.map(|i| i.iter().map(|&i| emoji::emoji(i)).collect())
 }
 
-/// ST-03, ST-05: of two colliding starts, the one from the smaller user ID wins; for one user, the
-/// one from the smaller device ID. Byte order of UTF-8 strings is code-point order.
-pub(crate) fn we_win_tie_break(ctx: &Ctx<'_>, their_device: &str) -> bool {
-    if ctx.own.user_id != ctx.other_user {
-        ctx.own.user_id.as_str() < ctx.other_user
-    } else {
-        ctx.own.device_id.as_str() < their_device
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::flow::testing::{self, *};
-
-    fn sas_of(state: State) -> Box<Sas> {
-        match state {
-            State::Sas(s) => s,
-            other => panic!("not SAS: {}", other.name()),
-        }
-    }
 
     fn only(step: &Step) -> Msg {
         match &sent(step)[..] {
@@ -632,13 +620,13 @@ mod tests {
         assert!(matches!(accept, Msg::Accept(_)), "in a request flow the start is accepted at once");
         let (a, step) = going(Box::new(a).on_message(accept, &mut alice.ctx()));
         let alice_key = only(&step);
-        let (b, step) = going(sas_of(b).on_message(alice_key, &mut bob.ctx()));
+        let (b, step) = going(b.on_message(alice_key, &mut bob.ctx()));
         let bob_key = only(&step);
         let bob_sees = shown(&step);
-        let (a, step) = going(sas_of(a).on_message(bob_key, &mut alice.ctx()));
+        let (a, step) = going(a.on_message(bob_key, &mut alice.ctx()));
         assert!(sent(&step).is_empty());
         assert_eq!(shown(&step), bob_sees, "both show the same emoji and numbers");
-        (sas_of(a), sas_of(b))
+        (a, b)
     }
 
     #[test]
@@ -648,24 +636,24 @@ mod tests {
         assert!(a.can_confirm() && b.can_confirm());
         let (a, step) = going(a.confirm(&mut alice.ctx()).unwrap());
         let alice_mac = only(&step);
-        assert_eq!(a.project(&alice.config).0, FlowPhase::SasConfirmed);
+        assert_eq!(a.project().0, FlowPhase::SasConfirmed);
         // Bob got Alice's MAC before his user confirmed: it is kept until then.
         let (b, step) = going(b.on_message(alice_mac, &mut bob.ctx()));
         assert!(sent(&step).is_empty());
-        let (b, step) = going(sas_of(b).confirm(&mut bob.ctx()).unwrap());
+        let (b, step) = going(b.confirm(&mut bob.ctx()).unwrap());
         let (bob_mac, bob_done) = match &sent(&step)[..] {
             [m @ Msg::Mac(_), Msg::Done] => ((*m).clone(), Msg::Done),
             other => panic!("{other:?}"),
         };
         assert!(matches!(&step.events[..], [Event::DoneSent { keys, .. }] if keys.len() == 2));
         assert!(b.done_sent());
-        let (a, step) = going(sas_of(a).on_message(bob_mac, &mut alice.ctx()));
+        let (a, step) = going(a.on_message(bob_mac, &mut alice.ctx()));
         assert_eq!(sent(&step), [&Msg::Done]);
         let Event::DoneSent { keys: announced, .. } = &step.events[0] else { panic!() };
         let announced = announced.clone();
-        let (how, _) = ending(sas_of(a).on_message(bob_done, &mut alice.ctx()));
+        let (how, _) = ending(a.on_message(bob_done, &mut alice.ctx()));
         assert!(matches!(how, How::Verified(keys) if keys == announced), "Done reports the announced keys");
-        let (how, _) = ending(sas_of(b).on_message(Msg::Done, &mut bob.ctx()));
+        let (how, _) = ending(b.on_message(Msg::Done, &mut bob.ctx()));
         assert!(matches!(how, How::Verified(keys) if keys.iter().any(|k| k.key == alice.own.ed25519)));
     }
 
@@ -680,7 +668,7 @@ mod tests {
         let (a, _) = going(Box::new(a).on_message(only(&step), &mut alice.ctx()));
         // Not the key Bob committed to.
         let other = EphemeralKey::from_random([9; 32]).public_b64();
-        let (how, _) = ending(sas_of(a).on_message(Msg::Key(other), &mut alice.ctx()));
+        let (how, _) = ending(a.on_message(Msg::Key(other), &mut alice.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch)));
     }
 
@@ -698,7 +686,7 @@ mod tests {
         let (b, step) = going(Box::new(b).on_start(a_start_msg, &raw(&a_start), &mut bob.ctx()));
         assert!(matches!(&sent(&step)[..], [Msg::Accept(_)]));
         assert!(matches!(&step.events[0], Event::Started { by_us: false, .. }));
-        assert!(!sas_of(b).c.we_start);
+        assert!(!b.c.we_start);
         // A start of another method is a collision of different methods.
         let (a, _) = Sas::start("B1".into(), Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap(), &mut alice.ctx());
         let recip = Start { from_device: "B1".into(), method: StartMethod::Reciprocate { secret: "AAAA".into() } };
@@ -730,11 +718,11 @@ mod tests {
         let (_, step) = going(a.confirm(&mut alice.ctx()).unwrap());
         let Msg::Mac(mac) = only(&step) else { panic!() };
         let (b, _) = going(b.on_message(Msg::Mac(mac.clone()), &mut bob.ctx()));
-        let (b, step) = going(sas_of(b).on_message(Msg::Mac(mac.clone()), &mut bob.ctx()));
+        let (b, step) = going(b.on_message(Msg::Mac(mac.clone()), &mut bob.ctx()));
         assert!(matches!(&step.events[..], [Event::Dropped { reason: DropReason::Duplicate, .. }]));
         let mut other = mac;
         other.keys = "AAAA".into();
-        let (how, _) = ending(sas_of(b).on_message(Msg::Mac(other), &mut bob.ctx()));
+        let (how, _) = ending(b.on_message(Msg::Mac(other), &mut bob.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::UnexpectedMessage, _)));
     }
 
@@ -744,11 +732,11 @@ mod tests {
         let (a, b) = exchanged(&mut alice, &mut bob);
         let (_, step) = going(a.confirm(&mut alice.ctx()).unwrap());
         let (b, _) = going(b.on_message(only(&step), &mut bob.ctx()));
-        let (b, _) = going(sas_of(b).confirm(&mut bob.ctx()).unwrap());
+        let (b, _) = going(b.confirm(&mut bob.ctx()).unwrap());
         assert!(b.done_sent());
         // Alice's device key changes in Bob's view before her done arrives.
         bob.their_keys.as_mut().unwrap().devices.insert("A1".into(), key(77));
-        let (how, _) = ending(sas_of(b).on_message(Msg::Done, &mut bob.ctx()));
+        let (how, _) = ending(b.on_message(Msg::Done, &mut bob.ctx()));
         assert!(matches!(how, How::Failed(CancelCode::KeyMismatch, LocalCause::KeysChangedAfterDone)));
     }
 
@@ -757,7 +745,7 @@ mod tests {
         let (mut alice, _) = alice_and_bob();
         let (a, _) = Sas::start("B1".into(), Pinned::pin(alice.their_keys.as_ref(), "B1").unwrap(), &mut alice.ctx());
         let refused = Box::new(a).confirm(&mut alice.ctx()).unwrap_err();
-        assert!(matches!(refused.error, ActionError::WrongState { action: "confirm", .. }));
-        assert!(matches!(refused.state, State::Sas(s) if !s.can_confirm()));
+        assert!(matches!(refused.error, crate::types::ActionError::WrongState { action: "confirm", .. }));
+        assert!(!refused.state.can_confirm());
     }
 }
