@@ -13,8 +13,8 @@ fn identity(user: &str, device: &str) -> OwnIdentity {
     OwnIdentity {
         user_id: user.into(),
         device_id: device.into(),
-        ed25519: b64::encode([device.len() as u8; 32]),
-        master_key: Some(b64::encode([7u8; 32])),
+        ed25519: Ed25519PublicKey::from_bytes([device.len() as u8; 32]),
+        master_key: Some(Ed25519PublicKey::from_bytes([7u8; 32])),
         trusts_master_key: true,
     }
 }
