@@ -91,10 +91,17 @@ pub struct UserKeyInfo {
 impl UserKeyInfo {
     /// The machine's view of these keys.
     pub fn for_machine(&self) -> mxverify_proto::UserKeys {
+        // Keys that are not 32 bytes of base64 cannot be verified: the machine does not see them.
+        let typed = |k: &String| k.parse::<mxverify_proto::Ed25519PublicKey>().ok();
         mxverify_proto::UserKeys {
-            devices: self.devices.iter().map(|(id, d)| (id.clone(), d.ed25519.clone())).collect(),
-            master_key: self.master_key.clone(),
-            other_cross_signing_keys: self.self_signing_key.iter().chain(&self.user_signing_key).cloned().collect(),
+            devices: self.devices.iter().filter_map(|(id, d)| Some((id.clone(), typed(&d.ed25519)?))).collect(),
+            master_key: self.master_key.as_ref().and_then(typed),
+            other_cross_signing_keys: self
+                .self_signing_key
+                .iter()
+                .chain(&self.user_signing_key)
+                .filter_map(typed)
+                .collect(),
         }
     }
 }

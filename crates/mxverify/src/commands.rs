@@ -601,7 +601,8 @@ impl Session {
             }
             Event::Ready { flow, other_device, methods } if self.ours(flow) => {
                 let label = self.label(flow);
-                ui.say(&format!("{label} Device {} is ready ({}).", clean(other_device), methods.join(", ")));
+                let names: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+                ui.say(&format!("{label} Device {} is ready ({}).", clean(other_device), names.join(", ")));
                 let we_requested = device.flow(flow).is_some_and(|f| f.we_requested);
                 if !ui.json && we_requested && self.method == "sas" && methods.iter().any(|m| m == "m.sas.v1") {
                     if let Err(e) = device.start_sas(flow).await {
@@ -695,7 +696,8 @@ impl Session {
         let Some(info) = device.flow(&flow) else { return };
         if info.cancel.is_none() && !info.verified {
             let label = self.label(&flow);
-            ui.say(&format!("  {label} (still waiting for your answer: {} left)", countdown(info.deadline, now_ms())));
+            let deadline = info.deadline.unwrap_or_default();
+            ui.say(&format!("  {label} (still waiting for your answer: {} left)", countdown(deadline, now_ms())));
         }
     }
 
@@ -800,6 +802,7 @@ fn describe(flow: &FlowKey) -> String {
             format!("to-device to {}, transaction {}", clean(user_id), clean(transaction_id))
         }
         FlowKey::Room { room_id, event_id } => format!("in room {}, event {}", clean(room_id), clean(event_id)),
+        other => clean(other.flow_id()),
     }
 }
 

@@ -5,7 +5,9 @@ use std::io::{self, Write};
 
 use mxverify_proto::loopback::{InFlight, Loopback, Side};
 use mxverify_proto::wire::Method;
-use mxverify_proto::{CancelCode, Config, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy};
+use mxverify_proto::{
+    CancelCode, Config, Ed25519PublicKey, Entropy, Event, FlowKey, KeyKind, Machine, OwnIdentity, SeededEntropy,
+};
 use serde_json::{Value, json};
 
 use crate::output::{self, Ending};
@@ -101,7 +103,7 @@ fn identity(p: &Person, entropy: &mut dyn Entropy) -> OwnIdentity {
     let key = |e: &mut dyn Entropy| {
         let mut seed = [0u8; 32];
         e.fill(&mut seed);
-        vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().to_base64()
+        Ed25519PublicKey::from_bytes(*vodozemac::Ed25519SecretKey::from_slice(&seed).public_key().as_bytes())
     };
     OwnIdentity {
         user_id: p.user.into(),
@@ -286,10 +288,7 @@ impl Demo<'_> {
             }
             _ => String::new(),
         };
-        let arrow = match from {
-            Side::A => "Alice → Bob  ",
-            Side::B => "Bob   → Alice",
-        };
+        let arrow = if from == Side::A { "Alice → Bob  " } else { "Bob   → Alice" };
         let warn = if altered { "   ⚠ altered in transit" } else { "" };
         self.say(&format!("  {arrow}  {:<28} {summary}{warn}", out.event_type))
     }
@@ -447,7 +446,7 @@ impl Demo<'_> {
                         .iter()
                         .map(|k| match k.kind {
                             KeyKind::Device => format!("the key of device {device_id}, {}", k.key),
-                            KeyKind::MasterKey => format!("the master key {}", k.key),
+                            _ => format!("the master key {}", k.key),
                         })
                         .collect::<Vec<_>>()
                         .join(" and ");

@@ -36,6 +36,7 @@ fn flow_json(flow: &FlowKey) -> Value {
         FlowKey::Room { room_id, event_id } => {
             json!({"flow_id": event_id, "transport": "room", "room": room_id})
         }
+        other => json!({"flow_id": other.flow_id()}),
     }
 }
 
@@ -79,7 +80,7 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
             "done",
             flow,
             json!({"verified_user": user_id, "verified_device": device_id,
-                   "keys": keys.iter().map(|k| json!({"key_id": k.key_id, "key": k.key, "kind": match k.kind { KeyKind::Device => "device", KeyKind::MasterKey => "master_key" }})).collect::<Vec<_>>()}),
+                   "keys": keys.iter().map(|k| json!({"key_id": k.key_id, "key": k.key, "kind": match k.kind { KeyKind::Device => "device", _ => "master_key" }})).collect::<Vec<_>>()}),
         ),
         Event::Cancelled { flow, info } => (
             "cancelled",
@@ -90,7 +91,7 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
         Event::KeysNeeded { user_id } => {
             return Some(with_device(device, json!({"event": "keys_needed", "user": user_id})));
         }
-        Event::Dropped { .. } => return None,
+        _ => return None,
     };
     Some(with_device(device, merge(merge(json!({"event": name}), flow_json(flow)), body)))
 }

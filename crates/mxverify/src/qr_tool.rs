@@ -36,7 +36,7 @@ pub fn decode(picture: Option<&Path>, base64: Option<&str>, json: bool, out: &mu
             "the master key",
             "the other device's key",
         ),
-        QrMode::SelfUntrusted => (
+        _ => (
             "0x02: self-verification, the displaying device does not trust the master key yet",
             "the displaying device's key",
             "the master key",

@@ -566,8 +566,8 @@ impl Device {
         let own = OwnIdentity {
             user_id: user_id.clone(),
             device_id: device_id.clone(),
-            ed25519: olm.ed25519(),
-            master_key: cross.public(MASTER),
+            ed25519: olm.ed25519().parse().map_err(|_| DeviceError::Corrupt("the device key".into()))?,
+            master_key: cross.public(MASTER).and_then(|k| k.parse().ok()),
             trusts_master_key: cross.get(MASTER).is_some(),
         };
         let config_flow_timeout = config.timeouts.flow;
@@ -1114,7 +1114,7 @@ impl Inner {
                 }
             }
             Event::Started { flow, method, .. } => {
-                st.methods.insert(flow.clone(), method.clone());
+                st.methods.insert(flow.clone(), method.to_string());
                 st.store.remove_pending(flow.flow_id())?;
             }
             Event::Ready { flow, other_device, .. } => {
@@ -1124,7 +1124,7 @@ impl Inner {
                     flow_id: flow.flow_id().to_owned(),
                     room_id: match flow {
                         FlowKey::Room { room_id, .. } => Some(room_id.clone()),
-                        FlowKey::ToDevice { .. } => None,
+                        _ => None,
                     },
                     other_user,
                     other_device: Some(other_device.clone()),
@@ -1142,10 +1142,10 @@ impl Inner {
                     st.store.add_trust(&TrustRecord {
                         user_id: user_id.clone(),
                         key_id: k.key_id.clone(),
-                        key: k.key.clone(),
+                        key: k.key.to_string(),
                         kind: match k.kind {
                             KeyKind::Device => "device".into(),
-                            KeyKind::MasterKey => "master_key".into(),
+                            _ => "master_key".into(),
                         },
                         device_id: device_id.clone(),
                         method: method.clone(),
@@ -1198,7 +1198,7 @@ impl Inner {
                 }
                 (false, KeyKind::MasterKey) => {
                     match st.known.get(user).and_then(|i| i.master_json.clone().zip(i.master_key.clone())) {
-                        Some((obj, msk)) if msk == k.key => (obj, k.key.clone()),
+                        Some((obj, msk)) if msk == k.key => (obj, k.key.to_string()),
                         _ => continue,
                     }
                 }
@@ -1325,6 +1325,7 @@ impl Inner {
         let (user, room) = match &out.destination {
             Destination::ToDevice { user_id, .. } => (user_id.clone(), None),
             Destination::Room { room_id } => (String::new(), Some(room_id.clone())),
+            _ => (String::new(), None),
         };
         let what = format!(
             "could not send {}{}: {e}",
@@ -1393,6 +1394,8 @@ impl Inner {
                 };
                 Ok(Some(event_id))
             }
+            // The core has no other destination; nothing to send for one it may add.
+            _ => Ok(None),
         }
     }
 
@@ -1477,12 +1480,12 @@ pub(crate) fn refresh_own_identity(st: &mut State, user_id: &str, device_id: &st
         Some(k) => held.as_ref() == Some(k) || st.store.is_trusted(user_id, k).unwrap_or(false),
         None => false,
     };
-    let ed25519 = st.olm.ed25519();
+    let Ok(ed25519) = st.olm.ed25519().parse() else { return };
     st.machine.set_own_identity(OwnIdentity {
         user_id: user_id.to_owned(),
         device_id: device_id.to_owned(),
         ed25519,
-        master_key,
+        master_key: master_key.and_then(|k| k.parse().ok()),
         trusts_master_key: trusts,
     });
 }
