@@ -642,6 +642,13 @@ impl Session {
                 ui.say(text.trim_end());
                 self.ask(ui, flow.clone(), Question::Compare);
             }
+            Event::IdentityChanged { user_id, old_master_key, new_master_key } => {
+                ui.say(&format!(
+                    "⚠ {}'s master key changed (was {old_master_key}, now {}): any verification with them in progress was stopped; verify them again.",
+                    clean(user_id),
+                    new_master_key.as_ref().map(ToString::to_string).unwrap_or_else(|| "none".into())
+                ));
+            }
             Event::Done { flow, user_id, device_id, keys } => {
                 let what = keys.iter().map(|k| k.key_id.as_str()).collect::<Vec<_>>().join(", ");
                 let label = self.label(flow);

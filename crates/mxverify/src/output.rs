@@ -76,11 +76,13 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
             ("qr", flow, json!({"payload": mxverify_proto::b64::encode(payload), "mode": mode}))
         }
         Event::QrScanned { flow } => ("qr_scanned", flow, json!({})),
-        Event::Done { flow, user_id, device_id, keys } => (
-            "done",
+        Event::Done { flow, user_id, device_id, keys } => {
+            ("done", flow, json!({"verified_user": user_id, "verified_device": device_id, "keys": keys_json(keys)}))
+        }
+        Event::DoneSent { flow, user_id, device_id, keys } => (
+            "done_sent",
             flow,
-            json!({"verified_user": user_id, "verified_device": device_id,
-                   "keys": keys.iter().map(|k| json!({"key_id": k.key_id, "key": k.key, "kind": match k.kind { KeyKind::Device => "device", _ => "master_key" }})).collect::<Vec<_>>()}),
+            json!({"verified_user": user_id, "verified_device": device_id, "keys": keys_json(keys)}),
         ),
         Event::Cancelled { flow, info } => (
             "cancelled",
@@ -91,9 +93,26 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
         Event::KeysNeeded { user_id } => {
             return Some(with_device(device, json!({"event": "keys_needed", "user": user_id})));
         }
+        Event::IdentityChanged { user_id, old_master_key, new_master_key } => {
+            let line = json!({"event": "identity_changed", "user": user_id, "old_master_key": old_master_key.to_string(),
+                              "new_master_key": new_master_key.as_ref().map(ToString::to_string)});
+            return Some(with_device(device, line));
+        }
         _ => return None,
     };
     Some(with_device(device, merge(merge(json!({"event": name}), flow_json(flow)), body)))
+}
+
+fn keys_json(keys: &[mxverify_proto::VerifiedKey]) -> Vec<Value> {
+    keys.iter()
+        .map(|k| {
+            let kind = match k.kind {
+                KeyKind::Device => "device",
+                _ => "master_key",
+            };
+            json!({"key_id": k.key_id, "key": k.key.to_string(), "kind": kind})
+        })
+        .collect()
 }
 
 fn with_device(device: Option<&str>, v: Value) -> Value {

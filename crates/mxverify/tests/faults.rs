@@ -480,6 +480,10 @@ fn kill_9_of_listen_at_each_stage_then_restart() {
                     })
                     .collect();
                 assert!(cancels.is_empty(), "{cancels:#?}");
+                // And what we verified was recorded before our `done` left: the trust record is
+                // there although the other side's `done` never reached us.
+                let trusted = sql(&dir, &format!("SELECT COUNT(*) FROM trust WHERE flow_id = '{flow}'"));
+                assert!(trusted >= 1, "no trust record for the flow whose done we sent");
                 verify_with(&mut again, &peer, &me, &dev);
                 assert_eq!(again.wait(), 0);
             }

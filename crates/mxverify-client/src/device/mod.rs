@@ -214,6 +214,8 @@ pub(crate) const HOLD_FOR_ROOM_KEY_MS: u64 = 10 * 60 * 1000;
 /// How soon the same user's keys are asked for again when nothing says they changed: a peer
 /// that names new devices of theirs over and over cannot keep us querying.
 const REQUERY_KEYS_MS: u64 = 10_000;
+/// How many messages may be on their way to the homeserver at once (from different flows).
+const SENDS_IN_FLIGHT: usize = 8;
 /// How long a to-device flow whose `done` we sent is remembered across restarts.
 const FINISHED_KEPT_MS: u64 = 10 * 60 * 1000;
 
@@ -982,17 +984,6 @@ impl Inner {
                 for r in &info.rejected {
                     notices.push(Notice::new("keys", format!("ignored a key of {user}: {r}")));
                 }
-                if let Some(previous) = st.known.get(user).and_then(|k| k.master_key.clone())
-                    && info.master_key.as_ref() != Some(&previous)
-                {
-                    notices.push(Notice::new(
-                        "identity_changed",
-                        format!(
-                            "{user}'s master key changed from {previous} to {}",
-                            info.master_key.as_deref().unwrap_or("none")
-                        ),
-                    ));
-                }
                 st.store.save_user_keys(user, &info)?;
                 st.machine.update_user_keys(user, info.for_machine(), now);
                 st.keys_asked_at.insert(user.clone(), now);
@@ -1075,11 +1066,9 @@ impl Inner {
         for event in events {
             match &event {
                 Event::KeysNeeded { user_id } => follow.push(Follow::Keys(user_id.clone())),
-                Event::Done { user_id, device_id, .. } => {
-                    follow.push(Follow::Upload);
-                    if *user_id == self.user_id {
-                        follow.push(Follow::OwnDevice(device_id.clone()));
-                    }
+                Event::DoneSent { .. } => follow.push(Follow::Upload),
+                Event::Done { user_id, device_id, .. } if *user_id == self.user_id => {
+                    follow.push(Follow::OwnDevice(device_id.clone()));
                 }
                 _ => {}
             }
@@ -1134,7 +1123,9 @@ impl Inner {
                 st.store.remove_pending(flow.flow_id())?;
                 st.store.remove_active(flow.flow_id())?;
             }
-            Event::Done { flow, user_id, device_id, keys } => {
+            // The outcome is recorded when our `done` is about to leave, not when theirs arrives: a
+            // device stopped in between keeps what it verified (the other side already trusts us).
+            Event::DoneSent { flow, user_id, device_id, keys } => {
                 st.store.remove_pending(flow.flow_id())?;
                 st.store.remove_active(flow.flow_id())?;
                 let method = st.methods.get(flow).cloned().unwrap_or_else(|| "m.sas.v1".into());
@@ -1160,6 +1151,13 @@ impl Inner {
                 // record, and uploaded until the homeserver has them.
                 if let Some(body) = self.signatures_for(st, user_id, keys) {
                     st.store.queue_upload(user_id, &body, now_ms())?;
+                }
+            }
+            Event::Done { flow, user_id, .. } => {
+                st.store.remove_pending(flow.flow_id())?;
+                st.store.remove_active(flow.flow_id())?;
+                if *user_id == self.user_id {
+                    refresh_own_identity(st, &self.user_id, &self.device_id);
                 }
             }
             _ => {}
@@ -1295,30 +1293,72 @@ impl Inner {
         self.flush();
     }
 
-    /// Delivers the machine's messages, one after another, in order. A message the homeserver
-    /// refuses ends its flow alone, reported; the sender goes on.
+    /// Delivers the machine's messages. Each flow's messages go out one after another, in order,
+    /// and so do all of one room's (its encryption ratchet allows nothing else); different flows
+    /// are delivered side by side, a few at a time, so that many verifications at once do not
+    /// queue behind each other. A message the homeserver refuses ends its flow alone, reported.
     async fn sender(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-        while let Some(mut out) = rx.recv().await {
-            if let Some(fault) = &self.test_fault {
-                apply_fault(fault, out.event_type, &mut out.content);
-            }
-            // The same outgoing id always gives the same transaction id, so a retried request
-            // is delivered once.
-            let txn = format!("mxv{}-{}", self.txn_prefix, out.id);
-            let result = self.send_one(&out, &txn).await;
-            match result {
-                Ok(Some(event_id)) if out.flow.is_none() && out.event_type == "m.room.message" => {
-                    let sent = self.lock().machine.room_event_sent(out.id, &event_id, now_ms());
-                    if let Err(e) = sent {
-                        self.notice(Notice::new("send", format!("the request's flow could not be opened: {e}")));
-                    }
-                    self.flush();
+        let slots = Arc::new(tokio::sync::Semaphore::new(SENDS_IN_FLIGHT));
+        let mut lanes: HashMap<String, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
+        while let Some(out) = rx.recv().await {
+            let lane = match (&out.destination, &out.flow) {
+                (Destination::Room { room_id }, _) => format!("room {room_id}"),
+                (_, Some(flow)) => format!("flow {}", flow.flow_id()),
+                _ => format!("message {}", out.id),
+            };
+            lanes.retain(|_, tx| !tx.is_closed());
+            let mut out = Some(out);
+            while let Some(o) = out.take() {
+                let tx = lanes.entry(lane.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(Inner::lane(self.clone(), rx, slots.clone()));
+                    tx
+                });
+                // A lane that just went idle and closed: open it again.
+                if let Err(mpsc::error::SendError(o)) = tx.send(o) {
+                    lanes.remove(&lane);
+                    out = Some(o);
                 }
-                Ok(_) => {}
-                Err(e) => self.send_failed(&out, e),
             }
-            self.unsent.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// One lane of the sender: its messages in order; it closes after a while without any.
+    async fn lane(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Outgoing>, slots: Arc<tokio::sync::Semaphore>) {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+            let Ok(Some(out)) = next else {
+                rx.close();
+                // Anything that slipped in before the close is still delivered.
+                while let Ok(out) = rx.try_recv() {
+                    self.deliver(out, &slots).await;
+                }
+                return;
+            };
+            self.deliver(out, &slots).await;
+        }
+    }
+
+    async fn deliver(&self, mut out: Outgoing, slots: &tokio::sync::Semaphore) {
+        let _slot = slots.acquire().await;
+        if let Some(fault) = &self.test_fault {
+            apply_fault(fault, out.event_type, &mut out.content);
+        }
+        // The same outgoing id always gives the same transaction id, so a retried request is
+        // delivered once.
+        let txn = format!("mxv{}-{}", self.txn_prefix, out.id);
+        match self.send_one(&out, &txn).await {
+            Ok(Some(event_id)) if out.flow.is_none() && out.event_type == "m.room.message" => {
+                let sent = self.lock().machine.room_event_sent(out.id, &event_id, now_ms());
+                if let Err(e) = sent {
+                    self.notice(Notice::new("send", format!("the request's flow could not be opened: {e}")));
+                }
+                self.flush();
+            }
+            Ok(_) => {}
+            Err(e) => self.send_failed(&out, e),
+        }
+        self.unsent.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn send_failed(&self, out: &Outgoing, e: DeviceError) {
