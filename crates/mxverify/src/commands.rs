@@ -115,6 +115,8 @@ pub struct Ui<'a> {
     pub out: &'a mut dyn Write,
     /// Where to also put a drawn QR code.
     pub qr_png: Option<PathBuf>,
+    /// The language of the emoji names (see [`output::language`]).
+    pub lang: Option<String>,
 }
 
 impl Ui<'_> {
@@ -542,7 +544,7 @@ impl Session {
                 if let (Goal::Flow(None), Event::RequestSent { flow }) = (&self.goal, &event) {
                     self.goal = Goal::Flow(Some(flow.clone()));
                 }
-                if let Some(v) = output::event_json(None, &event) {
+                if let Some(v) = output::event_json(None, &event, ui.lang.as_deref()) {
                     ui.line(v);
                 }
                 self.show(device, ui, &event).await;
@@ -633,7 +635,8 @@ impl Session {
                 let mut text = format!("{label} Compare with {who}'s device:\n");
                 if let Some(emoji) = emoji {
                     for (i, e) in emoji.iter().enumerate() {
-                        text.push_str(&format!("  {}  {}  {}\n", i + 1, e.symbol, e.description));
+                        let name = output::emoji_name(e, ui.lang.as_deref());
+                        text.push_str(&format!("  {}  {}  {}\n", i + 1, e.symbol, name));
                     }
                 }
                 if let Some(d) = decimals {

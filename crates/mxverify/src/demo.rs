@@ -67,6 +67,8 @@ pub struct DemoOptions {
     pub method: DemoMethod,
     /// Also write the QR code shown to this PNG file.
     pub qr_png: Option<std::path::PathBuf>,
+    /// The language of the emoji names (see [`output::language`]); English if `None`.
+    pub lang: Option<String>,
 }
 
 impl DemoOptions {
@@ -299,7 +301,7 @@ impl Demo<'_> {
             let (side, event) = self.net.events[self.seen].clone();
             self.seen += 1;
             if self.opts.json
-                && let Some(v) = output::event_json(Some(person(side).device), &event)
+                && let Some(v) = output::event_json(Some(person(side).device), &event, self.opts.lang.as_deref())
             {
                 self.line(v)?;
             }
@@ -406,7 +408,7 @@ impl Demo<'_> {
         let right = format!("Bob's {}", PEOPLE[1].device);
         self.say(&format!(
             "\nCompare — both screens now show:\n{}",
-            output::sas_side_by_side((&left, &ea), (&right, &eb))
+            output::sas_side_by_side((&left, &ea), (&right, &eb), self.opts.lang.as_deref())
         ))?;
         if let (Some(da), Some(db)) = (da, db) {
             self.say(&format!("      {:<26}{}\n", output::decimals(&da), output::decimals(&db)))?;

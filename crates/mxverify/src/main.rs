@@ -23,6 +23,10 @@ struct Cli {
     /// Element's do; encrypted ones are always understood).
     #[arg(long, global = true, env = "MXVERIFY_ENCRYPT_TO_DEVICE")]
     encrypt_to_device: bool,
+    /// The language of the emoji names, e.g. `de` or `pt_BR` (default: from LC_ALL, LC_MESSAGES
+    /// or LANG; English when there is no translation).
+    #[arg(long, global = true, value_name = "LANG")]
+    lang: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -194,7 +198,8 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let result = match cli.command {
         Command::Demo { scenario, transport, method, qr_png, seed } => {
-            let opts = DemoOptions { scenario, transport, json: cli.json, seed, method, qr_png };
+            let lang = mxverify::output::language(cli.lang.as_deref());
+            let opts = DemoOptions { scenario, transport, json: cli.json, seed, method, qr_png, lang };
             if let Err(e) = opts.check() {
                 eprintln!("mxverify: {e}");
                 return ExitCode::from(2);
@@ -213,7 +218,8 @@ fn main() -> ExitCode {
                     Command::Request { qr_png, .. } | Command::Listen { qr_png, .. } => qr_png.clone(),
                     _ => None,
                 };
-                let mut ui = commands::Ui { json: cli.json, out: &mut out, qr_png };
+                let lang = mxverify::output::language(cli.lang.as_deref());
+                let mut ui = commands::Ui { json: cli.json, out: &mut out, qr_png, lang };
                 match other {
                     Command::Login {
                         homeserver,

@@ -49,7 +49,8 @@ fn merge(mut base: Value, extra: Value) -> Value {
 
 /// The `--json` line for an event, or `None` for internal events that have no line.
 /// `device` names which local device saw it (the demo runs two).
-pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
+/// With a `lang`, each emoji also has `name_local`, its name in that language.
+pub fn event_json(device: Option<&str>, event: &Event, lang: Option<&str>) -> Option<Value> {
     let (name, flow, body) = match event {
         Event::IncomingRequest { flow, from_device, methods, common_methods, legacy, deadline } => (
             "request",
@@ -68,7 +69,13 @@ pub fn event_json(device: Option<&str>, event: &Event) -> Option<Value> {
             "sas",
             flow,
             json!({
-                "emoji": emoji.as_ref().map(|e| e.iter().map(|e| json!({"symbol": e.symbol, "name": e.description, "index": e.index})).collect::<Vec<_>>()),
+                "emoji": emoji.as_ref().map(|e| e.iter().map(|e| {
+                    let mut v = json!({"symbol": e.symbol, "name": e.description, "index": e.index});
+                    if let Some(l) = lang {
+                        v["name_local"] = json!(e.name_or_english(l));
+                    }
+                    v
+                }).collect::<Vec<_>>()),
                 "decimals": decimals,
             }),
         ),
@@ -122,11 +129,38 @@ fn with_device(device: Option<&str>, v: Value) -> Value {
     }
 }
 
+/// The language to show emoji names in: `--lang`, else `LC_ALL`, `LC_MESSAGES` or `LANG` (as
+/// POSIX sets them, e.g. `de_DE.UTF-8`); `None` for English (and for `C`/`POSIX`). The names come
+/// from the spec's translations; an emoji without a translation keeps its English name.
+pub fn language(arg: Option<&str>) -> Option<String> {
+    let raw = match arg {
+        Some(a) => a.to_owned(),
+        None => {
+            ["LC_ALL", "LC_MESSAGES", "LANG"].iter().filter_map(|v| std::env::var(v).ok()).find(|v| !v.is_empty())?
+        }
+    };
+    // `de_DE.UTF-8@euro` → `de_DE`.
+    let tag = raw.split(['.', '@']).next().unwrap_or_default().trim();
+    let english = tag.is_empty()
+        || tag == "C"
+        || tag == "POSIX"
+        || tag == "en"
+        || tag.starts_with("en_")
+        || tag.starts_with("en-");
+    (!english).then(|| tag.to_owned())
+}
+
+/// An emoji's name in `lang` (English without a language or a translation).
+pub fn emoji_name(e: &Emoji, lang: Option<&str>) -> &'static str {
+    lang.map_or(e.description, |l| e.name_or_english(l))
+}
+
 /// The seven emoji (or the numbers) as two aligned columns, one per device, for human mode.
-pub fn sas_side_by_side(left: (&str, &[Emoji]), right: (&str, &[Emoji])) -> String {
+pub fn sas_side_by_side(left: (&str, &[Emoji]), right: (&str, &[Emoji]), lang: Option<&str>) -> String {
     let mut out = format!("      {:<26}{}\n", left.0, right.0);
     for (i, (l, r)) in left.1.iter().zip(right.1).enumerate() {
-        out.push_str(&format!("  {}   {}  {:<22}{}  {}\n", i + 1, l.symbol, l.description, r.symbol, r.description));
+        let (ln, rn) = (emoji_name(l, lang), emoji_name(r, lang));
+        out.push_str(&format!("  {}   {}  {:<22}{}  {}\n", i + 1, l.symbol, ln, r.symbol, rn));
     }
     out
 }

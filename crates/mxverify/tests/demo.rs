@@ -7,7 +7,15 @@ use mxverify::output::Ending;
 use serde_json::Value;
 
 fn run(scenario: Scenario, transport: Transport, json: bool) -> (Ending, String) {
-    run_with(DemoOptions { scenario, transport, json, seed: Some(11), method: DemoMethod::Sas, qr_png: None })
+    run_with(DemoOptions {
+        scenario,
+        transport,
+        json,
+        seed: Some(11),
+        method: DemoMethod::Sas,
+        qr_png: None,
+        lang: None,
+    })
 }
 
 fn run_with(opts: DemoOptions) -> (Ending, String) {
@@ -116,6 +124,7 @@ fn random_keys_without_a_seed() {
         seed: None,
         method: DemoMethod::Sas,
         qr_png: None,
+        lang: None,
     };
     demo::run(opts.clone(), &mut a).unwrap();
     demo::run(opts, &mut b).unwrap();
@@ -133,8 +142,15 @@ fn qr_demo_scenarios() {
     ];
     for transport in [Transport::ToDevice, Transport::Room] {
         for (scenario, ending, code) in cases {
-            let opts =
-                DemoOptions { scenario, transport, json: true, seed: Some(3), method: DemoMethod::Qr, qr_png: None };
+            let opts = DemoOptions {
+                scenario,
+                transport,
+                json: true,
+                seed: Some(3),
+                method: DemoMethod::Qr,
+                qr_png: None,
+                lang: None,
+            };
             let (got, out) = run_with(opts);
             assert_eq!(got, ending, "{scenario:?}\n{out}");
             let lines = json_lines(&out);
@@ -171,6 +187,7 @@ fn qr_demo_draws_a_code_that_reads_back() {
         seed: Some(4),
         method: DemoMethod::Qr,
         qr_png: Some(png.clone()),
+        lang: None,
     };
     let (_, out) = run_with(opts.clone());
     let shown = json_lines(&out)
@@ -222,4 +239,36 @@ fn qr_tool_decodes_and_draws() {
     }
     let out = Command::new(exe).args(["demo", "--method", "qr", "--scenario", "wrong-mac"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn emoji_names_in_the_users_language() {
+    let opts = |json| DemoOptions {
+        scenario: Scenario::Verify,
+        transport: Transport::ToDevice,
+        json,
+        seed: Some(11),
+        method: DemoMethod::Sas,
+        qr_png: None,
+        lang: Some("de".into()),
+    };
+    let (_, out) = run_with(opts(true));
+    let sas = json_lines(&out).into_iter().find(|l| l["event"] == "sas").unwrap();
+    let emoji = sas["emoji"].as_array().unwrap();
+    for e in emoji {
+        let index = e["index"].as_u64().unwrap() as u8;
+        let entry = mxverify_proto::emoji::emoji(index);
+        assert_eq!(e["name"], entry.description, "the stable English name stays");
+        assert_eq!(e["name_local"], entry.name_or_english("de"));
+    }
+    assert!(emoji.iter().any(|e| e["name"] != e["name_local"]), "at least one is translated: {sas}");
+    // Human mode shows the German names.
+    let (_, human) = run_with(opts(false));
+    let first = emoji[0]["name_local"].as_str().unwrap();
+    assert!(human.contains(first), "{human}");
+    // The language comes from --lang, else the locale; English and C mean no translation.
+    assert_eq!(mxverify::output::language(Some("de_DE.UTF-8")).as_deref(), Some("de_DE"));
+    assert_eq!(mxverify::output::language(Some("pt_BR@x")).as_deref(), Some("pt_BR"));
+    assert_eq!(mxverify::output::language(Some("C")), None);
+    assert_eq!(mxverify::output::language(Some("en_GB.UTF-8")), None);
 }
