@@ -179,6 +179,19 @@ fn bad_input_at_the_edges() {
     assert_eq!(code, 7, "{err}");
     let (code, _, err) = run(&df, &["request", &frank, "--device", "NOSUCHDEVICE"]);
     assert_eq!(code, 7, "{err}");
+    // Our own devices verify to-device: a room for them is refused at once (it could never end).
+    let (code, _, err) = run(&df, &["request", &frank, "--room", "!any:localhost"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("to-device"), "{err}");
+    // A second process on the same device is refused, whatever the command, while one runs.
+    let mut l = Proc::spawn("frank", &df, &["listen"]);
+    l.expect("listening");
+    for args in [&["devices"][..], &["cross-signing", "status"], &["join", "!x:localhost"]] {
+        let (code, _, err) = run(&df, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("another mxverify process"), "{args:?}: {err}");
+    }
+    l.kill();
     // Nothing panicked anywhere.
     assert!(!err.contains("panicked"));
 }

@@ -1558,6 +1558,21 @@ mod tests {
     }
 
     #[test]
+    fn the_device_and_its_futures_can_move_between_threads() {
+        fn send<T: Send>(_: &T) {}
+        let device = offline_device();
+        // What a program spawns on a multi-threaded runtime: starting, waiting for events, acting.
+        send(&device.start());
+        send(&device.next_event());
+        let flow = FlowKey::ToDevice { user_id: "@a:x".into(), transaction_id: "t".into() };
+        send(&device.accept(&flow));
+        send(&device.request_in_dm("@a:x"));
+        send(&device.bootstrap_cross_signing(None, false));
+        let moved = std::thread::spawn(move || device.user_id().to_owned()).join().unwrap();
+        assert_eq!(moved, "@me:x");
+    }
+
+    #[test]
     fn a_server_that_did_not_answer_keeps_the_keys_we_knew() {
         let device = offline_device();
         let users = vec!["@peer:other".to_owned()];
