@@ -229,35 +229,24 @@ fn main() -> ExitCode {
                         device_id,
                         replace,
                         allow_insecure_http,
-                    } => match (access_token, user, password) {
-                        (Some(token), _, _) => {
-                            let credentials = mxverify_client::Credentials::AccessToken(token);
-                            commands::login(
-                                &dir,
-                                homeserver.as_deref(),
-                                credentials,
-                                replace,
-                                allow_insecure_http,
-                                &mut ui,
-                            )
-                            .await
+                    } => {
+                        let credentials = match (access_token, user, password) {
+                            (Some(token), _, _) => Some(mxverify_client::Credentials::AccessToken(token)),
+                            (None, Some(user), Some(password)) => {
+                                Some(mxverify_client::Credentials::Password { user, password, device_id })
+                            }
+                            _ => None,
+                        };
+                        match credentials {
+                            Some(c) => {
+                                let hs = homeserver.as_deref();
+                                commands::login(&dir, hs, c, replace, allow_insecure_http, &mut ui).await
+                            }
+                            None => Err(mxverify_client::DeviceError::Refused(
+                                "give --password (or MXVERIFY_PASSWORD), or --access-token".into(),
+                            )),
                         }
-                        (None, Some(user), Some(password)) => {
-                            let credentials = mxverify_client::Credentials::Password { user, password, device_id };
-                            commands::login(
-                                &dir,
-                                homeserver.as_deref(),
-                                credentials,
-                                replace,
-                                allow_insecure_http,
-                                &mut ui,
-                            )
-                            .await
-                        }
-                        _ => Err(mxverify_client::DeviceError::Refused(
-                            "give --password (or MXVERIFY_PASSWORD), or --access-token".into(),
-                        )),
-                    },
+                    }
                     Command::Request { user, device, dm, room, method, .. } => {
                         let target = match (device, dm, room) {
                             (_, _, Some(room)) => commands::Target::Room(room),

@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn sas(requester: &mut Proc, listener: &mut Proc) {
-    let flow = listener.expect("request")["flow_id"].as_str().unwrap().to_owned();
-    accept_and_compare(requester, listener, &flow);
-    confirm_both(requester, listener, &flow, Duration::from_secs(60));
-}
-
 #[test]
 fn olm_encrypted_to_device_verification_and_a_broken_session_repaired() {
     let carol = user("olm");

@@ -119,20 +119,5 @@ fn a_new_device_gets_the_keys_from_the_old_one_after_verifying_it_and_uses_them(
     accept_and_compare(&mut nr, &mut wl, &flow);
     confirm_both(&mut nr, &mut wl, &flow, Duration::from_secs(60));
     assert_eq!(nr.wait(), 0);
-    let token = raw_login(&u);
-    let q = api(Some(&token), "POST", "/_matrix/client/v3/keys/query", Some(json!({"device_keys": {w.clone(): []}})));
-    let usk = api(Some(&token), "POST", "/_matrix/client/v3/keys/query", Some(json!({"device_keys": {u.clone(): []}})))
-        ["user_signing_keys"][&u]["keys"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        q["master_keys"][&w]["signatures"][&u][format!("ed25519:{usk}")].is_string(),
-        "the new device signed {w}'s master key with the shared user-signing key: {q:#}"
-    );
+    assert!(master_key_signed_by(&u, &w), "the new device signed {w}'s master key with the shared user-signing key");
 }

@@ -333,16 +333,7 @@ fn a_new_mxverify_device_gets_the_keys_from_js_sdk_and_uses_them() {
     accept_and_compare(&mut mr, &mut wl, &f);
     confirm_both(&mut mr, &mut wl, &f, Duration::from_secs(60));
     assert_eq!(mr.wait(), 0);
-    let token = raw_login(&u);
-    let q = api(
-        Some(&token),
-        "POST",
-        "/_matrix/client/v3/keys/query",
-        Some(json!({"device_keys": {w.clone(): [], u.clone(): []}})),
-    );
-    let usk =
-        q["user_signing_keys"][&u]["keys"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_owned();
-    assert!(q["master_keys"][&w]["signatures"][&u][format!("ed25519:{usk}")].is_string(), "{q:#}");
+    assert!(master_key_signed_by(&u, &w), "the new device signed {w}'s master key");
 }
 
 #[test]

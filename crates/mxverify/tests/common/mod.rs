@@ -305,3 +305,31 @@ pub fn sql_text(dir: &std::path::Path, query: &str) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+/// Drives a SAS verification between a requester and a listener through `--json`, from the
+/// listener's `request` to both `done`s (returned: requester's, listener's).
+pub fn sas(requester: &mut Proc, listener: &mut Proc) -> (Value, Value) {
+    let req = listener.expect("request");
+    assert_eq!(req["direction"], "incoming");
+    let flow = req["flow_id"].as_str().unwrap().to_owned();
+    accept_and_compare(requester, listener, &flow);
+    confirm_both(requester, listener, &flow, Duration::from_secs(60))
+}
+
+/// Whether `user`'s master key carries a signature of `signer`'s user-signing key, as a new login
+/// of `signer` sees it on the server.
+pub fn master_key_signed_by(signer: &str, user: &str) -> bool {
+    let token = raw_login(signer);
+    let q = api(
+        Some(&token),
+        "POST",
+        "/_matrix/client/v3/keys/query",
+        Some(json!({"device_keys": {signer: [], user: []}})),
+    );
+    let Some(usk) =
+        q["user_signing_keys"][signer]["keys"].as_object().and_then(|k| k.values().next()).and_then(Value::as_str)
+    else {
+        return false;
+    };
+    q["master_keys"][user]["signatures"][signer][format!("ed25519:{usk}")].is_string()
+}
