@@ -20,11 +20,20 @@
 //!   the token, and [`Homeserver::new_checked`] refuses plain `http://` to anything but loopback.
 //! * **Discovery** of the homeserver from a server name ([`discover`]) and `whoami` for logging in
 //!   with an access token.
+//!
+//! Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+//! [Standard error response](https://spec.matrix.org/v1.19/client-server-api/#standard-error-response),
+//! [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting),
+//! [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers),
+//! [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris); each call links its endpoint.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The HTTP method of a call ([`Homeserver::call`]), re-exported from `reqwest`.
+///
+/// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards).
 pub use reqwest::Method;
 use reqwest::header::RETRY_AFTER;
 use reqwest::{StatusCode, Url};
@@ -32,6 +41,8 @@ use serde_json::{Value, json};
 
 /// The longest wait a homeserver may ask for (429/503) that is waited out by default; a longer
 /// one is returned as the error. See [`Homeserver::with_max_server_wait`].
+///
+/// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
 pub const DEFAULT_MAX_SERVER_WAIT: Duration = Duration::from_secs(600);
 
 /// The largest answer body read from a homeserver (a `/sync` of a busy account fits easily).
@@ -48,13 +59,24 @@ const LOGIN_PATH: &str = "/_matrix/client/v3/login";
 /// How deep an answer is built ([`parse_json`]); what lies deeper is replaced by [`TOO_DEEP`].
 /// Every structure of the Client-Server API lies far above it; serde_json refuses a whole
 /// document nested deeper than 128 levels.
+///
+/// Serves: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (every answer is a JSON
+/// object; this bounds how deep one is read).
 pub const MAX_DEPTH: usize = 64;
 
 /// What stands in for a value nested deeper than [`MAX_DEPTH`] in a parsed answer. Whoever reads
 /// an item that contains it (an event, a key) refuses that item alone.
+///
+/// Serves: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (every answer is a JSON
+/// object; this bounds how deep one is read).
 pub const TOO_DEEP: &str = "(nested too deep: left out by mxverify)";
 
 /// A failure talking to the homeserver.
+///
+/// Spec: [Standard error response](https://spec.matrix.org/v1.19/client-server-api/#standard-error-response),
+/// [Common error codes](https://spec.matrix.org/v1.19/client-server-api/#common-error-codes),
+/// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting),
+/// [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris).
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     /// The homeserver could not be reached (after retries): no usable answer came back.
@@ -133,6 +155,8 @@ pub enum HttpError {
 
 impl HttpError {
     /// The Matrix `errcode`, if any.
+    ///
+    /// Spec: [Standard error response](https://spec.matrix.org/v1.19/client-server-api/#standard-error-response).
     pub fn errcode(&self) -> Option<&str> {
         match self {
             Self::Matrix { errcode, .. } => Some(errcode),
@@ -141,6 +165,8 @@ impl HttpError {
     }
 
     /// The HTTP status of an error answer, if there was one.
+    ///
+    /// Spec: [Standard error response](https://spec.matrix.org/v1.19/client-server-api/#standard-error-response).
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Matrix { status, .. } => Some(*status),
@@ -149,6 +175,9 @@ impl HttpError {
     }
 
     /// The call that failed, as `METHOD /path`, if the failure belongs to one.
+    ///
+    /// Serves: [Standard error response](https://spec.matrix.org/v1.19/client-server-api/#standard-error-response) (it
+    /// says which call an error answer belongs to).
     pub fn endpoint(&self) -> Option<&str> {
         match self {
             Self::Unreachable { endpoint, .. }
@@ -160,12 +189,17 @@ impl HttpError {
 
     /// The access token is not (or no longer) accepted, or none was sent: `M_UNKNOWN_TOKEN` or
     /// `M_MISSING_TOKEN`. Never retried; the device must log in again (exit code 8).
+    ///
+    /// Spec: [Using access tokens](https://spec.matrix.org/v1.19/client-server-api/#using-access-tokens),
+    /// [Common error codes](https://spec.matrix.org/v1.19/client-server-api/#common-error-codes).
     pub fn is_unknown_token(&self) -> bool {
         matches!(self.errcode(), Some("M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN"))
     }
 
     /// `M_UNKNOWN_TOKEN` with `soft_logout: true`: logging in again with the same device ID keeps
     /// the device's keys usable.
+    ///
+    /// Spec: [Soft logout](https://spec.matrix.org/v1.19/client-server-api/#soft-logout).
     pub fn is_soft_logout(&self) -> bool {
         match self {
             Self::Matrix { errcode, body, .. } => errcode == "M_UNKNOWN_TOKEN" && body["soft_logout"] == json!(true),
@@ -176,6 +210,8 @@ impl HttpError {
     /// `POST /login` refused the credentials (`M_FORBIDDEN`): a wrong user name or password. An
     /// `M_FORBIDDEN` from any other call (a room refusing a message, a wrong password in
     /// user-interactive auth) is not this.
+    ///
+    /// Spec: [`POST /login`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3login).
     pub fn is_login_refused(&self) -> bool {
         match self {
             Self::Matrix { errcode, endpoint, .. } => {
@@ -186,11 +222,15 @@ impl HttpError {
     }
 
     /// Rate limited (HTTP 429 or `M_LIMIT_EXCEEDED`); see [`HttpError::retry_after`].
+    ///
+    /// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn is_rate_limited(&self) -> bool {
         matches!(self, Self::Matrix { status: 429, .. }) || self.errcode() == Some("M_LIMIT_EXCEEDED")
     }
 
     /// The wait the homeserver asked for, if it answered 429/503 with one.
+    ///
+    /// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Matrix { retry_after, .. } => *retry_after,
@@ -199,17 +239,26 @@ impl HttpError {
     }
 
     /// No answer came back from the homeserver ([`HttpError::Unreachable`]).
+    ///
+    /// Serves: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (a call that got no
+    /// answer at all).
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Self::Unreachable { .. })
     }
 
     /// A non-idempotent call may or may not have taken effect ([`HttpError::OutcomeUnknown`]).
+    ///
+    /// Serves: [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers) (a
+    /// call without a transaction ID cannot be repeated safely).
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Self::OutcomeUnknown { .. })
     }
 }
 
 /// What the spec's server discovery says to do after a failure (see [`discover`]).
+///
+/// Spec: [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (`FAIL_PROMPT`,
+/// `FAIL_ERROR`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscoveryFailure {
     /// `FAIL_PROMPT`: the server name published no usable discovery data; ask the user for the
@@ -221,6 +270,9 @@ pub enum DiscoveryFailure {
 }
 
 /// Whether sending a request twice is harmless, which decides when it may be retried.
+///
+/// Spec: [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers),
+/// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Idempotency {
     /// Sending it twice has the effect of sending it once: GETs, PUTs with a transaction ID, and
@@ -236,6 +288,9 @@ pub enum Idempotency {
 
 impl Idempotency {
     /// The default for a method: POST and PATCH are not idempotent, everything else is.
+    ///
+    /// Serves: [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers) (the
+    /// default for calls that carry none).
     pub fn of_method(method: &Method) -> Self {
         if *method == Method::POST || *method == Method::PATCH { Self::NotIdempotent } else { Self::Idempotent }
     }
@@ -244,6 +299,8 @@ impl Idempotency {
 /// Retry policy for connection errors, timeouts and 5xx: exponential backoff from `initial`,
 /// capped at `max`. A wait the homeserver asks for (429/503) is honoured in full instead, whatever
 /// `max` says (up to [`Homeserver::with_max_server_wait`]).
+///
+/// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retry {
     /// Attempts in all (at least 1); [`Retry::FOREVER`] (`u32::MAX`) never gives up.
@@ -262,15 +319,24 @@ impl Default for Retry {
 
 impl Retry {
     /// `attempts` meaning "never give up".
+    ///
+    /// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (a device keeps syncing through
+    /// outages).
     pub const FOREVER: u32 = u32::MAX;
 
     /// Never gives up on connection errors, timeouts, 5xx and 429 (idempotent calls), backing
     /// off from 250 ms to 30 s. Answers that are errors in themselves (4xx) still end the call.
+    ///
+    /// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (a device keeps syncing through
+    /// outages); waits follow [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn forever() -> Self {
         Self { attempts: Self::FOREVER, initial: Duration::from_millis(250), max: Duration::from_secs(30) }
     }
 
     /// This policy never gives up.
+    ///
+    /// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (a device keeps syncing through
+    /// outages).
     pub fn is_forever(&self) -> bool {
         self.attempts == Self::FOREVER
     }
@@ -278,6 +344,9 @@ impl Retry {
 
 /// The reachability of the homeserver during a resilient call ([`Homeserver::sync_resilient`],
 /// [`Homeserver::call_resilient`]).
+///
+/// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (the long poll's view of the
+/// homeserver); rate limits are [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Connectivity {
     /// An attempt failed (no answer, 5xx, or rate limited): reported before every wait.
@@ -318,6 +387,21 @@ impl fmt::Display for Connectivity {
 /// A homeserver and (once logged in) an access token.
 ///
 /// `Debug` shows the base URL and whether there is a token, never the token itself.
+///
+/// ```
+/// use mxverify_client::{Homeserver, HttpError};
+///
+/// // https, or plain http to this machine only (nothing is sent here).
+/// let hs = Homeserver::new_checked("https://matrix.example.org/", None, false)?;
+/// assert_eq!(hs.base(), "https://matrix.example.org");
+/// assert!(Homeserver::new_checked("http://127.0.0.1:8008", None, false).is_ok());
+/// let insecure = Homeserver::new_checked("http://matrix.example.org", None, false);
+/// assert!(matches!(insecure, Err(HttpError::Insecure { .. })));
+/// # Ok::<(), HttpError>(())
+/// ```
+///
+/// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+/// [Using access tokens](https://spec.matrix.org/v1.19/client-server-api/#using-access-tokens).
 #[derive(Clone)]
 pub struct Homeserver {
     base: String,
@@ -371,6 +455,9 @@ fn is_loopback_host(host: &str) -> bool {
 
 /// Checks a homeserver base URL and returns it normalised, without a trailing `/`: `https://`, or
 /// `http://` to loopback (or anywhere with `allow_insecure`); no query, fragment or credentials.
+///
+/// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (HTTPS recommended, plain HTTP
+/// for tests), [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (the base URL).
 pub fn check_base_url(base: &str, allow_insecure: bool) -> Result<String, HttpError> {
     let bad = |reason: &str| HttpError::BadUrl { url: clean(base, 200), reason: reason.to_owned() };
     let url = Url::parse(base.trim()).map_err(|e| bad(&e.to_string()))?;
@@ -533,6 +620,9 @@ async fn read_bounded(resp: &mut reqwest::Response, limit: usize) -> Result<(Vec
 /// than [`MAX_DEPTH`] is skipped (without recursion, however deep it goes) and replaced by
 /// [`TOO_DEEP`]. Anyone can make the homeserver pass on an event nested a thousand levels deep; a
 /// parser that refused the whole `/sync` answer for it would refuse the same answer for ever.
+///
+/// Serves: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (every answer is a JSON
+/// object).
 pub fn parse_json(bytes: &[u8]) -> serde_json::Result<Value> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -615,12 +705,18 @@ impl Homeserver {
     ///
     /// New code should use [`Homeserver::new_checked`], which refuses plain `http://` to another
     /// machine and URLs that are not homeserver base URLs.
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+    /// [Using access tokens](https://spec.matrix.org/v1.19/client-server-api/#using-access-tokens).
     pub fn new(base: &str, token: Option<String>) -> Self {
         Self::with_client(base.trim_end_matches('/').to_owned(), token, false)
     }
 
     /// A client for `base`, checked by [`check_base_url`]: `https://`, or `http://` only to this
     /// machine (`localhost`, 127.0.0.0/8, `::1`) unless `allow_insecure`.
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (HTTPS recommended, plain
+    /// HTTP for tests), [Using access tokens](https://spec.matrix.org/v1.19/client-server-api/#using-access-tokens).
     pub fn new_checked(base: &str, token: Option<String>, allow_insecure: bool) -> Result<Self, HttpError> {
         let base = check_base_url(base, allow_insecure)?;
         // Without allow_insecure an https homeserver cannot redirect us to plain http either.
@@ -638,6 +734,8 @@ impl Homeserver {
     }
 
     /// Changes the retry policy.
+    ///
+    /// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn with_retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
         self
@@ -646,22 +744,31 @@ impl Homeserver {
     /// The longest wait a homeserver may ask for (429/503) that a call waits out (10 minutes by
     /// default); a longer one ends the call with the error ([`HttpError::retry_after`]). Resilient
     /// calls wait out any.
+    ///
+    /// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn with_max_server_wait(mut self, max: Duration) -> Self {
         self.max_server_wait = max;
         self
     }
 
     /// The retry policy.
+    ///
+    /// Spec: [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub fn retry(&self) -> Retry {
         self.retry
     }
 
     /// The base URL.
+    ///
+    /// Spec: [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (the homeserver base
+    /// URL).
     pub fn base(&self) -> &str {
         &self.base
     }
 
     /// Sets the access token.
+    ///
+    /// Spec: [Using access tokens](https://spec.matrix.org/v1.19/client-server-api/#using-access-tokens).
     pub fn set_token(&mut self, token: String) {
         self.token = Some(token);
     }
@@ -669,6 +776,10 @@ impl Homeserver {
     /// One request with retries. `timeout` bounds each attempt (long polls pass a longer one).
     /// POST (and PATCH) are taken as not idempotent, other methods as idempotent; see
     /// [`Homeserver::call_with`] to say otherwise.
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+    /// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting),
+    /// [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers).
     pub async fn call(
         &self,
         method: Method,
@@ -681,6 +792,10 @@ impl Homeserver {
     }
 
     /// One request with retries as its [`Idempotency`] allows.
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+    /// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting),
+    /// [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers).
     pub async fn call_with(
         &self,
         method: Method,
@@ -699,6 +814,10 @@ impl Homeserver {
     /// [`Connectivity::Unreachable`] before the wait, and the first answer after one as
     /// [`Connectivity::Back`]. Ends with the result, or with an error answer (4xx, such as
     /// [`HttpError::is_unknown_token`]).
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards),
+    /// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting),
+    /// [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers).
     pub async fn call_resilient(
         &self,
         method: Method,
@@ -834,6 +953,8 @@ impl Homeserver {
     }
 
     /// `GET /_matrix/client/versions`: is this a homeserver at all?
+    ///
+    /// Spec: [`GET /_matrix/client/versions`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientversions).
     pub async fn versions(&self) -> Result<Value, HttpError> {
         self.get("/_matrix/client/versions").await
     }
@@ -843,6 +964,8 @@ impl Homeserver {
     /// Not idempotent (each login makes a device): retried only when the request certainly did not
     /// reach the homeserver, or it answered 429/503. Wrong credentials are
     /// [`HttpError::is_login_refused`].
+    ///
+    /// Spec: [`POST /login`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3login).
     pub async fn login(
         &self,
         user: &str,
@@ -866,6 +989,8 @@ impl Homeserver {
 
     /// `GET /account/whoami`: the user (and device, if the token belongs to one) of the access
     /// token, for logging in with an existing token.
+    ///
+    /// Spec: [`GET /account/whoami`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3accountwhoami).
     pub async fn whoami(&self) -> Result<(String, Option<String>), HttpError> {
         let v = self.get("/_matrix/client/v3/account/whoami").await?;
         let user = v["user_id"]
@@ -876,6 +1001,8 @@ impl Homeserver {
     }
 
     /// `POST /user/{user}/filter`: returns the filter id. (Repeating it only makes another filter.)
+    ///
+    /// Spec: [`POST /user/{userId}/filter`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3useruseridfilter).
     pub async fn create_filter(&self, user: &str, filter: &Value) -> Result<String, HttpError> {
         let v = self.post_idempotent(&format!("/_matrix/client/v3/user/{}/filter", enc(user)), filter).await?;
         v["filter_id"].as_str().map(str::to_owned).ok_or_else(|| HttpError::Malformed("filter: no filter_id".into()))
@@ -890,6 +1017,8 @@ impl Homeserver {
     }
 
     /// `GET /sync`, long-polling up to `timeout_ms`.
+    ///
+    /// Spec: [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync).
     pub async fn sync(&self, since: Option<&str>, filter: &str, timeout_ms: u64) -> Result<Value, HttpError> {
         let path = Self::sync_path(since, filter, timeout_ms);
         self.call(Method::GET, &path, None, Duration::from_millis(timeout_ms) + Duration::from_secs(30)).await
@@ -899,6 +1028,9 @@ impl Homeserver {
     /// and 429, and reports each failed attempt and the recovery to `on_state` (see
     /// [`Homeserver::call_resilient`]). Returns the sync, or an error answer such as an unknown
     /// token.
+    ///
+    /// Spec: [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync),
+    /// [Rate limiting](https://spec.matrix.org/v1.19/client-server-api/#rate-limiting).
     pub async fn sync_resilient(
         &self,
         since: Option<&str>,
@@ -912,12 +1044,18 @@ impl Homeserver {
     }
 
     /// `PUT /sendToDevice/{type}/{txn}`: the transaction id makes a retry idempotent.
+    ///
+    /// Spec: [`PUT /sendToDevice/{eventType}/{txnId}`](https://spec.matrix.org/v1.19/client-server-api/#put_matrixclientv3sendtodeviceeventtypetxnid),
+    /// [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers).
     pub async fn send_to_device(&self, event_type: &str, txn: &str, messages: &Value) -> Result<(), HttpError> {
         let path = format!("/_matrix/client/v3/sendToDevice/{}/{}", enc(event_type), enc(txn));
         self.put(&path, &json!({ "messages": messages })).await.map(drop)
     }
 
     /// `PUT /rooms/{room}/send/{type}/{txn}`; returns the event ID.
+    ///
+    /// Spec: [`PUT /rooms/{roomId}/send/{eventType}/{txnId}`](https://spec.matrix.org/v1.19/client-server-api/#put_matrixclientv3roomsroomidsendeventtypetxnid),
+    /// [Transaction identifiers](https://spec.matrix.org/v1.19/client-server-api/#transaction-identifiers).
     pub async fn room_send(
         &self,
         room: &str,
@@ -935,6 +1073,9 @@ impl Homeserver {
     /// so the room is encrypted before anyone is invited.
     ///
     /// Not idempotent (a repeat makes a second room): see [`Idempotency::NotIdempotent`].
+    ///
+    /// Spec: [`POST /createRoom`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3createroom),
+    /// [Direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging).
     pub async fn create_dm(&self, user: &str) -> Result<String, HttpError> {
         let body = json!({
             "invite": [user],
@@ -952,17 +1093,23 @@ impl Homeserver {
     }
 
     /// `GET /rooms/{room}/state/{type}/{state_key}`: one state event's content (404 if absent).
+    ///
+    /// Spec: [`GET /rooms/{roomId}/state/{eventType}/{stateKey}`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3roomsroomidstateeventtypestatekey).
     pub async fn room_state(&self, room: &str, event_type: &str, state_key: &str) -> Result<Value, HttpError> {
         self.get(&format!("/_matrix/client/v3/rooms/{}/state/{}/{}", enc(room), enc(event_type), enc(state_key))).await
     }
 
     /// `GET /joined_rooms`.
+    ///
+    /// Spec: [`GET /joined_rooms`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3joined_rooms).
     pub async fn joined_rooms(&self) -> Result<Vec<String>, HttpError> {
         let v = self.get("/_matrix/client/v3/joined_rooms").await?;
         Ok(v["joined_rooms"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect())
     }
 
     /// `GET /user/{user}/account_data/{type}`; `None` if there is none.
+    ///
+    /// Spec: [`GET /user/{userId}/account_data/{type}`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3useruseridaccount_datatype).
     pub async fn account_data(&self, user: &str, event_type: &str) -> Result<Option<Value>, HttpError> {
         match self.get(&format!("/_matrix/client/v3/user/{}/account_data/{}", enc(user), enc(event_type))).await {
             Ok(v) => Ok(Some(v)),
@@ -972,6 +1119,8 @@ impl Homeserver {
     }
 
     /// `PUT /user/{user}/account_data/{type}`.
+    ///
+    /// Spec: [`PUT /user/{userId}/account_data/{type}`](https://spec.matrix.org/v1.19/client-server-api/#put_matrixclientv3useruseridaccount_datatype).
     pub async fn set_account_data(&self, user: &str, event_type: &str, content: &Value) -> Result<(), HttpError> {
         self.put(&format!("/_matrix/client/v3/user/{}/account_data/{}", enc(user), enc(event_type)), content)
             .await
@@ -980,28 +1129,38 @@ impl Homeserver {
 
     /// `POST /keys/claim` for one-time keys: `wanted` maps user → device → algorithm. (A repeat
     /// claims other keys of the same devices, which is harmless.)
+    ///
+    /// Spec: [`POST /keys/claim`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysclaim).
     pub async fn keys_claim(&self, wanted: &Value) -> Result<Value, HttpError> {
         self.post_idempotent("/_matrix/client/v3/keys/claim", &json!({"one_time_keys": wanted, "timeout": 10_000}))
             .await
     }
 
     /// `POST /join/{room}` (joining twice is joining once).
+    ///
+    /// Spec: [`POST /join/{roomIdOrAlias}`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3joinroomidoralias).
     pub async fn join(&self, room: &str) -> Result<(), HttpError> {
         self.post_idempotent(&format!("/_matrix/client/v3/join/{}", enc(room)), &json!({})).await.map(drop)
     }
 
     /// `GET /joined_members` of a room.
+    ///
+    /// Spec: [`GET /rooms/{roomId}/joined_members`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3roomsroomidjoined_members).
     pub async fn joined_members(&self, room: &str) -> Result<Vec<String>, HttpError> {
         let v = self.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room))).await?;
         Ok(v["joined"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default())
     }
 
     /// `POST /keys/upload` (the same keys under the same IDs are accepted again).
+    ///
+    /// Spec: [`POST /keys/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysupload).
     pub async fn keys_upload(&self, body: &Value) -> Result<Value, HttpError> {
         self.post_idempotent("/_matrix/client/v3/keys/upload", body).await
     }
 
     /// `POST /keys/query` for some users (a read).
+    ///
+    /// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery).
     pub async fn keys_query(&self, users: &[&str]) -> Result<Value, HttpError> {
         let map: serde_json::Map<String, Value> = users.iter().map(|u| ((*u).to_owned(), json!([]))).collect();
         self.post_idempotent("/_matrix/client/v3/keys/query", &json!({ "device_keys": map })).await
@@ -1014,6 +1173,9 @@ impl Homeserver {
     /// unknown token), and the spec has a homeserver answer a repeat of a completed UIA stage with
     /// the result or a 401, never by acting twice. A wrong password comes back as a 401 with
     /// `M_FORBIDDEN`, which is not [`HttpError::is_login_refused`].
+    ///
+    /// Spec: [`POST /keys/device_signing/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysdevice_signingupload),
+    /// [User-interactive authentication API](https://spec.matrix.org/v1.19/client-server-api/#user-interactive-authentication-api).
     pub async fn upload_cross_signing(
         &self,
         body: &Value,
@@ -1042,6 +1204,8 @@ impl Homeserver {
 
     /// `POST /keys/signatures/upload`; fails if the server rejected any signature. (The same
     /// signatures again change nothing.)
+    ///
+    /// Spec: [`POST /keys/signatures/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keyssignaturesupload).
     pub async fn upload_signatures(&self, body: &Value) -> Result<(), HttpError> {
         let v = self.post_idempotent("/_matrix/client/v3/keys/signatures/upload", body).await?;
         match v.get("failures").and_then(Value::as_object) {
@@ -1055,6 +1219,10 @@ impl Homeserver {
 
 /// The server name of a user ID (`@alice:example.org` → `example.org`): everything after the
 /// first colon, if the ID looks like one.
+///
+/// Spec: [User identifiers](https://spec.matrix.org/v1.19/appendices/#user-identifiers),
+/// [Server name](https://spec.matrix.org/v1.19/appendices/#server-name),
+/// [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (step 1).
 pub fn server_name_of(user_id: &str) -> Option<&str> {
     let (local, server) = user_id.strip_prefix('@')?.split_once(':')?;
     (!local.is_empty() && !server.is_empty()).then_some(server)
@@ -1063,6 +1231,9 @@ pub fn server_name_of(user_id: &str) -> Option<&str> {
 /// The hostname of a server name (`example.org:8448` → `example.org`, `[::1]:8448` → `[::1]`),
 /// checked against the spec's grammar: an IPv4 address or a DNS name (letters, digits, `-`, `.`),
 /// or an IPv6 address in brackets, then an optional port of 1 to 5 digits.
+///
+/// Spec: [Server name](https://spec.matrix.org/v1.19/appendices/#server-name),
+/// [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (step 2).
 pub fn hostname_of(server_name: &str) -> Option<&str> {
     let end = if server_name.starts_with('[') {
         let end = server_name.find(']')? + 1;
@@ -1117,6 +1288,8 @@ pub async fn discover(server_name: &str) -> Result<String, HttpError> {
 /// well-known file: for tests, and for a server name whose well-known file is served elsewhere.
 /// Plain `http://` is accepted for `origin` and the discovered homeserver if they are on this
 /// machine, or anywhere with `allow_insecure`.
+///
+/// Spec: [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris).
 pub async fn discover_from(server_name: &str, origin: &str, allow_insecure: bool) -> Result<String, HttpError> {
     let origin = check_base_url(origin, allow_insecure)?;
     discover_inner(server_name, &origin, &origin, allow_insecure).await

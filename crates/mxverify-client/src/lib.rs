@@ -2,6 +2,14 @@
 //! A Matrix device for mxverify: the Client-Server API calls verification needs (with retries),
 //! a SQLite store, signed device keys, cross-signing, and the glue that drives
 //! [`mxverify_proto::Machine`] from `/sync`.
+//!
+//! Spec: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption),
+//! [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification),
+//! [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+//! [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets),
+//! [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing); the verification messages themselves
+//! ([Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)) are
+//! [`mxverify_proto`]'s.
 
 pub mod cross_signing;
 pub mod device;
