@@ -11,13 +11,48 @@ use crate::keys::{self, UserKeyInfo};
 /// The secret name of the master key ([spec: secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets)).
 pub const MASTER: &str = "m.cross_signing.master";
 /// The secret name of the self-signing key.
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets).
 pub const SELF_SIGNING: &str = "m.cross_signing.self_signing";
 /// The secret name of the user-signing key.
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets).
 pub const USER_SIGNING: &str = "m.cross_signing.user_signing";
 /// The three, in the order they are asked for and stored.
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets).
 pub const SECRET_NAMES: [&str; 3] = [MASTER, SELF_SIGNING, USER_SIGNING];
 
 /// Some or all of the three private keys.
+///
+/// ```
+/// use mxverify_client::cross_signing::{self, CrossSigningKeys, MASTER, SELF_SIGNING};
+/// use mxverify_client::keys;
+///
+/// let held = CrossSigningKeys::generate();
+/// assert!(held.is_complete());
+///
+/// // What `/keys/device_signing/upload` gets: the self-signing key is signed by the master key.
+/// let user = "@alice:example.org";
+/// let body = held.upload_body(user).unwrap();
+/// let master = held.public(MASTER).unwrap();
+/// assert!(keys::has_valid_signature(&body["self_signing_key"], user, &master, &master));
+///
+/// // The stored form keeps every key.
+/// let restored = CrossSigningKeys::from_json(&held.to_json()).unwrap();
+/// assert_eq!(restored.public(SELF_SIGNING), held.public(SELF_SIGNING));
+///
+/// // A secret that arrives is used only if it matches the published public key.
+/// let secret = held.secret(MASTER).unwrap();
+/// assert!(cross_signing::key_matching(MASTER, &secret, Some(&master)).is_ok());
+/// assert!(cross_signing::key_matching(MASTER, &secret, held.public(SELF_SIGNING).as_deref()).is_err());
+/// ```
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
 #[derive(Default)]
 pub struct CrossSigningKeys {
     master: Option<Ed25519SecretKey>,
@@ -46,6 +81,8 @@ fn usage(name: &str) -> &'static str {
 
 impl CrossSigningKeys {
     /// Three new keys.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn generate() -> Self {
         Self {
             master: Some(Ed25519SecretKey::new()),
@@ -64,11 +101,15 @@ impl CrossSigningKeys {
     }
 
     /// One key by its secret name.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn get(&self, name: &str) -> Option<&Ed25519SecretKey> {
         self.slot(name).and_then(Option::as_ref)
     }
 
     /// Stores one key by its secret name (an unknown name is ignored).
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn set(&mut self, name: &str, key: Ed25519SecretKey) {
         match name {
             MASTER => self.master = Some(key),
@@ -79,31 +120,45 @@ impl CrossSigningKeys {
     }
 
     /// The public key of one of them, if held.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn public(&self, name: &str) -> Option<String> {
         self.get(name).map(|k| k.public_key().to_base64())
     }
 
     /// The secret names of the keys we lack.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn missing(&self) -> Vec<&'static str> {
         SECRET_NAMES.into_iter().filter(|n| self.get(n).is_none()).collect()
     }
 
     /// Whether all three are held.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn is_complete(&self) -> bool {
         self.missing().is_empty()
     }
 
     /// Whether none is held.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn is_empty(&self) -> bool {
         self.missing().len() == SECRET_NAMES.len()
     }
 
     /// A key as a secret: unpadded base64 of its 32 private bytes.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing) (the keys are
+    /// base64-encoded as secrets), [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets).
     pub fn secret(&self, name: &str) -> Option<Zeroizing<String>> {
         self.get(name).map(|k| Zeroizing::new(mxverify_proto::b64::encode(*k.to_bytes())))
     }
 
     /// The stored form: `{"master": b64 | null, "self_signing": ..., "user_signing": ...}`.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (this form is kept among the store's secrets, see [`crate::store_cipher`]).
     pub fn to_json(&self) -> Zeroizing<String> {
         let b = |k: &Option<Ed25519SecretKey>| k.as_ref().map(|k| mxverify_proto::b64::encode(*k.to_bytes()));
         Zeroizing::new(
@@ -113,6 +168,9 @@ impl CrossSigningKeys {
     }
 
     /// Reads the stored form; `None` if it is damaged.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (this form is kept among the store's secrets, see [`crate::store_cipher`]).
     pub fn from_json(text: &str) -> Option<Self> {
         let v: Value = serde_json::from_str(text).ok()?;
         let k = |name: &str| -> Option<Option<Ed25519SecretKey>> {
@@ -128,6 +186,9 @@ impl CrossSigningKeys {
     /// The three public key objects to upload (`/keys/device_signing/upload`): the master key
     /// (to be signed by the device as well, by the caller) and the self- and user-signing keys
     /// signed by the master key. `None` unless all three are held.
+    ///
+    /// Spec: [`POST /keys/device_signing/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysdevice_signingupload),
+    /// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn upload_body(&self, user: &str) -> Option<Value> {
         let (master, ssk, usk) = (self.master.as_ref()?, self.self_signing.as_ref()?, self.user_signing.as_ref()?);
         let public = |k: &Ed25519SecretKey| k.public_key().to_base64();
@@ -141,6 +202,9 @@ impl CrossSigningKeys {
 }
 
 /// The published public key a cross-signing secret must match (from a checked `/keys/query`).
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery).
 pub fn published_key<'a>(info: &'a UserKeyInfo, name: &str) -> Option<&'a str> {
     match name {
         MASTER => info.master_key.as_deref(),
@@ -152,6 +216,9 @@ pub fn published_key<'a>(info: &'a UserKeyInfo, name: &str) -> Option<&'a str> {
 
 /// A secret received for `name` (base64 of 32 bytes) as a private key, if its public key is the
 /// published one: a secret that does not match is refused whoever sent it.
+///
+/// Spec: [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing),
+/// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 pub fn key_matching(name: &str, secret: &str, published: Option<&str>) -> Result<Ed25519SecretKey, String> {
     let bytes = crate::secret_storage::decode_cross_signing_secret(secret)
         .map_err(|_| format!("the {} secret is not a 32-byte key", usage(name)))?;

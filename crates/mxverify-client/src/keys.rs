@@ -8,6 +8,8 @@ use serde_json::{Value, json};
 use vodozemac::{Ed25519PublicKey, Ed25519SecretKey, Ed25519Signature};
 
 /// The canonical JSON that a signature covers: the object without `signatures` and `unsigned`.
+///
+/// Spec: [Signing JSON](https://spec.matrix.org/v1.19/appendices/#signing-json).
 pub fn signable(obj: &Value) -> Option<String> {
     let mut o = obj.as_object()?.clone();
     o.remove("signatures");
@@ -16,6 +18,8 @@ pub fn signable(obj: &Value) -> Option<String> {
 }
 
 /// Adds `signature` by `signer`'s `key_id` to a signed-JSON object.
+///
+/// Spec: [Signing JSON](https://spec.matrix.org/v1.19/appendices/#signing-json).
 pub fn add_signature(obj: &mut Value, signer: &str, key_id: &str, signature: &Ed25519Signature) {
     let Some(obj) = obj.as_object_mut() else { return };
     let sigs = obj.entry("signatures").or_insert_with(|| json!({}));
@@ -31,6 +35,8 @@ pub fn add_signature(obj: &mut Value, signer: &str, key_id: &str, signature: &Ed
 /// Signs an object with a secret key, under `ed25519:<key_id>`. Fails (signing nothing) if the
 /// object has no canonical JSON form — a float, or an integer beyond ±2^53, in a key someone
 /// else published.
+///
+/// Spec: [Signing JSON](https://spec.matrix.org/v1.19/appendices/#signing-json).
 pub fn sign_with(obj: &mut Value, signer: &str, key_id: &str, key: &Ed25519SecretKey) -> Result<(), String> {
     let message = signable(obj).ok_or("the object has no canonical JSON form, so it cannot be signed")?;
     let sig = key.sign(message.as_bytes());
@@ -39,6 +45,8 @@ pub fn sign_with(obj: &mut Value, signer: &str, key_id: &str, key: &Ed25519Secre
 }
 
 /// Whether `obj` carries a valid signature by `signer`'s `ed25519:<key_id>` = `public_b64`.
+///
+/// Spec: [Checking for a signature](https://spec.matrix.org/v1.19/appendices/#checking-for-a-signature).
 pub fn has_valid_signature(obj: &Value, signer: &str, key_id: &str, public_b64: &str) -> bool {
     let (Some(sig), Ok(public), Some(message)) = (
         obj.pointer(&format!("/signatures/{}/ed25519:{}", escape(signer), escape(key_id))).and_then(Value::as_str),
@@ -55,6 +63,9 @@ fn escape(s: &str) -> String {
 }
 
 /// One device of a user, with a valid self-signature.
+///
+/// Spec: [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys),
+/// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceKeys {
     /// Device ID.
@@ -72,6 +83,9 @@ pub struct DeviceKeys {
 }
 
 /// What `/keys/query` says of one user, after every check.
+///
+/// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery),
+/// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserKeyInfo {
     /// Devices with a valid self-signature.
@@ -90,6 +104,9 @@ pub struct UserKeyInfo {
 
 impl UserKeyInfo {
     /// The machine's view of these keys.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (the keys a verification may confirm).
     pub fn for_machine(&self) -> mxverify_proto::UserKeys {
         // Keys that are not 32 bytes of base64 cannot be verified: the machine does not see them.
         let typed = |k: &String| k.parse::<mxverify_proto::Ed25519PublicKey>().ok();
@@ -132,6 +149,34 @@ fn cross_signing_key(obj: &Value, user: &str, usage: &str) -> Result<String, Str
 
 /// Checks one user's part of a `/keys/query` answer: device self-signatures, and the self- and
 /// user-signing keys' signatures by the master key. Anything that fails a check is left out.
+///
+/// ```
+/// use mxverify_client::keys;
+/// use serde_json::json;
+/// use vodozemac::Ed25519SecretKey;
+///
+/// // A device signs its own keys with its Ed25519 key, `ed25519:<device ID>`.
+/// let key = Ed25519SecretKey::new();
+/// let public = key.public_key().to_base64();
+/// let mut phone = json!({
+///     "user_id": "@bob:example.org",
+///     "device_id": "PHONE",
+///     "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+///     "keys": {"ed25519:PHONE": public},
+/// });
+/// keys::sign_with(&mut phone, "@bob:example.org", "PHONE", &key).unwrap();
+/// // Another device claims the same key without a signature.
+/// let copy = json!({"user_id": "@bob:example.org", "device_id": "COPY", "keys": {"ed25519:COPY": public}});
+/// let answer = json!({"device_keys": {"@bob:example.org": {"PHONE": phone, "COPY": copy}}});
+///
+/// let info = keys::check_user(&answer, "@bob:example.org");
+/// assert_eq!(info.devices.keys().collect::<Vec<_>>(), ["PHONE"]);
+/// assert_eq!(info.rejected.len(), 1);
+/// ```
+///
+/// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery),
+/// [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys),
+/// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
 pub fn check_user(resp: &Value, user: &str) -> UserKeyInfo {
     let mut info = UserKeyInfo::default();
     if let Some(master) = resp.pointer(&format!("/master_keys/{}", escape(user))) {

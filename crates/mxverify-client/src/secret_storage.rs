@@ -50,10 +50,14 @@ pub const ALGORITHM: &str = "m.secret_storage.v1.aes-hmac-sha2";
 pub const PASSPHRASE_ALGORITHM: &str = "m.pbkdf2";
 
 /// PBKDF2 iteration count for new passphrase keys: what rust-sdk and mautrix write.
+///
+/// Spec: [Deriving keys from passphrases](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases).
 pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 500_000;
 
 /// The largest PBKDF2 iteration count [`SecretStorageKey::from_passphrase`] accepts: 20 times what
 /// clients write, and still only seconds of work, so a hostile key description cannot hang us.
+///
+/// Spec: [Deriving keys from passphrases](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases).
 pub const MAX_PBKDF2_ITERATIONS: u64 = 10_000_000;
 
 /// The account-data event type naming the default key
@@ -155,6 +159,19 @@ pub enum Error {
 /// ([spec](https://spec.matrix.org/v1.19/client-server-api/#key-storage)).
 ///
 /// Zeroized on drop; `Debug` never shows the bytes.
+///
+/// ```
+/// use mxverify_client::secret_storage::{RecoveryKeyError, SecretStorageKey};
+///
+/// let key = SecretStorageKey::from_bytes([7; 32]);
+/// let shown = key.to_recovery_key();
+/// assert!(shown.split(' ').all(|group| group.len() <= 4));
+/// // Typed back with any grouping (or none), it is the same key.
+/// let typed = SecretStorageKey::from_recovery_key(&shown.replace(' ', "")).unwrap();
+/// assert_eq!(typed.as_bytes(), key.as_bytes());
+/// // `0` is not in the base58 alphabet.
+/// assert_eq!(SecretStorageKey::from_recovery_key("EsT0 RvZT").unwrap_err(), RecoveryKeyError::NotBase58);
+/// ```
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct SecretStorageKey([u8; 32]);
 
@@ -166,11 +183,15 @@ impl std::fmt::Debug for SecretStorageKey {
 
 impl SecretStorageKey {
     /// Wraps raw key bytes (for a new key: 32 bytes from the OS RNG).
+    ///
+    /// Spec: [Key storage](https://spec.matrix.org/v1.19/client-server-api/#key-storage).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 
     /// The raw key bytes.
+    ///
+    /// Spec: [Key storage](https://spec.matrix.org/v1.19/client-server-api/#key-storage).
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -324,12 +345,16 @@ pub struct PassphraseInfo {
 impl PassphraseInfo {
     /// `m.pbkdf2` parameters for a new key, with a caller-chosen random salt (rust-sdk uses 32
     /// alphanumeric characters) and usually [`DEFAULT_PBKDF2_ITERATIONS`].
+    ///
+    /// Spec: [Deriving keys from passphrases](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases).
     pub fn pbkdf2(salt: String, iterations: u32) -> Self {
         Self { algorithm: PASSPHRASE_ALGORITHM.to_owned(), salt, iterations: iterations.into(), bits: Some(256) }
     }
 
     /// Derives the key from `passphrase` with these parameters
     /// ([`SecretStorageKey::from_passphrase`]); refuses an algorithm other than `m.pbkdf2`.
+    ///
+    /// Spec: [Deriving keys from passphrases](https://spec.matrix.org/v1.19/client-server-api/#deriving-keys-from-passphrases).
     pub fn derive_key(&self, passphrase: &str) -> Result<SecretStorageKey, PassphraseError> {
         if self.algorithm != PASSPHRASE_ALGORITHM {
             return Err(PassphraseError::UnknownAlgorithm(self.algorithm.clone()));
@@ -378,6 +403,8 @@ impl KeyDescription {
 
     /// Parses `m.secret_storage.key.<key ID>` account-data content. Unknown properties are
     /// ignored; a `passphrase` object without a string `salt` or an integer `iterations` is an error.
+    ///
+    /// Spec: [Key storage](https://spec.matrix.org/v1.19/client-server-api/#key-storage).
     pub fn from_content(content: &Value) -> Result<Self, Error> {
         Self::deserialize(content).map_err(|e| Error::BadDescription(e.to_string()))
     }
@@ -421,6 +448,8 @@ pub struct EncryptedSecret {
 impl EncryptedSecret {
     /// Decrypts with `key`, the secret being stored under the account-data type `name`
     /// (see [`decrypt_secret`]).
+    ///
+    /// Spec: [`m.secret_storage.v1.aes-hmac-sha2` (secrets)](https://spec.matrix.org/v1.19/client-server-api/#msecret_storagev1aes-hmac-sha2-1).
     pub fn decrypt(&self, key: &SecretStorageKey, name: &str) -> Result<Zeroizing<String>, Error> {
         decrypt_parts(key, name, &self.iv, &self.ciphertext, &self.mac)
     }

@@ -10,6 +10,9 @@ use serde_json::Value;
 use crate::cross_signing::SECRET_NAMES;
 
 /// A request for a secret that we sent and that is still open.
+///
+/// Spec: [`m.secret.request`](https://spec.matrix.org/v1.19/client-server-api/#msecretrequest),
+/// [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRequest {
     /// `request_id`.
@@ -23,9 +26,14 @@ pub struct OpenRequest {
 }
 
 /// How long a request for a secret stays open.
+///
+/// Serves: [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing) (the spec sets no lifetime;
+/// this one is ours).
 pub const REQUEST_LIFETIME_MS: u64 = 10 * 60 * 1000;
 
 /// What we know of the device an `m.secret.send` or `m.secret.request` came from.
+///
+/// Spec: [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Asker<'a> {
     /// The event's sender.
@@ -39,6 +47,9 @@ pub struct Asker<'a> {
 
 /// Whether an `m.secret.send` is to be believed; the secret's name if so. The key itself is then
 /// checked against the published public key ([`crate::cross_signing::key_matching`]).
+///
+/// Spec: [`m.secret.send`](https://spec.matrix.org/v1.19/client-server-api/#msecretsend),
+/// [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing).
 pub fn judge_send<'r>(
     own_user: &str,
     over_olm: bool,
@@ -71,6 +82,8 @@ pub fn judge_send<'r>(
 }
 
 /// What to do with an `m.secret.request`.
+///
+/// Spec: [`m.secret.request`](https://spec.matrix.org/v1.19/client-server-api/#msecretrequest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestAction {
     /// Send this secret to that device.
@@ -93,6 +106,9 @@ pub enum RequestAction {
 
 /// Whether to answer an `m.secret.request`: only our own verified devices (never this one, nor
 /// another user) get a cross-signing key; other secrets are not ours to give.
+///
+/// Spec: [`m.secret.request`](https://spec.matrix.org/v1.19/client-server-api/#msecretrequest),
+/// [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing).
 pub fn judge_request(
     own_user: &str,
     own_device: &str,
