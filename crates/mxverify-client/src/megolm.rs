@@ -19,6 +19,9 @@ use crate::olm::MEGOLM_ALGORITHM;
 use crate::store::{Store, StoreError, StoredOutboundSession, StoredRoomKey};
 
 /// A device that sent us something over Olm, attributed after every check.
+///
+/// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+/// [Verification of the sending user for incoming events](https://spec.matrix.org/v1.19/client-server-api/#verification-of-the-sending-user-for-incoming-events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OlmSender {
     /// Its owner.
@@ -32,6 +35,8 @@ pub struct OlmSender {
 }
 
 /// Why a room key or a room event was not used.
+///
+/// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MegolmError {
     /// Not a well-formed Megolm event or room key.
@@ -61,6 +66,8 @@ pub enum MegolmError {
 
 impl MegolmError {
     /// Whether the event should wait for a (better) room key rather than be dropped.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
     pub fn is_waiting_for_key(&self) -> bool {
         matches!(self, Self::MissingKey { .. } | Self::UnknownIndex { .. })
     }
@@ -73,6 +80,8 @@ impl From<StoreError> for MegolmError {
 }
 
 /// What a room key did.
+///
+/// Spec: [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomKeyOutcome {
     /// A new room key (or a better copy of one we had) was stored.
@@ -139,6 +148,9 @@ pub fn accept_room_key(
 }
 
 /// A decrypted room event.
+///
+/// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2),
+/// [`m.room.encrypted`](https://spec.matrix.org/v1.19/client-server-api/#mroomencrypted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecryptedRoomEvent {
     /// The inner event type.
@@ -152,6 +164,8 @@ pub struct DecryptedRoomEvent {
 }
 
 /// The Megolm session ID an encrypted room event needs, if it is a Megolm event.
+///
+/// Spec: [`m.room.encrypted`](https://spec.matrix.org/v1.19/client-server-api/#mroomencrypted).
 pub fn session_id_of(content: &Value) -> Option<&str> {
     (content["algorithm"] == MEGOLM_ALGORITHM).then(|| content["session_id"].as_str()).flatten()
 }
@@ -159,6 +173,9 @@ pub fn session_id_of(content: &Value) -> Option<&str> {
 /// Decrypts a room event (`sender`, `event_id` and `content` of an `m.room.encrypted` event in
 /// `room_id`) and checks it: the plaintext names this room, the sender owns the device the key
 /// came from, and the message index was not used by another event before.
+///
+/// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (replay
+/// protection by message index).
 pub fn decrypt_room_event(
     store: &Store,
     pickle_key: &[u8; 32],
@@ -221,6 +238,19 @@ pub fn decrypt_room_event(
 }
 
 /// A room's `m.room.encryption` settings that matter for sending.
+///
+/// ```
+/// use mxverify_client::megolm::RoomEncryption;
+/// use serde_json::json;
+///
+/// // Without values, the spec's recommended defaults: a week, 100 messages.
+/// let settings = RoomEncryption::from_content(&json!({"algorithm": "m.megolm.v1.aes-sha2"})).unwrap();
+/// assert_eq!(settings, RoomEncryption { rotation_period_ms: 604_800_000, rotation_period_msgs: 100 });
+/// assert!(RoomEncryption::from_content(&json!({"algorithm": "org.example.other"})).is_none());
+/// ```
+///
+/// Spec: [`m.room.encryption`](https://spec.matrix.org/v1.19/client-server-api/#mroomencryption),
+/// [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (rotation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomEncryption {
     /// Rotate the outbound session after this long.
@@ -233,6 +263,8 @@ impl RoomEncryption {
     /// From an `m.room.encryption` content; `None` if the algorithm is not Megolm. Missing values
     /// take the spec's recommended defaults (a week, 100 messages); absurd ones are brought into
     /// range so that a room cannot make us rotate on every message or never.
+    ///
+    /// Spec: [`m.room.encryption`](https://spec.matrix.org/v1.19/client-server-api/#mroomencryption).
     pub fn from_content(content: &Value) -> Option<Self> {
         if content["algorithm"] != MEGOLM_ALGORITHM {
             return None;
@@ -244,11 +276,16 @@ impl RoomEncryption {
 }
 
 /// One device a room key goes to, as `user|device|curve25519`.
+///
+/// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (who holds a
+/// session's key decides when it is rotated).
 pub fn recipient_id(user: &str, device: &str, curve25519: &str) -> String {
     format!("{user}|{device}|{curve25519}")
 }
 
 /// Our outbound session in a room.
+///
+/// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
 pub struct Outbound {
     stored: StoredOutboundSession,
     session: GroupSession,
@@ -266,6 +303,9 @@ impl std::fmt::Debug for Outbound {
 
 impl Outbound {
     /// The stored session of a room, if any (and readable).
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (the
+    /// outbound session survives a restart).
     pub fn load(store: &Store, pickle_key: &[u8; 32], room_id: &str) -> Result<Option<Outbound>, MegolmError> {
         let Some(stored) = store.outbound_session(room_id)? else { return Ok(None) };
         let Ok(pickle) = GroupSessionPickle::from_encrypted(&stored.pickle, pickle_key) else {
@@ -277,6 +317,8 @@ impl Outbound {
 
     /// A new session for a room, saved; our own copy of its key is stored too, so that our own
     /// events decrypt when they come back in `/sync`.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
     pub fn create(
         store: &Store,
         pickle_key: &[u8; 32],
@@ -312,6 +354,8 @@ impl Outbound {
     }
 
     /// The session ID.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
     pub fn session_id(&self) -> &str {
         &self.stored.session_id
     }
@@ -340,11 +384,16 @@ impl Outbound {
     }
 
     /// Of `recipients`, those that do not have the key yet.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2),
+    /// [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn missing<'a>(&self, recipients: &'a BTreeSet<String>) -> Vec<&'a String> {
         recipients.iter().filter(|r| !self.stored.shared_with.contains(*r)).collect()
     }
 
     /// The `m.room_key` content for this session at its current index.
+    ///
+    /// Spec: [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn room_key_content(&self) -> Value {
         json!({
             "algorithm": MEGOLM_ALGORITHM,
@@ -355,6 +404,9 @@ impl Outbound {
     }
 
     /// Records (and saves) that these devices received the key.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2),
+    /// [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn mark_shared(
         &mut self,
         store: &Store,
@@ -372,6 +424,9 @@ impl Outbound {
     /// Encrypts an event for the room: the `m.room.encrypted` content, with `m.relates_to`
     /// copied into the cleartext so that relations work without the key. The advanced ratchet
     /// is saved before the content is returned, so an index is never used twice.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2),
+    /// [`m.room.encrypted`](https://spec.matrix.org/v1.19/client-server-api/#mroomencrypted).
     pub fn encrypt(
         &mut self,
         store: &Store,

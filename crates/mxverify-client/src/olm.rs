@@ -19,10 +19,17 @@ use crate::keys;
 use crate::store::{Store, StoreError, StoredOlmSession};
 
 /// The Olm algorithm name.
+///
+/// Spec: [Messaging algorithm names](https://spec.matrix.org/v1.19/client-server-api/#messaging-algorithm-names).
 pub const OLM_ALGORITHM: &str = "m.olm.v1.curve25519-aes-sha2";
 /// The Megolm algorithm name.
+///
+/// Spec: [Messaging algorithm names](https://spec.matrix.org/v1.19/client-server-api/#messaging-algorithm-names).
 pub const MEGOLM_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 /// The one-time key algorithm.
+///
+/// Spec: [Key algorithms](https://spec.matrix.org/v1.19/client-server-api/#key-algorithms),
+/// [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
 pub const SIGNED_CURVE25519: &str = "signed_curve25519";
 /// How many one-time keys we keep on the server (vodozemac's maximum for one upload).
 const ONE_TIME_KEY_TARGET: u64 = 50;
@@ -31,6 +38,9 @@ const ONE_TIME_KEY_TARGET: u64 = 50;
 const SESSIONS_PER_DEVICE: usize = 8;
 
 /// Why an Olm message was not accepted. Each is reported and the message dropped.
+///
+/// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+/// [Validation of incoming decrypted events](https://spec.matrix.org/v1.19/client-server-api/#validation-of-incoming-decrypted-events).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OlmError {
     /// Not a well-formed Olm `m.room.encrypted` content.
@@ -67,6 +77,9 @@ impl From<StoreError> for OlmError {
 /// A decrypted to-device payload that passed the checks on `sender`, `recipient`,
 /// `recipient_keys` and `sender_device_keys`. The check of `keys.ed25519` against the sending
 /// device's published keys is [`OlmPlaintext::attribute`], once those keys are known.
+///
+/// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+/// [Validation of incoming decrypted events](https://spec.matrix.org/v1.19/client-server-api/#validation-of-incoming-decrypted-events).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OlmPlaintext {
     /// The event's sender.
@@ -87,6 +100,8 @@ impl OlmPlaintext {
     /// Finds the device that sent this among `devices` (the sender's published, signature-checked
     /// devices) or the valid `sender_device_keys`: the one whose Curve25519 key is the session's.
     /// Its Ed25519 key must be the payload's `keys.ed25519`. Returns the device.
+    ///
+    /// Spec: [Verification of the sending user for incoming events](https://spec.matrix.org/v1.19/client-server-api/#verification-of-the-sending-user-for-incoming-events).
     pub fn attribute<'a>(
         &'a self,
         devices: impl IntoIterator<Item = &'a keys::DeviceKeys>,
@@ -126,6 +141,21 @@ impl Entry {
 }
 
 /// The device's Olm account and sessions.
+///
+/// ```
+/// use mxverify_client::{Store, keys, olm::Olm};
+///
+/// let mut store = Store::open_in_memory()?;
+/// // A real device keeps a random pickle key; zeros do for an example.
+/// let olm = Olm::load(&mut store, "@alice:example.org", "DESK", [0; 32])?;
+/// // The device keys we publish carry our own signature.
+/// let published = olm.device_keys();
+/// assert!(keys::has_valid_signature(&published, "@alice:example.org", "DESK", &olm.ed25519()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+/// [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
 pub struct Olm {
     user_id: String,
     device_id: String,
@@ -146,6 +176,9 @@ impl std::fmt::Debug for Olm {
 
 impl Olm {
     /// Loads the account (or makes and saves a new one) and every session from the store.
+    ///
+    /// Serves: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2)
+    /// (the account and sessions survive a restart).
     pub fn load(store: &mut Store, user_id: &str, device_id: &str, pickle_key: [u8; 32]) -> Result<Olm, OlmError> {
         let account = match store.get("account")? {
             Some(p) => Account::from_pickle(
@@ -178,16 +211,23 @@ impl Olm {
     }
 
     /// Our Ed25519 key.
+    ///
+    /// Spec: [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub fn ed25519(&self) -> String {
         self.account.ed25519_key().to_base64()
     }
 
     /// Our Curve25519 identity key.
+    ///
+    /// Spec: [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub fn curve25519(&self) -> String {
         self.account.curve25519_key().to_base64()
     }
 
     /// Signs bytes with the device's Ed25519 key.
+    ///
+    /// Spec: [Signing JSON](https://spec.matrix.org/v1.19/appendices/#signing-json),
+    /// [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub fn sign(&self, message: &[u8]) -> Ed25519Signature {
         self.account.sign(message)
     }
@@ -239,6 +279,9 @@ impl Olm {
     /// keys and whether it still has an unused fallback key (`None`: it did not say). New keys
     /// are generated and the account saved *before* the upload, so a key the server hands out is
     /// never one we lost. Returns `None` when nothing needs uploading.
+    ///
+    /// Spec: [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys),
+    /// [`POST /keys/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysupload).
     pub fn keys_to_upload(
         &mut self,
         store: &mut Store,
@@ -292,23 +335,32 @@ impl Olm {
     }
 
     /// The upload of [`Olm::keys_to_upload`] succeeded.
+    ///
+    /// Spec: [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
     pub fn mark_keys_published(&mut self, store: &mut Store) -> Result<(), OlmError> {
         self.account.mark_keys_as_published();
         self.save_account(store)
     }
 
     /// Whether we have a session with the device whose Curve25519 key this is.
+    ///
+    /// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2).
     pub fn has_session(&self, their_curve25519: &str) -> bool {
         self.sessions.get(their_curve25519).is_some_and(|s| !s.is_empty())
     }
 
     /// When we last made a session with that device ourselves (for unwedging's rate limit).
+    ///
+    /// Spec: [Recovering from undecryptable messages](https://spec.matrix.org/v1.19/client-server-api/#recovering-from-undecryptable-messages).
     pub fn newest_session_created(&self, their_curve25519: &str) -> Option<u64> {
         self.sessions.get(their_curve25519).and_then(|s| s.iter().map(|e| e.created_at).max())
     }
 
     /// Creates an outbound session with a device from its identity key and a one-time key we
     /// claimed (whose signature the caller checked).
+    ///
+    /// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+    /// [`POST /keys/claim`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysclaim).
     pub fn create_outbound(
         &mut self,
         store: &mut Store,
@@ -365,6 +417,8 @@ impl Olm {
 
     /// Encrypts any payload for the device with this Curve25519 key (tests use it to build
     /// payloads that break the rules).
+    ///
+    /// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2).
     pub fn encrypt_payload(
         &mut self,
         store: &mut Store,
@@ -401,6 +455,9 @@ impl Olm {
     /// (everything but the sending device's Ed25519 key; see [`OlmPlaintext::attribute`]).
     /// A pre-key message from a device makes a new inbound session only if no existing session
     /// matches it; the session and the spent one-time key are saved together.
+    ///
+    /// Spec: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+    /// [Validation of incoming decrypted events](https://spec.matrix.org/v1.19/client-server-api/#validation-of-incoming-decrypted-events).
     pub fn decrypt(
         &mut self,
         store: &mut Store,

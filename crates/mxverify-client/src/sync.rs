@@ -14,6 +14,9 @@ use crate::http::TOO_DEEP;
 const MAX_ID: usize = 255;
 
 /// A to-device event.
+///
+/// Spec: [Send-to-Device messaging](https://spec.matrix.org/v1.19/client-server-api/#send-to-device-messaging),
+/// [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToDevice {
     /// Its sender (a user ID).
@@ -25,6 +28,9 @@ pub struct ToDevice {
 }
 
 /// A room timeline event.
+///
+/// Spec: [Room event format](https://spec.matrix.org/v1.19/client-server-api/#room-event-format),
+/// [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoomEvent {
     /// Its sender.
@@ -44,6 +50,8 @@ pub struct RoomEvent {
 }
 
 /// A room we are in, with what the batch brings.
+///
+/// Spec: [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct JoinedRoom {
     /// The room.
@@ -55,6 +63,9 @@ pub struct JoinedRoom {
 }
 
 /// An invite.
+///
+/// Spec: [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync),
+/// [Direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging) (`is_direct`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invite {
     /// The room.
@@ -66,6 +77,9 @@ pub struct Invite {
 }
 
 /// One `/sync` answer, checked.
+///
+/// Spec: [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync),
+/// [End-to-end encryption extensions to `/sync`](https://spec.matrix.org/v1.19/client-server-api/#e2e-extensions-to-sync).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
     /// The token for the next request.
@@ -134,6 +148,32 @@ fn events<'a>(v: &'a Value, path: &str) -> impl Iterator<Item = &'a Value> {
 }
 
 /// Checks and splits a `/sync` answer. `own_user` finds our own invite among the invite state.
+///
+/// ```
+/// use serde_json::json;
+///
+/// let answer = json!({
+///     "next_batch": "s2",
+///     "to_device": {"events": [
+///         {"sender": "@bob:example.org", "type": "m.key.verification.request",
+///          "content": {"from_device": "PHONE", "transaction_id": "t1", "methods": ["m.sas.v1"]}},
+///         {"sender": "not a user ID", "type": "m.dummy", "content": {}},
+///     ]},
+///     "device_one_time_keys_count": {"signed_curve25519": 20},
+/// });
+/// let batch = mxverify_client::sync::parse(&answer, "@alice:example.org");
+/// assert_eq!(batch.next_batch.as_deref(), Some("s2"));
+/// assert_eq!(batch.to_device.len(), 1);
+/// assert_eq!(batch.to_device[0].event_type, "m.key.verification.request");
+/// assert_eq!(batch.one_time_key_count, Some(20));
+/// // The event without a valid sender is left out and reported.
+/// assert_eq!(batch.rejected.len(), 1);
+/// ```
+///
+/// Spec: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing),
+/// [`GET /sync`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync),
+/// [End-to-end encryption extensions to `/sync`](https://spec.matrix.org/v1.19/client-server-api/#e2e-extensions-to-sync),
+/// [Size limits](https://spec.matrix.org/v1.19/client-server-api/#size-limits).
 pub fn parse(resp: &Value, own_user: &str) -> Batch {
     let mut b = Batch { next_batch: short(&resp["next_batch"]).map(str::to_owned), ..Batch::default() };
     b.device_lists_changed = events(resp, "/device_lists/changed").filter_map(user_id).map(str::to_owned).collect();
