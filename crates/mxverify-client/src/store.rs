@@ -3,6 +3,12 @@
 //!
 //! With a passphrase ([`Store::open_with_passphrase`]) the secrets among the `kv` values
 //! ([`SECRET_KEYS`]) are encrypted at rest by a [`StoreCipher`]; see [`crate::store_cipher`].
+//!
+//! Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (device
+//! keys, Olm and Megolm sessions),
+//! [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification) (trust records) and
+//! [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework) (requests
+//! and flows that outlive a restart).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +18,9 @@ use zeroize::Zeroizing;
 use crate::store_cipher::{self, CIPHER_KV_KEY, CipherError, DEFAULT_ITERATIONS, SECRET_KEYS, StoreCipher};
 
 /// A store failure.
+///
+/// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the store
+/// keeps the device's keys and Olm/Megolm sessions).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite failed.
@@ -53,6 +62,9 @@ impl From<CipherError> for StoreError {
 }
 
 /// One trusted key, and how it came to be trusted.
+///
+/// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification) (what a
+/// verification established).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TrustRecord {
     /// Whose key.
@@ -74,6 +86,9 @@ pub struct TrustRecord {
 }
 
 /// A request received and not yet answered.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework) (a
+/// request outlives a restart).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRequest {
     /// The flow id.
@@ -85,6 +100,30 @@ pub struct PendingRequest {
 }
 
 /// The store.
+///
+/// ```
+/// use mxverify_client::{Store, TrustRecord};
+///
+/// let store = Store::open_in_memory()?;
+/// store.add_trust(&TrustRecord {
+///     user_id: "@bob:example.org".into(),
+///     key_id: "ed25519:PHONE".into(),
+///     key: "the device's Ed25519 key".into(),
+///     kind: "device".into(),
+///     device_id: "PHONE".into(),
+///     method: "m.sas.v1".into(),
+///     flow_id: "t1".into(),
+///     verified_at: 0,
+/// })?;
+/// assert!(store.is_trusted("@bob:example.org", "the device's Ed25519 key")?);
+/// assert!(!store.is_trusted("@bob:example.org", "another key")?);
+/// # Ok::<(), mxverify_client::StoreError>(())
+/// ```
+///
+/// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (device
+/// keys, Olm and Megolm sessions) and
+/// [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework) (trust
+/// records, requests).
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -136,6 +175,10 @@ CREATE TABLE IF NOT EXISTS held_room_events (
 
 /// A flow in progress (past `ready`), remembered so that after a restart the other side can be
 /// told it was lost.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework) (a
+/// flow lost in a restart is cancelled, see
+/// [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveFlow {
     /// The flow id (transaction id or request event id).
@@ -151,6 +194,9 @@ pub struct ActiveFlow {
 impl Store {
     /// Opens (or creates, owner-only) `dir/mxverify.sqlite3`, without a passphrase:
     /// [`Store::open_with_passphrase`] with `None`.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         Self::open_with_passphrase(dir, None)
     }
@@ -170,6 +216,10 @@ impl Store {
     /// Each open with a passphrase costs one PBKDF2 derivation ([`DEFAULT_ITERATIONS`] rounds
     /// for a new record; an existing record's own count, at most
     /// [`store_cipher::MAX_ITERATIONS`]).
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here) and
+    /// [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
     pub fn open_with_passphrase(dir: &Path, passphrase: Option<&str>) -> Result<Store, StoreError> {
         Self::open_with_kdf(dir, passphrase, DEFAULT_ITERATIONS)
     }
@@ -255,6 +305,8 @@ impl Store {
     }
 
     /// Whether the secrets are encrypted (the store was opened with its passphrase).
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
     pub fn is_encrypted(&self) -> bool {
         self.cipher.is_some()
     }
@@ -264,6 +316,8 @@ impl Store {
     /// replaced, in one transaction; then the file is scrubbed as after a migration. (A new data
     /// key, so that a copy of the file taken before cannot be opened with the new passphrase,
     /// nor this file with the old one.)
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
     pub fn change_passphrase(&mut self, old: &str, new: &str) -> Result<(), StoreError> {
         let Some(current) = &self.cipher else { return Err(StoreError::NotEncrypted) };
         let record = self
@@ -291,6 +345,8 @@ impl Store {
     /// A secret ([`SECRET_KEYS`] only): decrypted (and checked) in an encrypted store, as
     /// stored otherwise. An altered value, one moved from another name, or one written in the
     /// clear into an encrypted store is an error, never returned.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
     pub fn get_secret(&self, name: &str) -> Result<Option<Zeroizing<String>>, StoreError> {
         if !store_cipher::is_secret(name) {
             return Err(StoreError::NotSecret(name.to_owned()));
@@ -303,6 +359,8 @@ impl Store {
     }
 
     /// Sets a secret ([`SECRET_KEYS`] only): encrypted in an encrypted store, as given otherwise.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security).
     pub fn set_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
         if !store_cipher::is_secret(name) {
             return Err(StoreError::NotSecret(name.to_owned()));
@@ -314,6 +372,9 @@ impl Store {
     }
 
     /// A store in memory only (nothing survives it): for tests, fuzzing and short-lived tools.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
@@ -326,6 +387,9 @@ impl Store {
     }
 
     /// The file.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -333,6 +397,9 @@ impl Store {
     /// A value. In an encrypted store, a secret name ([`SECRET_KEYS`]) goes through
     /// [`Store::get_secret`]: the decrypted value or an error, never the ciphertext. Prefer
     /// `get_secret`, whose result is wiped from memory when dropped.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         if self.cipher.is_some() && store_cipher::is_secret(key) {
             return Ok(self.get_secret(key)?.map(|v| String::from(v.as_str())));
@@ -342,6 +409,9 @@ impl Store {
 
     /// Sets a value. In an encrypted store, a secret name ([`SECRET_KEYS`]) goes through
     /// [`Store::set_secret`]: it is encrypted, never written in the clear.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn set(&self, key: &str, value: &str) -> Result<(), StoreError> {
         if self.cipher.is_some() && store_cipher::is_secret(key) {
             return self.set_secret(key, value);
@@ -362,6 +432,9 @@ impl Store {
     }
 
     /// Removes a value.
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions live here).
     pub fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM kv WHERE key = ?1", [key])?;
         Ok(())
@@ -370,6 +443,9 @@ impl Store {
     /// Forgets everything: a new account or device starts from nothing, so that no key, trust
     /// record or session of the previous one can be mistaken for its own. An encrypted store
     /// stays encrypted, with the same passphrase (its key record is kept).
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (a new
+    /// device must not inherit another's keys).
     pub fn reset(&self) -> Result<(), StoreError> {
         self.conn.execute_batch(
             "BEGIN;
@@ -384,6 +460,8 @@ impl Store {
     }
 
     /// Replaces what we know of a user's keys (already checked).
+    ///
+    /// Serves: [Tracking the device list for a user](https://spec.matrix.org/v1.19/client-server-api/#tracking-the-device-list-for-a-user).
     pub fn save_user_keys(&mut self, user: &str, info: &crate::keys::UserKeyInfo) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM devices WHERE user_id = ?1", [user])?;
@@ -409,6 +487,8 @@ impl Store {
     }
 
     /// Records trusted keys.
+    ///
+    /// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification).
     pub fn add_trust(&self, r: &TrustRecord) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO trust (user_id, key_id, key, kind, device_id, method, flow_id, verified_at)
@@ -419,6 +499,8 @@ impl Store {
     }
 
     /// Every trust record (optionally of one user), oldest first.
+    ///
+    /// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification).
     pub fn trust(&self, user: Option<&str>) -> Result<Vec<TrustRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT user_id, key_id, key, kind, device_id, method, flow_id, verified_at FROM trust
@@ -440,6 +522,8 @@ impl Store {
     }
 
     /// Whether this exact key of this user is trusted.
+    ///
+    /// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification).
     pub fn is_trusted(&self, user: &str, key: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn
@@ -449,6 +533,8 @@ impl Store {
     }
 
     /// Remembers a request waiting for our answer.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn add_pending(&self, p: &PendingRequest) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO pending (flow_id, event, received_at) VALUES (?1, ?2, ?3)",
@@ -458,12 +544,16 @@ impl Store {
     }
 
     /// Forgets a request (answered, cancelled or expired).
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn remove_pending(&self, flow_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM pending WHERE flow_id = ?1", [flow_id])?;
         Ok(())
     }
 
     /// Remembers a flow in progress.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn add_active(&self, f: &ActiveFlow) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO active (flow_id, room_id, other_user, other_device) VALUES (?1, ?2, ?3, ?4)",
@@ -473,12 +563,16 @@ impl Store {
     }
 
     /// Forgets a flow that ended.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn remove_active(&self, flow_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM active WHERE flow_id = ?1", [flow_id])?;
         Ok(())
     }
 
     /// Flows that were in progress.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn active(&self) -> Result<Vec<ActiveFlow>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT flow_id, room_id, other_user, other_device FROM active")?;
         let rows = stmt.query_map([], |r| {
@@ -488,6 +582,8 @@ impl Store {
     }
 
     /// Requests still waiting, oldest first.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn pending(&self) -> Result<Vec<PendingRequest>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT flow_id, event, received_at FROM pending ORDER BY received_at")?;
         let rows = stmt.query_map([], |r| {
@@ -535,6 +631,8 @@ pub struct StoredRoomKey {
 }
 
 /// Our outbound Megolm session in one room.
+///
+/// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredOutboundSession {
     /// The room.
@@ -552,6 +650,9 @@ pub struct StoredOutboundSession {
 }
 
 /// Which held events [`Store::held_room_events`] returns.
+///
+/// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events that
+/// wait for their room key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeldSelection<'a> {
     /// Every one.
@@ -570,6 +671,9 @@ pub enum HeldSelection<'a> {
 }
 
 /// An encrypted room event waiting for its room key.
+///
+/// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events that
+/// wait for their room key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldRoomEvent {
     /// The event ID.
@@ -591,6 +695,9 @@ pub struct HeldRoomEvent {
 impl Store {
     /// Saves the Olm account pickle and changed Olm sessions in one transaction: a new inbound
     /// session and the one-time key it used up are stored together or not at all.
+    ///
+    /// Serves: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2),
+    /// [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
     pub fn save_olm(&mut self, account: Option<&str>, sessions: &[StoredOlmSession]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         if let Some(a) = account {
@@ -611,6 +718,8 @@ impl Store {
     }
 
     /// Every Olm session.
+    ///
+    /// Serves: [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2).
     pub fn olm_sessions(&self) -> Result<Vec<StoredOlmSession>, StoreError> {
         let mut stmt =
             self.conn.prepare("SELECT sender_key, session_id, pickle, created_at, last_received FROM olm_sessions")?;
@@ -627,6 +736,8 @@ impl Store {
     }
 
     /// Saves (or replaces) a room key.
+    ///
+    /// Serves: [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn save_room_key(&self, k: &StoredRoomKey) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO inbound_group_sessions
@@ -647,6 +758,8 @@ impl Store {
     }
 
     /// A room key, if we have it.
+    ///
+    /// Serves: [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn room_key(&self, room_id: &str, session_id: &str) -> Result<Option<StoredRoomKey>, StoreError> {
         Ok(self
             .conn
@@ -671,6 +784,8 @@ impl Store {
     }
 
     /// How many room keys we hold for a room.
+    ///
+    /// Serves: [`m.room_key`](https://spec.matrix.org/v1.19/client-server-api/#mroom_key).
     pub fn room_key_count(&self, room_id: &str) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM inbound_group_sessions WHERE room_id = ?1", [room_id], |r| {
             r.get::<_, i64>(0)
@@ -679,6 +794,9 @@ impl Store {
 
     /// Records that `(room, session, index)` decrypted `event_id`; returns the event ID that
     /// index decrypted before, if it was another one: a replayed message index.
+    ///
+    /// Spec: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (guarding
+    /// against replays by message index).
     pub fn record_megolm_index(
         &self,
         room_id: &str,
@@ -708,6 +826,8 @@ impl Store {
     }
 
     /// Our outbound session in a room, if any.
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
     pub fn outbound_session(&self, room_id: &str) -> Result<Option<StoredOutboundSession>, StoreError> {
         let row = self
             .conn
@@ -738,6 +858,8 @@ impl Store {
     }
 
     /// Saves our outbound session in a room (replacing the previous one).
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2).
     pub fn save_outbound_session(&self, s: &StoredOutboundSession) -> Result<(), StoreError> {
         let shared = serde_json::to_string(&s.shared_with).expect("a list of strings");
         self.conn.execute(
@@ -749,12 +871,17 @@ impl Store {
     }
 
     /// Forgets our outbound session in a room (it must be rotated).
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (rotation).
     pub fn delete_outbound_session(&self, room_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM outbound_group_sessions WHERE room_id = ?1", [room_id])?;
         Ok(())
     }
 
     /// Holds an encrypted event until its room key arrives.
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events
+    /// that wait for their room key).
     pub fn hold_room_event(&self, h: &HeldRoomEvent) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR IGNORE INTO held_room_events (event_id, room_id, session_id, sender, event, received_at, until)
@@ -766,6 +893,9 @@ impl Store {
 
     /// Held events, oldest first: those waiting for one room key (`Key`), those of one sender
     /// (`Sender`), those due by a time (`DueBy`), or all of them.
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events
+    /// that wait for their room key).
     pub fn held_room_events(&self, which: HeldSelection<'_>) -> Result<Vec<HeldRoomEvent>, StoreError> {
         let (clause, a, b): (&str, Option<String>, Option<String>) = match which {
             HeldSelection::All => ("1", None, None),
@@ -794,12 +924,18 @@ impl Store {
     }
 
     /// When the first held event is due, if any is held.
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events
+    /// that wait for their room key).
     pub fn held_next_due(&self) -> Result<Option<u64>, StoreError> {
         let v: Option<i64> = self.conn.query_row("SELECT MIN(until) FROM held_room_events", [], |r| r.get(0))?;
         Ok(v.map(|v| v as u64))
     }
 
     /// Forgets a held event (decrypted, or given up on).
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events
+    /// that wait for their room key).
     pub fn release_room_event(&self, event_id: &str) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM held_room_events WHERE event_id = ?1", [event_id])?;
         Ok(())
@@ -807,6 +943,8 @@ impl Store {
 
     /// Queues a signature upload (`POST /keys/signatures/upload` body) until the homeserver
     /// acknowledges it; `what` says what it signs, for reports.
+    ///
+    /// Serves: [`POST /keys/signatures/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keyssignaturesupload).
     pub fn queue_upload(&self, what: &str, body: &serde_json::Value, now: u64) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO pending_uploads (what, body, created_at) VALUES (?1, ?2, ?3)",
@@ -816,6 +954,8 @@ impl Store {
     }
 
     /// The queued uploads, oldest first: (id, what, body).
+    ///
+    /// Serves: [`POST /keys/signatures/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keyssignaturesupload).
     pub fn queued_uploads(&self) -> Result<Vec<(i64, String, serde_json::Value)>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT id, what, body FROM pending_uploads ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
@@ -828,12 +968,17 @@ impl Store {
     }
 
     /// The homeserver acknowledged (or refused for good) a queued upload.
+    ///
+    /// Serves: [`POST /keys/signatures/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keyssignaturesupload).
     pub fn remove_upload(&self, id: i64) -> Result<(), StoreError> {
         self.conn.execute("DELETE FROM pending_uploads WHERE id = ?1", [id])?;
         Ok(())
     }
 
     /// How many events are held.
+    ///
+    /// Serves: [`m.megolm.v1.aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#mmegolmv1aes-sha2) (events
+    /// that wait for their room key).
     pub fn held_count(&self) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM held_room_events", [], |r| r.get::<_, i64>(0))? as u64)
     }

@@ -30,6 +30,9 @@
 //! What is not in [`SECRET_KEYS`] stays in the clear: user and device IDs, the homeserver URL,
 //! the sync token, known devices, trust records, pending requests. The Olm account, Olm sessions
 //! and Megolm sessions are pickles encrypted with the pickle key, so they are protected through it.
+//!
+//! Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security):
+//! the cross-signing private keys (and the access token and pickle key) are kept encrypted at rest.
 
 use aes::Aes256;
 use ctr::cipher::{KeyIvInit, StreamCipher};
@@ -45,27 +48,48 @@ type Aes256Ctr = ctr::Ctr128BE<Aes256>;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The environment variable the program reads the store passphrase from.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const PASSPHRASE_ENV: &str = "MXVERIFY_STORE_PASSPHRASE";
 
 /// The `kv` names whose values are secrets, encrypted when the store has a passphrase: the
 /// session's access token, the cross-signing private keys (adopted, and saved before an upload),
 /// and the key the Olm/Megolm pickles are encrypted with.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const SECRET_KEYS: [&str; 4] = ["access_token", "cross_signing", "cross_signing_pending", "pickle_key"];
 
 /// The `kv` name of the key record (reserved: never set or delete it through the store).
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const CIPHER_KV_KEY: &str = "store_cipher";
 
 /// PBKDF2 iterations for a new key record.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const DEFAULT_ITERATIONS: u32 = 200_000;
 
 /// The most PBKDF2 iterations a key record may ask for (a few seconds at most), so that a damaged
 /// or hostile file cannot hang the program.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const MAX_ITERATIONS: u32 = 2_000_000;
 
 /// The key-derivation function of the key record.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const KDF_ALGORITHM: &str = "pbkdf2-hmac-sha512";
 
 /// What an encrypted value starts with.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub const VALUE_PREFIX: &str = "mxverify-enc-v1:";
 
 const RECORD_VERSION: u32 = 1;
@@ -77,11 +101,17 @@ const TAG_LEN: usize = 32;
 const SALT_LEN: usize = 32;
 
 /// Whether `name` is one of [`SECRET_KEYS`].
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub fn is_secret(name: &str) -> bool {
     SECRET_KEYS.contains(&name)
 }
 
 /// A failure of the store cipher.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CipherError {
     /// The passphrase does not open the key record (or the record was damaged).
@@ -117,6 +147,9 @@ struct KeyRecord {
 }
 
 /// The store's data key, and the value keys derived from it.
+///
+/// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+/// (private keys kept encrypted at rest).
 pub struct StoreCipher {
     data_key: Zeroizing<[u8; 32]>,
     /// AES-256 key, then HMAC-SHA-256 key.
@@ -169,6 +202,9 @@ fn check_iterations(iterations: u64) -> Result<u32, CipherError> {
 
 impl StoreCipher {
     /// A new random data key.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn generate() -> Self {
         let mut data_key = Zeroizing::new([0; 32]);
         random(&mut data_key[..]);
@@ -183,6 +219,9 @@ impl StoreCipher {
 
     /// The key record: the data key encrypted under `passphrase` with `iterations` PBKDF2
     /// rounds and a fresh random salt (JSON text for the `kv` row [`CIPHER_KV_KEY`]).
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn export(&self, passphrase: &str, iterations: u32) -> Result<String, CipherError> {
         if passphrase.is_empty() {
             return Err(CipherError::EmptyPassphrase);
@@ -210,6 +249,9 @@ impl StoreCipher {
 
     /// Opens a key record with `passphrase`. The iteration count is checked against
     /// [`MAX_ITERATIONS`] before any derivation; the record's MAC before any decryption.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn import(passphrase: &str, record: &str) -> Result<Self, CipherError> {
         let bad = |what: &str| CipherError::BadKeyRecord(what.to_owned());
         let record: KeyRecord = serde_json::from_str(record).map_err(|e| bad(&e.to_string()))?;
@@ -253,6 +295,9 @@ impl StoreCipher {
     }
 
     /// Encrypts the value of `name` (a fresh random IV each time).
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn encrypt(&self, name: &str, plaintext: &[u8]) -> String {
         let mut iv = [0; IV_LEN];
         random(&mut iv);
@@ -266,6 +311,9 @@ impl StoreCipher {
     }
 
     /// Decrypts the value of `name`, once its tag is checked (in constant time).
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn decrypt(&self, name: &str, stored: &str) -> Result<Zeroizing<Vec<u8>>, CipherError> {
         let Some(body) = stored.strip_prefix(VALUE_PREFIX) else {
             return Err(CipherError::NotEncrypted(name.to_owned()));
@@ -286,6 +334,9 @@ impl StoreCipher {
     }
 
     /// [`StoreCipher::decrypt`] of a text value.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn decrypt_string(&self, name: &str, stored: &str) -> Result<Zeroizing<String>, CipherError> {
         let mut bytes = self.decrypt(name, stored)?;
         match String::from_utf8(std::mem::take(&mut *bytes)) {
