@@ -320,6 +320,9 @@ impl Device {
     }
 
     /// A user's membership in a room (`join`, `invite`, `leave`, ...), if any.
+    ///
+    /// Spec: [Room membership](https://spec.matrix.org/v1.19/client-server-api/#room-membership),
+    /// [`GET /rooms/{roomId}/state/{eventType}/{stateKey}`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3roomsroomidstateeventtypestatekey).
     pub async fn membership(&self, room_id: &str, user: &str) -> Result<Option<String>, DeviceError> {
         self.inner.membership(room_id, user).await
     }

@@ -56,11 +56,18 @@ use crate::store::{ActiveFlow, PendingRequest, Store, StoreError, TrustRecord};
 pub use sharing::Bootstrap;
 
 /// The wall clock in milliseconds, for the machine.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+/// (the clock the flows' timeouts run on).
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Randomness from the operating system.
+///
+/// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) and
+/// [SAS verification](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification)
+/// (every key and random value comes from it).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsEntropy;
 
@@ -84,6 +91,10 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 }
 
 /// What can go wrong with the device.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+/// and [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (what a
+/// verifying device can fail at).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeviceError {
@@ -147,6 +158,10 @@ impl From<MegolmError> for DeviceError {
 
 /// Something the device did or refused on its own, for the person or program watching: rooms
 /// joined, signatures uploaded, encrypted events held or dropped and why.
+///
+/// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) and
+/// [Direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging) (what the device did about
+/// rooms, keys and encrypted events).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Notice {
     /// What kind of thing happened (a stable, short name: `joined`, `dm_created`,
@@ -170,6 +185,8 @@ impl Notice {
 }
 
 /// Whether the homeserver can be reached.
+///
+/// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (the state of the long poll).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Connection {
@@ -185,6 +202,8 @@ pub enum Connection {
 }
 
 /// What the device tells the program.
+///
+/// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum DeviceEvent {
@@ -242,11 +261,17 @@ fn finished_flows(store: &Store) -> Vec<(String, String, u64)> {
 
 /// Held while a process drives this device: two processes syncing and answering for one device
 /// would race for the same events and the same store.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+/// (one process answers the device's verification messages).
 #[derive(Debug)]
 pub struct StateLock(#[allow(dead_code)] std::fs::File);
 
 impl StateLock {
     /// Takes the lock of a state directory, or fails at once if another process holds it.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (one process answers the device's verification messages).
     pub fn take(dir: &Path) -> Result<StateLock, DeviceError> {
         let io = |source| DeviceError::Store(StoreError::Io { path: dir.to_owned(), source });
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -272,6 +297,9 @@ fn test_fault() -> Option<String> {
 /// The demo's attacker (and, in test builds, `MXVERIFY_TEST_FAULT`): alters an outgoing message so that
 /// a peer's answer to a wrong `commitment` (`"commitment"`), a wrong `mac` (`"mac"`) or an unknown
 /// start method (`"unknown_method"`) can be seen. Returns whether it changed anything.
+///
+/// Serves: [SAS error and exception handling](https://spec.matrix.org/v1.19/client-server-api/#error-and-exception-handling)
+/// (it shows how a peer cancels a bad message).
 pub fn apply_fault(fault: &str, event_type: &str, content: &mut Value) -> bool {
     let bogus = || json!(mxverify_proto::b64::encode([0x42u8; 32]));
     match (fault, event_type) {
@@ -289,6 +317,9 @@ pub fn apply_fault(fault: &str, event_type: &str, content: &mut Value) -> bool {
 /// Sync filter: only what verification needs (to-device messages; verification, message and
 /// encrypted events in room timelines; memberships, to see invites, joins and leaves; and each
 /// room's encryption settings).
+///
+/// Spec: [Filtering](https://spec.matrix.org/v1.19/client-server-api/#filtering),
+/// [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing).
 pub fn sync_filter() -> Value {
     json!({
         "presence": {"not_types": ["*"]},
@@ -353,6 +384,10 @@ pub(crate) struct Inner {
 }
 
 /// A logged-in device (a cheap handle: clone it freely; all clones drive the same device).
+///
+/// Spec: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification),
+/// [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+/// [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption).
 #[derive(Clone)]
 pub struct Device {
     pub(crate) inner: Arc<Inner>,
@@ -376,6 +411,11 @@ const _: () = {
 
 /// How a device is opened: what the machine supports, the store passphrase, and whether plain
 /// `http://` may be used for a homeserver on another machine.
+///
+/// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+/// (the machine's configuration),
+/// [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security) (the store
+/// passphrase) and [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (HTTPS).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct Options {
@@ -390,17 +430,26 @@ pub struct Options {
 
 impl Options {
     /// With this machine configuration.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (the machine's configuration).
     pub fn new(config: Config) -> Self {
         Self { config, ..Self::default() }
     }
 
     /// With a store passphrase.
+    ///
+    /// Serves: [Key and signature security](https://spec.matrix.org/v1.19/client-server-api/#key-and-signature-security)
+    /// (private keys kept encrypted at rest).
     pub fn with_store_passphrase(mut self, passphrase: Option<&str>) -> Self {
         self.store_passphrase = passphrase.map(|p| Zeroizing::new(p.to_owned()));
         self
     }
 
     /// Allowing plain `http://` to another machine.
+    ///
+    /// Spec: [API standards](https://spec.matrix.org/v1.19/client-server-api/#api-standards) (HTTPS recommended, plain
+    /// HTTP for tests).
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.allow_insecure_http = allow;
         self
@@ -414,6 +463,10 @@ impl From<Config> for Options {
 }
 
 /// How to log in.
+///
+/// Spec: [Login](https://spec.matrix.org/v1.19/client-server-api/#login),
+/// [`POST /login`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3login),
+/// [`GET /account/whoami`](https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3accountwhoami).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Credentials {
@@ -459,6 +512,11 @@ impl Device {
     /// Logs in and sets the device up: a fresh (or, for the same device, the stored) identity,
     /// signed device keys and one-time keys uploaded, a sync filter. A state directory holds one
     /// account: logging in as another user there is refused unless `replace`, which starts afresh.
+    ///
+    /// Spec: [Client authentication](https://spec.matrix.org/v1.19/client-server-api/#client-authentication),
+    /// [`POST /login`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3login),
+    /// [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys),
+    /// [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
     pub async fn login(
         dir: &Path,
         homeserver: &str,
@@ -536,6 +594,9 @@ impl Device {
     }
 
     /// Opens the stored session (no network).
+    ///
+    /// Serves: [End-to-end encryption](https://spec.matrix.org/v1.19/client-server-api/#end-to-end-encryption) (the
+    /// device's keys and sessions come back from the store).
     pub fn open(dir: &Path, options: impl Into<Options>) -> Result<Device, DeviceError> {
         let Options { config, store_passphrase, .. } = options.into();
         let mut store = Store::open_with_passphrase(dir, store_passphrase.as_deref().map(String::as_str))?;
@@ -616,36 +677,52 @@ impl Device {
     }
 
     /// Our user ID.
+    ///
+    /// Spec: [User identifiers](https://spec.matrix.org/v1.19/appendices/#user-identifiers).
     pub fn user_id(&self) -> &str {
         &self.inner.user_id
     }
 
     /// Our device ID.
+    ///
+    /// Spec: [Relationship between access tokens and devices](https://spec.matrix.org/v1.19/client-server-api/#relationship-between-access-tokens-and-devices).
     pub fn device_id(&self) -> &str {
         &self.inner.device_id
     }
 
     /// The homeserver's base URL.
+    ///
+    /// Spec: [Well-known URIs](https://spec.matrix.org/v1.19/client-server-api/#well-known-uris) (the homeserver base
+    /// URL).
     pub fn homeserver(&self) -> &str {
         self.inner.hs.base()
     }
 
     /// Our Ed25519 device key.
+    ///
+    /// Spec: [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub fn ed25519(&self) -> String {
         self.inner.lock().olm.ed25519()
     }
 
     /// Our Curve25519 identity key.
+    ///
+    /// Spec: [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub fn curve25519(&self) -> String {
         self.inner.lock().olm.curve25519()
     }
 
     /// Our master key, if this device holds its private part.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn master_key(&self) -> Option<String> {
         self.inner.lock().cross.public(MASTER)
     }
 
     /// The secret names of the cross-signing private keys this device holds.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+    /// [Secrets](https://spec.matrix.org/v1.19/client-server-api/#secrets).
     pub fn cross_signing_keys_held(&self) -> Vec<&'static str> {
         let st = self.inner.lock();
         SECRET_NAMES.into_iter().filter(|n| st.cross.get(n).is_some()).collect()
@@ -653,31 +730,47 @@ impl Device {
 
     /// Whether to-device verification messages we send are Olm-encrypted (default: no, as
     /// matrix-js-sdk and matrix-rust-sdk send them; encrypted ones are always understood).
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.olm.v1.curve25519-aes-sha2`](https://spec.matrix.org/v1.19/client-server-api/#molmv1curve25519-aes-sha2).
     pub fn set_encrypt_to_device(&self, on: bool) {
         self.inner.lock().encrypt_to_device = on;
     }
 
     /// What we know of a user's keys (after [`Device::query_keys`]).
+    ///
+    /// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery),
+    /// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub fn known(&self, user: &str) -> Option<UserKeyInfo> {
         self.inner.lock().known.get(user).cloned()
     }
 
     /// What this device verified (the trust records), optionally of one user.
+    ///
+    /// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification) (what this
+    /// device verified).
     pub fn trust(&self, user: Option<&str>) -> Result<Vec<TrustRecord>, DeviceError> {
         Ok(self.inner.lock().store.trust(user)?)
     }
 
     /// Whether this exact key of this user was verified by this device.
+    ///
+    /// Serves: [Device verification](https://spec.matrix.org/v1.19/client-server-api/#device-verification) (what this
+    /// device verified).
     pub fn is_trusted(&self, user: &str, key: &str) -> bool {
         self.inner.lock().store.is_trusted(user, key).unwrap_or(false)
     }
 
     /// A view of one flow.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn flow(&self, key: &FlowKey) -> Option<FlowInfo> {
         self.inner.lock().machine.flow(key)
     }
 
     /// Every flow the device remembers that has not ended.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub fn active_flows(&self) -> Vec<FlowInfo> {
         let st = self.inner.lock();
         st.machine.flows().filter_map(|k| st.machine.flow(k)).filter(|f| f.cancel.is_none() && !f.verified).collect()
@@ -685,6 +778,10 @@ impl Device {
 
     /// `/keys/upload` of our signed device keys (once per device) with a first supply of signed
     /// one-time keys and a fallback key.
+    ///
+    /// Spec: [`POST /keys/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysupload),
+    /// [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys),
+    /// [One-time and fallback keys](https://spec.matrix.org/v1.19/client-server-api/#one-time-and-fallback-keys).
     pub async fn upload_device_keys(&self) -> Result<(), DeviceError> {
         let body = {
             let mut st = self.inner.lock();
@@ -705,6 +802,9 @@ impl Device {
     }
 
     /// The sync filter id (created again whenever the filter changed).
+    ///
+    /// Spec: [Filtering](https://spec.matrix.org/v1.19/client-server-api/#filtering),
+    /// [`POST /user/{userId}/filter`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3useruseridfilter).
     pub async fn filter_id(&self) -> Result<String, DeviceError> {
         let wanted = sync_filter().to_string();
         {
@@ -723,11 +823,18 @@ impl Device {
     }
 
     /// `/keys/query` with every signature checked; the result goes to the store and the machine.
+    ///
+    /// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery),
+    /// [Tracking the device list for a user](https://spec.matrix.org/v1.19/client-server-api/#tracking-the-device-list-for-a-user),
+    /// [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing).
     pub async fn query_keys(&self, users: &[String]) -> Result<(), DeviceError> {
         self.inner.query_keys(users).await
     }
 
     /// The devices of `user` we could verify (other than this one).
+    ///
+    /// Spec: [`POST /keys/query`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery),
+    /// [Device keys](https://spec.matrix.org/v1.19/client-server-api/#device-keys).
     pub async fn devices_of(&self, user: &str) -> Result<Vec<String>, DeviceError> {
         self.query_keys(&[user.to_owned()]).await?;
         let st = self.inner.lock();
@@ -749,6 +856,9 @@ impl Device {
     }
 
     /// Joins a room we were invited to.
+    ///
+    /// Spec: [Joining rooms](https://spec.matrix.org/v1.19/client-server-api/#joining-rooms),
+    /// [`POST /join/{roomIdOrAlias}`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3joinroomidoralias).
     pub async fn join(&self, room: &str) -> Result<(), DeviceError> {
         Ok(self.inner.hs.join(room).await?)
     }
@@ -756,6 +866,9 @@ impl Device {
     /// Starts the device: flows lost by an earlier run are ended (the other side is told), requests
     /// that waited while we were stopped are replayed (expired ones reported), and syncing
     /// begins. Needs a tokio runtime with the time and I/O drivers.
+    ///
+    /// Spec: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing),
+    /// [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
     pub async fn start(&self) -> Result<(), DeviceError> {
         if self.inner.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
@@ -783,6 +896,9 @@ impl Device {
     /// Stops after delivering what is already queued (a last cancel or `done`, the signatures of
     /// a verification: they must not wait for the next start): waits up to 10 s, then stops
     /// everything. Signatures not uploaded by then stay queued for the next start.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (a last `cancel` or `done` still reaches the other side).
     pub async fn shutdown(&self) {
         let end = now_ms() + 10_000;
         let busy = || {
@@ -797,6 +913,8 @@ impl Device {
 
     /// Stops syncing, sending and the timer at once (queued messages may be lost: see
     /// [`Device::shutdown`]).
+    ///
+    /// Serves: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing) (the long poll stops).
     pub fn stop(&self) {
         for t in self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();
@@ -804,11 +922,17 @@ impl Device {
     }
 
     /// The next thing that happened; `None` once every handle is gone.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (the events a person answers).
     pub async fn next_event(&self) -> Option<DeviceEvent> {
         self.events.lock().await.recv().await
     }
 
     /// The next event if one is waiting, without waiting.
+    ///
+    /// Serves: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework)
+    /// (the events a person answers).
     pub fn try_next_event(&self) -> Option<DeviceEvent> {
         self.events.try_lock().ok()?.try_recv().ok()
     }
@@ -825,11 +949,17 @@ impl Device {
     }
 
     /// Accepts an incoming request (sends `ready`) or a legacy start.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.key.verification.ready`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationready).
     pub async fn accept(&self, flow: &FlowKey) -> Result<(), DeviceError> {
         self.act(|m, now| m.accept(flow, now))
     }
 
     /// Starts SAS in a ready flow.
+    ///
+    /// Spec: [SAS verification](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification),
+    /// [`m.key.verification.start` with `m.sas.v1`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationstartmsasv1).
     pub async fn start_sas(&self, flow: &FlowKey) -> Result<(), DeviceError> {
         let result = self.act(|m, now| m.start_sas(flow, now));
         if let Err(DeviceError::Action(ActionError::KeysUnknown { user_id, .. })) = &result {
@@ -841,27 +971,41 @@ impl Device {
     }
 
     /// The person says the emoji or numbers match (or that the other device showed success).
+    ///
+    /// Spec: [SAS verification](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification),
+    /// [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
     pub async fn confirm(&self, flow: &FlowKey) -> Result<(), DeviceError> {
         self.act(|m, now| m.confirm(flow, now))
     }
 
     /// The person says they differ.
+    ///
+    /// Spec: [SAS verification](https://spec.matrix.org/v1.19/client-server-api/#short-authentication-string-sas-verification),
+    /// [SAS error and exception handling](https://spec.matrix.org/v1.19/client-server-api/#error-and-exception-handling).
     pub async fn mismatch(&self, flow: &FlowKey) -> Result<(), DeviceError> {
         self.act(|m, now| m.mismatch(flow, now))
     }
 
     /// Cancels (or declines) a flow.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.key.verification.cancel`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationcancel).
     pub async fn cancel(&self, flow: &FlowKey) -> Result<(), DeviceError> {
         self.act(|m, now| m.cancel(flow, now))
     }
 
     /// Scans the other device's QR code (its raw payload).
+    ///
+    /// Spec: [QR codes](https://spec.matrix.org/v1.19/client-server-api/#qr-codes).
     pub async fn scan_qr(&self, flow: &FlowKey, payload: &[u8]) -> Result<(), DeviceError> {
         self.act(|m, now| m.scan_qr(flow, payload, now))
     }
 
     /// Asks `user` to verify, to-device: the named devices, or all of theirs (other than this one).
     /// Returns the flow.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationrequest).
     pub async fn request_to_device(&self, user: &str, devices: Option<&[String]>) -> Result<FlowKey, DeviceError> {
         let all = self.devices_of(user).await?;
         let devices = match devices {
@@ -884,6 +1028,9 @@ impl Device {
     /// Asks `user` to verify in a room. In-room verification is for another user: our own
     /// devices verify to-device. The flow appears with the `RequestSent` event once the
     /// homeserver gave the request its event ID.
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessagemkeyverificationrequest).
     pub async fn request_in_room(&self, user: &str, room_id: &str) -> Result<(), DeviceError> {
         if user == self.inner.user_id {
             return Err(DeviceError::Refused(
@@ -902,6 +1049,10 @@ impl Device {
     /// Asks `user` to verify in our direct chat with them ([`Device::dm_room`]): at once if they
     /// are in it, otherwise as soon as they join (within the flow timeout; a
     /// [`DeviceEvent::RequestFailed`] says if they never do).
+    ///
+    /// Spec: [Key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+    /// [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessagemkeyverificationrequest),
+    /// [Direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging).
     pub async fn request_in_dm(&self, user: &str) -> Result<DirectRoom, DeviceError> {
         if user == self.inner.user_id {
             return Err(DeviceError::Refused("your own devices verify each other to-device".into()));
@@ -928,6 +1079,9 @@ impl Device {
 
     /// When the device has something due that a command waiting for its end should stay for
     /// (secret sharing right after a verification with our own device); `None` if nothing.
+    ///
+    /// Serves: [Secrets › Sharing](https://spec.matrix.org/v1.19/client-server-api/#sharing) (secrets shared right
+    /// after a self-verification).
     pub fn busy_until(&self) -> Option<u64> {
         let now = now_ms();
         let st = self.inner.lock();
@@ -938,6 +1092,8 @@ impl Device {
 }
 
 /// The direct chat a verification with another user happens in.
+///
+/// Spec: [Direct messaging](https://spec.matrix.org/v1.19/client-server-api/#direct-messaging).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectRoom {
     /// The room.

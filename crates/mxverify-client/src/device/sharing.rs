@@ -20,6 +20,10 @@ pub(crate) const SECRET_LINGER_MS: u64 = 15_000;
 const SECRET_QUIET_MS: u64 = 2_000;
 
 /// What `cross-signing bootstrap` did.
+///
+/// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+/// [Secret storage](https://spec.matrix.org/v1.19/client-server-api/#secret-storage),
+/// [Cryptographic key representation](https://spec.matrix.org/v1.19/appendices/#cryptographic-key-representation).
 #[derive(Debug)]
 pub struct Bootstrap {
     /// The master key.
@@ -38,6 +42,11 @@ impl Device {
     /// then keeps them in new secret storage and returns its recovery key, shown once. Keys that
     /// this device already holds and published are kept. Refuses to replace published keys it does
     /// not hold, and leaves existing secret storage alone, unless `replace`.
+    ///
+    /// Spec: [Cross-signing](https://spec.matrix.org/v1.19/client-server-api/#cross-signing),
+    /// [`POST /keys/device_signing/upload`](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysdevice_signingupload),
+    /// [User-interactive authentication API](https://spec.matrix.org/v1.19/client-server-api/#user-interactive-authentication-api),
+    /// [Secret storage](https://spec.matrix.org/v1.19/client-server-api/#secret-storage).
     pub async fn bootstrap_cross_signing(
         &self,
         password: Option<&str>,
@@ -186,6 +195,9 @@ impl Device {
 
 impl Device {
     /// Whether the account has default secret storage.
+    ///
+    /// Spec: [Key storage](https://spec.matrix.org/v1.19/client-server-api/#key-storage)
+    /// (`m.secret_storage.default_key`).
     pub async fn has_secret_storage(&self) -> Result<bool, DeviceError> {
         let me = &self.inner.user_id;
         let default = self.inner.hs.account_data(me, secret_storage::DEFAULT_KEY_EVENT_TYPE).await?;
