@@ -271,7 +271,7 @@ impl serde::Serialize for Method {
 /// `msgtype`).
 ///
 /// Spec: [`m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationrequest),
-/// [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessage-with-msgtype-mkeyverificationrequest).
+/// [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessagemkeyverificationrequest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// The requesting device.
@@ -489,7 +489,7 @@ pub struct Parsed {
 
 /// The `msgtype` of the in-room request.
 ///
-/// Spec: [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessage-with-msgtype-mkeyverificationrequest).
+/// Spec: [`m.room.message` with `msgtype: m.key.verification.request`](https://spec.matrix.org/v1.19/client-server-api/#mroommessagemkeyverificationrequest).
 pub const ROOM_REQUEST_MSGTYPE: &str = "m.key.verification.request";
 
 /// Parses an event's content. `in_room` selects the transport; `relates_to_fallback` is the
