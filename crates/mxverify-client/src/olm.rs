@@ -133,6 +133,17 @@ struct Entry {
 }
 
 impl Entry {
+    /// What the store keeps of this session (with the other device's key).
+    fn stored(&self, sender_key: &str, pickle_key: &[u8; 32]) -> StoredOlmSession {
+        StoredOlmSession {
+            sender_key: sender_key.to_owned(),
+            session_id: self.session.session_id(),
+            pickle: self.session.pickle().encrypt(pickle_key),
+            created_at: self.created_at,
+            last_received: self.last_received,
+        }
+    }
+
     /// The session that most recently received a message is preferred; one that never
     /// received counts from its creation.
     fn recency(&self) -> u64 {
@@ -265,16 +276,6 @@ impl Olm {
         Ok(())
     }
 
-    fn stored(&self, sender_key: &str, e: &Entry) -> StoredOlmSession {
-        StoredOlmSession {
-            sender_key: sender_key.to_owned(),
-            session_id: e.session.session_id(),
-            pickle: e.session.pickle().encrypt(&self.pickle_key),
-            created_at: e.created_at,
-            last_received: e.last_received,
-        }
-    }
-
     /// The one-time and fallback keys to upload, given the server's count of unclaimed one-time
     /// keys and whether it still has an unused fallback key (`None`: it did not say). New keys
     /// are generated and the account saved *before* the upload, so a key the server hands out is
@@ -377,7 +378,7 @@ impl Olm {
             .create_outbound_session(SessionConfig::version_1(), identity, otk)
             .map_err(|e| OlmError::Malformed(format!("cannot make a session: {e}")))?;
         let entry = Entry { session, created_at: now, last_received: 0 };
-        store.save_olm(None, &[self.stored(their_curve25519, &entry)])?;
+        store.save_olm(None, &[entry.stored(their_curve25519, &self.pickle_key)])?;
         self.insert(their_curve25519, entry);
         Ok(())
     }
@@ -435,13 +436,7 @@ impl Olm {
             .encrypt(payload.to_string())
             .map_err(|e| OlmError::Malformed(format!("cannot encrypt: {e}")))?;
         let (message_type, body) = message.to_parts();
-        let stored = StoredOlmSession {
-            sender_key: their_curve25519.to_owned(),
-            session_id: entry.session.session_id(),
-            pickle: entry.session.pickle().encrypt(&self.pickle_key),
-            created_at: entry.created_at,
-            last_received: entry.last_received,
-        };
+        let stored = entry.stored(their_curve25519, &self.pickle_key);
         // The ratchet moved: save it before the message leaves, so an index is never reused.
         store.save_olm(None, &[stored])?;
         Ok(json!({
@@ -491,14 +486,7 @@ impl Olm {
                 if let Some(entry) = existing {
                     let plain = entry.session.decrypt(&message).map_err(|e| undecryptable(e.to_string()))?;
                     entry.last_received = now;
-                    let stored = StoredOlmSession {
-                        sender_key: sender_key.to_owned(),
-                        session_id: entry.session.session_id(),
-                        pickle: entry.session.pickle().encrypt(&self.pickle_key),
-                        created_at: entry.created_at,
-                        last_received: now,
-                    };
-                    store.save_olm(None, &[stored])?;
+                    store.save_olm(None, &[entry.stored(sender_key, &self.pickle_key)])?;
                     plain
                 } else {
                     let created = self
@@ -507,7 +495,7 @@ impl Olm {
                         .map_err(|e| undecryptable(e.to_string()))?;
                     let entry = Entry { session: created.session, created_at: now, last_received: now };
                     let account = self.account.pickle().encrypt(&self.pickle_key);
-                    store.save_olm(Some(&account), &[self.stored(sender_key, &entry)])?;
+                    store.save_olm(Some(&account), &[entry.stored(sender_key, &self.pickle_key)])?;
                     self.insert(sender_key, entry);
                     created.plaintext
                 }
@@ -520,21 +508,13 @@ impl Olm {
                     match entry.session.decrypt(&message) {
                         Ok(plain) => {
                             entry.last_received = now;
-                            result = Ok((plain, entry.session.session_id(), entry.created_at));
+                            result = Ok((plain, entry.stored(sender_key, &self.pickle_key)));
                             break;
                         }
                         Err(e) => result = Err(undecryptable(e.to_string())),
                     }
                 }
-                let (plain, session_id, created_at) = result?;
-                let entry = list.iter().find(|e| e.session.session_id() == session_id).expect("just used");
-                let stored = StoredOlmSession {
-                    sender_key: sender_key.to_owned(),
-                    session_id,
-                    pickle: entry.session.pickle().encrypt(&self.pickle_key),
-                    created_at,
-                    last_received: now,
-                };
+                let (plain, stored) = result?;
                 store.save_olm(None, &[stored])?;
                 plain
             }

@@ -120,6 +120,14 @@ fn too_deep(v: &Value) -> bool {
     }
 }
 
+/// One room event, checked as a batch's are (for an event kept since, e.g. one that waited for
+/// its room key); `None` if it is not what the spec says a room event is.
+///
+/// Spec: [Syncing](https://spec.matrix.org/v1.19/client-server-api/#syncing).
+pub fn parse_room_event(ev: &Value) -> Option<RoomEvent> {
+    room_event(ev, &mut Vec::new(), "a room")
+}
+
 fn room_event(ev: &Value, rejected: &mut Vec<String>, where_: &str) -> Option<RoomEvent> {
     let why = match (user_id(&ev["sender"]), short(&ev["type"]), short(&ev["event_id"]), ev["content"].is_object()) {
         _ if too_deep(ev) => "nesting too deep to read",

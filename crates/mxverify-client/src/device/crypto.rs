@@ -21,6 +21,18 @@ const HELD_IN_ALL: u64 = 1024;
 /// How soon a broken Olm session with one device may be replaced again (the spec's hour).
 const UNWEDGE_INTERVAL_MS: u64 = 60 * 60 * 1000;
 
+/// The one-time key a `/keys/claim` answer gives for a device, if its signature by the device's
+/// Ed25519 key is valid ([claiming keys](https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysclaim)).
+fn claimed_one_time_key(claimed: &Value, user: &str, device: &DeviceKeys) -> Option<String> {
+    let keys = claimed["one_time_keys"][user][&device.device_id].as_object()?;
+    keys.iter()
+        .find(|(id, obj)| {
+            id.starts_with("signed_curve25519:")
+                && keys::has_valid_signature(obj, user, &device.device_id, &device.ed25519)
+        })
+        .and_then(|(_, obj)| obj["key"].as_str().map(str::to_owned))
+}
+
 impl Inner {
     pub(crate) fn own_sender(&self, st: &State) -> OlmSender {
         OlmSender {
@@ -74,14 +86,8 @@ impl Inner {
             if !wanted.get(user).is_some_and(|m| m.contains_key(&d.device_id)) {
                 continue;
             }
-            let key = claimed["one_time_keys"][user][&d.device_id].as_object().and_then(|m| {
-                m.iter().find(|(id, obj)| {
-                    id.starts_with("signed_curve25519:")
-                        && keys::has_valid_signature(obj, user, &d.device_id, &d.ed25519)
-                })
-            });
-            let created = match key.and_then(|(_, obj)| obj["key"].as_str()) {
-                Some(otk) => st.olm.create_outbound(&mut st.store, curve, otk, now).map_err(|e| e.to_string()),
+            let created = match claimed_one_time_key(&claimed, user, d) {
+                Some(otk) => st.olm.create_outbound(&mut st.store, curve, &otk, now).map_err(|e| e.to_string()),
                 None => Err("it has no signed one-time key left on the server (or its signature is wrong)".into()),
             };
             if let Err(why) = created {
@@ -162,7 +168,9 @@ impl Inner {
             self.query_keys(&unknown).await?;
         }
         let now = now_ms();
-        let (missing, room_key) = {
+        // Held across the round trips below without the lock: a room's messages are sent one
+        // after another (one sender lane per room), so nothing else touches this session meanwhile.
+        let (mut out, missing) = {
             let st = self.lock();
             let mut targets: BTreeMap<String, (String, DeviceKeys)> = BTreeMap::new();
             for user in &members {
@@ -193,10 +201,11 @@ impl Inner {
             };
             let missing: Vec<(String, DeviceKeys)> =
                 out.missing(&recipients).into_iter().map(|r| targets[r].clone()).collect();
-            (missing, out.room_key_content())
+            (out, missing)
         };
         if !missing.is_empty() {
             self.ensure_olm_sessions(&missing).await?;
+            let room_key = out.room_key_content();
             let (messages, shared, txn) = {
                 let mut st = self.lock();
                 let st = &mut *st;
@@ -217,18 +226,12 @@ impl Inner {
             };
             if !messages.is_empty() {
                 self.hs.send_to_device("m.room.encrypted", &txn, &json!(messages)).await?;
-                let st = self.lock();
-                let pickle_key = *st.olm.pickle_key();
-                if let Some(mut out) = Outbound::load(&st.store, &pickle_key, room_id)? {
-                    out.mark_shared(&st.store, shared)?;
-                }
+                out.mark_shared(&self.lock().store, shared)?;
             }
         }
         let st = self.lock();
         let own = self.own_sender(&st);
         let pickle_key = *st.olm.pickle_key();
-        let mut out = Outbound::load(&st.store, &pickle_key, room_id)?
-            .ok_or_else(|| DeviceError::Encryption(format!("the room key of {room_id} was lost")))?;
         Ok(out.encrypt(&st.store, &pickle_key, &own, event_type, content)?)
     }
 
@@ -351,12 +354,7 @@ impl Inner {
                 return;
             }
         };
-        let otk = claimed["one_time_keys"][sender][&device.device_id].as_object().and_then(|m| {
-            m.iter()
-                .find(|(_, obj)| keys::has_valid_signature(obj, sender, &device.device_id, &device.ed25519))
-                .and_then(|(_, obj)| obj["key"].as_str().map(str::to_owned))
-        });
-        let Some(otk) = otk else { return };
+        let Some(otk) = claimed_one_time_key(&claimed, sender, &device) else { return };
         let (content, txn) = {
             let mut st = self.lock();
             let st = &mut *st;
@@ -474,13 +472,8 @@ impl Inner {
         let now = now_ms();
         let held = self.lock().store.held_room_events(HeldSelection::Key { room_id, session_id })?;
         for h in held {
-            let parsed = serde_json::from_str::<Value>(&h.event).ok().and_then(|raw| {
-                let b = crate::sync::parse(
-                    &json!({"rooms": {"join": {room_id: {"timeline": {"events": [raw]}}}}}),
-                    &self.user_id,
-                );
-                b.rooms.into_iter().next().and_then(|r| r.timeline.into_iter().next())
-            });
+            let parsed =
+                serde_json::from_str::<Value>(&h.event).ok().and_then(|raw| crate::sync::parse_room_event(&raw));
             let done = match parsed {
                 Some(ev) => self.receive_megolm(room_id, &ev, now, false),
                 None => true,
