@@ -127,10 +127,7 @@ impl Inner {
             self.accept_invite(&invite).await;
         }
         self.check_joins().await;
-        {
-            let mut st = self.lock();
-            let _ = self.expire_held(&mut st, now);
-        }
+        // Held events that expire are the timer's: it wakes for the earliest one.
         self.flush();
     }
 
@@ -198,11 +195,7 @@ impl Inner {
             }
             self.lock().awaiting_join.retain(|x| !(x.room_id == w.room_id && x.user == w.user));
             self.notice(Notice::in_room("joined", &w.room_id, format!("{} joined; sending the request", w.user)));
-            {
-                let mut st = self.lock();
-                st.machine.request_in_room(&w.room_id, &w.user, now_ms());
-            }
-            self.flush();
+            self.send_room_request(&w.room_id, &w.user);
         }
     }
 

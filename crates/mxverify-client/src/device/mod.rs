@@ -940,9 +940,8 @@ impl Device {
     fn act(&self, f: impl FnOnce(&mut Machine, u64) -> Result<(), ActionError>) -> Result<(), DeviceError> {
         {
             let mut st = self.inner.lock();
-            let now = now_ms();
-            st.machine.handle_timeout(now);
-            f(&mut st.machine, now)?;
+            // The machine ends whatever is due at `now` before it acts.
+            f(&mut st.machine, now_ms())?;
         }
         self.inner.flush();
         Ok(())
@@ -1038,11 +1037,7 @@ impl Device {
             ));
         }
         self.devices_of(user).await?;
-        {
-            let mut st = self.inner.lock();
-            st.machine.request_in_room(room_id, user, now_ms());
-        }
-        self.inner.flush();
+        self.inner.send_room_request(room_id, user);
         Ok(())
     }
 
@@ -1061,7 +1056,7 @@ impl Device {
         self.devices_of(user).await?;
         let dm = self.dm_room(user).await?;
         if dm.other_joined {
-            self.request_in_room(user, &dm.room_id).await?;
+            self.inner.send_room_request(&dm.room_id, user);
         } else {
             let mut st = self.inner.lock();
             let deadline = now_ms() + st.flow_timeout;
@@ -1106,6 +1101,12 @@ pub struct DirectRoom {
 }
 
 impl Inner {
+    /// The machine's in-room request to `user` in `room_id`, handed to the sender.
+    pub(crate) fn send_room_request(&self, room_id: &str, user: &str) {
+        self.lock().machine.request_in_room(room_id, user, now_ms());
+        self.flush();
+    }
+
     /// `/keys/query` with every signature checked; the result goes to the store and the machine.
     /// Users whose server the homeserver could not reach keep their last known keys.
     pub(crate) async fn query_keys(&self, users: &[String]) -> Result<(), DeviceError> {
@@ -1381,9 +1382,8 @@ impl Inner {
             "room": incoming.room.as_ref().map(|r| json!({"room_id": r.room_id, "event_id": r.event_id,
                 "origin_server_ts": r.origin_server_ts, "relates_to_fallback": r.relates_to_fallback}))});
         {
-            let mut st = self.lock();
-            st.machine.handle_timeout(now);
-            st.machine.receive(incoming, now);
+            // The machine ends whatever is due at `now` before it takes the event in.
+            self.lock().machine.receive(incoming, now);
         }
         self.flush_with(Some((&raw, now)));
     }
