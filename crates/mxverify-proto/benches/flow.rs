@@ -6,38 +6,13 @@
 //!   the commitment hash (made and checked), SAS bytes on both sides, and every MAC made and checked
 //!   (device key, master key and key list, both directions).
 //!
-//! Run: `cargo bench -p mxverify-proto --bench flow`. Before the timings, it prints the heap bytes
-//! held per request waiting for an answer (measured with a counting allocator).
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+//! Run: `cargo bench -p mxverify-proto --bench flow`. Memory and the cost of many flows at once
+//! are in `benches/scale.rs`.
 
 use mxverify_proto::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party};
 use mxverify_proto::loopback::{Loopback, Side};
 use mxverify_proto::*;
 use serde_json::json;
-
-struct Counting;
-
-static HELD: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HELD.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HELD.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -150,40 +125,6 @@ fn crypto_floor(bencher: divan::Bencher) {
         });
 }
 
-/// Heap bytes held by one machine per request waiting for an answer, outgoing and incoming.
-fn heap_per_waiting_request() {
-    const N: usize = 1000;
-    let devices: Vec<String> = vec!["BOBDEVICE".into()];
-    let mut m =
-        Machine::new(identity("@alice:example.org", "ALICEDEVICE"), Config::default(), Box::new(SeededEntropy::new(1)));
-    m.update_user_keys("@bob:example.org", UserKeys::default(), NOW);
-    while m.poll_event().is_some() {}
-    let before = HELD.load(Ordering::Relaxed);
-    for _ in 0..N {
-        m.request_to_device("@bob:example.org", &devices, NOW).unwrap();
-        while m.poll_outgoing().is_some() {}
-        while m.poll_event().is_some() {}
-    }
-    let outgoing = (HELD.load(Ordering::Relaxed) - before) / N as isize;
-
-    let mut m =
-        Machine::new(identity("@bob:example.org", "BOBDEVICE"), Config::default(), Box::new(SeededEntropy::new(2)));
-    let before = HELD.load(Ordering::Relaxed);
-    for i in 0..N {
-        let ev = IncomingEvent {
-            sender: format!("@user{i}:example.org"),
-            event_type: "m.key.verification.request".into(),
-            content: json!({"from_device": "DEVICEID", "methods": ["m.sas.v1"], "timestamp": NOW, "transaction_id": format!("{i:032x}")}),
-            room: None,
-        };
-        m.receive(ev, NOW);
-        while m.poll_event().is_some() {}
-    }
-    let incoming = (HELD.load(Ordering::Relaxed) - before) / N as isize;
-    println!("heap per waiting request: outgoing {outgoing} bytes, incoming {incoming} bytes (mean over {N})");
-}
-
 fn main() {
-    heap_per_waiting_request();
     divan::main();
 }

@@ -147,6 +147,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
         net.collect();
     };
     for op in ops {
+        let op_shown = format!("{op:?}");
         let n = net.lb.queue.len();
         match op {
             Op::Deliver(i) if n > 0 => deliver(&mut net, i % n, &mut got_cancel),
@@ -228,6 +229,13 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
             }
             Op::Advance(ms) => net.advance(u64::from(ms)),
             _ => {}
+        }
+        // The indexes (by key, user, device, awaiting keys) and the timer queue agree with the
+        // flow table after every step.
+        for side in [Side::A, Side::B] {
+            if let Err(e) = net.m(side).check_invariants() {
+                panic!("{side:?} after {op_shown}: {e}");
+            }
         }
     }
     // Drain: deliver everything, then let every deadline pass.

@@ -1,7 +1,7 @@
 //! The key book: what the caller told us of users' keys, the events waiting for keys we do not
 //! have yet (principle: never drop a request for lack of keys), and which users' keys we asked for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::keys::Ed25519PublicKey;
 use crate::types::{IncomingEvent, UserKeys};
@@ -11,6 +11,9 @@ pub(crate) const MAX_HELD: usize = 64;
 /// How many events one sender may have waiting for keys: a flood from one sender only ever
 /// displaces that sender's own events.
 pub(crate) const MAX_HELD_PER_SENDER: usize = 8;
+/// How many users may be remembered as asked for at once. Past it the memory starts afresh: a
+/// user asked for again costs the caller one more key query, never a lost event.
+pub(crate) const MAX_ASKED: usize = 1 << 16;
 
 /// An event waiting for its sender's keys.
 #[derive(Debug)]
@@ -44,7 +47,7 @@ pub(crate) struct KeyBook {
     /// Oldest first.
     held: VecDeque<Held>,
     /// Users whose keys we asked for and have not received since.
-    asked: Vec<String>,
+    asked: HashSet<Box<str>>,
     next_held: u64,
 }
 
@@ -70,7 +73,7 @@ impl KeyBook {
         let new_master = keys.master_key.clone();
         let old = self.users.insert(user.to_owned(), keys);
         let replaced_master = old.and_then(|k| k.master_key).filter(|old| Some(old) != new_master.as_ref());
-        self.asked.retain(|u| u != user);
+        self.asked.remove(user);
         let (ready, rest): (VecDeque<Held>, VecDeque<Held>) =
             std::mem::take(&mut self.held).into_iter().partition(|h| h.event.sender == user);
         self.held = rest;
@@ -79,10 +82,13 @@ impl KeyBook {
 
     /// Whether the caller must be asked for this user's keys: once, until they arrive.
     pub(crate) fn ask(&mut self, user: &str) -> bool {
-        if self.asked.iter().any(|u| u == user) {
+        if self.asked.contains(user) {
             return false;
         }
-        self.asked.push(user.to_owned());
+        if self.asked.len() >= MAX_ASKED {
+            self.asked.clear();
+        }
+        self.asked.insert(user.into());
         true
     }
 
@@ -103,6 +109,12 @@ impl KeyBook {
         self.next_held += 1;
         self.held.push_back(Held { id, event });
         Hold::Held { id, evicted }
+    }
+
+    /// How many events wait for keys.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn held_count(&self) -> usize {
+        self.held.len()
     }
 
     /// Gives up a held event (its deadline passed).
@@ -187,5 +199,15 @@ mod tests {
         // A sender at its quota still replaces its own oldest event.
         assert!(matches!(book.hold(ev("@u0:x")), Hold::Held { evicted: Some(_), .. }));
         assert_eq!(book.held.len(), MAX_HELD);
+    }
+
+    #[test]
+    fn the_memory_of_asked_users_is_bounded() {
+        let mut book = KeyBook::default();
+        for i in 0..=MAX_ASKED {
+            assert!(book.ask(&format!("@u{i}:x")));
+        }
+        assert!(book.asked.len() <= MAX_ASKED);
+        assert!(!book.ask(&format!("@u{MAX_ASKED}:x")), "the newest ask is remembered");
     }
 }

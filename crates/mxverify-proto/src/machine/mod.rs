@@ -12,9 +12,10 @@
 
 mod gate;
 mod keybook;
+mod table;
 mod timers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::cancel::{CancelCode, CancelInfo, LocalCause};
 use crate::flow::{Ctx, End, Ended, Finished, Flow, How, Incoming, Next, Origin, Peer, Ready, Requested, State, Step};
@@ -22,67 +23,13 @@ use crate::types::*;
 use crate::wire::{self, Envelope, Method, Msg, MsgKind, Request, StartMethod};
 use gate::{CancelGate, FlowStatus, Trigger};
 use keybook::{Hold, KeyBook};
+use table::FlowTable;
 use timers::{FlowId, Timer, TimerTable};
 
 #[derive(Debug)]
 struct PendingRoomRequest {
     room_id: String,
     user_id: String,
-}
-
-/// The flows, by key and by handle.
-#[derive(Debug, Default)]
-struct FlowTable {
-    index: BTreeMap<FlowKey, FlowId>,
-    flows: HashMap<FlowId, Flow>,
-    next: u64,
-}
-
-impl FlowTable {
-    fn id(&self, key: &FlowKey) -> Option<FlowId> {
-        self.index.get(key).copied()
-    }
-
-    fn get(&self, key: &FlowKey) -> Option<&Flow> {
-        self.flows.get(&self.id(key)?)
-    }
-
-    fn by_id(&self, id: FlowId) -> Option<&Flow> {
-        self.flows.get(&id)
-    }
-
-    fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
-        self.flows.get_mut(&id)
-    }
-
-    fn insert(&mut self, flow: Flow) -> FlowId {
-        let id = FlowId(self.next);
-        self.next += 1;
-        self.index.insert(flow.key.clone(), id);
-        self.flows.insert(id, flow);
-        id
-    }
-
-    /// Takes a flow out for a transition; [`FlowTable::put`] puts it back.
-    fn take(&mut self, id: FlowId) -> Option<Flow> {
-        self.flows.remove(&id)
-    }
-
-    fn put(&mut self, id: FlowId, flow: Flow) {
-        self.flows.insert(id, flow);
-    }
-
-    /// Forgets a flow entirely.
-    fn forget(&mut self, id: FlowId) -> Option<Flow> {
-        let flow = self.flows.remove(&id)?;
-        self.index.remove(&flow.key);
-        Some(flow)
-    }
-
-    /// Handles in the order of their keys.
-    fn ids(&self) -> impl Iterator<Item = FlowId> + '_ {
-        self.index.values().copied()
-    }
 }
 
 /// Everything one device needs to run any number of verifications at once: the state of every
@@ -149,10 +96,7 @@ pub struct Machine {
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine")
-            .field("own", &self.own)
-            .field("flows", &self.flows.flows.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Machine").field("own", &self.own).field("flows", &self.flows.len()).finish_non_exhaustive()
     }
 }
 
@@ -202,8 +146,7 @@ impl Machine {
                 old_master_key,
                 new_master_key: new_master,
             });
-            let affected = self.flows_where(|f| f.other_user == user_id && !f.state.ended());
-            for id in affected {
+            for id in self.flows.in_progress_with(user_id) {
                 self.transition(id, Trigger::Local, false, None, now, |state, _| {
                     (Next::fail(state.peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default())
                 });
@@ -215,10 +158,7 @@ impl Machine {
         }
         // Ready flows that could not show a QR code for lack of keys may now; a scan that waited
         // for them completes.
-        let waiting = self.flows_where(|f| {
-            matches!(&f.state, State::Ready(_) | State::Qr(_))
-                && (f.other_user == user_id || user_id == self.own.user_id)
-        });
+        let waiting = self.flows.awaiting_keys((user_id != self.own.user_id).then_some(user_id));
         for id in waiting {
             self.transition(id, Trigger::Local, false, None, now, |state, ctx| state.keys_arrived(ctx));
         }
@@ -263,7 +203,31 @@ impl Machine {
 
     /// Every flow the machine still remembers (active ones and recently ended ones).
     pub fn flows(&self) -> impl Iterator<Item = &FlowKey> {
-        self.flows.index.keys()
+        self.flows.keys()
+    }
+
+    /// Checks that the machine's indexes agree with its flow table, and that every flow with a
+    /// deadline has exactly one entry in the timer queue (for property tests).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.flows.check()?;
+        let flows_with_deadlines = self
+            .flows
+            .keys()
+            .filter_map(|k| self.flows.id(k))
+            .filter(|&id| {
+                [Timer::Prompt(id), Timer::Expire(id), Timer::Forget(id)].iter().any(|&t| self.timers.get(t).is_some())
+            })
+            .count();
+        let others = self.pending_room.len() + self.keys.held_count();
+        if self.timers.queued() != flows_with_deadlines + others {
+            return Err(format!(
+                "{} timer entries for {flows_with_deadlines} flows with deadlines and {others} other timers",
+                self.timers.queued()
+            ));
+        }
+        Ok(())
     }
 
     /// When [`Machine::handle_timeout`] must be called next: the exact earliest deadline of any
@@ -666,15 +630,7 @@ impl Machine {
 
     /// CX-03: a new attempt from a device that already has one in progress with us cancels all.
     fn cancel_parallel_attempts(&mut self, user: &str, device: &str, now: Millis) -> bool {
-        let clashing: Vec<FlowId> = self
-            .flows
-            .ids()
-            .filter(|id| {
-                self.flows
-                    .by_id(*id)
-                    .is_some_and(|f| !f.state.ended() && f.other_user == user && f.state.device() == Some(device))
-            })
-            .collect();
+        let clashing = self.flows.in_progress_with_device(user, device);
         for id in &clashing {
             self.transition(*id, Trigger::Local, false, None, now, |state, _| {
                 (Next::fail(state.peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts), Step::default())
@@ -965,11 +921,6 @@ impl Machine {
             Hold::Refused(event) => self.dropped(&event, DropReason::HoldLimit),
         }
         self.ask_keys(&user);
-    }
-
-    /// The handles of the flows that satisfy `f`, in the order of their keys.
-    fn flows_where(&self, f: impl Fn(&Flow) -> bool) -> Vec<FlowId> {
-        self.flows.ids().filter(|id| self.flows.by_id(*id).is_some_and(&f)).collect()
     }
 
     fn take_id(&mut self) -> u64 {

@@ -1,0 +1,209 @@
+//! The cost of one more flow when a machine already holds many: a bridge or a large bot serves
+//! many users with one device, and every one of them may have a request open at once.
+//!
+//! * Before the timings: the heap bytes held per request waiting for an answer (a counting
+//!   allocator), outgoing (our requests to one user's device) and incoming (one request from each
+//!   of N users), at N = 10³ and 10⁶.
+//! * Then, for a machine holding N = 10³, 10⁴, 10⁵ and 10⁶ incoming requests waiting for the user
+//!   (set-up excluded), the cost of one input: a new user's request arriving, a waiting request
+//!   cancelled by its sender, the user accepting one (our `ready` goes out), the next deadline,
+//!   and a deadline that closes one prompt. Flat cost means the 10⁶ column within 1.5× of the 10³.
+//!   Each sample is one input, so N moves by at most the sample count (200) during a benchmark.
+//!
+//! Run: `cargo bench -p mxverify-proto --bench scale`. `cargo test --benches` runs each benchmark
+//! once and measures memory at 10³ only.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use mxverify_proto::*;
+use serde_json::json;
+
+struct Counting;
+
+static HELD: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HELD.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HELD.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const NOW: u64 = 1_700_000_000_000;
+/// Whether the benchmarks run once as tests (`cargo test --benches`, or `--test`), as divan decides.
+fn testing() -> bool {
+    std::env::args().any(|a| a == "--test") || !std::env::args().any(|a| a == "--bench")
+}
+
+/// The numbers of waiting requests measured (as a test, the smallest only: the test profile is
+/// not optimised).
+fn sizes() -> &'static [usize] {
+    if testing() { &[1_000] } else { &[1_000, 10_000, 100_000, 1_000_000] }
+}
+
+fn identity(user: &str, device: &str) -> OwnIdentity {
+    OwnIdentity {
+        user_id: user.into(),
+        device_id: device.into(),
+        ed25519: Ed25519PublicKey::from_bytes([device.len() as u8; 32]),
+        master_key: None,
+        trusts_master_key: false,
+    }
+}
+
+/// Windows wide enough that requests received one millisecond apart all still wait after 10⁶ ms
+/// (the spec's defaults close a prompt after 2 minutes), so every request has its own deadline.
+fn config() -> Config {
+    let mut config = Config::default();
+    config.timeouts.prompt_after_receipt = 60 * 60_000;
+    config.timeouts.prompt_after_timestamp = 60 * 60_000;
+    config.timeouts.flow = 2 * 60 * 60_000;
+    config.timeouts.max_age = 60 * 60_000;
+    config
+}
+
+fn request_from(i: usize, now: Millis) -> IncomingEvent {
+    IncomingEvent {
+        sender: format!("@user{i}:example.org"),
+        event_type: "m.key.verification.request".into(),
+        content: json!({"from_device": "DEVICEID", "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": format!("{i:032x}")}),
+        room: None,
+    }
+}
+
+fn flow_of(i: usize) -> FlowKey {
+    FlowKey::ToDevice { user_id: format!("@user{i}:example.org"), transaction_id: format!("{i:032x}") }
+}
+
+fn drain(m: &mut Machine) {
+    while m.poll_event().is_some() {}
+    while m.poll_outgoing().is_some() {}
+}
+
+/// A machine holding `n` incoming requests, request `i` received at `NOW + i`; its clock is then
+/// at `NOW + n`.
+fn holding(n: usize) -> Machine {
+    let mut m = Machine::new(identity("@bridge:example.org", "BRIDGE"), config(), Box::new(SeededEntropy::new(1)));
+    for i in 0..n {
+        let now = NOW + i as u64;
+        m.receive(request_from(i, now), now);
+        drain(&mut m);
+    }
+    m
+}
+
+#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
+fn receive_request(bencher: divan::Bencher, n: usize) {
+    let mut m = holding(n);
+    let now = NOW + n as u64;
+    let mut next = n;
+    bencher
+        .with_inputs(|| {
+            next += 1;
+            request_from(next, now)
+        })
+        .bench_local_values(|event| {
+            m.receive(event, now);
+            drain(&mut m);
+        });
+}
+
+#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
+fn receive_cancel(bencher: divan::Bencher, n: usize) {
+    let mut m = holding(n);
+    let now = NOW + n as u64;
+    let mut next = 0;
+    bencher
+        .with_inputs(|| {
+            next += n / 200;
+            IncomingEvent {
+                sender: format!("@user{next}:example.org"),
+                event_type: "m.key.verification.cancel".into(),
+                content: json!({"code": "m.user", "reason": "no", "transaction_id": format!("{next:032x}")}),
+                room: None,
+            }
+        })
+        .bench_local_values(|event| {
+            m.receive(event, now);
+            drain(&mut m);
+        });
+}
+
+#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
+fn accept(bencher: divan::Bencher, n: usize) {
+    let mut m = holding(n);
+    let now = NOW + n as u64;
+    let mut next = 0;
+    bencher
+        .with_inputs(|| {
+            next += n / 200;
+            flow_of(next)
+        })
+        .bench_local_values(|flow| {
+            m.accept(&flow, now).unwrap();
+            drain(&mut m);
+        });
+}
+
+#[divan::bench(args = sizes())]
+fn next_deadline(bencher: divan::Bencher, n: usize) {
+    let m = holding(n);
+    bencher.bench_local(|| divan::black_box(&m).next_deadline());
+}
+
+#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
+fn timeout_closes_a_prompt(bencher: divan::Bencher, n: usize) {
+    let mut m = holding(n);
+    // Request `i`'s prompt closes at `NOW + i + prompt`: each call closes exactly one.
+    let first = m.next_deadline().unwrap();
+    let mut k = 0;
+    bencher
+        .with_inputs(|| {
+            k += 1;
+            first + k - 1
+        })
+        .bench_local_values(|at| {
+            m.handle_timeout(at);
+            drain(&mut m);
+        });
+}
+
+/// Heap bytes held by one machine per request waiting for an answer, outgoing and incoming.
+fn heap_per_waiting_request(n: usize) {
+    let devices: Vec<String> = vec!["BOBDEVICE".into()];
+    let mut m = Machine::new(identity("@alice:example.org", "ALICEDEVICE"), config(), Box::new(SeededEntropy::new(1)));
+    m.update_user_keys("@bob:example.org", UserKeys::default(), NOW);
+    drain(&mut m);
+    let before = HELD.load(Ordering::Relaxed);
+    for _ in 0..n {
+        m.request_to_device("@bob:example.org", &devices, NOW).unwrap();
+        drain(&mut m);
+    }
+    let outgoing = (HELD.load(Ordering::Relaxed) - before) / n as isize;
+    drop(m);
+
+    let before = HELD.load(Ordering::Relaxed);
+    let m = holding(n);
+    let incoming = (HELD.load(Ordering::Relaxed) - before) / n as isize;
+    drop(m);
+    println!("heap per waiting request at {n}: outgoing {outgoing} bytes, incoming {incoming} bytes");
+}
+
+fn main() {
+    for n in if testing() { &[1_000][..] } else { &[1_000, 1_000_000][..] } {
+        heap_per_waiting_request(*n);
+    }
+    divan::main();
+}
