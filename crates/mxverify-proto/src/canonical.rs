@@ -37,12 +37,14 @@ pub fn to_string(value: &Value) -> Result<String, CanonicalError> {
 
 fn write(value: &Value, out: &mut String) -> Result<(), CanonicalError> {
     match value {
-        Value::Null | Value::Bool(_) | Value::String(_) => {
-            // serde_json's string escaping is the shortest form the appendix asks for.
-            out.push_str(&value.to_string());
-        }
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::String(s) => write_string(s, out),
         Value::Number(n) => match n.as_i64() {
-            Some(i) if (-MAX_SAFE..=MAX_SAFE).contains(&i) => out.push_str(&i.to_string()),
+            Some(i) if (-MAX_SAFE..=MAX_SAFE).contains(&i) => {
+                use std::fmt::Write;
+                let _ = write!(out, "{i}");
+            }
             Some(_) => return Err(CanonicalError::OutOfRange(n.to_string())),
             None if n.is_u64() => return Err(CanonicalError::OutOfRange(n.to_string())),
             None => return Err(CanonicalError::Float(n.to_string())),
@@ -58,22 +60,56 @@ fn write(value: &Value, out: &mut String) -> Result<(), CanonicalError> {
             out.push(']');
         }
         Value::Object(map) => {
-            // Sorting UTF-8 strings bytewise is sorting by code point.
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_unstable();
+            // Sorting UTF-8 strings bytewise is sorting by code point. (serde_json's map is
+            // already sorted unless a dependency turns on `preserve_order`.)
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            }
             out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
+            for (i, (key, value)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                out.push_str(&Value::String(key.clone()).to_string());
+                write_string(key, out);
                 out.push(':');
-                write(&map[key], out)?;
+                write(value, out)?;
             }
             out.push('}');
         }
     }
     Ok(())
+}
+
+/// A JSON string with the shortest escapes the appendix asks for: `"` and `\`, the two-character
+/// forms of backspace, form feed, newline, carriage return and tab, `\u00xx` for the other
+/// control characters, and everything else as it is.
+fn write_string(s: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut rest = s;
+    while let Some(i) = rest.find(|c: char| c < ' ' || c == '"' || c == '\\') {
+        out.push_str(&rest[..i]);
+        let c = rest.as_bytes()[i];
+        match c {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            0x08 => out.push_str("\\b"),
+            0x0c => out.push_str("\\f"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            _ => {
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(c >> 4)]));
+                out.push(char::from(HEX[usize::from(c & 15)]));
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -85,6 +121,17 @@ mod tests {
     fn sorts_and_compacts() {
         let v = json!({"b": [1, {"z": null, "a": true}], "a": "é\n\"", "日": 1});
         assert_eq!(to_string(&v).unwrap(), r#"{"a":"é\n\"","b":[1,{"a":true,"z":null}],"日":1}"#);
+    }
+
+    /// Strings come out exactly as serde_json escapes them (its escaping is the shortest form).
+    #[test]
+    fn strings_are_escaped_like_serde_json() {
+        let all_ascii: String = (0u8..128).map(char::from).collect();
+        for s in [all_ascii.as_str(), "", "plain", "é日😀", "a\"b\\c\u{7f}\u{2028}"] {
+            let mut out = String::new();
+            write_string(s, &mut out);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

@@ -786,7 +786,7 @@ impl Machine {
         now: Millis,
         f: impl FnOnce(State, &mut Ctx<'_>) -> crate::flow::Transition,
     ) {
-        let Some(Flow { key, other_user, origin, state }) = self.flows.take(id) else {
+        let Some((Flow { key, other_user, origin, state }, placement)) = self.flows.take(id) else {
             return;
         };
         let was_incoming = matches!(state, State::Incoming(_));
@@ -833,7 +833,7 @@ impl Machine {
             }
             Next::End(end) => self.end(id, &key, &other_user, (trigger, status), end, now),
         };
-        self.flows.put(id, Flow { key, other_user, origin, state });
+        self.flows.put(id, Flow { key, other_user, origin, state }, placement);
     }
 
     /// The end of a flow: the only place a flow becomes done or cancelled. Whether a cancel goes
@@ -932,7 +932,11 @@ impl Machine {
     fn random_id(&mut self) -> String {
         let mut bytes = [0u8; 16];
         self.entropy.fill(&mut bytes);
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        bytes
+            .iter()
+            .flat_map(|b| [char::from(HEX[usize::from(b >> 4)]), char::from(HEX[usize::from(b & 15)])])
+            .collect()
     }
 
     /// Encodes a message of a flow and queues it for its peer.

@@ -8,7 +8,8 @@
 //! * awaiting keys — the flows in progress that may act when keys arrive (`ready` and QR flows).
 //!
 //! The indexes store slot numbers only; the data lives once, in the slot. A flow taken out for a
-//! transition leaves the state-dependent indexes, and enters them again as its new state says.
+//! transition is put back into the state-dependent indexes only if its new state moved it there:
+//! most transitions (a `key`, a `mac`) change nothing the indexes see, and cost no hashing.
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -30,10 +31,34 @@ pub(crate) struct FlowTable {
     by_user: HashTable<FlowId>,
     by_device: HashTable<FlowId>,
     awaiting_keys: BTreeSet<FlowId>,
+    /// By slot: the hash under which the flow is in `by_device`, if it is (its device string may
+    /// be gone by the time the flow leaves the index).
+    device_hash: Vec<u64>,
     /// Seeded per table, so that a peer cannot choose keys that collide (the hashes decide nothing
     /// the machine outputs: every list it returns is sorted).
     hasher: RandomState,
     len: usize,
+}
+
+/// Where a flow sits in the state-dependent indexes: in progress or not, awaiting keys or not, and
+/// which device string it is bound to (its address and length: the string moves from state to
+/// state without being copied, so the same address means the same device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    progress: bool,
+    awaits: bool,
+    device: Option<(usize, usize)>,
+}
+
+impl Placement {
+    fn of(flow: &Flow) -> Placement {
+        let progress = in_progress(&flow.state);
+        Placement {
+            progress,
+            awaits: progress && awaits_keys(&flow.state),
+            device: flow.state.device().filter(|_| progress).map(|d| (d.as_ptr() as usize, d.len())),
+        }
+    }
 }
 
 /// Whether a flow in this state is in the "in progress" indexes.
@@ -107,22 +132,30 @@ impl FlowTable {
         id
     }
 
-    /// Takes a flow out for a transition; [`FlowTable::put`] puts it back.
-    pub(crate) fn take(&mut self, id: FlowId) -> Option<Flow> {
+    /// Takes a flow out for a transition; [`FlowTable::put`] puts it back with the placement
+    /// returned here. While out, the flow is found by no index.
+    pub(crate) fn take(&mut self, id: FlowId) -> Option<(Flow, Placement)> {
         let flow = self.slots.get_mut(id.0 as usize)?.take()?;
-        self.leave(id, &flow);
-        Some(flow)
+        let placement = Placement::of(&flow);
+        Some((flow, placement))
     }
 
-    /// Puts back a flow taken out, indexed as its (new) state says. Its key is unchanged.
-    pub(crate) fn put(&mut self, id: FlowId, flow: Flow) {
+    /// Puts back a flow taken out (its key and user unchanged), moving it between the
+    /// state-dependent indexes only if its new state says so.
+    pub(crate) fn put(&mut self, id: FlowId, flow: Flow, before: Placement) {
+        let after = Placement::of(&flow);
+        let user_hash = (after != before).then(|| self.hash_user(&flow.other_user));
         self.slots[id.0 as usize] = Some(flow);
-        self.enter(id);
+        if let Some(user_hash) = user_hash {
+            self.leave(id, user_hash, before);
+            self.enter(id);
+        }
     }
 
     /// Forgets a flow entirely; its slot is reused.
     pub(crate) fn forget(&mut self, id: FlowId) -> Option<Flow> {
-        let flow = self.take(id)?;
+        let (flow, placement) = self.take(id)?;
+        self.leave(id, self.hash_user(&flow.other_user), placement);
         if let Ok(entry) = self.by_key.find_entry(self.hash_key(&flow.key), |i| *i == id) {
             entry.remove();
         }
@@ -175,7 +208,7 @@ impl FlowTable {
         }
     }
 
-    /// Enters the state-dependent indexes of the flow in slot `id`.
+    /// Enters the state-dependent indexes of the flow in slot `id`, as its state says.
     fn enter(&mut self, id: FlowId) {
         let Some(flow) = self.slot(id) else { return };
         if !in_progress(&flow.state) {
@@ -184,38 +217,40 @@ impl FlowTable {
         let user_hash = self.hash_user(&flow.other_user);
         let device_hash = flow.state.device().map(|d| self.hash_device(&flow.other_user, d));
         let awaits = awaits_keys(&flow.state);
-        let Self { slots, by_user, by_device, awaiting_keys, hasher, .. } = self;
+        let Self { slots, by_user, by_device, awaiting_keys, device_hash: hashes, hasher, .. } = self;
         by_user.insert_unique(user_hash, id, |i| {
             slots[i.0 as usize].as_ref().map_or(0, |f| hasher.hash_one(f.other_user.as_str()))
         });
         if let Some(hash) = device_hash {
-            by_device.insert_unique(hash, id, |i| {
-                slots[i.0 as usize].as_ref().map_or(0, |f| {
-                    let mut h = hasher.build_hasher();
-                    (f.other_user.as_str(), f.state.device().unwrap_or_default()).hash(&mut h);
-                    std::hash::Hasher::finish(&h)
-                })
-            });
+            let slot = id.0 as usize;
+            if hashes.len() <= slot {
+                hashes.resize(slot + 1, 0);
+            }
+            hashes[slot] = hash;
+            by_device.insert_unique(hash, id, |i| hashes[i.0 as usize]);
         }
         if awaits {
             awaiting_keys.insert(id);
         }
     }
 
-    /// Leaves the state-dependent indexes (`flow` was in slot `id`).
-    fn leave(&mut self, id: FlowId, flow: &Flow) {
-        if !in_progress(&flow.state) {
+    /// Leaves the state-dependent indexes, where `before` says the flow in slot `id` (of the user
+    /// with this hash) was.
+    fn leave(&mut self, id: FlowId, user_hash: u64, before: Placement) {
+        if !before.progress {
             return;
         }
-        if let Ok(entry) = self.by_user.find_entry(self.hash_user(&flow.other_user), |i| *i == id) {
+        if let Ok(entry) = self.by_user.find_entry(user_hash, |i| *i == id) {
             entry.remove();
         }
-        if let Some(device) = flow.state.device()
-            && let Ok(entry) = self.by_device.find_entry(self.hash_device(&flow.other_user, device), |i| *i == id)
+        if before.device.is_some()
+            && let Ok(entry) = self.by_device.find_entry(self.device_hash[id.0 as usize], |i| *i == id)
         {
             entry.remove();
         }
-        self.awaiting_keys.remove(&id);
+        if before.awaits {
+            self.awaiting_keys.remove(&id);
+        }
     }
 
     /// Whether every index agrees with the slots (for tests): each flow is found by its key, is
@@ -299,10 +334,10 @@ mod tests {
         assert!(t.awaiting_keys(None).is_empty());
 
         // A transition: the flow leaves the state indexes while out, and enters as its new state says.
-        let mut f = t.take(a).unwrap();
+        let (mut f, placement) = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
         f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
-        t.put(a, f);
+        t.put(a, f, placement);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D2"), [a]);
         assert!(t.in_progress_with_device("@a:x", "D1").is_empty());
