@@ -6,7 +6,9 @@
 //!   the commitment hash (made and checked), SAS bytes on both sides, and every MAC made and checked
 //!   (device key, master key and key list, both directions).
 //!
-//! Run: `cargo bench -p mxverify-proto --bench flow`. Memory and the cost of many flows at once
+//! Run: `cargo bench -p mxverify-proto --bench flow`. Before divan's table it prints the ratio
+//! measured pairwise (a flow and a floor alternately, medians of 1 000 pairs), which a change in
+//! the machine's load during the run cannot skew. Memory and the cost of many flows at once
 //! are in `benches/scale.rs`.
 
 use mxverify_proto::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party};
@@ -75,57 +77,86 @@ fn full_sas_verification(bencher: divan::Bencher) {
         .bench_local_values(full_flow);
 }
 
-#[divan::bench]
-fn crypto_floor(bencher: divan::Bencher) {
-    let start = json!({"from_device":"ALICEDEVICE","method":"m.sas.v1","transaction_id":"0123456789abcdef0123456789abcdef",
+/// The offer both sides' commitment covers (as our `start` sends it).
+fn start_content() -> serde_json::Value {
+    json!({"from_device":"ALICEDEVICE","method":"m.sas.v1","transaction_id":"0123456789abcdef0123456789abcdef",
         "key_agreement_protocols":["curve25519-hkdf-sha256","curve25519"],"hashes":["sha256"],
         "message_authentication_codes":["hkdf-hmac-sha256.v2","org.matrix.msc3783.hkdf-hmac-sha256","hkdf-hmac-sha256"],
-        "short_authentication_string":["decimal","emoji"]});
+        "short_authentication_string":["decimal","emoji"]})
+}
+
+/// The cryptography of one SAS verification, both sides, from two secrets.
+fn floor((s, a): ([u8; 32], [u8; 32]), start: &serde_json::Value) {
+    let (ks, ka) = (EphemeralKey::from_random(s), EphemeralKey::from_random(a));
+    let (ps, pa) = (ks.public_b64(), ka.public_b64());
+    let commitment = crypto::commitment(&pa, start).unwrap();
+    assert_eq!(crypto::commitment(&pa, start).unwrap(), commitment);
+    let (ss, sa) = (ks.agree(&pa).unwrap(), ka.agree(&ps).unwrap());
+    let info = KeyAgreement::Curve25519HkdfSha256.sas_info(
+        &Party { user_id: "@alice:example.org", device_id: "ALICEDEVICE", ephemeral_key: &ps },
+        &Party { user_id: "@bob:example.org", device_id: "BOBDEVICE", ephemeral_key: &pa },
+        "0123456789abcdef0123456789abcdef",
+    );
+    assert_eq!(ss.sas_bytes(&info), sa.sas_bytes(&info));
+    // Three MACs each way (device key, master key, key list), each made and checked.
+    for (mine, theirs) in [(&ss, &sa), (&sa, &ss)] {
+        for item in ["ed25519:DEVICE", "ed25519:MASTERKEYMASTERKEYMASTERKEYMASTERKEYMASTE", "KEY_IDS"] {
+            let info =
+                crypto::mac_info(("@alice:example.org", "ALICEDEVICE"), ("@bob:example.org", "BOBDEVICE"), "txn", item);
+            let mac =
+                mine.mac_encoded(MacMethod::HkdfHmacSha256V2, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", &info);
+            assert!(theirs.verify_mac(
+                MacMethod::HkdfHmacSha256V2,
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                &info,
+                &mac
+            ));
+        }
+    }
+}
+
+fn secrets(seed: &mut SeededEntropy) -> ([u8; 32], [u8; 32]) {
+    let (mut s, mut a) = ([0u8; 32], [0u8; 32]);
+    seed.fill(&mut s);
+    seed.fill(&mut a);
+    (s, a)
+}
+
+#[divan::bench]
+fn crypto_floor(bencher: divan::Bencher) {
+    let start = start_content();
     let mut seed = SeededEntropy::new(9);
-    bencher
-        .with_inputs(|| {
-            let (mut s, mut a) = ([0u8; 32], [0u8; 32]);
-            seed.fill(&mut s);
-            seed.fill(&mut a);
-            (s, a)
-        })
-        .bench_local_values(|(s, a)| {
-            let (ks, ka) = (EphemeralKey::from_random(s), EphemeralKey::from_random(a));
-            let (ps, pa) = (ks.public_b64(), ka.public_b64());
-            let commitment = crypto::commitment(&pa, &start).unwrap();
-            assert_eq!(crypto::commitment(&pa, &start).unwrap(), commitment);
-            let (ss, sa) = (ks.agree(&pa).unwrap(), ka.agree(&ps).unwrap());
-            let info = KeyAgreement::Curve25519HkdfSha256.sas_info(
-                &Party { user_id: "@alice:example.org", device_id: "ALICEDEVICE", ephemeral_key: &ps },
-                &Party { user_id: "@bob:example.org", device_id: "BOBDEVICE", ephemeral_key: &pa },
-                "0123456789abcdef0123456789abcdef",
-            );
-            assert_eq!(ss.sas_bytes(&info), sa.sas_bytes(&info));
-            // Three MACs each way (device key, master key, key list), each made and checked.
-            for (mine, theirs) in [(&ss, &sa), (&sa, &ss)] {
-                for item in ["ed25519:DEVICE", "ed25519:MASTERKEYMASTERKEYMASTERKEYMASTERKEYMASTE", "KEY_IDS"] {
-                    let info = crypto::mac_info(
-                        ("@alice:example.org", "ALICEDEVICE"),
-                        ("@bob:example.org", "BOBDEVICE"),
-                        "txn",
-                        item,
-                    );
-                    let mac = mine.mac_encoded(
-                        MacMethod::HkdfHmacSha256V2,
-                        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-                        &info,
-                    );
-                    assert!(theirs.verify_mac(
-                        MacMethod::HkdfHmacSha256V2,
-                        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-                        &info,
-                        &mac
-                    ));
-                }
-            }
-        });
+    bencher.with_inputs(|| secrets(&mut seed)).bench_local_values(|secrets| floor(secrets, &start));
+}
+
+/// The ratio, measured pairwise: one flow and one floor alternately, so that a change in the
+/// machine's load affects both alike (divan runs one benchmark after the other).
+fn paired_ratio(pairs: usize) {
+    use std::time::Instant;
+    let start = start_content();
+    let mut seed = SeededEntropy::new(9);
+    let (mut flows, mut floors) = (Vec::with_capacity(pairs), Vec::with_capacity(pairs));
+    for i in 0..pairs as u64 {
+        let (net, keys) = (pair(1_000 + 2 * i), secrets(&mut seed));
+        let t = Instant::now();
+        divan::black_box(full_flow(net));
+        flows.push(t.elapsed());
+        let t = Instant::now();
+        floor(keys, &start);
+        floors.push(t.elapsed());
+    }
+    flows.sort();
+    floors.sort();
+    let (flow, floor) = (flows[pairs / 2], floors[pairs / 2]);
+    println!(
+        "paired medians over {pairs} pairs: full_sas_verification {flow:.1?}, crypto_floor {floor:.1?}, ratio {:.3}",
+        flow.as_secs_f64() / floor.as_secs_f64()
+    );
 }
 
 fn main() {
+    // Run as a test (`cargo test --benches`), a few pairs show that the measurement works.
+    let testing = std::env::args().any(|a| a == "--test") || !std::env::args().any(|a| a == "--bench");
+    paired_ratio(if testing { 3 } else { 1_000 });
     divan::main();
 }

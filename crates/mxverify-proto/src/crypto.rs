@@ -137,7 +137,8 @@ impl SharedSecret {
     pub fn verify_mac(&self, method: MacMethod, input: &str, info: &str, received: &str) -> bool {
         match method {
             MacMethod::HkdfHmacSha256V2 | MacMethod::Msc3783 => {
-                let Some(tag) = b64::decode(received) else {
+                // Every MAC these methods make is 32 bytes.
+                let Some(tag) = b64::decode32(received) else {
                     return false;
                 };
                 let mut mac = self.mac_key(info);
