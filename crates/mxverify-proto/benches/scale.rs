@@ -9,6 +9,9 @@
 //!   cancelled by its sender, the user accepting one (our `ready` goes out), the next deadline,
 //!   and a deadline that closes one prompt. Flat cost means the 10⁶ column within 1.5× of the 10³.
 //!   Each sample is one input, so N moves by at most the sample count (200) during a benchmark.
+//! * A baseline in the same run: one random lookup and write in a std `HashMap` of N flow-sized
+//!   records, which shows what the memory hierarchy alone adds from 10³ to 10⁶ (every access to a
+//!   table of hundreds of megabytes misses the caches).
 //!
 //! Run: `cargo bench -p mxverify-proto --bench scale`. `cargo test --benches` runs each benchmark
 //! once and measures memory at 10³ only.
@@ -127,7 +130,8 @@ fn receive_cancel(bencher: divan::Bencher, n: usize) {
     let mut next = 0;
     bencher
         .with_inputs(|| {
-            next += n / 200;
+            // Spread over the table, each waiting flow once (divan may take a few more samples).
+            next = (next + (n / 1_000).max(1)) % n;
             IncomingEvent {
                 sender: format!("@user{next}:example.org"),
                 event_type: "m.key.verification.cancel".into(),
@@ -148,7 +152,8 @@ fn accept(bencher: divan::Bencher, n: usize) {
     let mut next = 0;
     bencher
         .with_inputs(|| {
-            next += n / 200;
+            // Spread over the table, each waiting flow once (divan may take a few more samples).
+            next = (next + (n / 1_000).max(1)) % n;
             flow_of(next)
         })
         .bench_local_values(|flow| {
@@ -177,6 +182,26 @@ fn timeout_closes_a_prompt(bencher: divan::Bencher, n: usize) {
         .bench_local_values(|at| {
             m.handle_timeout(at);
             drain(&mut m);
+        });
+}
+
+/// The baseline: what the memory hierarchy alone does to one random access as the table grows —
+/// a std `HashMap` from a flow's transaction ID to a 160-byte record (a flow's size), one
+/// lookup and one write per sample. The machine's growth from 10³ to 10⁶ compares with this one.
+#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
+fn baseline_hashmap_touch(bencher: divan::Bencher, n: usize) {
+    let mut map: std::collections::HashMap<String, [u8; 160]> =
+        (0..n).map(|i| (format!("{i:032x}"), [0; 160])).collect();
+    let mut next = 0;
+    bencher
+        .with_inputs(|| {
+            next = (next + (n / 1_000).max(1)) % n;
+            format!("{next:032x}")
+        })
+        .bench_local_values(|key| {
+            if let Some(record) = map.get_mut(&key) {
+                record[0] ^= 1;
+            }
         });
 }
 

@@ -111,12 +111,6 @@ impl KeyBook {
         Hold::Held { id, evicted }
     }
 
-    /// How many events wait for keys.
-    #[cfg(any(test, feature = "testing"))]
-    pub(crate) fn held_count(&self) -> usize {
-        self.held.len()
-    }
-
     /// Gives up a held event (its deadline passed).
     pub(crate) fn release(&mut self, id: u64) -> Option<IncomingEvent> {
         let i = self.held.iter().position(|h| h.id == id)?;

@@ -2,16 +2,16 @@
 //! machine's questions need, so that no input scans all flows (a bridge may hold a million):
 //!
 //! * by key — the flow an event belongs to;
-//! * by user — the flows in progress with a user (a changed identity ends them);
-//! * by device — the flows in progress bound to a user's device (CX-03: a new attempt from that
-//!   device cancels them);
-//! * awaiting keys — the flows in progress that may act when keys arrive (`ready` and QR flows).
+//! * by user — the flows with a user (a changed identity ends those in progress);
+//! * by device — the flows bound to a user's device (CX-03: a new attempt from that device
+//!   cancels those in progress).
 //!
-//! The indexes store slot numbers only; the data lives once, in the slot. A flow taken out for a
-//! transition is put back into the state-dependent indexes only if its new state moved it there:
-//! most transitions (a `key`, a `mac`) change nothing the indexes see, and cost no hashing.
+//! The indexes store slot numbers only; the data lives once, in the slot. A flow enters them when
+//! it is created (and the device index when it is bound to a device) and leaves them when it is
+//! forgotten, not when it ends: the questions filter on the state they read anyway, so ending a
+//! flow, like most transitions, touches no index. With a million flows every index access is a
+//! cache miss, so the fewer the better.
 
-use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hash, RandomState};
 
 use hashbrown::HashTable;
@@ -30,9 +30,8 @@ pub(crate) struct FlowTable {
     by_key: HashTable<FlowId>,
     by_user: HashTable<FlowId>,
     by_device: HashTable<FlowId>,
-    awaiting_keys: BTreeSet<FlowId>,
-    /// By slot: the hash under which the flow is in `by_device`, if it is (its device string may
-    /// be gone by the time the flow leaves the index).
+    /// By slot: the hash under which the flow is in `by_device`, or 0 if it is not (device
+    /// hashes are odd).
     device_hash: Vec<u64>,
     /// Seeded per table, so that a peer cannot choose keys that collide (the hashes decide nothing
     /// the machine outputs: every list it returns is sorted).
@@ -40,34 +39,16 @@ pub(crate) struct FlowTable {
     len: usize,
 }
 
-/// Where a flow sits in the state-dependent indexes: in progress or not, awaiting keys or not, and
-/// which device string it is bound to (its address and length: the string moves from state to
-/// state without being copied, so the same address means the same device).
+/// The device a flow is bound to, as the device index saw it: the string's address and length
+/// (the string moves from state to state without being copied, so the same address means the same
+/// device, and a transition that keeps it costs no hashing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement {
-    progress: bool,
-    awaits: bool,
-    device: Option<(usize, usize)>,
-}
+pub(crate) struct Placement(Option<(usize, usize)>);
 
 impl Placement {
     fn of(flow: &Flow) -> Placement {
-        let progress = in_progress(&flow.state);
-        Placement {
-            progress,
-            awaits: progress && awaits_keys(&flow.state),
-            device: flow.state.device().filter(|_| progress).map(|d| (d.as_ptr() as usize, d.len())),
-        }
+        Placement(flow.state.device().map(|d| (d.as_ptr() as usize, d.len())))
     }
-}
-
-/// Whether a flow in this state is in the "in progress" indexes.
-fn in_progress(state: &State) -> bool {
-    !state.ended()
-}
-
-fn awaits_keys(state: &State) -> bool {
-    matches!(state, State::Ready(_) | State::Qr(_))
 }
 
 impl FlowTable {
@@ -82,7 +63,7 @@ impl FlowTable {
     fn hash_device(&self, user: &str, device: &str) -> u64 {
         let mut h = self.hasher.build_hasher();
         (user, device).hash(&mut h);
-        std::hash::Hasher::finish(&h)
+        std::hash::Hasher::finish(&h) | 1
     }
 
     fn slot(&self, id: FlowId) -> Option<&Flow> {
@@ -120,14 +101,17 @@ impl FlowTable {
             Some(i) => FlowId(i),
             None => {
                 self.slots.push(None);
+                self.device_hash.push(0);
                 FlowId(u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 flows"))
             }
         };
-        let hash = self.hash_key(&flow.key);
+        let (key_hash, user_hash) = (self.hash_key(&flow.key), self.hash_user(&flow.other_user));
         self.slots[id.0 as usize] = Some(flow);
-        let Self { slots, by_key, hasher, .. } = self;
-        by_key.insert_unique(hash, id, |i| slots[i.0 as usize].as_ref().map_or(0, |f| hasher.hash_one(&f.key)));
-        self.enter(id);
+        let Self { slots, by_key, by_user, hasher, .. } = self;
+        let flow_of = |i: &FlowId| slots[i.0 as usize].as_ref();
+        by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(&f.key)));
+        by_user.insert_unique(user_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(f.other_user.as_str())));
+        self.bind(id);
         self.len += 1;
         id
     }
@@ -140,28 +124,51 @@ impl FlowTable {
         Some((flow, placement))
     }
 
-    /// Puts back a flow taken out (its key and user unchanged), moving it between the
-    /// state-dependent indexes only if its new state says so.
+    /// Puts back a flow taken out (its key and user unchanged); a flow bound to a device for the
+    /// first time (or, impossibly, to another one) enters the device index under it.
     pub(crate) fn put(&mut self, id: FlowId, flow: Flow, before: Placement) {
-        let after = Placement::of(&flow);
-        let user_hash = (after != before).then(|| self.hash_user(&flow.other_user));
+        let rebind = Placement::of(&flow) != before && flow.state.device().is_some();
         self.slots[id.0 as usize] = Some(flow);
-        if let Some(user_hash) = user_hash {
-            self.leave(id, user_hash, before);
-            self.enter(id);
+        if rebind {
+            self.unbind(id);
+            self.bind(id);
         }
     }
 
     /// Forgets a flow entirely; its slot is reused.
     pub(crate) fn forget(&mut self, id: FlowId) -> Option<Flow> {
-        let (flow, placement) = self.take(id)?;
-        self.leave(id, self.hash_user(&flow.other_user), placement);
+        self.unbind(id);
+        let (flow, _) = self.take(id)?;
         if let Ok(entry) = self.by_key.find_entry(self.hash_key(&flow.key), |i| *i == id) {
+            entry.remove();
+        }
+        if let Ok(entry) = self.by_user.find_entry(self.hash_user(&flow.other_user), |i| *i == id) {
             entry.remove();
         }
         self.free.push(id.0);
         self.len -= 1;
         Some(flow)
+    }
+
+    /// Enters the device index, if the flow in slot `id` is bound to a device.
+    fn bind(&mut self, id: FlowId) {
+        let Some(flow) = self.slot(id) else { return };
+        let Some(device) = flow.state.device() else { return };
+        let hash = self.hash_device(&flow.other_user, device);
+        let Self { by_device, device_hash, .. } = self;
+        device_hash[id.0 as usize] = hash;
+        by_device.insert_unique(hash, id, |i| device_hash[i.0 as usize]);
+    }
+
+    /// Leaves the device index, if the flow in slot `id` is in it.
+    fn unbind(&mut self, id: FlowId) {
+        let Some(hash) = self.device_hash.get_mut(id.0 as usize) else { return };
+        let hash = std::mem::take(hash);
+        if hash != 0
+            && let Ok(entry) = self.by_device.find_entry(hash, |i| *i == id)
+        {
+            entry.remove();
+        }
     }
 
     /// Every flow's key, in slot order.
@@ -176,7 +183,7 @@ impl FlowTable {
             .by_user
             .iter_hash(self.hash_user(user))
             .copied()
-            .filter(|id| slots[id.0 as usize].as_ref().is_some_and(|f| f.other_user == user))
+            .filter(|id| slots[id.0 as usize].as_ref().is_some_and(|f| f.other_user == user && !f.state.ended()))
             .collect();
         ids.sort_unstable();
         ids
@@ -185,112 +192,66 @@ impl FlowTable {
     /// The flows in progress bound to `user`'s `device`, in handle order.
     pub(crate) fn in_progress_with_device(&self, user: &str, device: &str) -> Vec<FlowId> {
         let slots = &self.slots;
+        let bound_there = |f: &Flow| f.other_user == user && f.state.device() == Some(device) && !f.state.ended();
         let mut ids: Vec<FlowId> = self
             .by_device
             .iter_hash(self.hash_device(user, device))
             .copied()
-            .filter(|id| {
-                slots[id.0 as usize].as_ref().is_some_and(|f| f.other_user == user && f.state.device() == Some(device))
-            })
+            .filter(|id| slots[id.0 as usize].as_ref().is_some_and(bound_there))
             .collect();
         ids.sort_unstable();
         ids
     }
 
     /// The flows that may act when keys arrive (`ready` and QR flows), in handle order; with
-    /// `user`, only theirs.
+    /// `user`, only theirs. Without, every flow is looked at: that is for our own keys, which
+    /// change rarely.
     pub(crate) fn awaiting_keys(&self, user: Option<&str>) -> Vec<FlowId> {
+        let awaits = |f: &Flow| matches!(f.state, State::Ready(_) | State::Qr(_));
         match user {
-            None => self.awaiting_keys.iter().copied().collect(),
+            None => (0..self.slots.len() as u32).map(FlowId).filter(|id| self.slot(*id).is_some_and(awaits)).collect(),
             Some(user) => {
-                self.in_progress_with(user).into_iter().filter(|id| self.awaiting_keys.contains(id)).collect()
+                self.in_progress_with(user).into_iter().filter(|id| self.slot(*id).is_some_and(awaits)).collect()
             }
         }
     }
 
-    /// Enters the state-dependent indexes of the flow in slot `id`, as its state says.
-    fn enter(&mut self, id: FlowId) {
-        let Some(flow) = self.slot(id) else { return };
-        if !in_progress(&flow.state) {
-            return;
-        }
-        let user_hash = self.hash_user(&flow.other_user);
-        let device_hash = flow.state.device().map(|d| self.hash_device(&flow.other_user, d));
-        let awaits = awaits_keys(&flow.state);
-        let Self { slots, by_user, by_device, awaiting_keys, device_hash: hashes, hasher, .. } = self;
-        by_user.insert_unique(user_hash, id, |i| {
-            slots[i.0 as usize].as_ref().map_or(0, |f| hasher.hash_one(f.other_user.as_str()))
-        });
-        if let Some(hash) = device_hash {
-            let slot = id.0 as usize;
-            if hashes.len() <= slot {
-                hashes.resize(slot + 1, 0);
-            }
-            hashes[slot] = hash;
-            by_device.insert_unique(hash, id, |i| hashes[i.0 as usize]);
-        }
-        if awaits {
-            awaiting_keys.insert(id);
-        }
-    }
-
-    /// Leaves the state-dependent indexes, where `before` says the flow in slot `id` (of the user
-    /// with this hash) was.
-    fn leave(&mut self, id: FlowId, user_hash: u64, before: Placement) {
-        if !before.progress {
-            return;
-        }
-        if let Ok(entry) = self.by_user.find_entry(user_hash, |i| *i == id) {
-            entry.remove();
-        }
-        if before.device.is_some()
-            && let Ok(entry) = self.by_device.find_entry(self.device_hash[id.0 as usize], |i| *i == id)
-        {
-            entry.remove();
-        }
-        if before.awaits {
-            self.awaiting_keys.remove(&id);
-        }
-    }
-
-    /// Whether every index agrees with the slots (for tests): each flow is found by its key, is
-    /// in exactly the indexes its state says, and no index holds anything else.
+    /// Whether every index agrees with the slots (for tests): each flow is found by its key and
+    /// its user, a flow bound to a device by that device, and no index holds anything else.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn check(&self) -> Result<(), String> {
-        let mut counts = (0, 0, 0, 0, 0);
+        let (mut flows, mut bound) = (0, 0);
         for (i, flow) in self.slots.iter().enumerate() {
-            let Some(flow) = flow else { continue };
             let id = FlowId(i as u32);
-            counts.0 += 1;
+            let Some(flow) = flow else {
+                if self.device_hash[i] != 0 {
+                    return Err(format!("free slot {i} is in the device index"));
+                }
+                continue;
+            };
+            flows += 1;
             if self.id(&flow.key) != Some(id) {
                 return Err(format!("{:?} is not found by its key", flow.key));
             }
-            let progress = in_progress(&flow.state);
-            let with_user = self.in_progress_with(&flow.other_user).contains(&id);
-            if with_user != progress {
-                return Err(format!("{:?}: in the user index {with_user}, in progress {progress}", flow.key));
+            if !self.by_user.iter_hash(self.hash_user(&flow.other_user)).any(|x| *x == id) {
+                return Err(format!("{:?} is not in the user index", flow.key));
             }
-            counts.1 += usize::from(progress);
-            let bound = flow.state.device().filter(|_| progress);
-            if let Some(device) = bound
-                && !self.in_progress_with_device(&flow.other_user, device).contains(&id)
-            {
-                return Err(format!("{:?} is missing from the device index", flow.key));
+            if let Some(device) = flow.state.device() {
+                bound += 1;
+                let hash = self.hash_device(&flow.other_user, device);
+                if self.device_hash[i] != hash || !self.by_device.iter_hash(hash).any(|x| *x == id) {
+                    return Err(format!("{:?} is not in the device index under its device", flow.key));
+                }
+            } else if self.device_hash[i] != 0 {
+                return Err(format!("{:?} is in the device index without a device", flow.key));
             }
-            counts.2 += usize::from(bound.is_some());
-            let awaits = progress && awaits_keys(&flow.state);
-            if self.awaiting_keys.contains(&id) != awaits {
-                return Err(format!("{:?}: awaiting-keys index disagrees", flow.key));
-            }
-            counts.3 += usize::from(awaits);
         }
-        counts.4 = self.free.len();
-        let (flows, users, devices, awaiting, free) = counts;
-        let sizes = (self.by_key.len(), self.by_user.len(), self.by_device.len(), self.awaiting_keys.len());
-        if sizes != (flows, users, devices, awaiting) || self.len != flows || flows + free != self.slots.len() {
+        let free = self.free.len();
+        let sizes = (self.by_key.len(), self.by_user.len(), self.by_device.len());
+        if sizes != (flows, flows, bound) || self.len != flows || flows + free != self.slots.len() {
             return Err(format!(
                 "index sizes {sizes:?}, expected {:?}; len {} of {} slots, {free} free",
-                (flows, users, devices, awaiting),
+                (flows, flows, bound),
                 self.len,
                 self.slots.len()
             ));
@@ -332,6 +293,7 @@ mod tests {
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a], "a request not yet answered is bound to no device");
         assert_eq!(t.in_progress_with_device("@b:x", "D1"), [c]);
         assert!(t.awaiting_keys(None).is_empty());
+        assert_eq!(t.device_hash.iter().filter(|h| **h != 0).count(), 2, "two flows are bound");
 
         // A transition: the flow leaves the state indexes while out, and enters as its new state says.
         let (mut f, placement) = t.take(a).unwrap();
@@ -344,6 +306,12 @@ mod tests {
         assert_eq!(t.awaiting_keys(Some("@a:x")), [a]);
         assert!(t.awaiting_keys(Some("@b:x")).is_empty());
 
+        // An ended flow stays in the indexes until forgotten, but no question finds it.
+        let (mut f, placement) = t.take(c).unwrap();
+        f.state = State::Done(crate::flow::Finished { device: "D1".into(), keys: vec![] });
+        t.put(c, f, placement);
+        t.check().unwrap();
+        assert!(t.in_progress_with("@b:x").is_empty() && t.in_progress_with_device("@b:x", "D1").is_empty());
         let key = t.by_id(c).unwrap().key.clone();
         assert!(t.forget(c).is_some() && t.forget(c).is_none());
         assert!(t.id(&key).is_none() && t.in_progress_with("@b:x").is_empty());
@@ -365,8 +333,8 @@ mod tests {
 
         let mut t = FlowTable::default();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
-        t.awaiting_keys.insert(a);
-        assert!(t.check().unwrap_err().contains("awaiting-keys"));
+        t.unbind(a);
+        assert!(t.check().unwrap_err().contains("device index"));
     }
 
     /// Many flows of one user, and many devices: the device index answers for one device only.

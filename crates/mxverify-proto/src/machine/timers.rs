@@ -1,7 +1,13 @@
 //! The timer table: every deadline the machine keeps, and the only place they live. The next
 //! deadline is the first entry of an ordered queue; `handle_timeout` pops what is due, in time
-//! order. A flow has at most one entry in the queue (its earliest deadline), so a million waiting
-//! flows cost a million entries, and every operation is logarithmic at most.
+//! order.
+//!
+//! Stopping or moving a timer only changes its record: the queue entry it leaves behind is stale
+//! and is dropped when it reaches the front (or is found stale there). So accepting a request or
+//! ending a flow never searches the middle of a queue a million entries long; the only queue
+//! operations are inserts (a new flow's deadlines, or an ended flow's forget time, both near the
+//! end) and pops at the front. A stale entry lives at most until its own time, so the queue holds
+//! at most the deadlines set within the longest timeout.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -30,15 +36,16 @@ pub(crate) enum Timer {
 /// No deadline.
 const NONE: Millis = Millis::MAX;
 
-/// Queue entries: the kind in the top two bits, so that at equal times flows come first.
-const FLOW: u64 = 0;
+/// Queue entries: the kind in the top two bits, then for flows which deadline (bits 32–33) and
+/// the slot, so that at equal times the order is the order of [`Timer`]'s variants.
 const PENDING_ROOM: u64 = 1 << 62;
 const HELD: u64 = 2 << 62;
-const ID: u64 = (1 << 62) - 1;
+const KIND: u64 = 3 << 62;
+const ID: u64 = !KIND;
 
 #[derive(Debug, Default)]
 pub(crate) struct TimerTable {
-    /// `(when, entry)`: one entry per flow (its earliest deadline) and per other timer.
+    /// `(when, entry)`, live or stale; the first entry is always live.
     queue: BTreeSet<(Millis, u64)>,
     /// A flow's prompt, expiry and forget deadlines, by slot (`NONE` when not set).
     flows: Vec<[Millis; 3]>,
@@ -58,60 +65,58 @@ fn flow_timer(timer: Timer) -> Option<(usize, usize)> {
 
 fn entry(timer: Timer) -> u64 {
     match timer {
-        Timer::Prompt(f) | Timer::Expire(f) | Timer::Forget(f) => FLOW | u64::from(f.0),
+        Timer::Prompt(f) => u64::from(f.0),
+        Timer::Expire(f) => (1 << 32) | u64::from(f.0),
+        Timer::Forget(f) => (2 << 32) | u64::from(f.0),
         Timer::PendingRoom(id) => PENDING_ROOM | (id & ID),
         Timer::Held(id) => HELD | (id & ID),
     }
 }
 
-impl TimerTable {
-    /// Changes one of a flow's deadlines, keeping its queue entry at the earliest.
-    fn set_flow(&mut self, slot: usize, which: usize, when: Millis) {
-        if self.flows.len() <= slot {
-            if when == NONE {
-                return;
-            }
-            self.flows.resize(slot + 1, [NONE; 3]);
-        }
-        let deadlines = &mut self.flows[slot];
-        let before = deadlines.iter().copied().min().unwrap_or(NONE);
-        deadlines[which] = when;
-        let after = deadlines.iter().copied().min().unwrap_or(NONE);
-        if before != after {
-            let e = FLOW | slot as u64;
-            if before != NONE {
-                self.queue.remove(&(before, e));
-            }
-            if after != NONE {
-                self.queue.insert((after, e));
-            }
+fn timer_of(entry: u64) -> Timer {
+    let id = entry & ID;
+    match entry & KIND {
+        PENDING_ROOM => Timer::PendingRoom(id),
+        HELD => Timer::Held(id),
+        _ => {
+            let flow = FlowId(id as u32);
+            [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)][(id >> 32) as usize]
         }
     }
+}
 
+impl TimerTable {
     /// Sets (or moves) a timer.
     pub(crate) fn set(&mut self, timer: Timer, when: Millis) {
         let when = when.min(NONE - 1);
         match flow_timer(timer) {
-            Some((slot, which)) => self.set_flow(slot, which, when),
-            None => {
-                if let Some(old) = self.others.insert(timer, when) {
-                    self.queue.remove(&(old, entry(timer)));
+            Some((slot, which)) => {
+                if self.flows.len() <= slot {
+                    self.flows.resize(slot + 1, [NONE; 3]);
                 }
-                self.queue.insert((when, entry(timer)));
+                self.flows[slot][which] = when;
+            }
+            None => {
+                self.others.insert(timer, when);
             }
         }
+        self.queue.insert((when, entry(timer)));
+        self.purge();
     }
 
-    /// Stops a timer, if it runs.
+    /// Stops a timer, if it runs (its queue entry becomes stale).
     pub(crate) fn stop(&mut self, timer: Timer) {
         match flow_timer(timer) {
-            Some((slot, which)) => self.set_flow(slot, which, NONE),
-            None => {
-                if let Some(old) = self.others.remove(&timer) {
-                    self.queue.remove(&(old, entry(timer)));
+            Some((slot, which)) => {
+                if let Some(deadlines) = self.flows.get_mut(slot) {
+                    deadlines[which] = NONE;
                 }
             }
+            None => {
+                self.others.remove(&timer);
+            }
         }
+        self.purge();
     }
 
     /// When a timer fires, if it runs.
@@ -133,29 +138,54 @@ impl TimerTable {
         if when > now {
             return None;
         }
-        let id = e & ID;
-        match e & !ID {
-            FLOW => {
-                let slot = id as usize;
-                let which = self.flows[slot].iter().position(|&w| w == when).unwrap_or(0);
-                let flow = FlowId(slot as u32);
-                self.set_flow(slot, which, NONE);
-                Some([Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)][which])
-            }
-            kind => {
-                let timer = if kind == PENDING_ROOM { Timer::PendingRoom(id) } else { Timer::Held(id) };
-                self.queue.pop_first();
+        self.queue.pop_first();
+        let timer = timer_of(e);
+        match flow_timer(timer) {
+            Some((slot, which)) => self.flows[slot][which] = NONE,
+            None => {
                 self.others.remove(&timer);
-                Some(timer)
             }
+        }
+        self.purge();
+        Some(timer)
+    }
+
+    /// Whether a queue entry is the timer's current deadline.
+    fn live(&self, when: Millis, e: u64) -> bool {
+        self.get(timer_of(e)) == Some(when)
+    }
+
+    /// Drops stale entries from the front, so that the first entry is a live deadline.
+    fn purge(&mut self) {
+        while let Some(&(when, e)) = self.queue.first() {
+            if self.live(when, e) {
+                break;
+            }
+            self.queue.pop_first();
         }
     }
 
-    /// How many entries the queue holds (for tests: one per flow with a deadline, one per other
-    /// timer).
+    /// Whether every running timer has its entry in the queue and the first entry is live (for
+    /// tests); returns how many timers run.
     #[cfg(any(test, feature = "testing"))]
-    pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
+    pub(crate) fn check(&self) -> Result<usize, String> {
+        let mut running = 0;
+        let flows = self.flows.iter().enumerate().flat_map(|(slot, d)| {
+            let flow = FlowId(slot as u32);
+            [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)].into_iter().zip(*d)
+        });
+        for (timer, when) in flows.filter(|(_, w)| *w != NONE).chain(self.others.iter().map(|(t, w)| (*t, *w))) {
+            running += 1;
+            if !self.queue.contains(&(when, entry(timer))) {
+                return Err(format!("{timer:?} at {when} is not in the queue"));
+            }
+        }
+        if let Some(&(when, e)) = self.queue.first()
+            && !self.live(when, e)
+        {
+            return Err(format!("the first entry {:?} at {when} is stale", timer_of(e)));
+        }
+        Ok(running)
     }
 }
 
@@ -185,23 +215,44 @@ mod tests {
     }
 
     #[test]
-    fn one_queue_entry_per_flow_and_ties_by_kind() {
+    fn ties_by_kind_and_stale_entries() {
         let mut t = TimerTable::default();
         let (f, g) = (FlowId(0), FlowId(3));
         t.set(Timer::Prompt(f), 50);
         t.set(Timer::Expire(f), 80);
         t.set(Timer::Expire(g), 60);
         t.set(Timer::PendingRoom(1), 50);
-        assert_eq!(t.queued(), 3, "a flow's two deadlines are one entry");
+        assert_eq!(t.check(), Ok(4));
         assert_eq!(t.pop_due(100), Some(Timer::Prompt(f)), "flows before other timers at equal times");
         assert_eq!(t.pop_due(100), Some(Timer::PendingRoom(1)));
         assert_eq!(t.pop_due(100), Some(Timer::Expire(g)));
-        assert_eq!(t.queued(), 1, "the flow's next deadline took its place");
         t.set(Timer::Forget(f), 80);
         assert_eq!(t.pop_due(100), Some(Timer::Expire(f)), "expiry before forgetting at equal times");
         assert_eq!(t.pop_due(100), Some(Timer::Forget(f)));
-        assert_eq!((t.pop_due(u64::MAX), t.next(), t.queued()), (None, None, 0));
+        assert_eq!((t.pop_due(u64::MAX), t.next(), t.queue.len()), (None, None, 0));
         t.stop(Timer::Forget(FlowId(1_000)));
-        assert_eq!(t.queued(), 0, "stopping a timer never set changes nothing");
+        assert_eq!(t.check(), Ok(0), "stopping a timer never set changes nothing");
+    }
+
+    #[test]
+    fn stale_entries_never_fire_and_leave_the_front() {
+        let mut t = TimerTable::default();
+        let f = FlowId(2);
+        t.set(Timer::Prompt(f), 10);
+        t.set(Timer::Expire(f), 50);
+        t.stop(Timer::Prompt(f));
+        assert_eq!(t.next(), Some(50), "a stopped timer at the front is dropped at once");
+        t.set(Timer::Held(9), 20);
+        t.set(Timer::Held(9), 70);
+        assert_eq!(t.next(), Some(50), "a moved timer's old entry is dropped when it reaches the front");
+        t.set(Timer::Expire(f), 40);
+        assert_eq!(t.pop_due(45), Some(Timer::Expire(f)));
+        assert_eq!(t.pop_due(69), None, "the expiry moved from 50 to 40 fires once");
+        // A slot reused by a new flow: an old entry of the same time and kind is the new flow's.
+        t.set(Timer::Expire(f), 80);
+        assert_eq!(t.check(), Ok(2));
+        assert_eq!(t.pop_due(100), Some(Timer::Held(9)));
+        assert_eq!(t.pop_due(100), Some(Timer::Expire(f)));
+        assert_eq!((t.pop_due(u64::MAX), t.queue.len()), (None, 0));
     }
 }
