@@ -1,5 +1,5 @@
 //! A machine with flows in every state receives arbitrary events: it never panics, never answers
-//! a cancel, and sends at most one cancel per flow id.
+//! a cancel, sends at most one cancel per flow id, and its indexes and timers stay consistent.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -77,5 +77,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         while net.b.poll_event().is_some() {}
+        // The flow table's indexes and the timer queue agree with the flows after every event.
+        if let Err(e) = net.b.check_invariants() {
+            panic!("{e}");
+        }
     }
 });

@@ -506,12 +506,13 @@ impl Machine {
         let Some(flow_id) = parsed.flow_id else {
             return self.dropped(&event, DropReason::NoFlowId);
         };
-        let key = match &event.room {
-            None => FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: flow_id },
-            Some(r) => FlowKey::Room { room_id: r.room_id.clone(), event_id: flow_id },
-        };
         let kind = parsed.kind;
-        let Some(id) = self.flows.id(&key) else {
+        let scope = event.room.as_ref().map_or(event.sender.as_str(), |r| r.room_id.as_str());
+        let Some(id) = self.flows.find(in_room, scope, &flow_id) else {
+            let key = match &event.room {
+                None => FlowKey::ToDevice { user_id: event.sender.clone(), transaction_id: flow_id },
+                Some(r) => FlowKey::Room { room_id: r.room_id.clone(), event_id: flow_id },
+            };
             if kind == MsgKind::Cancel {
                 // Remember it, so that a request it overtook does not prompt the user later.
                 self.gate.close(key);
@@ -532,7 +533,13 @@ impl Machine {
         };
         let Some(flow) = self.flows.by_id(id) else { return };
         let (from_peer, ended) = (event.sender == flow.other_user, flow.state.ended());
-        let bound = flow.state.device().map(str::to_owned);
+        // TR-03 / RQ-12: messages naming a device must come from the device in the flow.
+        let named = match &parsed.msg {
+            Ok(Msg::Ready(r)) => Some(r.from_device.as_str()),
+            Ok(Msg::Start(s)) => Some(s.from_device.as_str()),
+            _ => None,
+        };
+        let other_device = named.zip(flow.state.device()).is_some_and(|(named, bound)| named != bound);
         if in_room && !from_peer {
             return self.room_event_from_non_peer(id, &event, kind, parsed.msg.ok(), now);
         }
@@ -546,15 +553,7 @@ impl Machine {
             }),
             Ok(Msg::Cancel(c)) => self.transition(id, trigger, retry, None, now, |state, _| state.on_cancel(c)),
             Ok(msg) => {
-                // TR-03 / RQ-12: messages naming a device must come from the device in the flow.
-                let named = match &msg {
-                    Msg::Ready(r) => Some(r.from_device.as_str()),
-                    Msg::Start(s) => Some(s.from_device.as_str()),
-                    _ => None,
-                };
-                if let (Some(named), Some(bound)) = (named, bound.as_deref())
-                    && named != bound
-                {
+                if other_device {
                     // Our own to-device request went to several devices: a second answer is not adopted.
                     return self.dropped(&event, DropReason::OtherDevice);
                 }

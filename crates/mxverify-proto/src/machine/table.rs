@@ -39,6 +39,14 @@ pub(crate) struct FlowTable {
     len: usize,
 }
 
+/// A key's parts, as the key index hashes and compares them.
+fn parts(key: &FlowKey) -> (bool, &str, &str) {
+    match key {
+        FlowKey::ToDevice { user_id, transaction_id } => (false, user_id, transaction_id),
+        FlowKey::Room { room_id, event_id } => (true, room_id, event_id),
+    }
+}
+
 /// The device a flow is bound to, as the device index saw it: the string's address and length
 /// (the string moves from state to state without being copied, so the same address means the same
 /// device, and a transition that keeps it costs no hashing).
@@ -53,7 +61,12 @@ impl Placement {
 
 impl FlowTable {
     fn hash_key(&self, key: &FlowKey) -> u64 {
-        self.hasher.hash_one(key)
+        let (room, scope, id) = parts(key);
+        self.hash_parts(room, scope, id)
+    }
+
+    fn hash_parts(&self, room: bool, scope: &str, id: &str) -> u64 {
+        self.hasher.hash_one((room, scope, id))
     }
 
     fn hash_user(&self, user: &str) -> u64 {
@@ -72,9 +85,16 @@ impl FlowTable {
 
     /// The handle of the flow with this key.
     pub(crate) fn id(&self, key: &FlowKey) -> Option<FlowId> {
+        let (room, scope, id) = parts(key);
+        self.find(room, scope, id)
+    }
+
+    /// The handle of the flow with this key, given in parts (so that an incoming event finds its
+    /// flow without building a key): in a room or not, the user or room, the flow id.
+    pub(crate) fn find(&self, room: bool, scope: &str, flow_id: &str) -> Option<FlowId> {
         let slots = &self.slots;
-        let same = |id: &FlowId| slots[id.0 as usize].as_ref().is_some_and(|f| f.key == *key);
-        self.by_key.find(self.hash_key(key), same).copied()
+        let same = |id: &FlowId| slots[id.0 as usize].as_ref().is_some_and(|f| parts(&f.key) == (room, scope, flow_id));
+        self.by_key.find(self.hash_parts(room, scope, flow_id), same).copied()
     }
 
     pub(crate) fn get(&self, key: &FlowKey) -> Option<&Flow> {
@@ -109,7 +129,7 @@ impl FlowTable {
         self.slots[id.0 as usize] = Some(flow);
         let Self { slots, by_key, by_user, hasher, .. } = self;
         let flow_of = |i: &FlowId| slots[i.0 as usize].as_ref();
-        by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(&f.key)));
+        by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(parts(&f.key))));
         by_user.insert_unique(user_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(f.other_user.as_str())));
         self.bind(id);
         self.len += 1;
