@@ -10,7 +10,8 @@
 //! * an active flow is cancelled with the code the failed check wants (the flow then ends, so at
 //!   most one cancel is sent for it).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::Hash;
 
 use crate::cancel::CancelCode;
 use crate::types::FlowKey;
@@ -79,10 +80,43 @@ fn verdict(trigger: Trigger, via: Via, status: FlowStatus, wanted: CancelCode) -
 /// The rule and its memory.
 #[derive(Debug, Default)]
 pub(crate) struct CancelGate {
-    /// To-device flow ids (sender, transaction id) we answered with `m.unknown_transaction`.
-    answered_unknown: VecDeque<(String, String)>,
+    /// To-device flow ids we answered with `m.unknown_transaction`.
+    answered_unknown: Memory<FlowKey>,
     /// Flows that ended and were forgotten, or that a cancel overtook before we knew them.
-    closed: VecDeque<FlowKey>,
+    closed: Memory<FlowKey>,
+}
+
+/// A bounded set that forgets its oldest item first; asked on every request, so a lookup does not
+/// walk it.
+#[derive(Debug)]
+struct Memory<T> {
+    order: VecDeque<T>,
+    set: HashSet<T>,
+}
+
+impl<T> Default for Memory<T> {
+    fn default() -> Self {
+        Self { order: VecDeque::new(), set: HashSet::new() }
+    }
+}
+
+impl<T: Clone + Eq + Hash> Memory<T> {
+    fn contains(&self, item: &T) -> bool {
+        self.set.contains(item)
+    }
+
+    /// Adds an item, forgetting the oldest first when full.
+    fn remember(&mut self, item: T) {
+        if !self.set.insert(item.clone()) {
+            return;
+        }
+        if self.order.len() == MEMORY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(item);
+    }
 }
 
 impl CancelGate {
@@ -101,37 +135,24 @@ impl CancelGate {
     /// once per flow id.
     pub(crate) fn for_unknown(&mut self, kind: MsgKind, key: &FlowKey) -> Option<CancelCode> {
         let code = verdict(Trigger::Incoming(kind), Via::of(key), FlowStatus::Unknown, CancelCode::UnknownTransaction)?;
-        let FlowKey::ToDevice { user_id, transaction_id } = key else {
-            return None;
-        };
-        if self.answered_unknown.iter().any(|(u, t)| u == user_id && t == transaction_id) {
+        if !matches!(key, FlowKey::ToDevice { .. }) || self.answered_unknown.contains(key) {
             return None;
         }
-        remember(&mut self.answered_unknown, (user_id.clone(), transaction_id.clone()));
+        self.answered_unknown.remember(key.clone());
         Some(code)
     }
 
     /// A flow id that must never open a flow again: opening it would put a second cancel for one
     /// flow id on the wire, or reopen a flow that ended.
     pub(crate) fn is_closed(&self, key: &FlowKey) -> bool {
-        self.closed.contains(key)
-            || matches!(key, FlowKey::ToDevice { user_id, transaction_id }
-                if self.answered_unknown.iter().any(|(u, t)| u == user_id && t == transaction_id))
+        self.closed.contains(key) || self.answered_unknown.contains(key)
     }
 
     /// Remembers a flow id as closed: a flow that ended and is forgotten, or one a cancel
     /// overtook (so the request it overtook never prompts).
     pub(crate) fn close(&mut self, key: FlowKey) {
-        remember(&mut self.closed, key);
+        self.closed.remember(key);
     }
-}
-
-/// Adds to a bounded memory, forgetting the oldest first.
-fn remember<T>(memory: &mut VecDeque<T>, item: T) {
-    if memory.len() == MEMORY {
-        memory.pop_front();
-    }
-    memory.push_back(item);
 }
 
 #[cfg(test)]
@@ -202,5 +223,11 @@ mod tests {
             gate.close(FlowKey::Room { room_id: "!r:x".into(), event_id: format!("${i}") });
         }
         assert!(!gate.is_closed(&room), "the memory is bounded");
+        // The same id closed again takes no second place.
+        let last = FlowKey::Room { room_id: "!r:x".into(), event_id: format!("${}", MEMORY - 1) };
+        let first_kept = FlowKey::Room { room_id: "!r:x".into(), event_id: "$0".into() };
+        gate.close(last.clone());
+        assert!(gate.is_closed(&first_kept) && gate.is_closed(&last));
+        assert_eq!((gate.closed.order.len(), gate.closed.set.len()), (MEMORY, MEMORY));
     }
 }
