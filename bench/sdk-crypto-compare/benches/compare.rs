@@ -21,8 +21,7 @@ use matrix_sdk_crypto::types::requests::{
     ToDeviceRequest, UploadSigningKeysRequest,
 };
 use matrix_sdk_crypto::{DecryptionSettings, EncryptionSyncChanges, OlmMachine, TrustRequirement};
-use mxverify_proto::loopback::{Loopback, Side};
-use mxverify_proto::{Config, Ed25519PublicKey, Event, Machine, OwnIdentity, SeededEntropy};
+use mxverify_proto::loopback::Loopback;
 use ruma::api::client::keys::{get_keys, upload_keys, upload_signatures, upload_signing_keys};
 use ruma::api::client::sync::sync_events::DeviceLists;
 use ruma::api::client::to_device::send_event_to_device;
@@ -42,51 +41,14 @@ fn main() {
 
 const NOW: u64 = 1_700_000_000_000;
 
-fn identity(user: &str, device: &str) -> OwnIdentity {
-    OwnIdentity {
-        user_id: user.into(),
-        device_id: device.into(),
-        ed25519: Ed25519PublicKey::from_bytes([device.len() as u8; 32]),
-        master_key: Some(Ed25519PublicKey::from_bytes([user.len() as u8 + 100; 32])),
-        trusts_master_key: true,
-    }
-}
-
+/// The pair and the flow of `full_sas_verification` in `crates/mxverify-proto/benches/flow.rs`
+/// (one place for both: `Loopback::benchmark_pair` and `Loopback::full_sas`).
 fn pair(seed: u64) -> Loopback {
-    let a = Machine::new(
-        identity("@alice:example.org", "ALICEDEVICE"),
-        Config::default(),
-        Box::new(SeededEntropy::new(seed)),
-    );
-    let b = Machine::new(
-        identity("@bob:example.org", "BOBDEVICE"),
-        Config::default(),
-        Box::new(SeededEntropy::new(seed + 1)),
-    );
-    let mut net = Loopback::new(a, b, NOW);
-    net.keep_log = false;
-    net.exchange_device_keys();
-    // Every message goes over the wire as JSON text.
-    net.filter = Some(Box::new(|m| {
-        let text = serde_json::to_string(&m.out.content).unwrap();
-        m.out.content = serde_json::from_str(&text).unwrap();
-        true
-    }));
-    net
+    Loopback::benchmark_pair(seed, NOW)
 }
 
 fn full_flow(mut net: Loopback) -> Loopback {
-    let fa = net.a.request_to_device("@bob:example.org", &["BOBDEVICE".into()], NOW).unwrap();
-    net.run();
-    let fb = net.flow_of(Side::B).unwrap();
-    net.b.accept(&fb, NOW).unwrap();
-    net.run();
-    net.a.start_sas(&fa, NOW).unwrap();
-    net.run();
-    net.a.confirm(&fa, NOW).unwrap();
-    net.b.confirm(&fb, NOW).unwrap();
-    net.run();
-    assert_eq!(net.events.iter().filter(|(_, e)| matches!(e, Event::Done { .. })).count(), 2);
+    net.full_sas();
     net
 }
 

@@ -90,6 +90,12 @@ fn flow_of(i: usize) -> FlowKey {
     FlowKey::ToDevice { user_id: format!("@user{i}:example.org"), transaction_id: format!("{i:032x}") }
 }
 
+/// The next of the `n` waiting flows to act on after `i`: spread over the table, each once (divan
+/// may take a few more samples than asked).
+fn spread(i: usize, n: usize) -> usize {
+    (i + (n / 1_000).max(1)) % n
+}
+
 fn drain(m: &mut Machine) {
     while m.poll_event().is_some() {}
     while m.poll_outgoing().is_some() {}
@@ -130,8 +136,7 @@ fn receive_cancel(bencher: divan::Bencher, n: usize) {
     let mut next = 0;
     bencher
         .with_inputs(|| {
-            // Spread over the table, each waiting flow once (divan may take a few more samples).
-            next = (next + (n / 1_000).max(1)) % n;
+            next = spread(next, n);
             IncomingEvent {
                 sender: format!("@user{next}:example.org"),
                 event_type: "m.key.verification.cancel".into(),
@@ -152,8 +157,7 @@ fn accept(bencher: divan::Bencher, n: usize) {
     let mut next = 0;
     bencher
         .with_inputs(|| {
-            // Spread over the table, each waiting flow once (divan may take a few more samples).
-            next = (next + (n / 1_000).max(1)) % n;
+            next = spread(next, n);
             flow_of(next)
         })
         .bench_local_values(|flow| {
@@ -195,7 +199,7 @@ fn baseline_hashmap_touch(bencher: divan::Bencher, n: usize) {
     let mut next = 0;
     bencher
         .with_inputs(|| {
-            next = (next + (n / 1_000).max(1)) % n;
+            next = spread(next, n);
             format!("{next:032x}")
         })
         .bench_local_values(|key| {
