@@ -403,6 +403,15 @@ pub enum Msg {
 }
 
 impl Msg {
+    /// The device a `ready` or `start` says it comes from (`from_device`).
+    pub(crate) fn named_device(&self) -> Option<&str> {
+        match self {
+            Self::Ready(r) => Some(&r.from_device),
+            Self::Start(s) => Some(&s.from_device),
+            _ => None,
+        }
+    }
+
     /// The kind of this message.
     #[must_use]
     pub fn kind(&self) -> MsgKind {

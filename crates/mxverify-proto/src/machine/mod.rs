@@ -214,9 +214,7 @@ impl Machine {
     pub fn check_invariants(&self) -> Result<(), String> {
         self.flows.check()?;
         self.timers.check()?;
-        for key in self.flows.keys() {
-            let id = self.flows.id(key).ok_or("a flow not found by its key")?;
-            let flow = self.flows.by_id(id).ok_or("a flow without a slot")?;
+        for (id, flow) in self.flows.iter() {
             let has = |t: Timer| self.timers.get(t).is_some();
             let ok = if flow.state.ended() {
                 has(Timer::Forget(id)) && !has(Timer::Expire(id)) && !has(Timer::Prompt(id))
@@ -226,7 +224,7 @@ impl Machine {
                     && (matches!(flow.state, State::Incoming(_)) || !has(Timer::Prompt(id)))
             };
             if !ok {
-                return Err(format!("{key:?} ({}) has the wrong deadlines", flow.state.name()));
+                return Err(format!("{:?} ({}) has the wrong deadlines", flow.key, flow.state.name()));
             }
         }
         Ok(())
@@ -534,14 +532,10 @@ impl Machine {
         let Some(flow) = self.flows.by_id(id) else { return };
         let (from_peer, ended) = (event.sender == flow.other_user, flow.state.ended());
         // TR-03 / RQ-12: messages naming a device must come from the device in the flow.
-        let named = match &parsed.msg {
-            Ok(Msg::Ready(r)) => Some(r.from_device.as_str()),
-            Ok(Msg::Start(s)) => Some(s.from_device.as_str()),
-            _ => None,
-        };
+        let named = parsed.msg.as_ref().ok().and_then(Msg::named_device);
         let other_device = named.zip(flow.state.device()).is_some_and(|(named, bound)| named != bound);
         if in_room && !from_peer {
-            return self.room_event_from_non_peer(id, &event, kind, parsed.msg.ok(), now);
+            return self.room_event_from_non_peer(id, &event, kind, named, now);
         }
         if ended {
             return self.dropped(&event, DropReason::FlowEnded);
@@ -706,14 +700,9 @@ impl Machine {
         id: FlowId,
         event: &IncomingEvent,
         kind: MsgKind,
-        msg: Option<Msg>,
+        from_device: Option<&str>,
         now: Millis,
     ) {
-        let from_device = match &msg {
-            Some(Msg::Ready(r)) => Some(r.from_device.as_str()),
-            Some(Msg::Start(s)) => Some(s.from_device.as_str()),
-            _ => None,
-        };
         let own = event.sender == self.own.user_id;
         let other_own_device = own && from_device.is_some_and(|d| d != self.own.device_id);
         let Some(flow) = self.flows.by_id(id) else { return };

@@ -47,6 +47,12 @@ fn parts(key: &FlowKey) -> (bool, &str, &str) {
     }
 }
 
+/// The hash under which a flow is in the key index: that of its key's parts, so that
+/// [`FlowTable::find`] hashes the parts of an incoming event alike.
+fn hash_key(hasher: &RandomState, key: &FlowKey) -> u64 {
+    hasher.hash_one(parts(key))
+}
+
 /// The device a flow is bound to, as the device index saw it: the string's address and length
 /// (the string moves from state to state without being copied, so the same address means the same
 /// device, and a transition that keeps it costs no hashing).
@@ -61,12 +67,7 @@ impl Placement {
 
 impl FlowTable {
     fn hash_key(&self, key: &FlowKey) -> u64 {
-        let (room, scope, id) = parts(key);
-        self.hash_parts(room, scope, id)
-    }
-
-    fn hash_parts(&self, room: bool, scope: &str, id: &str) -> u64 {
-        self.hasher.hash_one((room, scope, id))
+        hash_key(&self.hasher, key)
     }
 
     fn hash_user(&self, user: &str) -> u64 {
@@ -94,7 +95,7 @@ impl FlowTable {
     pub(crate) fn find(&self, room: bool, scope: &str, flow_id: &str) -> Option<FlowId> {
         let slots = &self.slots;
         let same = |id: &FlowId| slots[id.0 as usize].as_ref().is_some_and(|f| parts(&f.key) == (room, scope, flow_id));
-        self.by_key.find(self.hash_parts(room, scope, flow_id), same).copied()
+        self.by_key.find(self.hasher.hash_one((room, scope, flow_id)), same).copied()
     }
 
     pub(crate) fn get(&self, key: &FlowKey) -> Option<&Flow> {
@@ -129,7 +130,7 @@ impl FlowTable {
         self.slots[id.0 as usize] = Some(flow);
         let Self { slots, by_key, by_user, hasher, .. } = self;
         let flow_of = |i: &FlowId| slots[i.0 as usize].as_ref();
-        by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(parts(&f.key))));
+        by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hash_key(hasher, &f.key)));
         by_user.insert_unique(user_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(f.other_user.as_str())));
         self.bind(id);
         self.len += 1;
@@ -191,9 +192,14 @@ impl FlowTable {
         }
     }
 
+    /// Every flow with its handle, in slot order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
+        self.slots.iter().enumerate().filter_map(|(i, f)| Some((FlowId(i as u32), f.as_ref()?)))
+    }
+
     /// Every flow's key, in slot order.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &FlowKey> {
-        self.slots.iter().flatten().map(|f| &f.key)
+        self.iter().map(|(_, f)| &f.key)
     }
 
     /// The flows in progress with `user`, in handle order.
@@ -229,7 +235,7 @@ impl FlowTable {
     pub(crate) fn awaiting_keys(&self, user: Option<&str>) -> Vec<FlowId> {
         let awaits = |f: &Flow| matches!(f.state, State::Ready(_) | State::Qr(_));
         match user {
-            None => (0..self.slots.len() as u32).map(FlowId).filter(|id| self.slot(*id).is_some_and(awaits)).collect(),
+            None => self.iter().filter(|(_, f)| awaits(f)).map(|(id, _)| id).collect(),
             Some(user) => {
                 self.in_progress_with(user).into_iter().filter(|id| self.slot(*id).is_some_and(awaits)).collect()
             }
@@ -315,7 +321,8 @@ mod tests {
         assert!(t.awaiting_keys(None).is_empty());
         assert_eq!(t.device_hash.iter().filter(|h| **h != 0).count(), 2, "two flows are bound");
 
-        // A transition: the flow leaves the state indexes while out, and enters as its new state says.
+        // A transition: while out the flow is found by no index; bound to another device, it moves
+        // in the device index.
         let (mut f, placement) = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
         f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
