@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
             if out.event_type == "m.key.verification.cancel"
                 && let Destination::ToDevice { user_id, .. } = &out.destination
             {
-                let f = format!("{user_id}|{}", out.content["transaction_id"].as_str().unwrap_or(""));
+                let f = format!("{user_id}|{}", out.content.to_value()["transaction_id"].as_str().unwrap_or(""));
                 assert!(!got_cancel.contains(&f), "answered a cancel: {out:?}");
                 let n = cancels.entry(f).or_default();
                 *n += 1;

@@ -344,7 +344,8 @@ fn print_wire_once() {
     let mut net = pair(1);
     net.keep_log = true;
     let net = full_flow(net);
-    let ours: Vec<(&str, &Value)> = net.log.iter().map(|m| (m.out.event_type, &m.out.content)).collect();
+    let ours: Vec<(&str, Value)> = net.log.iter().map(|m| (m.out.event_type, m.out.content.to_value())).collect();
+    let ours: Vec<(&str, &Value)> = ours.iter().map(|(t, c)| (*t, c)).collect();
     let rt = runtime();
     let (alice, bob, wire) = rt.block_on(async {
         let (alice, bob) = sdk_pair().await;

@@ -118,6 +118,8 @@ fn paired_ratio(pairs: usize) {
 fn main() {
     // Run as a test (`cargo test --benches`), a few pairs show that the measurement works.
     let testing = std::env::args().any(|a| a == "--test") || !std::env::args().any(|a| a == "--bench");
-    paired_ratio(if testing { 3 } else { 1_000 });
+    if std::env::var_os("SKIP_PAIRED").is_none() {
+        paired_ratio(if testing { 3 } else { 1_000 });
+    }
     divan::main();
 }

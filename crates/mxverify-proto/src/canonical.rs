@@ -84,7 +84,7 @@ fn write(value: &Value, out: &mut String) -> Result<(), CanonicalError> {
 /// A JSON string with the shortest escapes the appendix asks for: `"` and `\`, the two-character
 /// forms of backspace, form feed, newline, carriage return and tab, `\u00xx` for the other
 /// control characters, and everything else as it is.
-fn write_string(s: &str, out: &mut String) {
+pub(crate) fn write_string(s: &str, out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push('"');

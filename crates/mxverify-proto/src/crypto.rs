@@ -342,11 +342,18 @@ pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, ite
 ///
 /// Spec: [`m.key.verification.accept`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationaccept).
 pub fn commitment(accepter_key_b64: &str, start_content: &Value) -> Result<String, canonical::CanonicalError> {
-    let json = canonical::to_string(start_content)?;
+    Ok(commitment_of_canonical(accepter_key_b64, &canonical::to_string(start_content)?))
+}
+
+/// [`commitment`] over start content already in canonical JSON (the machine keeps it as text).
+///
+/// Spec: [`m.key.verification.accept`](https://spec.matrix.org/v1.19/client-server-api/#mkeyverificationaccept).
+#[must_use]
+pub fn commitment_of_canonical(accepter_key_b64: &str, canonical_start_content: &str) -> String {
     let mut hash = Sha256::new();
     hash.update(accepter_key_b64.as_bytes());
-    hash.update(json.as_bytes());
-    Ok(b64::encode(hash.finalize()))
+    hash.update(canonical_start_content.as_bytes());
+    b64::encode(hash.finalize())
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@
 //!         let as_event = |sender: &str, out: Outgoing| IncomingEvent {
 //!             sender: sender.into(),
 //!             event_type: out.event_type.into(),
-//!             content: out.content,
+//!             content: out.content.to_value(),
 //!             room: None,
 //!         };
 //!         to_bob.into_iter().for_each(|out| bob.receive(as_event("@alice:example.org", out), now));

@@ -245,8 +245,89 @@ pub struct Outgoing {
     pub destination: Destination,
     /// The event type.
     pub event_type: &'static str,
-    /// The content.
-    pub content: Value,
+    /// The content, as JSON text.
+    pub content: Content,
+}
+
+/// The content of an [`Outgoing`] message as JSON text, written once by the machine: send it as
+/// it is. The machine's own messages are canonical JSON (keys sorted, no whitespace).
+///
+/// ```
+/// use mxverify_proto::Content;
+/// let mut content = Content::from(serde_json::json!({"b": 1, "a": "x"}));
+/// assert_eq!(content.as_str(), r#"{"a":"x","b":1}"#);
+/// content.edit(|v| v["b"] = 2.into());
+/// assert_eq!(content.to_value()["b"], 2);
+/// ```
+///
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+/// [canonical JSON](https://spec.matrix.org/v1.19/appendices/#canonical-json).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Content(String);
+
+impl Content {
+    /// Text the caller guarantees to be valid JSON (the wire encoder's output).
+    pub(crate) fn from_canonical(json: String) -> Self {
+        Self(json)
+    }
+
+    /// The JSON text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The JSON text, owned.
+    #[must_use]
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
+    /// The content parsed into a [`Value`] (to encrypt it, or look into it).
+    #[must_use]
+    pub fn to_value(&self) -> Value {
+        // Every constructor writes valid JSON; `Null` would only show a broken invariant.
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+
+    /// Changes the content through its [`Value`] (fault injection and tests).
+    pub fn edit(&mut self, change: impl FnOnce(&mut Value)) {
+        let mut value = self.to_value();
+        change(&mut value);
+        *self = Self::from(value);
+    }
+}
+
+impl From<Value> for Content {
+    fn from(value: Value) -> Self {
+        Self::from(&value)
+    }
+}
+
+impl From<&Value> for Content {
+    fn from(value: &Value) -> Self {
+        // Canonical where it can be (it always is for the machine's own messages); a value
+        // without a canonical form (a float, a huge integer) is written as serde_json writes it.
+        Self(crate::canonical::to_string(value).unwrap_or_else(|_| value.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for Content {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
 }
 
 /// What a verified key is.

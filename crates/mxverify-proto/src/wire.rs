@@ -17,7 +17,9 @@
 //! // The same message in a room carries the relation instead of the transaction id.
 //! let (event_type, room) = wire::encode(&msg, &Envelope::Room(Some("$request".into())));
 //! assert_eq!(event_type, "m.key.verification.key");
-//! assert_eq!(room["m.relates_to"], json!({"rel_type": "m.reference", "event_id": "$request"}));
+//! assert_eq!(room.to_value()["m.relates_to"], json!({"rel_type": "m.reference", "event_id": "$request"}));
+//! // It is canonical JSON text, ready to send.
+//! assert_eq!(room.as_str(), r#"{"key":"Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI","m.relates_to":{"event_id":"$request","rel_type":"m.reference"}}"#);
 //! assert!(matches!(msg, Msg::Key(_)));
 //! ```
 
@@ -26,7 +28,8 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::b64;
+use crate::types::Content;
+use crate::{b64, canonical};
 
 /// A cancel code. Unknown codes, including custom ones in Java package naming, are kept as
 /// [`CancelCode::Custom`] and round-trip unchanged; a receiver treats them as a cancellation too.
@@ -657,99 +660,171 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
 
 /// Encodes a message for the wire: the event type and the content. For an in-room request the
 /// type is `m.room.message`, with a fallback `body` for clients that do not support verification.
+/// The content is written once, straight to canonical JSON text (keys sorted, no whitespace): it is
+/// what goes on the wire, and for our own `start` it is what the SAS commitment covers (CM-04).
 ///
-/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework).
-pub fn encode(msg: &Msg, envelope: &Envelope) -> (&'static str, Value) {
-    // The content is built field by field (no `json!`): this runs for every message sent, and
-    // going through serde's serializer for each string costs more than the map itself.
-    fn text(s: &str) -> Value {
-        Value::String(s.to_owned())
-    }
-    fn texts<'a>(items: impl IntoIterator<Item = &'a str>) -> Value {
-        Value::Array(items.into_iter().map(text).collect())
-    }
-    let mut c = Map::new();
-    let mut put = |key: &str, value: Value| {
-        c.insert(key.to_owned(), value);
-    };
+/// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
+/// [canonical JSON](https://spec.matrix.org/v1.19/appendices/#canonical-json).
+pub fn encode(msg: &Msg, envelope: &Envelope) -> (&'static str, Content) {
+    // No `Value` tree: this runs for every message sent, and building a map of owned strings to
+    // serialise it right after costs more than the cryptography of some messages.
+    let mut c = Fields::default();
     match msg {
         Msg::Request(r) => {
-            put("from_device", text(&r.from_device));
-            put("methods", texts(r.methods.iter().map(Method::as_str)));
+            c.put("from_device", Field::Str(&r.from_device));
+            c.put("methods", Field::Methods(&r.methods));
             if let Some(ts) = r.timestamp {
-                put("timestamp", Value::from(ts));
+                c.put("timestamp", Field::Int(ts));
             }
             if let Some(to) = &r.to {
-                put("to", text(to));
-                put("msgtype", text(ROOM_REQUEST_MSGTYPE));
-                put(
-                    "body",
-                    Value::String(format!(
-                        "Key verification request for {to}. Your client does not support in-room key verification."
-                    )),
-                );
+                c.put("to", Field::Str(to));
+                c.put("msgtype", Field::Str(ROOM_REQUEST_MSGTYPE));
+                c.put("body", Field::RequestBody(to));
             }
         }
         Msg::Ready(r) => {
-            put("from_device", text(&r.from_device));
-            put("methods", texts(r.methods.iter().map(Method::as_str)));
+            c.put("from_device", Field::Str(&r.from_device));
+            c.put("methods", Field::Methods(&r.methods));
         }
         Msg::Start(s) => {
-            put("from_device", text(&s.from_device));
+            c.put("from_device", Field::Str(&s.from_device));
             match &s.method {
                 StartMethod::Sas(o) => {
-                    put("method", text("m.sas.v1"));
-                    put("key_agreement_protocols", texts(o.key_agreement_protocols.iter().map(String::as_str)));
-                    put("hashes", texts(o.hashes.iter().map(String::as_str)));
-                    put(
-                        "message_authentication_codes",
-                        texts(o.message_authentication_codes.iter().map(String::as_str)),
-                    );
-                    put("short_authentication_string", texts(o.short_authentication_string.iter().map(String::as_str)));
+                    c.put("method", Field::Str("m.sas.v1"));
+                    c.put("key_agreement_protocols", Field::Strs(&o.key_agreement_protocols));
+                    c.put("hashes", Field::Strs(&o.hashes));
+                    c.put("message_authentication_codes", Field::Strs(&o.message_authentication_codes));
+                    c.put("short_authentication_string", Field::Strs(&o.short_authentication_string));
                 }
                 StartMethod::Reciprocate { secret } => {
-                    put("method", text("m.reciprocate.v1"));
-                    put("secret", text(secret));
+                    c.put("method", Field::Str("m.reciprocate.v1"));
+                    c.put("secret", Field::Str(secret));
                 }
-                StartMethod::Other(m) => put("method", text(m)),
+                StartMethod::Other(m) => c.put("method", Field::Str(m)),
             }
         }
         // `method` is sent because the spec's schema still lists it as required (EV-AC-02);
         // receivers ignore it and we never require it.
         Msg::Accept(a) => {
-            put("method", text("m.sas.v1"));
-            put("key_agreement_protocol", text(&a.key_agreement_protocol));
-            put("hash", text(&a.hash));
-            put("message_authentication_code", text(&a.message_authentication_code));
-            put("short_authentication_string", texts(a.short_authentication_string.iter().map(String::as_str)));
-            put("commitment", text(&a.commitment));
+            c.put("method", Field::Str("m.sas.v1"));
+            c.put("key_agreement_protocol", Field::Str(&a.key_agreement_protocol));
+            c.put("hash", Field::Str(&a.hash));
+            c.put("message_authentication_code", Field::Str(&a.message_authentication_code));
+            c.put("short_authentication_string", Field::Strs(&a.short_authentication_string));
+            c.put("commitment", Field::Str(&a.commitment));
         }
-        Msg::Key(k) => put("key", text(k)),
+        Msg::Key(k) => c.put("key", Field::Str(k)),
         Msg::Mac(m) => {
-            put("mac", Value::Object(m.mac.iter().map(|(k, v)| (k.clone(), text(v))).collect()));
-            put("keys", text(&m.keys));
+            c.put("mac", Field::Macs(&m.mac));
+            c.put("keys", Field::Str(&m.keys));
         }
         Msg::Done => {}
         Msg::Cancel(x) => {
-            put("code", text(x.code.as_str()));
-            put("reason", text(&x.reason));
+            c.put("code", Field::Str(x.code.as_str()));
+            c.put("reason", Field::Str(&x.reason));
         }
     }
     match envelope {
-        Envelope::ToDevice(txn) => put("transaction_id", text(txn)),
-        Envelope::Room(Some(event_id)) => {
-            let mut relation = Map::new();
-            relation.insert("rel_type".to_owned(), text("m.reference"));
-            relation.insert("event_id".to_owned(), text(event_id));
-            put("m.relates_to", Value::Object(relation));
-        }
+        Envelope::ToDevice(txn) => c.put("transaction_id", Field::Str(txn)),
+        Envelope::Room(Some(event_id)) => c.put("m.relates_to", Field::Relation(event_id)),
         Envelope::Room(None) => {}
     }
     let event_type = match (msg, envelope) {
         (Msg::Request(_), Envelope::Room(_)) => "m.room.message",
         _ => msg.kind().event_type(),
     };
-    (event_type, Value::Object(c))
+    (event_type, c.write())
+}
+
+/// One value of an outgoing content, borrowed from the message.
+enum Field<'a> {
+    Str(&'a str),
+    Int(u64),
+    Strs(&'a [String]),
+    Methods(&'a [Method]),
+    /// `{"mac": {key ID: MAC}}`: a `BTreeMap` of `String`s iterates in canonical key order.
+    Macs(&'a BTreeMap<String, String>),
+    /// `m.relates_to` of an in-room message after the request.
+    Relation(&'a str),
+    /// The fallback text of an in-room request for this user.
+    RequestBody(&'a str),
+}
+
+/// The fields of one content (at most eight), written sorted by key.
+#[derive(Default)]
+struct Fields<'a> {
+    items: [Option<(&'static str, Field<'a>)>; 8],
+    len: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn put(&mut self, key: &'static str, value: Field<'a>) {
+        self.items[self.len] = Some((key, value));
+        self.len += 1;
+    }
+
+    fn write(mut self) -> Content {
+        let items = &mut self.items[..self.len];
+        // Canonical JSON orders keys by code point, which for UTF-8 is byte order.
+        items.sort_unstable_by_key(|item| item.as_ref().map(|(key, _)| *key));
+        let mut out = String::with_capacity(384);
+        out.push('{');
+        for (i, (key, value)) in items.iter().flatten().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            canonical::write_string(key, &mut out);
+            out.push(':');
+            value.write(&mut out);
+        }
+        out.push('}');
+        Content::from_canonical(out)
+    }
+}
+
+impl Field<'_> {
+    fn write(&self, out: &mut String) {
+        fn list<'s>(items: impl Iterator<Item = &'s str>, out: &mut String) {
+            out.push('[');
+            for (i, item) in items.enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical::write_string(item, out);
+            }
+            out.push(']');
+        }
+        match self {
+            Field::Str(s) => canonical::write_string(s, out),
+            Field::Int(n) => {
+                use fmt::Write;
+                let _ = write!(out, "{n}");
+            }
+            Field::Strs(items) => list(items.iter().map(String::as_str), out),
+            Field::Methods(items) => list(items.iter().map(Method::as_str), out),
+            Field::Macs(macs) => {
+                out.push('{');
+                for (i, (id, mac)) in macs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical::write_string(id, out);
+                    out.push(':');
+                    canonical::write_string(mac, out);
+                }
+                out.push('}');
+            }
+            Field::Relation(event_id) => {
+                out.push_str(r#"{"event_id":"#);
+                canonical::write_string(event_id, out);
+                out.push_str(r#","rel_type":"m.reference"}"#);
+            }
+            Field::RequestBody(to) => canonical::write_string(
+                &format!("Key verification request for {to}. Your client does not support in-room key verification."),
+                out,
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -762,10 +837,68 @@ mod tests {
         let content = json!({"code": "org.example.nope", "reason": "x", "transaction_id": "t"});
         let p = parse("m.key.verification.cancel", &content, false, None).unwrap();
         let msg = p.msg.unwrap();
-        assert_eq!(encode(&msg, &Envelope::ToDevice("t".into())).1, content);
+        assert_eq!(encode(&msg, &Envelope::ToDevice("t".into())).1.to_value(), content);
         let ready = json!({"from_device": "D", "methods": ["m.sas.v1", "org.example.method"], "transaction_id": "t"});
         let p = parse("m.key.verification.ready", &ready, false, None).unwrap();
-        assert_eq!(encode(&p.msg.unwrap(), &Envelope::ToDevice("t".into())).1, ready);
+        assert_eq!(encode(&p.msg.unwrap(), &Envelope::ToDevice("t".into())).1.to_value(), ready);
+    }
+
+    /// Every kind of message, in both transports, is written as canonical JSON and reads back as
+    /// itself; strings that need escaping are escaped.
+    #[test]
+    fn encoded_content_is_canonical_and_round_trips() {
+        let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let offer = SasOffer {
+            key_agreement_protocols: strs(&["curve25519-hkdf-sha256"]),
+            hashes: strs(&["sha256"]),
+            message_authentication_codes: strs(&["hkdf-hmac-sha256.v2", "x\"y"]),
+            short_authentication_string: strs(&["emoji", "decimal"]),
+        };
+        let key = "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI".to_owned();
+        let msgs = [
+            Msg::Request(Request {
+                from_device: "D\n\u{1}".into(),
+                methods: vec![Method::SasV1],
+                timestamp: Some(7),
+                to: None,
+            }),
+            Msg::Ready(Ready { from_device: "D".into(), methods: vec![Method::SasV1, Method::Custom("o.e".into())] }),
+            Msg::Start(Start { from_device: "D".into(), method: StartMethod::Sas(offer) }),
+            Msg::Start(Start { from_device: "D".into(), method: StartMethod::Reciprocate { secret: key.clone() } }),
+            Msg::Accept(Accept {
+                key_agreement_protocol: "curve25519-hkdf-sha256".into(),
+                hash: "sha256".into(),
+                message_authentication_code: "hkdf-hmac-sha256.v2".into(),
+                short_authentication_string: strs(&["emoji"]),
+                commitment: key.clone(),
+            }),
+            Msg::Key(key.clone()),
+            Msg::Mac(MacMsg {
+                mac: [("ed25519:B".to_owned(), key.clone()), ("ed25519:A".to_owned(), key.clone())].into(),
+                keys: key.clone(),
+            }),
+            Msg::Done,
+            Msg::Cancel(Cancel { code: CancelCode::User, reason: "«nope»".into() }),
+        ];
+        let in_room_request = Msg::Request(Request {
+            from_device: "D".into(),
+            methods: vec![Method::SasV1],
+            timestamp: None,
+            to: Some("@b:x".into()),
+        });
+        let cases = msgs
+            .iter()
+            .flat_map(|m| [(m, Envelope::ToDevice("t\"1".into())), (m, Envelope::Room(Some("$r".into())))])
+            .filter(|(m, e)| !matches!((m, e), (Msg::Request(_), Envelope::Room(_))))
+            .chain([(&in_room_request, Envelope::Room(None))]);
+        for (msg, envelope) in cases {
+            let (event_type, content) = encode(msg, &envelope);
+            let value: Value = serde_json::from_str(content.as_str()).unwrap();
+            assert_eq!(canonical::to_string(&value).unwrap(), content.as_str(), "{msg:?}");
+            let in_room = matches!(envelope, Envelope::Room(_));
+            let parsed = parse(event_type, &value, in_room, None).unwrap_or_else(|| panic!("{msg:?}"));
+            assert_eq!(parsed.msg.as_ref(), Ok(msg), "{content}");
+        }
     }
 
     #[test]

@@ -52,10 +52,12 @@ fn every_js_sdk_sample_parses_into_the_right_message() {
             assert_eq!(p.flow_id.as_deref(), content["transaction_id"].as_str(), "{name}");
             Envelope::ToDevice(p.flow_id.clone().unwrap())
         };
-        // Re-encoding gives the same message back.
+        // Re-encoding gives the same message back, written as canonical JSON.
         let (ty2, content2) = wire::encode(&msg, &envelope);
         assert_eq!(ty2, ty, "{name}");
-        let again = wire::parse(ty2, &content2, in_room, None).unwrap().msg.unwrap();
+        let content2_value = content2.to_value();
+        assert_eq!(canonical::to_string(&content2_value).unwrap(), content2.as_str(), "{name}");
+        let again = wire::parse(ty2, &content2_value, in_room, None).unwrap().msg.unwrap();
         assert_eq!(again, msg, "{name}");
         // And the known fields are carried exactly.
         match &msg {

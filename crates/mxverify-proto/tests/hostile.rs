@@ -113,7 +113,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
     let b_user = net.db.user.clone();
     // A flow as both sides name it: the to-device counterpart pair and txn, or the room event.
     let flow_id_of = |w: &Wire| -> Option<String> {
-        let c = &w.out.content;
+        let c = &w.out.content.to_value();
         match &w.out.destination {
             Destination::ToDevice { user_id, .. } => {
                 let sender = if w.from == Side::A { ALICE } else { b_user.as_str() };
@@ -159,7 +159,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
                 net.lb.queue.push(w);
             }
             Op::Swap(a, b) if n > 0 => net.lb.queue.swap(a % n, b % n),
-            Op::Corrupt(i, which, how) if n > 0 => corrupt(&mut net.lb.queue[i % n].out.content, which, how),
+            Op::Corrupt(i, which, how) if n > 0 => net.lb.queue[i % n].out.content.edit(|c| corrupt(c, which, how)),
             Op::Inject(i, to_a) if n > 0 => {
                 // Eve replays a queued message's content as her own.
                 let w = net.lb.queue[i % n].clone();
@@ -175,7 +175,7 @@ fn scenario(in_room: bool, same_user: bool, qr: bool, ops: Vec<Op>) -> [bool; 2]
                 let ev = IncomingEvent {
                     sender: "@eve:example.org".into(),
                     event_type: w.out.event_type.into(),
-                    content: w.out.content,
+                    content: w.out.content.to_value(),
                     room,
                 };
                 let now = net.lb.now;

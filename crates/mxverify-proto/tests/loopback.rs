@@ -72,8 +72,8 @@ fn in_room_requester_starts() {
     // In-room messages carry the relation and no transaction id.
     for w in &net.lb.log {
         if w.out.event_type != "m.room.message" {
-            assert!(w.out.content.get("m.relates_to").is_some(), "{:?}", w.out);
-            assert!(w.out.content.get("transaction_id").is_none());
+            assert!(w.out.content.to_value().get("m.relates_to").is_some(), "{:?}", w.out);
+            assert!(w.out.content.to_value().get("transaction_id").is_none());
         }
     }
 }
@@ -271,8 +271,8 @@ fn every_key_agreement_mac_and_sas_method_combination() {
                     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
                     net.run();
                     let accept = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap();
-                    assert_eq!(accept.out.content["key_agreement_protocol"], ka.as_str());
-                    assert_eq!(accept.out.content["message_authentication_code"], mac.as_str());
+                    assert_eq!(accept.out.content.to_value()["key_agreement_protocol"], ka.as_str());
+                    assert_eq!(accept.out.content.to_value()["message_authentication_code"], mac.as_str());
                     let (e, d) = net.sas(Side::A).unwrap();
                     assert_eq!((e.is_some(), d.is_some()), (emoji, decimal), "only negotiated representations");
                     net.lb.a.confirm(&fa, net.lb.now).unwrap();
@@ -298,8 +298,8 @@ fn every_key_agreement_mac_and_sas_method_combination() {
     net.lb.a.start_sas(&fa, net.lb.now).unwrap();
     net.run();
     let accept = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.accept").unwrap();
-    assert_eq!(accept.out.content["key_agreement_protocol"], "curve25519-hkdf-sha256");
-    assert_eq!(accept.out.content["message_authentication_code"], "hkdf-hmac-sha256.v2");
+    assert_eq!(accept.out.content.to_value()["key_agreement_protocol"], "curve25519-hkdf-sha256");
+    assert_eq!(accept.out.content.to_value()["message_authentication_code"], "hkdf-hmac-sha256.v2");
 }
 
 /// `DoneSent` for `side`, with its keys, and its position among that side's events.

@@ -63,7 +63,7 @@ fn wrong_device_key_mac() {
         let mut net = pair();
         tamper(&mut net, "m.key.verification.mac", |w| {
             if w.from == Side::B {
-                w.out.content["mac"]["ed25519:B1"] = json!(OTHER_HASH);
+                w.out.content.edit(|c| c["mac"]["ed25519:B1"] = json!(OTHER_HASH));
             }
         });
         sas_flow(&mut net, in_room);
@@ -91,7 +91,9 @@ fn removed_key_from_mac_breaks_the_key_list_mac() {
     tamper(&mut net, "m.key.verification.mac", |w| {
         if w.from == Side::B {
             let msk = format!("ed25519:{}", fake_key(&format!("{BOB}/msk")));
-            w.out.content["mac"].as_object_mut().unwrap().remove(&msk);
+            w.out.content.edit(|c| {
+                c["mac"].as_object_mut().unwrap().remove(&msk);
+            });
         }
     });
     sas_flow(&mut net, false);
@@ -105,7 +107,7 @@ fn wrong_master_key_mac() {
     let id = msk.clone();
     tamper(&mut net, "m.key.verification.mac", move |w| {
         if w.from == Side::B {
-            w.out.content["mac"][&id] = json!(OTHER_HASH);
+            w.out.content.edit(|c| c["mac"][&id] = json!(OTHER_HASH));
         }
     });
     sas_flow(&mut net, false);
@@ -187,7 +189,9 @@ fn malformed_messages_are_invalid() {
         net.set_tamper(move |w: &mut Wire| {
             if w.out.event_type == target && !std::mem::replace(&mut done, true) {
                 if v.is_null() {
-                    w.out.content.as_object_mut().unwrap().remove(field);
+                    w.out.content.edit(|c| {
+                        c.as_object_mut().unwrap().remove(field);
+                    });
                 } else {
                     set(w, field, v.clone());
                 }
@@ -449,7 +453,7 @@ fn unknown_transaction_answered_once() {
     // Unknown starts are legacy flows, not unknown transactions; unknown cancels are never answered.
     net.collect();
     let sent: Vec<_> =
-        net.log.iter().map(|w| (w.from, w.out.content["code"].clone(), w.out.destination.clone())).collect();
+        net.log.iter().map(|w| (w.from, w.out.content.to_value()["code"].clone(), w.out.destination.clone())).collect();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].1, json!("m.unknown_transaction"));
     assert_eq!(sent[0].2, Destination::ToDevice { user_id: ALICE.into(), device_ids: vec!["*".into()] });
@@ -468,7 +472,7 @@ fn accepted_elsewhere_is_told_to_the_other_devices() {
         .log
         .iter()
         .filter(|w| w.out.event_type == "m.key.verification.cancel")
-        .map(|w| (w.out.content["code"].clone(), w.out.destination.clone()))
+        .map(|w| (w.out.content.to_value()["code"].clone(), w.out.destination.clone()))
         .collect();
     assert_eq!(
         accepted,
@@ -499,7 +503,7 @@ fn rejection_by_one_device_is_told_to_all() {
         .log
         .iter()
         .filter(|w| w.out.event_type == "m.key.verification.cancel")
-        .map(|w| (w.from, w.out.content["code"].clone()))
+        .map(|w| (w.from, w.out.content.to_value()["code"].clone()))
         .collect();
     assert_eq!(sent, vec![(Side::B, json!("m.user")), (Side::A, json!("m.user"))]);
     assert!(!net.cancelled(Side::A).unwrap().by_us);
@@ -518,8 +522,11 @@ fn second_attempt_by_the_same_device_cancels_both() {
     net.lb.b.receive(req("first"), T0);
     net.lb.b.receive(req("second"), T0);
     net.collect();
-    let codes: Vec<_> =
-        net.log.iter().map(|w| (w.out.content["transaction_id"].clone(), w.out.content["code"].clone())).collect();
+    let codes: Vec<_> = net
+        .log
+        .iter()
+        .map(|w| (w.out.content.to_value()["transaction_id"].clone(), w.out.content.to_value()["code"].clone()))
+        .collect();
     assert_eq!(
         codes,
         vec![(json!("first"), json!("m.unexpected_message")), (json!("second"), json!("m.unexpected_message"))]
@@ -679,7 +686,8 @@ fn abandoning_a_lost_flow_tells_the_other_side_once() {
     net.collect();
     let info = net.cancelled(Side::A).unwrap();
     assert_eq!((info.code, info.cause, info.sent), (CancelCode::User, Some(LocalCause::Abandoned), true));
-    let sent: Vec<_> = net.lb.log.iter().map(|w| (w.out.content["code"].clone(), w.out.destination.clone())).collect();
+    let sent: Vec<_> =
+        net.lb.log.iter().map(|w| (w.out.content.to_value()["code"].clone(), w.out.destination.clone())).collect();
     assert_eq!(
         sent,
         vec![(json!("m.user"), Destination::ToDevice { user_id: BOB.into(), device_ids: vec!["B1".into()] })]

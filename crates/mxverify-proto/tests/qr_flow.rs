@@ -145,7 +145,7 @@ fn advertising_follows_capabilities() {
     let mut net = Net::with_config(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"), show, scan);
     let (_, fb) = net.request_and_accept(false);
     let ready = net.lb.log.iter().find(|w| w.out.event_type == "m.key.verification.ready").unwrap();
-    assert_eq!(ready.out.content["methods"], json!(["m.qr_code.scan.v1", "m.reciprocate.v1"]));
+    assert_eq!(ready.out.content.to_value()["methods"], json!(["m.qr_code.scan.v1", "m.reciprocate.v1"]));
     assert!(shown(&net, Side::A).is_some());
     assert!(shown(&net, Side::B).is_none());
     assert!(matches!(net.lb.b.start_sas(&fb, net.lb.now), Err(ActionError::NoCommonMethod(_))));
@@ -299,7 +299,7 @@ fn reciprocation_without_a_shown_code_or_flow() {
     net.lb.a.receive(recip("never-seen"), T0);
     net.lb.a.receive(recip("never-seen"), T0);
     net.collect();
-    let codes: Vec<_> = net.lb.log.iter().map(|w| w.out.content["code"].clone()).collect();
+    let codes: Vec<_> = net.lb.log.iter().map(|w| w.out.content.to_value()["code"].clone()).collect();
     assert_eq!(codes, Vec::<serde_json::Value>::new());
     assert!(net.cancelled(Side::A).is_none() && net.done(Side::A).is_none());
 }

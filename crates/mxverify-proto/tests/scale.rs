@@ -84,7 +84,7 @@ impl Tally {
                 "m.key.verification.ready" => {}
                 "m.key.verification.cancel" => {
                     let i: usize = user_id[2..user_id.find(':').unwrap()].parse().unwrap();
-                    let code = CancelCode::from_wire(out.content["code"].as_str().unwrap());
+                    let code = CancelCode::from_wire(out.content.to_value()["code"].as_str().unwrap());
                     assert!(self.sent_cancels.insert(i, code).is_none(), "two cancels for request {i}");
                 }
                 other => panic!("unexpected message {other}"),

@@ -241,16 +241,19 @@ impl Demo<'_> {
             Scenario::UnknownMethod => "unknown_method",
             _ => return,
         };
-        if mxverify_client::device::apply_fault(fault, m.out.event_type, &mut m.out.content) {
-            m.out.content["org.mxverify.demo.altered"] = json!(true);
-        }
+        let event_type = m.out.event_type;
+        m.out.content.edit(|content| {
+            if mxverify_client::device::apply_fault(fault, event_type, content) {
+                content["org.mxverify.demo.altered"] = json!(true);
+            }
+        });
     }
 
     fn show_message(&mut self, i: usize) -> io::Result<()> {
         let InFlight { from, out } = self.net.queue[i].clone();
-        let altered = out.content.get("org.mxverify.demo.altered").is_some();
+        let mut content = out.content.to_value();
+        let altered = content.get("org.mxverify.demo.altered").is_some();
         if self.opts.json {
-            let mut content = out.content.clone();
             if let Some(o) = content.as_object_mut() {
                 o.remove("org.mxverify.demo.altered");
             }
@@ -258,7 +261,7 @@ impl Demo<'_> {
                 .line(json!({"event": "message", "from": person(from).device, "to": person(from.other()).device,
                                      "type": out.event_type, "altered_in_transit": altered, "content": content}));
         }
-        let c = &out.content;
+        let c = &content;
         let list = |k: &str| {
             c[k].as_array()
                 .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))

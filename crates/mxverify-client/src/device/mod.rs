@@ -1498,7 +1498,10 @@ impl Inner {
     async fn deliver(&self, mut out: Outgoing, slots: &tokio::sync::Semaphore) {
         let _slot = slots.acquire().await;
         if let Some(fault) = &self.test_fault {
-            apply_fault(fault, out.event_type, &mut out.content);
+            let event_type = out.event_type;
+            out.content.edit(|content| {
+                apply_fault(fault, event_type, content);
+            });
         }
         // The same outgoing id always gives the same transaction id, so a retried request is
         // delivered once.
@@ -1554,7 +1557,7 @@ impl Inner {
                 }
             }
             None => {
-                let user = out.content["to"].as_str().map(str::to_owned).unwrap_or(user);
+                let user = out.content.to_value()["to"].as_str().map(str::to_owned).unwrap_or(user);
                 self.emit(DeviceEvent::RequestFailed { flow: None, user_id: user, reason: what, timed_out: false });
             }
         }
@@ -1563,11 +1566,13 @@ impl Inner {
     /// One message: to-device (Olm-encrypted if asked) or in a room (Megolm-encrypted if the
     /// room is). Returns the event ID of a room message.
     async fn send_one(&self, out: &Outgoing, txn: &str) -> Result<Option<String>, DeviceError> {
+        // The HTTP layer and the encryption take a `Value` (network-bound; one parse is nothing).
+        let content = out.content.to_value();
         match &out.destination {
             Destination::ToDevice { user_id, device_ids } => {
                 let encrypt = self.lock().encrypt_to_device;
                 if encrypt {
-                    let per_device = self.olm_encrypt_for(user_id, device_ids, out.event_type, &out.content).await?;
+                    let per_device = self.olm_encrypt_for(user_id, device_ids, out.event_type, &content).await?;
                     if !per_device.is_empty() {
                         self.hs
                             .send_to_device("m.room.encrypted", txn, &json!({ user_id.clone(): per_device }))
@@ -1575,7 +1580,7 @@ impl Inner {
                     }
                 } else {
                     let per_device: serde_json::Map<String, Value> =
-                        device_ids.iter().map(|d| (d.clone(), out.content.clone())).collect();
+                        device_ids.iter().map(|d| (d.clone(), content.clone())).collect();
                     self.hs.send_to_device(out.event_type, txn, &json!({ user_id.clone(): per_device })).await?;
                 }
                 Ok(None)
@@ -1583,10 +1588,10 @@ impl Inner {
             Destination::Room { room_id } => {
                 let event_id = match self.room_encryption(room_id).await? {
                     Some(settings) => {
-                        let content = self.megolm_encrypt(room_id, &settings, out.event_type, &out.content).await?;
+                        let content = self.megolm_encrypt(room_id, &settings, out.event_type, &content).await?;
                         self.hs.room_send(room_id, "m.room.encrypted", txn, &content).await?
                     }
-                    None => self.hs.room_send(room_id, out.event_type, txn, &out.content).await?,
+                    None => self.hs.room_send(room_id, out.event_type, txn, &content).await?,
                 };
                 Ok(Some(event_id))
             }

@@ -10,6 +10,7 @@ use subtle::ConstantTimeEq;
 
 use super::step::{Ctx, End, How, Next, Peer, Pinned, Refused, Step, done_sent_event, encode, we_win_tie_break};
 use crate::cancel::{CancelCode, LocalCause};
+use crate::canonical;
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
 use crate::types::{Action, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
@@ -47,8 +48,9 @@ struct Common {
     device: String,
     /// Whether our start is the one in force.
     we_start: bool,
-    /// The start content hashed for the commitment (CM-02..CM-04).
-    start_content: Value,
+    /// The start content as the commitment hashes it, canonical JSON (CM-02..CM-04); `None` if
+    /// their start has no canonical form (the accept then fails).
+    start_content: Option<String>,
     /// The start's offer.
     offer: SasOffer,
     /// The other side's keys, fixed when SAS started (TR-01).
@@ -134,14 +136,18 @@ fn our_offer(p: &SasParams) -> SasOffer {
     }
 }
 
-/// The start content as the commitment must hash it: as received, with the in-room relation added
-/// back if an encrypted event's decrypted content lacks it (CM-03, CM-04).
-pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Value {
-    let mut content = content.clone();
-    if let (FlowKey::Room { event_id, .. }, Some(obj)) = (key, content.as_object_mut()) {
-        obj.entry("m.relates_to").or_insert_with(|| json!({ "rel_type": "m.reference", "event_id": event_id }));
+/// Their start content as the commitment must hash it: canonical JSON of the content as received,
+/// with the in-room relation added back if an encrypted event's decrypted content lacks it
+/// (CM-02, CM-03, CM-04). `None` if it has no canonical form.
+pub(crate) fn start_content_for_commitment(content: &Value, key: &FlowKey) -> Option<String> {
+    if let (FlowKey::Room { event_id, .. }, Some(obj)) = (key, content.as_object())
+        && !obj.contains_key("m.relates_to")
+    {
+        let mut obj = obj.clone();
+        obj.insert("m.relates_to".to_owned(), json!({ "rel_type": "m.reference", "event_id": event_id }));
+        return canonical::to_string(&Value::Object(obj)).ok();
     }
-    content
+    canonical::to_string(content).ok()
 }
 
 /// The accepter's choices from a start's offer (SA-05, SA-06, SA-07): our preferred key agreement
@@ -234,8 +240,8 @@ impl Sas {
         let eph = EphemeralKey::from_random(ctx.random());
         let offer = our_offer(&ctx.config.sas);
         let msg = Msg::Start(Start { from_device: ctx.own.device_id.clone(), method: StartMethod::Sas(offer.clone()) });
-        // CM-04: as S, the commitment covers exactly the content we send.
-        let start_content = encode(&msg, ctx);
+        // CM-04: as S, the commitment covers exactly the content we send (canonical as written).
+        let start_content = Some(encode(&msg, ctx).into_string());
         let c = Common { device, we_start: true, start_content, offer, pinned };
         (Sas { c, phase: Phase::AwaitAccept(eph) }, msg)
     }
@@ -245,7 +251,7 @@ impl Sas {
     pub(crate) fn from_their_start(
         device: String,
         offer: SasOffer,
-        content: Value,
+        content: Option<String>,
         pinned: Pinned,
         ctx: &mut Ctx<'_>,
     ) -> Transition {
@@ -272,7 +278,8 @@ impl Sas {
             return c.fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
         };
         if !c.we_start {
-            return if start_content_for_commitment(raw, ctx.key) == c.start_content {
+            let same = c.start_content.is_some() && start_content_for_commitment(raw, ctx.key) == c.start_content;
+            return if same {
                 c.dropped(phase, ctx, MsgKind::Start, DropReason::Duplicate)
             } else {
                 c.unexpected(MsgKind::Start, phase.name())
@@ -317,7 +324,8 @@ impl Sas {
             }
             (Phase::AwaitAccepterKey { eph, choice, accept }, Msg::Key(theirs)) => {
                 // SQ-05: the accepter's key must hash to its commitment.
-                let expected = crypto::commitment(&theirs, &c.start_content).unwrap_or_default();
+                let expected =
+                    c.start_content.as_deref().map(|s| crypto::commitment_of_canonical(&theirs, s)).unwrap_or_default();
                 if !bool::from(expected.as_bytes().ct_eq(accept.commitment.as_bytes())) {
                     return c.fail(CancelCode::MismatchedCommitment, LocalCause::CommitmentMismatch);
                 }
@@ -394,7 +402,9 @@ impl Common {
             Err(what) => return self.fail(CancelCode::UnknownMethod, LocalCause::NoCommonMethod(what)),
         };
         let eph = EphemeralKey::from_random(ctx.random());
-        let Ok(commitment) = crypto::commitment(&eph.public_b64(), &self.start_content) else {
+        let Some(commitment) =
+            self.start_content.as_deref().map(|s| crypto::commitment_of_canonical(&eph.public_b64(), s))
+        else {
             let e = wire::WireError { field: "content", problem: wire::Problem::Invalid("no canonical JSON form") };
             return self.fail(CancelCode::InvalidMessage, LocalCause::Malformed(e));
         };
@@ -615,7 +625,7 @@ mod tests {
         let Msg::Start(Start { method: StartMethod::Sas(offer), .. }) = &start else { panic!() };
         let pinned_by_bob = Pinned::pin(bob.their_keys.as_ref(), "A1").unwrap();
         let (b, step) =
-            going(Sas::from_their_start("A1".into(), offer.clone(), raw(&start), pinned_by_bob, &mut bob.ctx()));
+            going(Sas::from_their_start("A1".into(), offer.clone(), canonical(&start), pinned_by_bob, &mut bob.ctx()));
         let accept = only(&step);
         assert!(matches!(accept, Msg::Accept(_)), "in a request flow the start is accepted at once");
         let (a, step) = going(Box::new(a).on_message(accept, &mut alice.ctx()));
@@ -664,7 +674,8 @@ mod tests {
         let (a, start) = Sas::start("B1".into(), pinned, &mut alice.ctx());
         let Msg::Start(Start { method: StartMethod::Sas(offer), .. }) = &start else { panic!() };
         let pinned = Pinned::pin(bob.their_keys.as_ref(), "A1").unwrap();
-        let (_, step) = going(Sas::from_their_start("A1".into(), offer.clone(), raw(&start), pinned, &mut bob.ctx()));
+        let (_, step) =
+            going(Sas::from_their_start("A1".into(), offer.clone(), canonical(&start), pinned, &mut bob.ctx()));
         let (a, _) = going(Box::new(a).on_message(only(&step), &mut alice.ctx()));
         // Not the key Bob committed to.
         let other = EphemeralKey::from_random([9; 32]).public_b64();

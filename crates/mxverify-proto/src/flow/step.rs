@@ -3,12 +3,10 @@
 //! Nothing here knows the states themselves, so the state modules depend on this one and never
 //! the other way round.
 
-use serde_json::Value;
-
 use crate::cancel::{CancelCode, LocalCause};
 use crate::keys::Ed25519PublicKey;
 use crate::types::{
-    ActionError, Config, DropReason, Entropy, Event, FlowKey, Millis, OwnIdentity, UserKeys, VerifiedKey,
+    ActionError, Config, Content, DropReason, Entropy, Event, FlowKey, Millis, OwnIdentity, UserKeys, VerifiedKey,
 };
 use crate::wire::{self, Envelope, Method, Msg, MsgKind};
 
@@ -312,7 +310,7 @@ pub(crate) fn done_sent_event(ctx: &Ctx<'_>, device: &str, keys: &[VerifiedKey])
 }
 
 /// Encodes a message for this flow, as the commitment needs our own start (CM-04).
-pub(crate) fn encode(msg: &Msg, ctx: &Ctx<'_>) -> Value {
+pub(crate) fn encode(msg: &Msg, ctx: &Ctx<'_>) -> Content {
     wire::encode(msg, &ctx.envelope()).1
 }
 

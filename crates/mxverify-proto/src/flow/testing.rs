@@ -128,5 +128,10 @@ pub(crate) fn sent(step: &Step) -> Vec<&Msg> {
 
 /// The raw content a message would have on the wire in this flow.
 pub(crate) fn raw(msg: &Msg) -> Value {
-    wire::encode(msg, &Envelope::ToDevice("txn".into())).1
+    wire::encode(msg, &Envelope::ToDevice("txn".into())).1.to_value()
+}
+
+/// The canonical JSON of that content, as a SAS flow keeps a start for its commitment.
+pub(crate) fn canonical(msg: &Msg) -> Option<String> {
+    Some(wire::encode(msg, &Envelope::ToDevice("txn".into())).1.into_string())
 }

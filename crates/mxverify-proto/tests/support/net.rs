@@ -155,7 +155,7 @@ impl Net {
             .log
             .iter()
             .filter(|w| w.out.event_type == "m.key.verification.cancel")
-            .map(|w| (w.from, w.out.content["code"].as_str().unwrap_or("").to_owned()))
+            .map(|w| (w.from, w.out.content.to_value()["code"].as_str().unwrap_or("").to_owned()))
             .collect()
     }
 
@@ -188,5 +188,5 @@ pub fn to_device(sender: &str, event_type: &str, content: Value) -> IncomingEven
 
 /// Sets a JSON field of a message in flight.
 pub fn set(w: &mut Wire, field: &str, v: Value) {
-    w.out.content[field] = v;
+    w.out.content.edit(|c| c[field] = v);
 }
