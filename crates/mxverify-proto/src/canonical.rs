@@ -88,10 +88,14 @@ pub(crate) fn write_string(s: &str, out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push('"');
-    let mut rest = s;
-    while let Some(i) = rest.find(|c: char| c < ' ' || c == '"' || c == '\\') {
-        out.push_str(&rest[..i]);
-        let c = rest.as_bytes()[i];
+    // A byte scan, not a `char` one: every message sent is written through here, and only ASCII
+    // bytes need escaping, so each cut falls on a character boundary.
+    let bytes = s.as_bytes();
+    let mut done = 0;
+    while let Some(i) = bytes[done..].iter().position(|&b| b < b' ' || b == b'"' || b == b'\\') {
+        let i = done + i;
+        out.push_str(&s[done..i]);
+        let c = bytes[i];
         match c {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
@@ -106,9 +110,9 @@ pub(crate) fn write_string(s: &str, out: &mut String) {
                 out.push(char::from(HEX[usize::from(c & 15)]));
             }
         }
-        rest = &rest[i + 1..];
+        done = i + 1;
     }
-    out.push_str(rest);
+    out.push_str(&s[done..]);
     out.push('"');
 }
 
@@ -131,6 +135,16 @@ mod tests {
             let mut out = String::new();
             write_string(s, &mut out);
             assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any string at all, escapes wherever they fall, comes out as serde_json writes it.
+        #[test]
+        fn any_string_is_escaped_like_serde_json(s in "(\\PC|[\\x00-\\x1f\"\\\\])*") {
+            let mut out = String::new();
+            write_string(&s, &mut out);
+            proptest::prop_assert_eq!(out, serde_json::to_string(&s).unwrap());
         }
     }
 
