@@ -563,18 +563,27 @@ fn device(obj: &Map<String, Value>) -> Result<String, WireError> {
 }
 
 fn strings(obj: &Map<String, Value>, field: &'static str) -> Result<Vec<String>, WireError> {
+    string_list(obj, field, str::to_owned)
+}
+
+fn methods(obj: &Map<String, Value>) -> Result<Vec<Method>, WireError> {
+    string_list(obj, "methods", Method::from_wire)
+}
+
+/// A required array of strings, each read with `read`.
+fn string_list<T>(
+    obj: &Map<String, Value>,
+    field: &'static str,
+    read: impl Fn(&str) -> T,
+) -> Result<Vec<T>, WireError> {
     match obj.get(field) {
         None => Err(err(field, Problem::Missing)),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or(err(field, Problem::WrongType("an array of strings"))))
+            .map(|v| v.as_str().map(&read).ok_or(err(field, Problem::WrongType("an array of strings"))))
             .collect(),
         Some(_) => Err(err(field, Problem::WrongType("an array of strings"))),
     }
-}
-
-fn methods(obj: &Map<String, Value>) -> Result<Vec<Method>, WireError> {
-    Ok(strings(obj, "methods")?.iter().map(|m| Method::from_wire(m)).collect())
 }
 
 fn key32(obj: &Map<String, Value>, field: &'static str) -> Result<String, WireError> {
