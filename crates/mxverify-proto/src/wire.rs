@@ -578,10 +578,14 @@ fn string_list<T>(
 ) -> Result<Vec<T>, WireError> {
     match obj.get(field) {
         None => Err(err(field, Problem::Missing)),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(&read).ok_or(err(field, Problem::WrongType("an array of strings"))))
-            .collect(),
+        Some(Value::Array(items)) => {
+            // Sized once: a waiting request keeps its method list, and memory per flow counts.
+            let mut list = Vec::with_capacity(items.len());
+            for item in items {
+                list.push(read(item.as_str().ok_or(err(field, Problem::WrongType("an array of strings")))?));
+            }
+            Ok(list)
+        }
         Some(_) => Err(err(field, Problem::WrongType("an array of strings"))),
     }
 }
