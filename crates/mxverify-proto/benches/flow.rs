@@ -1,7 +1,10 @@
 //! One complete SAS verification in process, beside the bare cryptography it cannot avoid.
 //!
-//! * `full_sas_verification`: two machines, request → ready → start → accept → key → key → mac → mac
-//!   → done → done, every message written as JSON text by its sender and parsed on delivery.
+//! * `full_sas_verification`: two new machines, request → ready → start → accept → key → key → mac
+//!   → mac → done → done, every message written as JSON text by its sender and parsed on delivery.
+//! * `full_sas_verification_again`: the same flow between two machines that have verified before
+//!   (a bot or bridge verifies many times over its life), including forgetting the finished flows
+//!   afterwards: the steady state, without the first-use growth of a new machine's tables.
 //! * `crypto_floor`: the same flow's cryptography alone — 2 X25519 key generations, 2 agreements,
 //!   the commitment hash (made and checked), SAS bytes on both sides, and every MAC made and checked
 //!   (device key, master key and key list, both directions).
@@ -25,6 +28,14 @@ fn pair(seed: u64) -> Loopback {
 fn full_flow(mut net: Loopback) -> Loopback {
     net.full_sas();
     net
+}
+
+/// One more verification between the same two machines, then the clock moves on until both have
+/// forgotten it (its flows' slots and timers freed).
+fn again(net: &mut Loopback) {
+    net.events.clear();
+    net.full_sas();
+    net.advance(Config::default().timeouts.flow + 1);
 }
 
 #[divan::bench]
@@ -84,34 +95,52 @@ fn secrets(seed: &mut SeededEntropy) -> ([u8; 32], [u8; 32]) {
 }
 
 #[divan::bench]
+fn full_sas_verification_again(bencher: divan::Bencher) {
+    let mut net = pair(1);
+    again(&mut net);
+    bencher.bench_local(|| again(&mut net));
+}
+
+#[divan::bench]
 fn crypto_floor(bencher: divan::Bencher) {
     let start = start_content();
     let mut seed = SeededEntropy::new(9);
     bencher.with_inputs(|| secrets(&mut seed)).bench_local_values(|secrets| floor(secrets, &start));
 }
 
-/// The ratio, measured pairwise: one flow and one floor alternately, so that a change in the
-/// machine's load affects both alike (divan runs one benchmark after the other).
-fn paired_ratio(pairs: usize) {
-    use std::time::Instant;
+/// The ratios, measured pairwise: a flow between new machines, one between the same two machines
+/// again, and a floor, alternately, so that a change in the machine's load affects all alike
+/// (divan runs one benchmark after the other).
+fn paired_ratio(rounds: usize) {
+    use std::time::{Duration, Instant};
     let start = start_content();
     let mut seed = SeededEntropy::new(9);
-    let (mut flows, mut floors) = (Vec::with_capacity(pairs), Vec::with_capacity(pairs));
-    for i in 0..pairs as u64 {
+    let mut warm = pair(1);
+    again(&mut warm);
+    let [mut fresh, mut repeated, mut floors]: [Vec<Duration>; 3] = std::array::from_fn(|_| Vec::with_capacity(rounds));
+    for i in 0..rounds as u64 {
         let (net, keys) = (pair(1_000 + 2 * i), secrets(&mut seed));
         let t = Instant::now();
         divan::black_box(full_flow(net));
-        flows.push(t.elapsed());
+        fresh.push(t.elapsed());
+        let t = Instant::now();
+        again(&mut warm);
+        repeated.push(t.elapsed());
         let t = Instant::now();
         floor(keys, &start);
         floors.push(t.elapsed());
     }
-    flows.sort();
-    floors.sort();
-    let (flow, floor) = (flows[pairs / 2], floors[pairs / 2]);
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[rounds / 2]
+    };
+    let (fresh, repeated, floor) = (median(&mut fresh), median(&mut repeated), median(&mut floors));
+    let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
     println!(
-        "paired medians over {pairs} pairs: full_sas_verification {flow:.1?}, crypto_floor {floor:.1?}, ratio {:.3}",
-        flow.as_secs_f64() / floor.as_secs_f64()
+        "paired medians over {rounds} rounds: crypto_floor {floor:.1?}; full_sas_verification {fresh:.1?}, ratio {:.3}; \
+         full_sas_verification_again {repeated:.1?}, ratio {:.3}",
+        ratio(fresh),
+        ratio(repeated)
     );
 }
 
