@@ -333,8 +333,40 @@ pub fn emoji_indices(bytes: &[u8; 6]) -> [u8; 7] {
 /// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
 #[must_use]
 pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, item: &str) -> String {
-    // `concat` sizes the string once: this runs for every MAC made and checked.
-    ["MATRIX_KEY_VERIFICATION_MAC", sender.0, sender.1, receiver.0, receiver.1, flow_id, item].concat()
+    let mut info = MacInfo::new(sender, receiver, flow_id);
+    info.item(item);
+    info.buf
+}
+
+/// The MAC info strings of one `mac` message — the same prefix, then each key ID and `KEY_IDS` in
+/// turn — written into one buffer: a `mac` makes or checks three of them.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
+#[derive(Debug)]
+pub struct MacInfo {
+    buf: String,
+    prefix: usize,
+}
+
+impl MacInfo {
+    /// The prefix: sender's user and device ID, receiver's, and the flow ID.
+    #[must_use]
+    pub fn new(sender: (&str, &str), receiver: (&str, &str), flow_id: &str) -> Self {
+        const TAG: &str = "MATRIX_KEY_VERIFICATION_MAC";
+        let parts = [TAG, sender.0, sender.1, receiver.0, receiver.1, flow_id];
+        // Room for the longest item, a master key's ID (8 + 43 bytes).
+        let mut buf = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 64);
+        parts.iter().for_each(|p| buf.push_str(p));
+        let prefix = buf.len();
+        Self { buf, prefix }
+    }
+
+    /// The info string for `item` (a key ID, or `KEY_IDS`).
+    pub fn item(&mut self, item: &str) -> &str {
+        self.buf.truncate(self.prefix);
+        self.buf.push_str(item);
+        &self.buf
+    }
 }
 
 /// The `commitment` of an `m.key.verification.accept`: SHA-256 over the accepter's base64
@@ -359,6 +391,17 @@ pub fn commitment_of_canonical(accepter_key_b64: &str, canonical_start_content: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One buffer, reused: each item reads exactly as the whole string built at once.
+    #[test]
+    fn mac_info_buffer_gives_each_item_afresh() {
+        let (s, r) = (("@a:x", "A"), ("@b:x", "B"));
+        let mut info = MacInfo::new(s, r, "txn");
+        for item in ["ed25519:A", "KEY_IDS", "ed25519:0123456789012345678901234567890123456789012", ""] {
+            assert_eq!(info.item(item), format!("MATRIX_KEY_VERIFICATION_MAC@a:xA@b:xBtxn{item}"));
+            assert_eq!(mac_info(s, r, "txn", item), info.item(item));
+        }
+    }
 
     #[test]
     fn legacy_base64_matches_libolm_vector() {

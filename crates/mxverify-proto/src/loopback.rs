@@ -102,7 +102,10 @@ pub struct Loopback {
 impl Loopback {
     /// Wires two machines together at time `now`.
     pub fn new(a: Machine, b: Machine, now: Millis) -> Self {
-        Self { a, b, now, queue: vec![], log: vec![], keep_log: true, events: vec![], filter: None, next_event: 1 }
+        // Room for a whole verification's messages and events up front: growing the harness's
+        // own lists is not the protocol's cost.
+        let (queue, events) = (Vec::with_capacity(16), Vec::with_capacity(32));
+        Self { a, b, now, queue, log: vec![], keep_log: true, events, filter: None, next_event: 1 }
     }
 
     /// Gives each machine the other's device key and master key (and, for two devices of one

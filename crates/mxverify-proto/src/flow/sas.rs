@@ -5,6 +5,8 @@
 //! once the accept is made, the shared secret once the keys are exchanged, and what the other side
 //! already did while our user compares.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -13,6 +15,7 @@ use crate::cancel::{CancelCode, LocalCause};
 use crate::canonical;
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
+use crate::keys::Ed25519PublicKey;
 use crate::types::{Action, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
 use crate::wire::{self, Accept, MacMsg, Method, Msg, MsgKind, SasOffer, Start, StartMethod};
 
@@ -532,22 +535,21 @@ impl Common {
     /// Our `mac` (MC-01..MC-07): our device key, and our master key if this device trusts it.
     fn our_mac(&self, secret: &SharedSecret, method: MacMethod, ctx: &Ctx<'_>) -> MacMsg {
         let own = ctx.own;
-        let mut keys = vec![(format!("ed25519:{}", own.device_id), own.ed25519.to_base64())];
-        if let (Some(msk), true) = (&own.master_key, own.trusts_master_key) {
-            keys.push((format!("ed25519:{msk}"), msk.to_base64()));
+        let master = own.master_key.as_ref().filter(|_| own.trusts_master_key).map(Ed25519PublicKey::to_base64);
+        let mut keys = vec![(key_id(&own.device_id), own.ed25519.to_base64())];
+        if let Some(master) = master {
+            keys.push((key_id(&master), master));
         }
-        keys.sort();
-        let sender = (own.user_id.as_str(), own.device_id.as_str());
-        let receiver = (ctx.other_user, self.device.as_str());
-        let flow_id = ctx.key.flow_id();
-        let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-        let list = secret.mac_encoded(method, &ids.join(","), &crypto::mac_info(sender, receiver, flow_id, "KEY_IDS"));
-        let mac = keys
-            .iter()
+        let mut info =
+            crypto::MacInfo::new((&own.user_id, &own.device_id), (ctx.other_user, &self.device), ctx.key.flow_id());
+        let mac: BTreeMap<String, String> = keys
+            .into_iter()
             .map(|(id, key)| {
-                (id.clone(), secret.mac_encoded(method, key, &crypto::mac_info(sender, receiver, flow_id, id)))
+                let value = secret.mac_encoded(method, &key, info.item(&id));
+                (id, value)
             })
             .collect();
+        let list = secret.mac_encoded(method, &key_list(&mac), info.item("KEY_IDS"));
         MacMsg { mac, keys: list }
     }
 
@@ -559,28 +561,31 @@ impl Common {
         mac: &MacMsg,
         ctx: &Ctx<'_>,
     ) -> Result<Vec<VerifiedKey>, LocalCause> {
-        let sender = (ctx.other_user, self.device.as_str());
-        let receiver = (ctx.own.user_id.as_str(), ctx.own.device_id.as_str());
-        let flow_id = ctx.key.flow_id();
-        // MV-01: the key list first (BTreeMap keys are sorted lexicographically).
-        let ids: Vec<&str> = mac.mac.keys().map(String::as_str).collect();
-        let info = crypto::mac_info(sender, receiver, flow_id, "KEY_IDS");
-        if !secret.verify_mac(method, &ids.join(","), &info, &mac.keys) {
+        let mut info = crypto::MacInfo::new(
+            (ctx.other_user, &self.device),
+            (&ctx.own.user_id, &ctx.own.device_id),
+            ctx.key.flow_id(),
+        );
+        // MV-01: the key list first.
+        if !secret.verify_mac(method, &key_list(&mac.mac), info.item("KEY_IDS"), &mac.keys) {
             return Err(LocalCause::KeyListMacMismatch);
         }
-        let device_id = format!("ed25519:{}", self.device);
-        let master = self.pinned.master_key.as_ref().map(|k| (format!("ed25519:{k}"), k));
-        let mut verified = Vec::new();
+        let device_id = key_id(&self.device);
+        let master = self.pinned.master_key.as_ref().map(|k| {
+            let b64 = k.to_base64();
+            (key_id(&b64), b64, k)
+        });
+        let mut verified = Vec::with_capacity(2);
         for (id, value) in &mac.mac {
             // MV-02: MAC over our own copy; MV-04: key IDs we have no key for are skipped.
-            let (key, kind) = if *id == device_id {
-                (&self.pinned.device_key, KeyKind::Device)
-            } else if let Some((_, key)) = master.as_ref().filter(|(master_id, _)| master_id == id) {
-                (*key, KeyKind::MasterKey)
+            let (b64, key, kind) = if *id == device_id {
+                (self.pinned.device_key.to_base64(), &self.pinned.device_key, KeyKind::Device)
+            } else if let Some((_, b64, key)) = master.as_ref().filter(|(master_id, ..)| master_id == id) {
+                (b64.clone(), *key, KeyKind::MasterKey)
             } else {
                 continue;
             };
-            if !secret.verify_mac(method, &key.to_base64(), &crypto::mac_info(sender, receiver, flow_id, id), value) {
+            if !secret.verify_mac(method, &b64, info.item(id), value) {
                 return Err(LocalCause::KeyMacMismatch(id.clone()));
             }
             verified.push(VerifiedKey { key_id: id.clone(), key: key.clone(), kind });
@@ -590,6 +595,24 @@ impl Common {
         }
         Ok(verified)
     }
+}
+
+/// The ID of an Ed25519 key in a `mac`: `ed25519:` and the device ID or the key itself (MC-02).
+fn key_id(name: &str) -> String {
+    ["ed25519:", name].concat()
+}
+
+/// The `keys` input (MC-04, MV-01): the key IDs sorted and joined by commas (a `BTreeMap` of
+/// `String`s iterates in that order).
+fn key_list(mac: &BTreeMap<String, String>) -> String {
+    let mut list = String::with_capacity(mac.keys().map(|id| id.len() + 1).sum());
+    for (i, id) in mac.keys().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(id);
+    }
+    list
 }
 
 fn emoji_of(indices: Option<[u8; 7]>) -> Option<Vec<emoji::Emoji>> {
