@@ -3,7 +3,7 @@
 //!
 //! * `mxverify_full_sas`: the flow of `crates/mxverify-proto/benches/flow.rs`'s
 //!   `full_sas_verification`: two machines, request → ready → start → accept → key → key → mac →
-//!   mac → done → done, every message serialised to JSON text and parsed back on delivery.
+//!   mac → done → done, every message written as JSON text by its sender and parsed on delivery.
 //! * `sdk_crypto_full_sas`: the same ten messages between two `OlmMachine`s (in-memory store) that
 //!   already know each other's device and cross-signing keys; each to-device message goes over the
 //!   wire as the JSON text of a to-device event and comes in through `receive_sync_changes`, as in a

@@ -9,9 +9,10 @@
 //!   the commitment hash (made and checked), SAS bytes on both sides, and every MAC made and checked
 //!   (device key, master key and key list, both directions).
 //!
-//! Run: `cargo bench -p mxverify-proto --bench flow`. Before divan's table it prints the ratio
-//! measured pairwise (a flow and a floor alternately, medians of 1 000 pairs), which a change in
-//! the machine's load during the run cannot skew. Memory and the cost of many flows at once
+//! Run: `cargo bench -p mxverify-proto --bench flow`. Before divan's table it prints both flows'
+//! ratios to the floor measured in rounds (a new pair's flow, the same pair's flow again, a floor,
+//! in turn; medians of 1 000 rounds), which a change in the machine's load during the run cannot
+//! skew. Memory and the cost of many flows at once
 //! are in `benches/scale.rs`.
 
 use mxverify_proto::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party};
@@ -145,7 +146,7 @@ fn paired_ratio(rounds: usize) {
 }
 
 fn main() {
-    // Run as a test (`cargo test --benches`), a few pairs show that the measurement works.
+    // Run as a test (`cargo test --benches`), a few rounds show that the measurement works.
     let testing = std::env::args().any(|a| a == "--test") || !std::env::args().any(|a| a == "--bench");
     paired_ratio(if testing { 3 } else { 1_000 });
     divan::main();

@@ -339,7 +339,7 @@ pub fn mac_info(sender: (&str, &str), receiver: (&str, &str), flow_id: &str, ite
 }
 
 /// The MAC info strings of one `mac` message — the same prefix, then each key ID and `KEY_IDS` in
-/// turn — written into one buffer: a `mac` makes or checks three of them.
+/// turn — written into one buffer: a `mac` makes or checks two or three of them.
 ///
 /// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
 #[derive(Debug)]

@@ -250,7 +250,8 @@ pub struct Outgoing {
 }
 
 /// The content of an [`Outgoing`] message as JSON text, written once by the machine: send it as
-/// it is. The machine's own messages are canonical JSON (keys sorted, no whitespace).
+/// it is. The machine's own messages are canonical JSON (keys sorted, no whitespace; their only
+/// number, a request's `timestamp`, is the clock's, well inside canonical JSON's range).
 ///
 /// ```
 /// use mxverify_proto::Content;
@@ -360,14 +361,22 @@ impl VerifiedKey {
     /// A device's key, with its key ID `ed25519:<device ID>`.
     #[must_use]
     pub fn device(device_id: &str, key: Ed25519PublicKey) -> Self {
-        Self { key_id: format!("ed25519:{device_id}"), key, kind: KeyKind::Device }
+        Self { key_id: ed25519_key_id(device_id), key, kind: KeyKind::Device }
     }
 
     /// A master cross-signing key, with its key ID `ed25519:<the key>`.
     #[must_use]
     pub fn master_key(key: Ed25519PublicKey) -> Self {
-        Self { key_id: format!("ed25519:{key}"), key, kind: KeyKind::MasterKey }
+        Self { key_id: ed25519_key_id(&key.to_base64()), key, kind: KeyKind::MasterKey }
     }
+}
+
+/// The ID of an Ed25519 key: `ed25519:` and the device ID, or for a cross-signing key the key
+/// itself in unpadded base64.
+///
+/// Spec: [MAC calculation](https://spec.matrix.org/v1.19/client-server-api/#mac-calculation).
+pub(crate) fn ed25519_key_id(name: &str) -> String {
+    ["ed25519:", name].concat()
 }
 
 /// Why an incoming event was dropped without an answer (for logs and diagnostics).

@@ -673,8 +673,10 @@ fn parse_body(kind: MsgKind, obj: &Map<String, Value>, in_room: bool) -> Result<
 
 /// Encodes a message for the wire: the event type and the content. For an in-room request the
 /// type is `m.room.message`, with a fallback `body` for clients that do not support verification.
-/// The content is written once, straight to canonical JSON text (keys sorted, no whitespace): it is
-/// what goes on the wire, and for our own `start` it is what the SAS commitment covers (CM-04).
+/// The content is written straight to canonical JSON text (keys sorted, no whitespace; an integer
+/// is written as it is, so a re-encoded peer's timestamp beyond 2^53 − 1 is valid JSON but not
+/// canonical): it is what goes on the wire, and for our own `start` the SAS commitment covers the
+/// same text, encoding being deterministic (CM-04).
 ///
 /// Spec: [key verification framework](https://spec.matrix.org/v1.19/client-server-api/#key-verification-framework),
 /// [canonical JSON](https://spec.matrix.org/v1.19/appendices/#canonical-json).

@@ -826,6 +826,38 @@ fn late_inputs_find_their_flows_timed_out() {
     assert!(net.cancels_sent().is_empty());
 }
 
+/// A start with no canonical JSON form (a float) cannot be committed to (CM-01): the accepter
+/// cancels with `m.invalid_message`, in both transports.
+#[test]
+fn start_without_canonical_form() {
+    for in_room in [false, true] {
+        let mut net = pair();
+        tamper(&mut net, "m.key.verification.start", |w| set(w, "org.example.weight", json!(1.5)));
+        sas_flow(&mut net, in_room);
+        let info = assert_cancelled(&net, Side::B, "m.invalid_message");
+        assert!(matches!(info.cause, Some(LocalCause::Malformed(_))), "{info:?}");
+    }
+}
+
+/// A legacy start with no canonical form waits for the user like any other; its exact repeat is
+/// dropped as a duplicate, and the user's accept ends the flow with `m.invalid_message`.
+#[test]
+fn legacy_start_without_canonical_form() {
+    let mut net = pair();
+    let mut start = legacy_start(ALICE, "A1", "legacy-float");
+    start.content["org.example.weight"] = json!(1.5);
+    net.lb.b.receive(start.clone(), T0);
+    net.lb.b.receive(start, T0);
+    net.collect();
+    assert!(net.cancels_sent().is_empty(), "the repeat is a duplicate, not a second start");
+    let fb = net.flow_of(Side::B);
+    net.lb.b.accept(&fb, T0).unwrap();
+    net.collect();
+    assert_eq!(net.cancels_sent(), vec![(Side::B, "m.invalid_message".to_owned())]);
+    let info = net.cancelled(Side::B).unwrap();
+    assert!(matches!(info.cause, Some(LocalCause::Malformed(_))), "{info:?}");
+}
+
 fn legacy_start(sender: &str, device: &str, txn: &str) -> IncomingEvent {
     to_device(
         sender,

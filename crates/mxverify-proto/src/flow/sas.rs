@@ -16,7 +16,7 @@ use crate::canonical;
 use crate::crypto::{self, EphemeralKey, KeyAgreement, MacMethod, Party, SharedSecret};
 use crate::emoji;
 use crate::keys::Ed25519PublicKey;
-use crate::types::{Action, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey};
+use crate::types::{Action, DropReason, Event, FlowKey, FlowPhase, KeyKind, SasParams, VerifiedKey, ed25519_key_id};
 use crate::wire::{self, Accept, MacMsg, Method, Msg, MsgKind, SasOffer, Start, StartMethod};
 
 /// A SAS transition: the next SAS state, or the end of the flow.
@@ -281,8 +281,9 @@ impl Sas {
             return c.fail(CancelCode::UnexpectedMessage, LocalCause::StartCollision);
         };
         if !c.we_start {
-            let same = c.start_content.is_some() && start_content_for_commitment(raw, ctx.key) == c.start_content;
-            return if same {
+            // Two starts without a canonical form count as the same: neither can be accepted, and
+            // the user's accept of the first ends the flow with `m.invalid_message` either way.
+            return if start_content_for_commitment(raw, ctx.key) == c.start_content {
                 c.dropped(phase, ctx, MsgKind::Start, DropReason::Duplicate)
             } else {
                 c.unexpected(MsgKind::Start, phase.name())
@@ -536,9 +537,9 @@ impl Common {
     fn our_mac(&self, secret: &SharedSecret, method: MacMethod, ctx: &Ctx<'_>) -> MacMsg {
         let own = ctx.own;
         let master = own.master_key.as_ref().filter(|_| own.trusts_master_key).map(Ed25519PublicKey::to_base64);
-        let mut keys = vec![(key_id(&own.device_id), own.ed25519.to_base64())];
+        let mut keys = vec![(ed25519_key_id(&own.device_id), own.ed25519.to_base64())];
         if let Some(master) = master {
-            keys.push((key_id(&master), master));
+            keys.push((ed25519_key_id(&master), master));
         }
         let mut info =
             crypto::MacInfo::new((&own.user_id, &own.device_id), (ctx.other_user, &self.device), ctx.key.flow_id());
@@ -570,10 +571,10 @@ impl Common {
         if !secret.verify_mac(method, &key_list(&mac.mac), info.item("KEY_IDS"), &mac.keys) {
             return Err(LocalCause::KeyListMacMismatch);
         }
-        let device_id = key_id(&self.device);
+        let device_id = ed25519_key_id(&self.device);
         let master = self.pinned.master_key.as_ref().map(|k| {
             let b64 = k.to_base64();
-            (key_id(&b64), b64, k)
+            (ed25519_key_id(&b64), b64, k)
         });
         let mut verified = Vec::with_capacity(2);
         for (id, value) in &mac.mac {
@@ -595,11 +596,6 @@ impl Common {
         }
         Ok(verified)
     }
-}
-
-/// The ID of an Ed25519 key in a `mac`: `ed25519:` and the device ID or the key itself (MC-02).
-fn key_id(name: &str) -> String {
-    ["ed25519:", name].concat()
 }
 
 /// The `keys` input (MC-04, MV-01): the key IDs sorted and joined by commas (a `BTreeMap` of
