@@ -9,6 +9,10 @@
 //!   cancelled by its sender, the user accepting one (our `ready` goes out), the next deadline,
 //!   and a deadline that closes one prompt. Flat cost means the 10⁶ column within 1.5× of the 10³.
 //!   Each sample is one input, so N moves by at most the sample count (200) during a benchmark.
+//! * The same inputs for 10³ requests in each of a thousand machines, every input going to the
+//!   next machine: a machine of 10³ flows met out of the caches, as every input to one machine of
+//!   10⁶ flows is. Beside the 10⁶ column it separates what the number of flows costs from what
+//!   the caches do.
 //! * A baseline in the same run: one random lookup and write in a std `HashMap` of N flow-sized
 //!   records, which shows what the memory hierarchy alone adds from 10³ to 10⁶ (every access to a
 //!   table of hundreds of megabytes misses the caches).
@@ -54,6 +58,56 @@ fn testing() -> bool {
 /// not optimised).
 fn sizes() -> &'static [usize] {
     if testing() { &[1_000] } else { &[1_000, 10_000, 100_000, 1_000_000] }
+}
+
+/// Where the waiting requests are: `n` in one machine, or `n` in each of `machines` machines.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    machines: usize,
+    n: usize,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.machines {
+            1 => write!(f, "{}", self.n),
+            m => write!(f, "{} in each of {m} machines", self.n),
+        }
+    }
+}
+
+/// One machine holding each of `sizes()`, then the smallest in each of a thousand machines (10⁶
+/// requests in all): each input goes to the next machine in turn, so the 10³ flows it meets are as
+/// far from the caches as those of one machine holding 10⁶ — the same table size, out of cache.
+fn shapes() -> Vec<Held> {
+    let mut shapes: Vec<Held> = sizes().iter().map(|&n| Held { machines: 1, n }).collect();
+    shapes.push(if testing() { Held { machines: 3, n: 10 } } else { Held { machines: 1_000, n: 1_000 } });
+    shapes
+}
+
+/// The machines of a [`Held`], each holding its requests as [`holding`] makes them.
+fn fleet(held: Held) -> Vec<Machine> {
+    (0..held.machines).map(|_| holding(held.n)).collect()
+}
+
+/// Whose turn it is: inputs go to each machine in turn, so with many machines the one an input
+/// reaches was last touched that many inputs ago.
+struct Turns {
+    machines: usize,
+    turn: usize,
+}
+
+impl Turns {
+    fn new(held: Held) -> Self {
+        Self { machines: held.machines, turn: 0 }
+    }
+
+    /// The next machine, and how many inputs it had before.
+    fn next(&mut self) -> (usize, usize) {
+        let (j, round) = (self.turn % self.machines, self.turn / self.machines);
+        self.turn += 1;
+        (j, round)
+    }
 }
 
 fn identity(user: &str, device: &str) -> OwnIdentity {
@@ -113,79 +167,86 @@ fn holding(n: usize) -> Machine {
     m
 }
 
-#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
-fn receive_request(bencher: divan::Bencher, n: usize) {
-    let mut m = holding(n);
-    let now = NOW + n as u64;
-    let mut next = n;
+#[divan::bench(args = shapes(), sample_count = 200, sample_size = 1)]
+fn receive_request(bencher: divan::Bencher, held: Held) {
+    let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
+    let now = NOW + held.n as u64;
     bencher
         .with_inputs(|| {
-            next += 1;
-            request_from(next, now)
+            let (j, round) = turns.next();
+            (j, request_from(held.n + 1 + round, now))
         })
-        .bench_local_values(|event| {
+        .bench_local_values(|(j, event)| {
+            let m = &mut fleet[j];
             m.receive(event, now);
-            drain(&mut m);
+            drain(m);
         });
 }
 
-#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
-fn receive_cancel(bencher: divan::Bencher, n: usize) {
-    let mut m = holding(n);
-    let now = NOW + n as u64;
-    let mut next = 0;
+#[divan::bench(args = shapes(), sample_count = 200, sample_size = 1)]
+fn receive_cancel(bencher: divan::Bencher, held: Held) {
+    let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
+    let now = NOW + held.n as u64;
+    let mut next = vec![0; held.machines];
     bencher
         .with_inputs(|| {
-            next = spread(next, n);
-            IncomingEvent {
-                sender: format!("@user{next}:example.org"),
+            let (j, _) = turns.next();
+            next[j] = spread(next[j], held.n);
+            let i = next[j];
+            let event = IncomingEvent {
+                sender: format!("@user{i}:example.org"),
                 event_type: "m.key.verification.cancel".into(),
-                content: json!({"code": "m.user", "reason": "no", "transaction_id": format!("{next:032x}")}),
+                content: json!({"code": "m.user", "reason": "no", "transaction_id": format!("{i:032x}")}),
                 room: None,
-            }
+            };
+            (j, event)
         })
-        .bench_local_values(|event| {
+        .bench_local_values(|(j, event)| {
+            let m = &mut fleet[j];
             m.receive(event, now);
-            drain(&mut m);
+            drain(m);
         });
 }
 
-#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
-fn accept(bencher: divan::Bencher, n: usize) {
-    let mut m = holding(n);
-    let now = NOW + n as u64;
-    let mut next = 0;
+#[divan::bench(args = shapes(), sample_count = 200, sample_size = 1)]
+fn accept(bencher: divan::Bencher, held: Held) {
+    let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
+    let now = NOW + held.n as u64;
+    let mut next = vec![0; held.machines];
     bencher
         .with_inputs(|| {
-            next = spread(next, n);
-            flow_of(next)
+            let (j, _) = turns.next();
+            next[j] = spread(next[j], held.n);
+            (j, flow_of(next[j]))
         })
-        .bench_local_values(|flow| {
+        .bench_local_values(|(j, flow)| {
+            let m = &mut fleet[j];
             m.accept(&flow, now).unwrap();
-            drain(&mut m);
+            drain(m);
         });
 }
 
-#[divan::bench(args = sizes())]
-fn next_deadline(bencher: divan::Bencher, n: usize) {
-    let m = holding(n);
-    bencher.bench_local(|| divan::black_box(&m).next_deadline());
+#[divan::bench(args = shapes())]
+fn next_deadline(bencher: divan::Bencher, held: Held) {
+    let (fleet, mut turns) = (fleet(held), Turns::new(held));
+    // Too quick to time one by one: divan times batches, each call asking the next machine.
+    bencher.bench_local(|| divan::black_box(&fleet[turns.next().0]).next_deadline());
 }
 
-#[divan::bench(args = sizes(), sample_count = 200, sample_size = 1)]
-fn timeout_closes_a_prompt(bencher: divan::Bencher, n: usize) {
-    let mut m = holding(n);
+#[divan::bench(args = shapes(), sample_count = 200, sample_size = 1)]
+fn timeout_closes_a_prompt(bencher: divan::Bencher, held: Held) {
+    let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
     // Request `i`'s prompt closes at `NOW + i + prompt`: each call closes exactly one.
-    let first = m.next_deadline().unwrap();
-    let mut k = 0;
+    let first = fleet[0].next_deadline().unwrap();
     bencher
         .with_inputs(|| {
-            k += 1;
-            first + k - 1
+            let (j, round) = turns.next();
+            (j, first + round as u64)
         })
-        .bench_local_values(|at| {
+        .bench_local_values(|(j, at)| {
+            let m = &mut fleet[j];
             m.handle_timeout(at);
-            drain(&mut m);
+            drain(m);
         });
 }
 
