@@ -762,3 +762,25 @@ impl Entropy for SeededEntropy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A value without a canonical form still becomes valid JSON text that reads back as itself;
+    /// an edit that breaks nothing keeps the text canonical; serialising embeds the content as
+    /// JSON, not as a string.
+    #[test]
+    fn content_from_any_value_is_json_and_reads_back() {
+        let odd = json!({"b": 1.5, "a": u64::MAX, "c": "\u{1}\""});
+        let content = Content::from(&odd);
+        assert_eq!(content.to_value(), odd);
+        let mut canonical = Content::from(json!({"z": 1, "a": [true, null]}));
+        assert_eq!(canonical.as_str(), r#"{"a":[true,null],"z":1}"#);
+        canonical.edit(|v| v["m"] = json!("x"));
+        assert_eq!(canonical.as_str(), r#"{"a":[true,null],"m":"x","z":1}"#);
+        assert_eq!(serde_json::to_value(&canonical).unwrap(), json!({"a": [true, null], "m": "x", "z": 1}));
+        assert_eq!(format!("{canonical}"), canonical.clone().into_string());
+    }
+}
