@@ -204,27 +204,20 @@ impl FlowTable {
 
     /// The flows in progress with `user`, in handle order.
     pub(crate) fn in_progress_with(&self, user: &str) -> Vec<FlowId> {
-        let slots = &self.slots;
-        let mut ids: Vec<FlowId> = self
-            .by_user
-            .iter_hash(self.hash_user(user))
-            .copied()
-            .filter(|id| slots[id.0 as usize].as_ref().is_some_and(|f| f.other_user == user && !f.state.ended()))
-            .collect();
-        ids.sort_unstable();
-        ids
+        self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user && !f.state.ended())
     }
 
     /// The flows in progress bound to `user`'s `device`, in handle order.
     pub(crate) fn in_progress_with_device(&self, user: &str, device: &str) -> Vec<FlowId> {
-        let slots = &self.slots;
         let bound_there = |f: &Flow| f.other_user == user && f.state.device() == Some(device) && !f.state.ended();
-        let mut ids: Vec<FlowId> = self
-            .by_device
-            .iter_hash(self.hash_device(user, device))
-            .copied()
-            .filter(|id| slots[id.0 as usize].as_ref().is_some_and(bound_there))
-            .collect();
+        self.matching(&self.by_device, self.hash_device(user, device), bound_there)
+    }
+
+    /// The handles under `hash` in `index` whose flow satisfies `keep` (the index holds other
+    /// hashes' flows too, and ended ones), in handle order.
+    fn matching(&self, index: &HashTable<FlowId>, hash: u64, keep: impl Fn(&Flow) -> bool) -> Vec<FlowId> {
+        let mut ids: Vec<FlowId> =
+            index.iter_hash(hash).copied().filter(|id| self.slot(*id).is_some_and(&keep)).collect();
         ids.sort_unstable();
         ids
     }

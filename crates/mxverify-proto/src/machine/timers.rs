@@ -140,13 +140,7 @@ impl TimerTable {
         }
         self.queue.pop_first();
         let timer = timer_of(e);
-        match flow_timer(timer) {
-            Some((slot, which)) => self.flows[slot][which] = NONE,
-            None => {
-                self.others.remove(&timer);
-            }
-        }
-        self.purge();
+        self.stop(timer);
         Some(timer)
     }
 
