@@ -49,16 +49,7 @@ fn write(value: &Value, out: &mut String) -> Result<(), CanonicalError> {
             None if n.is_u64() => return Err(CanonicalError::OutOfRange(n.to_string())),
             None => return Err(CanonicalError::Float(n.to_string())),
         },
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write(item, out)?;
-            }
-            out.push(']');
-        }
+        Value::Array(items) => write_seq(out, '[', ']', items, write)?,
         Value::Object(map) => {
             // Sorting UTF-8 strings bytewise is sorting by code point. (serde_json's map is
             // already sorted unless a dependency turns on `preserve_order`.)
@@ -66,19 +57,39 @@ fn write(value: &Value, out: &mut String) -> Result<(), CanonicalError> {
             if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
                 entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
             }
-            out.push('{');
-            for (i, (key, value)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(key, out);
-                out.push(':');
-                write(value, out)?;
-            }
-            out.push('}');
+            write_seq(out, '{', '}', entries, |(key, value), out| {
+                write_key(key, out);
+                write(value, out)
+            })?;
         }
     }
     Ok(())
+}
+
+/// Writes `items` between `open` and `close`, separated by commas, each with `each`: a JSON array,
+/// or an object whose members `each` writes (see [`write_key`]).
+pub(crate) fn write_seq<T, E>(
+    out: &mut String,
+    open: char,
+    close: char,
+    items: impl IntoIterator<Item = T>,
+    mut each: impl FnMut(T, &mut String) -> Result<(), E>,
+) -> Result<(), E> {
+    out.push(open);
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        each(item, out)?;
+    }
+    out.push(close);
+    Ok(())
+}
+
+/// An object member's key and its colon.
+pub(crate) fn write_key(key: &str, out: &mut String) {
+    write_string(key, out);
+    out.push(':');
 }
 
 /// A JSON string with the shortest escapes the appendix asks for: `"` and `\`, the two-character

@@ -783,31 +783,27 @@ impl<'a> Fields<'a> {
         // Canonical JSON orders keys by code point, which for UTF-8 is byte order.
         items.sort_unstable_by_key(|item| item.as_ref().map(|(key, _)| *key));
         let mut out = String::with_capacity(384);
-        out.push('{');
-        for (i, (key, value)) in items.iter().flatten().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            canonical::write_string(key, &mut out);
-            out.push(':');
-            value.write(&mut out);
-        }
-        out.push('}');
+        infallible(canonical::write_seq(&mut out, '{', '}', items.iter().flatten(), |(key, value), out| {
+            canonical::write_key(key, out);
+            value.write(out);
+            Ok(())
+        }));
         Content::from_canonical(out)
     }
+}
+
+/// What a [`canonical::write_seq`] whose items cannot fail returns.
+fn infallible(written: Result<(), std::convert::Infallible>) {
+    let Ok(()) = written;
 }
 
 impl Field<'_> {
     fn write(&self, out: &mut String) {
         fn list<'s>(items: impl Iterator<Item = &'s str>, out: &mut String) {
-            out.push('[');
-            for (i, item) in items.enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
+            infallible(canonical::write_seq(out, '[', ']', items, |item, out| {
                 canonical::write_string(item, out);
-            }
-            out.push(']');
+                Ok(())
+            }));
         }
         match self {
             Field::Str(s) => canonical::write_string(s, out),
@@ -817,18 +813,11 @@ impl Field<'_> {
             }
             Field::Strs(items) => list(items.iter().map(String::as_str), out),
             Field::Methods(items) => list(items.iter().map(Method::as_str), out),
-            Field::Macs(macs) => {
-                out.push('{');
-                for (i, (id, mac)) in macs.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    canonical::write_string(id, out);
-                    out.push(':');
-                    canonical::write_string(mac, out);
-                }
-                out.push('}');
-            }
+            Field::Macs(macs) => infallible(canonical::write_seq(out, '{', '}', *macs, |(id, mac), out| {
+                canonical::write_key(id, out);
+                canonical::write_string(mac, out);
+                Ok(())
+            })),
             Field::Relation(event_id) => {
                 out.push_str(r#"{"event_id":"#);
                 canonical::write_string(event_id, out);
