@@ -96,11 +96,14 @@ fn fleet(held: Held) -> Vec<Machine> {
 struct Turns {
     machines: usize,
     turn: usize,
+    /// Each machine's last waiting request acted on (see [`spread`]).
+    cursors: Vec<usize>,
+    n: usize,
 }
 
 impl Turns {
     fn new(held: Held) -> Self {
-        Self { machines: held.machines, turn: 0 }
+        Self { machines: held.machines, turn: 0, cursors: vec![0; held.machines], n: held.n }
     }
 
     /// The next machine, and how many inputs it had before.
@@ -108,6 +111,13 @@ impl Turns {
         let (j, round) = (self.turn % self.machines, self.turn / self.machines);
         self.turn += 1;
         (j, round)
+    }
+
+    /// The next machine, and the next of its waiting requests to act on.
+    fn next_waiting(&mut self) -> (usize, usize) {
+        let (j, _) = self.next();
+        self.cursors[j] = spread(self.cursors[j], self.n);
+        (j, self.cursors[j])
     }
 }
 
@@ -188,12 +198,9 @@ fn receive_request(bencher: divan::Bencher, held: Held) {
 fn receive_cancel(bencher: divan::Bencher, held: Held) {
     let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
     let now = NOW + held.n as u64;
-    let mut next = vec![0; held.machines];
     bencher
         .with_inputs(|| {
-            let (j, _) = turns.next();
-            next[j] = spread(next[j], held.n);
-            let i = next[j];
+            let (j, i) = turns.next_waiting();
             let event = IncomingEvent {
                 sender: format!("@user{i}:example.org"),
                 event_type: "m.key.verification.cancel".into(),
@@ -213,12 +220,10 @@ fn receive_cancel(bencher: divan::Bencher, held: Held) {
 fn accept(bencher: divan::Bencher, held: Held) {
     let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
     let now = NOW + held.n as u64;
-    let mut next = vec![0; held.machines];
     bencher
         .with_inputs(|| {
-            let (j, _) = turns.next();
-            next[j] = spread(next[j], held.n);
-            (j, flow_of(next[j]))
+            let (j, i) = turns.next_waiting();
+            (j, flow_of(i))
         })
         .bench_local_values(|(j, flow)| {
             let m = &mut fleet[j];
