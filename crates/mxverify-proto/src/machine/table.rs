@@ -53,15 +53,18 @@ fn hash_key(hasher: &RandomState, key: &FlowKey) -> u64 {
     hasher.hash_one(parts(key))
 }
 
-/// The device a flow is bound to, as the device index saw it: the string's address and length
-/// (the string moves from state to state without being copied, so the same address means the same
-/// device, and a transition that keeps it costs no hashing).
+/// Whether a flow taken out for a transition was bound to a device. A flow is bound at most once
+/// and keeps its device to the end (every state after the binding carries the device it was
+/// bound to), so only the first binding changes the device index: a transition that copies the
+/// device string, as ending a flow does, touches no index and hashes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement(Option<(usize, usize)>);
+pub(crate) struct Placement {
+    bound: bool,
+}
 
 impl Placement {
     fn of(flow: &Flow) -> Placement {
-        Placement(flow.state.device().map(|d| (d.as_ptr() as usize, d.len())))
+        Placement { bound: flow.state.device().is_some() }
     }
 }
 
@@ -145,13 +148,18 @@ impl FlowTable {
         Some((flow, placement))
     }
 
-    /// Puts back a flow taken out (its key and user unchanged); a flow bound to a device for the
-    /// first time (or, impossibly, to another one) enters the device index under it.
+    /// Puts back a flow taken out (its key and user unchanged, and its device too once it had
+    /// one); a flow bound to a device for the first time enters the device index under it.
     pub(crate) fn put(&mut self, id: FlowId, flow: Flow, before: Placement) {
-        let rebind = Placement::of(&flow) != before && flow.state.device().is_some();
+        let first_binding = !before.bound && flow.state.device().is_some();
+        debug_assert!(
+            !before.bound
+                || flow.state.device().map(|d| self.hash_device(&flow.other_user, d))
+                    == Some(self.device_hash[id.0 as usize]),
+            "a bound flow changed or lost its device"
+        );
         self.slots[id.0 as usize] = Some(flow);
-        if rebind {
-            self.unbind(id);
+        if first_binding {
             self.bind(id);
         }
     }
@@ -314,17 +322,25 @@ mod tests {
         assert!(t.awaiting_keys(None).is_empty());
         assert_eq!(t.device_hash.iter().filter(|h| **h != 0).count(), 2, "two flows are bound");
 
-        // A transition: while out the flow is found by no index; bound to another device, it moves
-        // in the device index.
+        // A transition: while out the flow is found by no index; a copy of its device string
+        // keeps it where it is.
         let (mut f, placement) = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
-        f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
+        f.state = State::Ready(Ready { device: "D1".into(), methods: vec![], shown: None });
         t.put(a, f, placement);
         t.check().unwrap();
-        assert_eq!(t.in_progress_with_device("@a:x", "D2"), [a]);
-        assert!(t.in_progress_with_device("@a:x", "D1").is_empty());
+        assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
         assert_eq!(t.awaiting_keys(Some("@a:x")), [a]);
         assert!(t.awaiting_keys(Some("@b:x")).is_empty());
+
+        // Our request answered by one of the devices it went to: bound for the first time, the
+        // flow enters the device index.
+        let (mut f, placement) = t.take(b).unwrap();
+        f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
+        t.put(b, f, placement);
+        t.check().unwrap();
+        assert_eq!(t.in_progress_with_device("@a:x", "D2"), [b]);
+        assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
 
         // An ended flow stays in the indexes until forgotten, but no question finds it.
         let (mut f, placement) = t.take(c).unwrap();
@@ -355,6 +371,19 @@ mod tests {
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
         t.unbind(a);
         assert!(t.check().unwrap_err().contains("device index"));
+    }
+
+    /// A bound flow keeps its device: a transition that changed it would leave the device index
+    /// behind, so debug builds (the tests, the fuzz targets) stop there.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a bound flow changed or lost its device")]
+    fn a_bound_flow_that_changes_device_is_caught() {
+        let mut t = FlowTable::default();
+        let a = t.insert(flow("@a:x", "1", incoming("D1")));
+        let (mut f, placement) = t.take(a).unwrap();
+        f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
+        t.put(a, f, placement);
     }
 
     /// Many flows of one user, and many devices: the device index answers for one device only.
