@@ -264,6 +264,59 @@ impl PartialEq<&str> for Method {
     }
 }
 
+/// The methods a peer offered, as a flow keeps them until it is forgotten. The usual list (at most
+/// five methods this crate knows) is packed into one integer, so that a waiting request holds no
+/// allocation for it: with a million flows each allocation is a cache miss when it is read or
+/// freed. Any other list (a custom method, more entries) is kept as it came. Either way the list
+/// reads back exactly as offered, order and repeats included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Methods {
+    /// Up to five known methods in their order, three bits each (codes 1–4; 0 ends the list).
+    Packed(u16),
+    /// Any other list, verbatim.
+    Listed(Box<[Method]>),
+}
+
+impl Methods {
+    const KNOWN: [Method; 4] = [Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1];
+
+    fn code(method: &Method) -> Option<u16> {
+        Self::KNOWN.iter().position(|k| k == method).map(|i| i as u16 + 1)
+    }
+
+    /// The packed codes, in order.
+    fn codes(packed: u16) -> impl Iterator<Item = u16> {
+        (0..5).map(move |i| (packed >> (3 * i)) & 7).take_while(|c| *c != 0)
+    }
+
+    pub(crate) fn contains(&self, method: &Method) -> bool {
+        match self {
+            Self::Packed(packed) => Self::code(method).is_some_and(|c| Self::codes(*packed).any(|x| x == c)),
+            Self::Listed(list) => list.contains(method),
+        }
+    }
+
+    /// The list as offered.
+    pub(crate) fn to_vec(&self) -> Vec<Method> {
+        match self {
+            Self::Packed(packed) => Self::codes(*packed).map(|c| Self::KNOWN[usize::from(c) - 1].clone()).collect(),
+            Self::Listed(list) => list.to_vec(),
+        }
+    }
+}
+
+impl From<Vec<Method>> for Methods {
+    fn from(list: Vec<Method>) -> Self {
+        let packed = (list.len() <= 5)
+            .then(|| list.iter().enumerate().try_fold(0, |acc, (i, m)| Some(acc | Self::code(m)? << (3 * i))))
+            .flatten();
+        match packed {
+            Some(packed) => Self::Packed(packed),
+            None => Self::Listed(list.into_boxed_slice()),
+        }
+    }
+}
+
 impl serde::Serialize for Method {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -835,6 +888,47 @@ impl Field<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Method lists as peers send them: the known methods and custom ones, in any order, repeats
+    /// included, up to eight entries.
+    fn method_list() -> impl proptest::strategy::Strategy<Value = Vec<Method>> {
+        use proptest::prelude::*;
+        let method = prop_oneof![
+            4 => (0..4usize).prop_map(|i| Methods::KNOWN[i].clone()),
+            1 => "[a-z.]{0,12}".prop_map(|s| Method::from_wire(&s)),
+        ];
+        proptest::collection::vec(method, 0..8)
+    }
+
+    proptest::proptest! {
+        /// A flow's copy of the offered methods reads back exactly as offered and answers
+        /// `contains` as the list does.
+        #[test]
+        fn offered_methods_read_back_as_offered(list in method_list()) {
+            let kept = Methods::from(list.clone());
+            proptest::prop_assert_eq!(kept.to_vec(), list.clone());
+            for m in Methods::KNOWN.iter().chain([&Method::Custom("x".into())]) {
+                proptest::prop_assert_eq!(kept.contains(m), list.contains(m), "{:?}", m);
+            }
+        }
+    }
+
+    #[test]
+    fn usual_method_lists_need_no_allocation() {
+        let usual = [
+            vec![],
+            vec![Method::SasV1],
+            vec![Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1],
+            vec![Method::ReciprocateV1, Method::SasV1, Method::SasV1, Method::QrScanV1, Method::QrShowV1],
+        ];
+        for list in usual {
+            assert!(matches!(Methods::from(list.clone()), Methods::Packed(_)), "{list:?}");
+        }
+        let custom = vec![Method::SasV1, Method::Custom("org.example".into())];
+        assert!(matches!(Methods::from(custom), Methods::Listed(_)));
+        assert!(matches!(Methods::from(vec![Method::SasV1; 6]), Methods::Listed(_)), "six entries do not fit");
+        assert_eq!(std::mem::size_of::<Methods>(), 16);
+    }
 
     #[test]
     fn custom_codes_and_methods_round_trip() {

@@ -33,7 +33,7 @@ impl Requested {
             let cancel = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
             step.send(cancel, Peer::Devices(others));
         }
-        let mut ready = Ready { device: ready.from_device, methods: ready.methods, shown: None };
+        let mut ready = Ready { device: ready.from_device, methods: ready.methods.into(), shown: None };
         if ctx.common_methods(&ready.methods).is_empty() {
             let cause = LocalCause::NoCommonMethod("verification method");
             return (Next::fail(Peer::Device(ready.device), CancelCode::UnknownMethod, cause), step);
@@ -238,19 +238,19 @@ mod tests {
     #[test]
     fn incoming_accept_answers_with_our_methods_that_fit_theirs() {
         let (_, mut bob) = alice_and_bob();
-        let incoming = Incoming { device: "A1".into(), methods: vec![Method::SasV1, Method::QrScanV1] };
+        let incoming = Incoming { device: "A1".into(), methods: vec![Method::SasV1, Method::QrScanV1].into() };
         let (state, step) = going(incoming.accept(&mut bob.ctx()).unwrap());
         // Without m.reciprocate.v1 on their side, QR is not common.
         assert!(matches!(&sent(&step)[..], [Msg::Ready(r)] if r.methods == [Method::SasV1]));
         assert!(matches!(state, State::Ready(Ready { shown: None, .. })));
-        let nothing = Incoming { device: "A1".into(), methods: vec![Method::Custom("x".into())] };
+        let nothing = Incoming { device: "A1".into(), methods: vec![Method::Custom("x".into())].into() };
         let refused = nothing.accept(&mut bob.ctx()).unwrap_err();
         assert!(matches!(refused.error, ActionError::NoCommonMethod(_)));
         assert!(matches!(refused.state, State::Incoming(_)), "the state is given back untouched");
     }
 
     fn bob_ready() -> Ready {
-        Ready { device: "A1".into(), methods: all_methods(), shown: None }
+        Ready { device: "A1".into(), methods: all_methods().into(), shown: None }
     }
 
     fn sas_start(from: &str) -> (wire::Start, Value) {
@@ -305,13 +305,13 @@ mod tests {
     #[test]
     fn start_sas_needs_the_method_and_the_keys() {
         let (mut alice, _) = alice_and_bob();
-        let ready = || Ready { device: "B1".into(), methods: all_methods(), shown: None };
+        let ready = || Ready { device: "B1".into(), methods: all_methods().into(), shown: None };
         let (state, step) = going(ready().start_sas(&mut alice.ctx()).unwrap());
         assert!(matches!(state, State::Sas(_)) && matches!(&sent(&step)[..], [Msg::Start(_)]));
         alice.their_keys = None;
         let refused = ready().start_sas(&mut alice.ctx()).unwrap_err();
         assert!(matches!(refused.error, ActionError::KeysUnknown { .. }));
-        let qr_only = Ready { device: "B1".into(), methods: vec![Method::QrScanV1], shown: None };
+        let qr_only = Ready { device: "B1".into(), methods: vec![Method::QrScanV1].into(), shown: None };
         assert!(matches!(qr_only.start_sas(&mut alice.ctx()).unwrap_err().error, ActionError::NoCommonMethod(_)));
     }
 

@@ -7,7 +7,7 @@ use super::sas::Sas;
 use super::step::{Peer, common_methods};
 use crate::cancel::CancelInfo;
 use crate::types::{Action, Config, FlowPhase, VerifiedKey};
-use crate::wire::Method;
+use crate::wire::{Method, Methods};
 
 /// Where in its life a flow is.
 #[derive(Debug)]
@@ -55,7 +55,7 @@ pub(crate) struct Incoming {
     /// The requesting device.
     pub(crate) device: String,
     /// The methods they offered.
-    pub(crate) methods: Vec<Method>,
+    pub(crate) methods: Methods,
 }
 
 /// Both sides are ready.
@@ -64,7 +64,7 @@ pub(crate) struct Ready {
     /// The other device.
     pub(crate) device: String,
     /// The methods the other device offered.
-    pub(crate) methods: Vec<Method>,
+    pub(crate) methods: Methods,
     /// The QR code we show, if any.
     pub(crate) shown: Option<Box<ShownQr>>,
 }
@@ -128,7 +128,7 @@ impl State {
             State::Incoming(i) => {
                 let common = common_methods(&config.methods, &i.methods);
                 let actions = if common.is_empty() { vec![Cancel] } else { vec![Accept, Cancel] };
-                (FlowPhase::Incoming { methods: i.methods.clone(), common_methods: common }, actions)
+                (FlowPhase::Incoming { methods: i.methods.to_vec(), common_methods: common }, actions)
             }
             State::Ready(r) => {
                 let methods = common_methods(&config.methods, &r.methods);

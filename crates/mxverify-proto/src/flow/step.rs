@@ -8,7 +8,7 @@ use crate::keys::Ed25519PublicKey;
 use crate::types::{
     ActionError, Config, Content, DropReason, Entropy, Event, FlowKey, Millis, OwnIdentity, UserKeys, VerifiedKey,
 };
-use crate::wire::{self, Envelope, Method, Msg, MsgKind};
+use crate::wire::{self, Envelope, Method, Methods, Msg, MsgKind};
 
 /// How a flow began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,7 +233,7 @@ impl Ctx<'_> {
     }
 
     /// Our methods that correspond to theirs (EV-RD-02, QR-01).
-    pub(crate) fn common_methods(&self, theirs: &[Method]) -> Vec<Method> {
+    pub(crate) fn common_methods(&self, theirs: &Methods) -> Vec<Method> {
         common_methods(&self.config.methods, theirs)
     }
 }
@@ -241,7 +241,7 @@ impl Ctx<'_> {
 /// Our methods that correspond to theirs (EV-RD-02, QR-01): SAS for SAS, showing a QR code for
 /// their scanning and scanning for their showing (each needing `m.reciprocate.v1` on both sides),
 /// and the reciprocation whenever a QR method remains.
-pub(crate) fn common_methods(ours: &[Method], theirs: &[Method]) -> Vec<Method> {
+pub(crate) fn common_methods(ours: &[Method], theirs: &Methods) -> Vec<Method> {
     let both_reciprocate = ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
     let mut common: Vec<Method> = ours
         .iter()

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::cancel::{CancelCode, CancelInfo, LocalCause};
 use crate::flow::{Ctx, End, Ended, Finished, Flow, How, Incoming, Next, Origin, Peer, Ready, Requested, State, Step};
 use crate::types::*;
-use crate::wire::{self, Envelope, Method, Msg, MsgKind, Request, StartMethod};
+use crate::wire::{self, Envelope, Method, Methods, Msg, MsgKind, Request, StartMethod};
 use gate::{CancelGate, FlowStatus, Trigger};
 use keybook::{Hold, KeyBook};
 use table::FlowTable;
@@ -389,7 +389,11 @@ impl Machine {
             key: key.clone(),
             other_user: user_id.to_owned(),
             origin: Origin::LegacyStart { by_us: true },
-            state: State::Ready(Ready { device: device_id.to_owned(), methods: vec![Method::SasV1], shown: None }),
+            state: State::Ready(Ready {
+                device: device_id.to_owned(),
+                methods: vec![Method::SasV1].into(),
+                shown: None,
+            }),
         };
         let id = self.insert(flow, now + self.config.timeouts.flow);
         if let Err(e) = self.act(&key, now, |state, ctx| state.start_sas(ctx)) {
@@ -463,7 +467,7 @@ impl Machine {
             return;
         }
         let state = match other_device {
-            Some(device) => State::Ready(Ready { device, methods: Vec::new(), shown: None }),
+            Some(device) => State::Ready(Ready { device, methods: Vec::new().into(), shown: None }),
             None => State::Requested(Requested { devices: Vec::new() }),
         };
         let flow = Flow {
@@ -596,13 +600,14 @@ impl Machine {
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let flow_deadline = now + t.flow;
         let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
-        let common = crate::flow::common_methods(&self.config.methods, &req.methods);
         let methods = req.methods.clone();
+        let offered = Methods::from(req.methods);
+        let common = crate::flow::common_methods(&self.config.methods, &offered);
         let flow = Flow {
             key: key.clone(),
             other_user: event.sender.clone(),
             origin: Origin::TheirRequest { ready_echoed: false },
-            state: State::Incoming(Incoming { device: req.from_device.clone(), methods: req.methods }),
+            state: State::Incoming(Incoming { device: req.from_device.clone(), methods: offered }),
         };
         let id = self.insert(flow, flow_deadline);
         self.timers.set(Timer::Prompt(id), prompt_deadline);
@@ -650,7 +655,11 @@ impl Machine {
             key,
             other_user: event.sender.clone(),
             origin: Origin::LegacyStart { by_us: false },
-            state: State::Ready(Ready { device: start.from_device.clone(), methods: vec![Method::SasV1], shown: None }),
+            state: State::Ready(Ready {
+                device: start.from_device.clone(),
+                methods: vec![Method::SasV1].into(),
+                shown: None,
+            }),
         };
         let id = self.insert(flow, now + self.config.timeouts.flow);
         if clashing {

@@ -306,7 +306,7 @@ mod tests {
     }
 
     fn incoming(device: &str) -> State {
-        State::Incoming(Incoming { device: device.into(), methods: vec![Method::SasV1] })
+        State::Incoming(Incoming { device: device.into(), methods: vec![Method::SasV1].into() })
     }
 
     #[test]
@@ -326,7 +326,7 @@ mod tests {
         // keeps it where it is.
         let (mut f, placement) = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
-        f.state = State::Ready(Ready { device: "D1".into(), methods: vec![], shown: None });
+        f.state = State::Ready(Ready { device: "D1".into(), methods: Vec::new().into(), shown: None });
         t.put(a, f, placement);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
@@ -336,7 +336,7 @@ mod tests {
         // Our request answered by one of the devices it went to: bound for the first time, the
         // flow enters the device index.
         let (mut f, placement) = t.take(b).unwrap();
-        f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
+        f.state = State::Ready(Ready { device: "D2".into(), methods: Vec::new().into(), shown: None });
         t.put(b, f, placement);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D2"), [b]);
@@ -382,7 +382,7 @@ mod tests {
         let mut t = FlowTable::default();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
         let (mut f, placement) = t.take(a).unwrap();
-        f.state = State::Ready(Ready { device: "D2".into(), methods: vec![], shown: None });
+        f.state = State::Ready(Ready { device: "D2".into(), methods: Vec::new().into(), shown: None });
         t.put(a, f, placement);
     }
 
