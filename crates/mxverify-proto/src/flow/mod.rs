@@ -60,9 +60,8 @@ impl State {
             (State::Qr(q), Msg::Start(start)) => map(q.on_start(start, ctx), State::Qr),
             (State::Qr(q), Msg::Done) => map(q.on_done(ctx), State::Qr),
             (state, _) => {
-                let peer = state.peer();
                 let cause = LocalCause::Unexpected { message: kind.event_type(), state: state.name() };
-                (Next::fail(peer, CancelCode::UnexpectedMessage, cause), Step::default())
+                (Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, cause), Step::default())
             }
         }
     }
@@ -80,7 +79,7 @@ impl State {
             step.send(msg, Peer::Devices(r.devices.clone()));
         }
         let how = How::CancelledByThem { code: cancel.code, reason: cancel.reason };
-        (Next::End(End { how, peer: self.peer() }), step)
+        (Next::End(End { how, peer: self.into_peer() }), step)
     }
 
     /// The user accepts: an incoming request (sends `ready`, RQ-07), or a legacy start.
@@ -154,7 +153,7 @@ impl State {
         if self.ended() || self.done_sent() {
             return Err(wrong_state(self, "cancel"));
         }
-        Ok((Next::fail(self.peer(), CancelCode::User, cause), Step::default()))
+        Ok((Next::fail(self.into_peer(), CancelCode::User, cause), Step::default()))
     }
 }
 

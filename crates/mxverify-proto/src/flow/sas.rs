@@ -208,6 +208,11 @@ impl Sas {
         &self.c.device
     }
 
+    /// The other device, for a flow that ends here.
+    pub(crate) fn into_device(self) -> String {
+        self.c.device
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         self.phase.name()
     }

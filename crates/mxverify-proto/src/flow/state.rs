@@ -109,14 +109,17 @@ impl State {
         }
     }
 
-    /// Who a message of this flow goes to (to-device; in rooms everyone in the room sees it).
-    pub(crate) fn peer(&self) -> Peer {
+    /// Who a message of this flow goes to (to-device; in rooms everyone in the room sees it), for
+    /// a flow that ends here: the device is taken out of the state, not copied.
+    pub(crate) fn into_peer(self) -> Peer {
         match self {
-            State::Requested(r) => Peer::Devices(r.devices.clone()),
-            other => match other.device() {
-                Some(d) => Peer::Device(d.to_owned()),
-                None => Peer::Devices(Vec::new()),
-            },
+            State::Requested(r) => Peer::Devices(r.devices),
+            State::Incoming(i) => Peer::Device(i.device),
+            State::Ready(r) => Peer::Device(r.device),
+            State::Sas(s) => Peer::Device(s.into_device()),
+            State::Qr(q) => Peer::Device(q.device),
+            State::Done(d) => Peer::Device(d.device),
+            State::Cancelled(e) => e.device.map_or(Peer::Devices(Vec::new()), Peer::Device),
         }
     }
 

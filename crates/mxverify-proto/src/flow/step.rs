@@ -50,7 +50,16 @@ impl Peer {
         }
     }
 
-    fn device(self) -> Option<String> {
+    /// The bound device, if any.
+    pub(crate) fn device(self) -> Option<String> {
+        match self {
+            Peer::Device(d) => Some(d),
+            Peer::Devices(_) => None,
+        }
+    }
+
+    /// The bound device, if any, without taking it.
+    pub(crate) fn bound(&self) -> Option<&str> {
         match self {
             Peer::Device(d) => Some(d),
             Peer::Devices(_) => None,
@@ -85,13 +94,6 @@ pub(crate) enum How {
 pub(crate) struct End {
     pub(crate) how: How,
     pub(crate) peer: Peer,
-}
-
-impl End {
-    /// The other device, if one was bound.
-    pub(crate) fn device(&self) -> Option<String> {
-        self.peer.clone().device()
-    }
 }
 
 /// What follows a transition: the flow goes on in a state `S`, or ends.

@@ -148,7 +148,7 @@ impl Machine {
             });
             for id in self.flows.in_progress_with(user_id) {
                 self.transition(id, Trigger::Local, false, None, now, |state, _| {
-                    (Next::fail(state.peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default())
+                    (Next::fail(state.into_peer(), CancelCode::KeyMismatch, LocalCause::KeysChanged), Step::default())
                 });
             }
         }
@@ -262,7 +262,7 @@ impl Machine {
                         return (Next::Go(state), Step::default());
                     }
                     let cause = LocalCause::TimedOut("the verification did not finish in time");
-                    (Next::fail(state.peer(), CancelCode::Timeout, cause), Step::default())
+                    (Next::fail(state.into_peer(), CancelCode::Timeout, cause), Step::default())
                 }),
                 Timer::Forget(id) => {
                     if let Some(flow) = self.flows.forget(id) {
@@ -547,7 +547,7 @@ impl Machine {
         let trigger = Trigger::Incoming(kind);
         match parsed.msg {
             Err(e) => self.transition(id, trigger, retry, None, now, |state, _| {
-                (Next::fail(state.peer(), CancelCode::InvalidMessage, LocalCause::Malformed(e)), Step::default())
+                (Next::fail(state.into_peer(), CancelCode::InvalidMessage, LocalCause::Malformed(e)), Step::default())
             }),
             Ok(Msg::Cancel(c)) => self.transition(id, trigger, retry, None, now, |state, _| state.on_cancel(c)),
             Ok(msg) => {
@@ -613,7 +613,10 @@ impl Machine {
         self.timers.set(Timer::Prompt(id), prompt_deadline);
         if clashing {
             self.transition(id, Trigger::Local, false, None, now, |state, _| {
-                (Next::fail(state.peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts), Step::default())
+                (
+                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
+                    Step::default(),
+                )
             });
             return;
         }
@@ -633,7 +636,10 @@ impl Machine {
         let clashing = self.flows.in_progress_with_device(user, device);
         for id in &clashing {
             self.transition(*id, Trigger::Local, false, None, now, |state, _| {
-                (Next::fail(state.peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts), Step::default())
+                (
+                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
+                    Step::default(),
+                )
             });
         }
         !clashing.is_empty()
@@ -664,13 +670,16 @@ impl Machine {
         let id = self.insert(flow, now + self.config.timeouts.flow);
         if clashing {
             self.transition(id, Trigger::Local, false, None, now, |state, _| {
-                (Next::fail(state.peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts), Step::default())
+                (
+                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
+                    Step::default(),
+                )
             });
         } else if !self.config.methods.contains(&Method::SasV1) {
             let trigger = Trigger::Incoming(MsgKind::Start);
             self.transition(id, trigger, retry, None, now, |state, _| {
                 let cause = LocalCause::UnsupportedMethod(Method::SasV1.as_str().into());
-                (Next::fail(state.peer(), CancelCode::UnknownMethod, cause), Step::default())
+                (Next::fail(state.into_peer(), CancelCode::UnknownMethod, cause), Step::default())
             });
         } else {
             let trigger = Trigger::Incoming(MsgKind::Start);
@@ -726,7 +735,7 @@ impl Machine {
         if (prompting && own && (other_own_device || kind == MsgKind::Cancel)) || answered_first_elsewhere {
             self.transition(id, Trigger::Local, false, None, now, |state, _| {
                 let how = How::Dismissed(CancelCode::Accepted, LocalCause::AnsweredByOwnDevice);
-                (Next::End(End { how, peer: state.peer() }), Step::default())
+                (Next::End(End { how, peer: state.into_peer() }), Step::default())
             });
             return;
         }
@@ -849,32 +858,54 @@ impl Machine {
         self.timers.stop(Timer::Prompt(id));
         self.timers.stop(Timer::Expire(id));
         self.timers.set(Timer::Forget(id), now + self.config.timeouts.flow);
-        let device = end.device();
-        let info = match end.how {
+        let End { how, peer } = end;
+        // The ended state keeps the device; it is copied only where a message or an event needs
+        // its own.
+        let (device, info) = match how {
             How::Verified(keys) => {
+                let device = peer.device().unwrap_or_default();
                 self.events.push_back(Event::Done {
                     flow: key.clone(),
                     user_id: other_user.to_owned(),
-                    device_id: device.clone().unwrap_or_default(),
+                    device_id: device.clone(),
                     keys: keys.clone(),
                 });
-                return State::Done(Finished { device: device.unwrap_or_default(), keys });
+                return State::Done(Finished { device, keys });
             }
             How::Failed(code, cause) => {
                 let wire_code = self.gate.for_flow(trigger, key, status, code.clone());
                 let sent = wire_code.is_some();
-                if let Some(code) = wire_code {
-                    let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
-                    self.send(key, msg, end.peer);
-                }
-                CancelInfo { by_us: true, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent }
+                let device = match wire_code {
+                    Some(code) => {
+                        let device = peer.bound().map(str::to_owned);
+                        let msg = Msg::Cancel(wire::Cancel { reason: code.default_reason().to_owned(), code });
+                        self.send(key, msg, peer);
+                        device
+                    }
+                    None => peer.device(),
+                };
+                let info = CancelInfo {
+                    by_us: true,
+                    reason: code.default_reason().to_owned(),
+                    code,
+                    cause: Some(cause),
+                    sent,
+                };
+                (device, info)
             }
             How::Dismissed(code, cause) => {
                 let by_us = cause != LocalCause::AnsweredByOwnDevice;
-                CancelInfo { by_us, reason: code.default_reason().to_owned(), code, cause: Some(cause), sent: false }
+                let info = CancelInfo {
+                    by_us,
+                    reason: code.default_reason().to_owned(),
+                    code,
+                    cause: Some(cause),
+                    sent: false,
+                };
+                (peer.device(), info)
             }
             How::CancelledByThem { code, reason } => {
-                CancelInfo { by_us: false, code, reason, cause: None, sent: false }
+                (peer.device(), CancelInfo { by_us: false, code, reason, cause: None, sent: false })
             }
         };
         self.events.push_back(Event::Cancelled { flow: key.clone(), info: info.clone() });
