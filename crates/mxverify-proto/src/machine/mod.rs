@@ -26,6 +26,13 @@ use keybook::{Hold, KeyBook};
 use table::FlowTable;
 use timers::{FlowId, Timer, TimerTable};
 
+/// How many flows the machine remembers with one other user at most, ended ones included, before
+/// a flow they open forgets their oldest ended one early (or, if all are in progress, is dropped).
+/// Without a bound, one device sending requests faster than its ended flows are forgotten would
+/// grow the table without limit and make each new request look through all of its earlier ones
+/// (CX-03); no real user has this many verifications with one device at once.
+pub(crate) const FLOWS_PER_USER: usize = 64;
+
 #[derive(Debug)]
 struct PendingRoomRequest {
     room_id: String,
@@ -264,13 +271,7 @@ impl Machine {
                     let cause = LocalCause::TimedOut("the verification did not finish in time");
                     (Next::fail(state.into_peer(), CancelCode::Timeout, cause), Step::default())
                 }),
-                Timer::Forget(id) => {
-                    if let Some(flow) = self.flows.forget(id) {
-                        self.timers.stop(Timer::Prompt(id));
-                        self.timers.stop(Timer::Expire(id));
-                        self.gate.close(flow.key);
-                    }
-                }
+                Timer::Forget(id) => self.forget(id),
                 Timer::PendingRoom(id) => {
                     self.pending_room.remove(&id);
                 }
@@ -597,6 +598,10 @@ impl Machine {
         if self.gate.is_closed(&key) {
             return self.dropped(event, DropReason::FlowEnded);
         }
+        if !self.make_room_for(&event.sender) {
+            return self.dropped(event, DropReason::FlowLimit);
+        }
+        let t = &self.config.timeouts;
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let flow_deadline = now + t.flow;
         let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
@@ -655,6 +660,9 @@ impl Machine {
     ) {
         if !self.keys.has_device(&event.sender, &start.from_device) && !retry {
             return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt);
+        }
+        if !self.make_room_for(&event.sender) {
+            return self.dropped(event, DropReason::FlowLimit);
         }
         let clashing = self.cancel_parallel_attempts(&event.sender, &start.from_device, now);
         let flow = Flow {
@@ -747,6 +755,37 @@ impl Machine {
             }
         }
         self.dropped(event, if own { DropReason::Own } else { DropReason::NotAParty });
+    }
+
+    /// Forgets a flow: its deadlines stop, and its id stays closed in the cancel gate.
+    fn forget(&mut self, id: FlowId) {
+        if let Some(flow) = self.flows.forget(id) {
+            for timer in [Timer::Prompt(id), Timer::Expire(id), Timer::Forget(id)] {
+                self.timers.stop(timer);
+            }
+            self.gate.close(flow.key);
+        }
+    }
+
+    /// Whether `user` may open one more flow with us (a request, a legacy start): while the
+    /// machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows are
+    /// forgotten early to make room; if every one of them is still in progress, no.
+    fn make_room_for(&mut self, user: &str) -> bool {
+        let flows = self.flows.with_user(user);
+        let Some(excess) = (flows.len() + 1).checked_sub(FLOWS_PER_USER) else { return true };
+        let mut ended: Vec<(Millis, FlowId)> = flows
+            .into_iter()
+            .filter(|id| self.flows.by_id(*id).is_some_and(|f| f.state.ended()))
+            .map(|id| (self.timers.get(Timer::Forget(id)).unwrap_or(Millis::MAX), id))
+            .collect();
+        if ended.len() < excess {
+            return false;
+        }
+        ended.sort_unstable();
+        for (_, id) in ended.into_iter().take(excess) {
+            self.forget(id);
+        }
+        true
     }
 
     fn dropped(&mut self, event: &IncomingEvent, reason: DropReason) {

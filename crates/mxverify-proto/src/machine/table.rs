@@ -210,6 +210,11 @@ impl FlowTable {
         self.iter().map(|(_, f)| &f.key)
     }
 
+    /// Every flow the table remembers with `user`, ended ones included, in handle order.
+    pub(crate) fn with_user(&self, user: &str) -> Vec<FlowId> {
+        self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user)
+    }
+
     /// The flows in progress with `user`, in handle order.
     pub(crate) fn in_progress_with(&self, user: &str) -> Vec<FlowId> {
         self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user && !f.state.ended())

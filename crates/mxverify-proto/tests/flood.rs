@@ -1,0 +1,187 @@
+//! One user cannot fill the machine: however many requests or starts one peer sends, the machine
+//! remembers at most 64 flows with them (forgetting their oldest ended flows early to make room),
+//! so its memory and the cost of each of their requests stay bounded, and other users are served
+//! as before.
+
+use std::collections::BTreeMap;
+
+use mxverify_proto::*;
+use serde_json::{Value, json};
+
+const T0: u64 = 1_700_000_000_000;
+const EVE: &str = "@eve:example.org";
+/// The bound the machine keeps per user (`FLOWS_PER_USER` in the machine).
+const BOUND: usize = 64;
+
+fn machine() -> Machine {
+    let own = OwnIdentity {
+        user_id: "@bot:example.org".into(),
+        device_id: "BOT".into(),
+        ed25519: Ed25519PublicKey::from_bytes([7; 32]),
+        master_key: None,
+        trusts_master_key: false,
+    };
+    Machine::new(own, Config::default(), Box::new(SeededEntropy::new(5)))
+}
+
+fn to_device(sender: &str, event_type: &str, content: Value) -> IncomingEvent {
+    IncomingEvent { sender: sender.into(), event_type: event_type.into(), content, room: None }
+}
+
+fn request(sender: &str, device: &str, txn: &str, now: Millis) -> IncomingEvent {
+    let content = json!({"from_device": device, "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": txn});
+    to_device(sender, "m.key.verification.request", content)
+}
+
+fn flows_with(m: &Machine, user: &str) -> usize {
+    m.flows().filter(|k| matches!(k, FlowKey::ToDevice { user_id, .. } if user_id == user)).count()
+}
+
+fn key(user: &str, txn: &str) -> FlowKey {
+    FlowKey::ToDevice { user_id: user.into(), transaction_id: txn.into() }
+}
+
+/// The events and messages the machine put out since the last call.
+fn drain(m: &mut Machine) -> (Vec<Event>, Vec<Outgoing>) {
+    let events = std::iter::from_fn(|| m.poll_event()).collect();
+    let outgoing = std::iter::from_fn(|| m.poll_outgoing()).collect();
+    (events, outgoing)
+}
+
+fn dropped_for_limit(events: &[Event]) -> bool {
+    events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowLimit, .. }))
+}
+
+/// One device sends 20 000 requests, one per millisecond: each new one cancels the one in
+/// progress (CX-03), and the ended ones would stay remembered for ten minutes. The machine keeps
+/// 64 flows with that user at most, every request is still handled (none dropped for the bound),
+/// and a request after the flood waits for our user as usual.
+#[test]
+fn one_device_flooding_requests_stays_bounded() {
+    let mut m = machine();
+    for i in 0..20_000u64 {
+        let now = T0 + i;
+        m.receive(request(EVE, "EVEDEVICE", &format!("t{i}"), now), now);
+        let (events, _) = drain(&mut m);
+        assert!(!dropped_for_limit(&events), "request {i} dropped although ended flows could make room");
+        assert!(
+            events.iter().any(|e| matches!(e, Event::IncomingRequest { .. } | Event::Cancelled { .. })),
+            "request {i} was not handled: {events:?}"
+        );
+        if i % 1_000 == 0 {
+            assert!(flows_with(&m, EVE) <= BOUND, "{} flows with one user", flows_with(&m, EVE));
+            m.check_invariants().unwrap();
+        }
+    }
+    assert_eq!(flows_with(&m, EVE), BOUND);
+    // Every second request finds the one before it in progress, and both end (CX-03).
+    let last = m.flow(&key(EVE, "t19999")).expect("the last request is remembered");
+    assert!(
+        matches!(&last.phase, FlowPhase::Cancelled(info) if info.cause == Some(LocalCause::MultipleAttempts)),
+        "{:?}",
+        last.phase
+    );
+    let now = T0 + 20_000;
+    m.receive(request(EVE, "EVEDEVICE", "t20000", now), now);
+    drain(&mut m);
+    let next = m.flow(&key(EVE, "t20000")).expect("the next request is remembered");
+    assert!(matches!(next.phase, FlowPhase::Incoming { .. }), "{:?}", next.phase);
+    assert_eq!(flows_with(&m, EVE), BOUND);
+    m.check_invariants().unwrap();
+
+    // A cancel for a flow forgotten early is not answered, and nothing else is disturbed.
+    m.receive(
+        to_device(EVE, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": "t100"})),
+        now,
+    );
+    let (_, outgoing) = drain(&mut m);
+    assert!(outgoing.is_empty(), "a cancel is never answered: {outgoing:?}");
+
+    // Another user is served as before.
+    m.receive(request("@bob:example.org", "BOBDEVICE", "b1", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::IncomingRequest { flow, .. } if *flow == key("@bob:example.org", "b1")))
+    );
+}
+
+/// 64 of one user's devices each have a request waiting (no CX-03 between different devices):
+/// the 65th is dropped with `FlowLimit` — no prompt, nothing on the wire, the 64 untouched — while
+/// another user's request is prompted. Once one of the 64 ends, the next request makes room by
+/// forgetting it.
+#[test]
+fn a_user_with_64_verifications_in_progress_opens_no_more() {
+    let mut m = machine();
+    let now = T0;
+    for i in 0..BOUND {
+        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
+    }
+    let (events, outgoing) = drain(&mut m);
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::IncomingRequest { .. })).count(), BOUND);
+    assert!(outgoing.is_empty());
+
+    m.receive(request(EVE, "D64", "t64", now), now);
+    let (events, outgoing) = drain(&mut m);
+    assert!(dropped_for_limit(&events), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, Event::IncomingRequest { .. })), "{events:?}");
+    assert!(outgoing.is_empty(), "nothing goes out for a dropped request: {outgoing:?}");
+    assert_eq!(flows_with(&m, EVE), BOUND);
+    assert!(m.flow(&key(EVE, "t64")).is_none());
+    assert!(
+        (0..BOUND).all(|i| matches!(m.flow(&key(EVE, &format!("t{i}"))).unwrap().phase, FlowPhase::Incoming { .. }))
+    );
+
+    m.receive(request("@bob:example.org", "BOBDEVICE", "b1", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::IncomingRequest { .. })), "{events:?}");
+
+    // Eve cancels one of hers: the next request forgets that one and is prompted.
+    m.receive(
+        to_device(EVE, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": "t0"})),
+        now,
+    );
+    drain(&mut m);
+    m.receive(request(EVE, "D65", "t65", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::IncomingRequest { flow, .. } if *flow == key(EVE, "t65"))),
+        "{events:?}"
+    );
+    assert_eq!(flows_with(&m, EVE), BOUND);
+    assert!(m.flow(&key(EVE, "t0")).is_none(), "the ended flow made room");
+    // Its id stays closed: the same request again is not a new flow.
+    m.receive(request(EVE, "D0", "t0", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowEnded, .. })), "{events:?}");
+    m.check_invariants().unwrap();
+}
+
+/// A legacy start (SAS started without a request) opens a flow too, and is bounded alike.
+#[test]
+fn legacy_starts_count_towards_the_bound() {
+    let mut m = machine();
+    let now = T0;
+    let devices: BTreeMap<String, Ed25519PublicKey> =
+        (0..=BOUND).map(|i| (format!("D{i}"), Ed25519PublicKey::from_bytes([i as u8 + 1; 32]))).collect();
+    m.update_user_keys(EVE, UserKeys { devices, master_key: None, other_cross_signing_keys: vec![] }, now);
+    for i in 0..BOUND {
+        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
+    }
+    drain(&mut m);
+    let start = json!({
+        "from_device": format!("D{BOUND}"),
+        "method": "m.sas.v1",
+        "key_agreement_protocols": ["curve25519-hkdf-sha256"],
+        "hashes": ["sha256"],
+        "message_authentication_codes": ["hkdf-hmac-sha256.v2"],
+        "short_authentication_string": ["decimal", "emoji"],
+        "transaction_id": "legacy",
+    });
+    m.receive(to_device(EVE, "m.key.verification.start", start), now);
+    let (events, outgoing) = drain(&mut m);
+    assert!(dropped_for_limit(&events), "{events:?}");
+    assert!(outgoing.is_empty(), "{outgoing:?}");
+    assert!(m.flow(&key(EVE, "legacy")).is_none());
+}
