@@ -415,8 +415,9 @@ pub enum DropReason {
     /// Too many events wait for keys: this one was given up (its sender's oldest, or a newcomer
     /// when everyone together is at the bound).
     HoldLimit,
-    /// A request or start from a user who already has as many verifications in progress with us
-    /// as the machine keeps for one user (64): none of them has ended, so none could make room.
+    /// A request or start from a user with whom the machine already keeps as many flows as it
+    /// keeps for one user (64), too few of them ended to make room by forgetting them early: the
+    /// verifications in progress are kept, the newcomer is not.
     FlowLimit,
 }
 

@@ -30,7 +30,7 @@ use timers::{FlowId, Timer, TimerTable};
 /// a flow they open forgets their oldest ended one early (or, if all are in progress, is dropped).
 /// Without a bound, one device sending requests faster than its ended flows are forgotten would
 /// grow the table without limit and make each new request look through all of its earlier ones
-/// (CX-03); no real user has this many verifications with one device at once.
+/// (CX-03); no real user has this many verifications with us at once.
 pub(crate) const FLOWS_PER_USER: usize = 64;
 
 #[derive(Debug)]
@@ -214,13 +214,19 @@ impl Machine {
     }
 
     /// Checks that the machine's indexes agree with its flow table, that every running timer is
-    /// queued, and that every flow has the deadlines its state needs: an expiry (and, while its
-    /// prompt is open, a prompt) until it ends, then a forget time (for property tests).
+    /// queued, that only remembered flows have deadlines queued, and that every flow has the
+    /// deadlines its state needs: an expiry (and, while its prompt is open, a prompt) until it
+    /// ends, then a forget time (for property tests).
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
         self.flows.check()?;
         self.timers.check()?;
+        // With every flow entry of the queue known to its record, this bounds the queue by the
+        // flows remembered (three entries each at most), however early flows were forgotten.
+        if let Some(id) = self.timers.slots_with_entries().find(|id| self.flows.by_id(*id).is_none()) {
+            return Err(format!("slot {} holds no flow but has deadlines queued", id.0));
+        }
         for (id, flow) in self.flows.iter() {
             let has = |t: Timer| self.timers.get(t).is_some();
             let ok = if flow.state.ended() {
@@ -246,8 +252,8 @@ impl Machine {
 
     /// Ends what is due at `now`: unanswered prompts close silently (another of our devices may
     /// still answer), unfinished flows are cancelled with `m.timeout` (ended locally if our `done`
-    /// went out), ended flows are forgotten after the flow timeout, and events that waited for
-    /// keys in vain are given up.
+    /// went out), ended flows are forgotten (at the latest) after the flow timeout, and events
+    /// that waited for keys in vain are given up.
     ///
     /// Every other input applies what is due at its `now` first, so a late input never acts on a
     /// flow that should already have ended.
@@ -598,13 +604,14 @@ impl Machine {
         if self.gate.is_closed(&key) {
             return self.dropped(event, DropReason::FlowEnded);
         }
+        // CX-03 first: the attempts it ends can make room for this one.
+        let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
         if !self.make_room_for(&event.sender) {
             return self.dropped(event, DropReason::FlowLimit);
         }
         let t = &self.config.timeouts;
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let flow_deadline = now + t.flow;
-        let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
         let methods = req.methods.clone();
         let offered = Methods::from(req.methods);
         let common = crate::flow::common_methods(&self.config.methods, &offered);
@@ -661,10 +668,10 @@ impl Machine {
         if !self.keys.has_device(&event.sender, &start.from_device) && !retry {
             return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt);
         }
+        let clashing = self.cancel_parallel_attempts(&event.sender, &start.from_device, now);
         if !self.make_room_for(&event.sender) {
             return self.dropped(event, DropReason::FlowLimit);
         }
-        let clashing = self.cancel_parallel_attempts(&event.sender, &start.from_device, now);
         let flow = Flow {
             key,
             other_user: event.sender.clone(),
@@ -757,22 +764,24 @@ impl Machine {
         self.dropped(event, if own { DropReason::Own } else { DropReason::NotAParty });
     }
 
-    /// Forgets a flow: its deadlines stop, and its id stays closed in the cancel gate.
+    /// Forgets a flow, at its forget time or early: its deadlines and their queue entries go, and
+    /// its id joins the cancel gate's memory of recently closed ids.
     fn forget(&mut self, id: FlowId) {
         if let Some(flow) = self.flows.forget(id) {
-            for timer in [Timer::Prompt(id), Timer::Expire(id), Timer::Forget(id)] {
-                self.timers.stop(timer);
-            }
+            self.timers.clear(id);
             self.gate.close(flow.key);
         }
     }
 
     /// Whether `user` may open one more flow with us (a request, a legacy start): while the
     /// machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows are
-    /// forgotten early to make room; if every one of them is still in progress, no.
+    /// forgotten early to make room; if too few of them have ended, no.
     fn make_room_for(&mut self, user: &str) -> bool {
         let flows = self.flows.with_user(user);
-        let Some(excess) = (flows.len() + 1).checked_sub(FLOWS_PER_USER) else { return true };
+        let excess = (flows.len() + 1).saturating_sub(FLOWS_PER_USER);
+        if excess == 0 {
+            return true;
+        }
         let mut ended: Vec<(Millis, FlowId)> = flows
             .into_iter()
             .filter(|id| self.flows.by_id(*id).is_some_and(|f| f.state.ended()))

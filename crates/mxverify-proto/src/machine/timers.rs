@@ -8,6 +8,11 @@
 //! operations are inserts (a new flow's deadlines, or an ended flow's forget time, both near the
 //! end) and pops at the front. A stale entry lives at most until its own time, so the queue holds
 //! at most the deadlines set within the longest timeout.
+//!
+//! A flow's record remembers the time of a stopped deadline until its stale entry leaves the
+//! queue, so every queue entry of a flow is known to its record: a flow forgotten before its time
+//! (to make room for a newcomer, see `FLOWS_PER_USER`) takes its entries out with it
+//! ([`TimerTable::clear`]), and the queue never holds more than three entries per slot.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -25,7 +30,7 @@ pub(crate) enum Timer {
     Prompt(FlowId),
     /// The flow times out (TO-01).
     Expire(FlowId),
-    /// An ended flow is forgotten (its id stays closed in the cancel gate).
+    /// An ended flow is forgotten (its id joins the cancel gate's memory of closed ids).
     Forget(FlowId),
     /// An in-room request whose event ID never came back is given up.
     PendingRoom(u64),
@@ -35,6 +40,9 @@ pub(crate) enum Timer {
 
 /// No deadline.
 const NONE: Millis = Millis::MAX;
+/// Marks a flow deadline that was stopped while its entry is still in the queue (deadlines are
+/// milliseconds since 1970 and `set` caps them below `NONE`, so the top bit is free).
+const STOPPED: Millis = 1 << 63;
 
 /// Queue entries: the kind in the top two bits, then for flows which deadline (bits 32–33) and
 /// the slot, so that at equal times the order is the order of [`Timer`]'s variants.
@@ -47,7 +55,9 @@ const ID: u64 = !KIND;
 pub(crate) struct TimerTable {
     /// `(when, entry)`, live or stale; the first entry is always live.
     queue: BTreeSet<(Millis, u64)>,
-    /// A flow's prompt, expiry and forget deadlines, by slot (`NONE` when not set).
+    /// A flow's prompt, expiry and forget deadlines, by slot: `NONE` when it has no queue entry,
+    /// the time when it runs, the time with `STOPPED` when it was stopped and its stale entry
+    /// still waits in the queue.
     flows: Vec<[Millis; 3]>,
     /// The deadlines of the other timers.
     others: HashMap<Timer, Millis>,
@@ -88,13 +98,18 @@ fn timer_of(entry: u64) -> Timer {
 impl TimerTable {
     /// Sets (or moves) a timer.
     pub(crate) fn set(&mut self, timer: Timer, when: Millis) {
-        let when = when.min(NONE - 1);
+        let when = when.min(STOPPED - 1);
         match flow_timer(timer) {
             Some((slot, which)) => {
                 if self.flows.len() <= slot {
                     self.flows.resize(slot + 1, [NONE; 3]);
                 }
-                self.flows[slot][which] = when;
+                // A flow sets each deadline once; should one move, its old entry goes at once so
+                // that every entry of a flow stays known to its record.
+                let old = std::mem::replace(&mut self.flows[slot][which], when);
+                if old != NONE {
+                    self.queue.remove(&(old & !STOPPED, entry(timer)));
+                }
             }
             None => {
                 self.others.insert(timer, when);
@@ -108,8 +123,10 @@ impl TimerTable {
     pub(crate) fn stop(&mut self, timer: Timer) {
         match flow_timer(timer) {
             Some((slot, which)) => {
-                if let Some(deadlines) = self.flows.get_mut(slot) {
-                    deadlines[which] = NONE;
+                if let Some(d) = self.flows.get_mut(slot).map(|d| &mut d[which])
+                    && *d != NONE
+                {
+                    *d |= STOPPED;
                 }
             }
             None => {
@@ -122,7 +139,7 @@ impl TimerTable {
     /// When a timer fires, if it runs.
     pub(crate) fn get(&self, timer: Timer) -> Option<Millis> {
         match flow_timer(timer) {
-            Some((slot, which)) => self.flows.get(slot).map(|d| d[which]).filter(|&w| w != NONE),
+            Some((slot, which)) => self.flows.get(slot).map(|d| d[which]).filter(|&w| w & STOPPED == 0),
             None => self.others.get(&timer).copied(),
         }
     }
@@ -139,9 +156,44 @@ impl TimerTable {
             return None;
         }
         self.queue.pop_first();
+        self.left_queue(when, e);
+        self.purge();
+        Some(timer_of(e))
+    }
+
+    /// Takes every queue entry of a flow's slot out of the queue, running or stale, and clears
+    /// its deadlines: for a flow forgotten before its time.
+    pub(crate) fn clear(&mut self, flow: FlowId) {
+        let Some(deadlines) = self.flows.get_mut(flow.0 as usize) else { return };
+        let deadlines = std::mem::replace(deadlines, [NONE; 3]);
+        for (timer, when) in [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)].into_iter().zip(deadlines)
+        {
+            if when != NONE {
+                self.queue.remove(&(when & !STOPPED, entry(timer)));
+            }
+        }
+        self.purge();
+    }
+
+    /// Forgets what the records say of a queue entry that just left the queue: a running
+    /// timer has fired, a stopped one's stale entry is gone.
+    fn left_queue(&mut self, when: Millis, e: u64) {
         let timer = timer_of(e);
-        self.stop(timer);
-        Some(timer)
+        match flow_timer(timer) {
+            Some((slot, which)) => {
+                if let Some(d) = self.flows.get_mut(slot).map(|d| &mut d[which])
+                    && *d != NONE
+                    && *d & !STOPPED == when
+                {
+                    *d = NONE;
+                }
+            }
+            None => {
+                if self.others.get(&timer) == Some(&when) {
+                    self.others.remove(&timer);
+                }
+            }
+        }
     }
 
     /// Whether a queue entry is the timer's current deadline.
@@ -156,11 +208,19 @@ impl TimerTable {
                 break;
             }
             self.queue.pop_first();
+            self.left_queue(when, e);
         }
     }
 
-    /// Whether every running timer has its entry in the queue and the first entry is live (for
-    /// tests); returns how many timers run.
+    /// The slots whose records still know of a queue entry (for tests: each must hold a flow).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn slots_with_entries(&self) -> impl Iterator<Item = FlowId> + '_ {
+        self.flows.iter().enumerate().filter(|(_, d)| d.iter().any(|w| *w != NONE)).map(|(i, _)| FlowId(i as u32))
+    }
+
+    /// Whether every running timer has its entry in the queue, every flow entry in the queue is
+    /// known to its record (running or stopped), and the first entry is live (for tests);
+    /// returns how many timers run.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn check(&self) -> Result<usize, String> {
         let mut running = 0;
@@ -169,9 +229,18 @@ impl TimerTable {
             [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)].into_iter().zip(*d)
         });
         for (timer, when) in flows.filter(|(_, w)| *w != NONE).chain(self.others.iter().map(|(t, w)| (*t, *w))) {
-            running += 1;
+            let (when, stopped) = (when & !STOPPED, when & STOPPED != 0);
+            running += usize::from(!stopped);
             if !self.queue.contains(&(when, entry(timer))) {
-                return Err(format!("{timer:?} at {when} is not in the queue"));
+                return Err(format!("{timer:?} at {when} (stopped: {stopped}) is not in the queue"));
+            }
+        }
+        for &(when, e) in &self.queue {
+            let timer = timer_of(e);
+            if let Some((slot, which)) = flow_timer(timer)
+                && self.flows.get(slot).is_none_or(|d| d[which] == NONE || d[which] & !STOPPED != when)
+            {
+                return Err(format!("{timer:?} at {when} is in the queue, unknown to its record"));
             }
         }
         if let Some(&(when, e)) = self.queue.first()
@@ -226,6 +295,51 @@ mod tests {
         assert_eq!((t.pop_due(u64::MAX), t.next(), t.queue.len()), (None, None, 0));
         t.stop(Timer::Forget(FlowId(1_000)));
         assert_eq!(t.check(), Ok(0), "stopping a timer never set changes nothing");
+    }
+
+    #[test]
+    fn a_flow_forgotten_early_takes_its_entries_along() {
+        let mut t = TimerTable::default();
+        let (f, g) = (FlowId(0), FlowId(1));
+        t.set(Timer::Prompt(f), 10);
+        t.set(Timer::Expire(f), 50);
+        t.set(Timer::Expire(g), 5);
+        t.stop(Timer::Prompt(f));
+        t.stop(Timer::Expire(f));
+        t.set(Timer::Forget(f), 60);
+        assert_eq!((t.queue.len(), t.check()), (4, Ok(2)), "stopped deadlines leave stale entries behind");
+        t.clear(f);
+        assert_eq!((t.queue.len(), t.check()), (1, Ok(1)));
+        assert_eq!(t.slots_with_entries().collect::<Vec<_>>(), [g]);
+        assert_eq!(t.pop_due(100), Some(Timer::Expire(g)));
+        assert!(t.queue.is_empty() && t.slots_with_entries().next().is_none());
+        t.clear(FlowId(1_000));
+    }
+
+    #[test]
+    fn stale_entries_leaving_the_queue_clear_their_records() {
+        let mut t = TimerTable::default();
+        let f = FlowId(0);
+        t.set(Timer::Prompt(f), 10);
+        t.set(Timer::Expire(f), 50);
+        t.set(Timer::Forget(FlowId(1)), 60);
+        t.stop(Timer::Prompt(f));
+        assert_eq!((t.queue.len(), t.flows[0][0]), (2, NONE), "the stale front entry went, and its record with it");
+        t.stop(Timer::Expire(f));
+        assert_eq!(t.queue.len(), 1);
+        assert_eq!(t.slots_with_entries().collect::<Vec<_>>(), [FlowId(1)]);
+        // A deadline moved: its old entry goes at once.
+        t.set(Timer::Forget(FlowId(1)), 70);
+        t.set(Timer::Forget(FlowId(1)), 90);
+        assert_eq!((t.queue.len(), t.check()), (1, Ok(1)));
+    }
+
+    #[test]
+    fn the_check_finds_an_entry_unknown_to_its_record() {
+        let mut t = TimerTable::default();
+        t.set(Timer::Expire(FlowId(0)), 50);
+        t.queue.insert((80, entry(Timer::Forget(FlowId(0)))));
+        assert!(t.check().unwrap_err().contains("unknown to its record"));
     }
 
     #[test]
