@@ -842,7 +842,7 @@ impl Machine {
         now: Millis,
         f: impl FnOnce(State, &mut Ctx<'_>) -> crate::flow::Transition,
     ) {
-        let Some((Flow { key, other_user, origin, state }, placement)) = self.flows.take(id) else {
+        let Some(Flow { key, other_user, origin, state }) = self.flows.take(id) else {
             return;
         };
         let was_incoming = matches!(state, State::Incoming(_));
@@ -889,7 +889,7 @@ impl Machine {
             }
             Next::End(end) => self.end(id, &key, &other_user, (trigger, status), end, now),
         };
-        self.flows.put(id, Flow { key, other_user, origin, state }, placement);
+        self.flows.put(id, Flow { key, other_user, origin, state });
     }
 
     /// The end of a flow: the only place a flow becomes done or cancelled. Whether a cancel goes

@@ -2,17 +2,17 @@
 //! machine's questions need, so that no input scans all flows (a bridge may hold a million):
 //!
 //! * by key — the flow an event belongs to;
-//! * by user — the flows with a user (a changed identity ends those in progress);
-//! * by device — the flows bound to a user's device (CX-03: a new attempt from that device
-//!   cancels those in progress).
+//! * by user — the flows with a user: a changed identity ends those in progress, and CX-03 (a new
+//!   attempt from a device cancels those in progress) looks among them for the device's. The
+//!   machine keeps at most `FLOWS_PER_USER` flows a peer opened with one user, so this stays a
+//!   short list; a device index of its own cost every new request two more cache misses.
 //!
 //! The indexes store slot numbers only; the data lives once, in the slot. A flow enters them when
-//! it is created (and the device index when it is bound to a device) and leaves them when it is
-//! forgotten, not when it ends: the questions filter on the state they read anyway, so ending a
-//! flow, like most transitions, touches no index. With a million flows every index access is a
-//! cache miss, so the fewer the better.
+//! it is created and leaves them when it is forgotten, not when it ends: the questions filter on
+//! the state they read anyway, so a transition touches no index. With a million flows every index
+//! access is a cache miss, so the fewer the better.
 
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
@@ -29,10 +29,6 @@ pub(crate) struct FlowTable {
     free: Vec<u32>,
     by_key: HashTable<FlowId>,
     by_user: HashTable<FlowId>,
-    by_device: HashTable<FlowId>,
-    /// By slot: the hash under which the flow is in `by_device`, or 0 if it is not (device
-    /// hashes are odd).
-    device_hash: Vec<u64>,
     /// Seeded per table, so that a peer cannot choose keys that collide (the hashes decide nothing
     /// the machine outputs: every list it returns is sorted).
     hasher: RandomState,
@@ -53,21 +49,6 @@ fn hash_key(hasher: &RandomState, key: &FlowKey) -> u64 {
     hasher.hash_one(parts(key))
 }
 
-/// Whether a flow taken out for a transition was bound to a device. A flow is bound at most once
-/// and keeps its device to the end (every state after the binding carries the device it was
-/// bound to), so only the first binding changes the device index: a transition that copies the
-/// device string, as ending a flow does, touches no index and hashes nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement {
-    bound: bool,
-}
-
-impl Placement {
-    fn of(flow: &Flow) -> Placement {
-        Placement { bound: flow.state.device().is_some() }
-    }
-}
-
 impl FlowTable {
     fn hash_key(&self, key: &FlowKey) -> u64 {
         hash_key(&self.hasher, key)
@@ -75,12 +56,6 @@ impl FlowTable {
 
     fn hash_user(&self, user: &str) -> u64 {
         self.hasher.hash_one(user)
-    }
-
-    fn hash_device(&self, user: &str, device: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        (user, device).hash(&mut h);
-        std::hash::Hasher::finish(&h) | 1
     }
 
     fn slot(&self, id: FlowId) -> Option<&Flow> {
@@ -125,7 +100,6 @@ impl FlowTable {
             Some(i) => FlowId(i),
             None => {
                 self.slots.push(None);
-                self.device_hash.push(0);
                 FlowId(u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 flows"))
             }
         };
@@ -135,39 +109,24 @@ impl FlowTable {
         let flow_of = |i: &FlowId| slots[i.0 as usize].as_ref();
         by_key.insert_unique(key_hash, id, |i| flow_of(i).map_or(0, |f| hash_key(hasher, &f.key)));
         by_user.insert_unique(user_hash, id, |i| flow_of(i).map_or(0, |f| hasher.hash_one(f.other_user.as_str())));
-        self.bind(id);
         self.len += 1;
         id
     }
 
-    /// Takes a flow out for a transition; [`FlowTable::put`] puts it back with the placement
-    /// returned here. While out, the flow is found by no index.
-    pub(crate) fn take(&mut self, id: FlowId) -> Option<(Flow, Placement)> {
-        let flow = self.slots.get_mut(id.0 as usize)?.take()?;
-        let placement = Placement::of(&flow);
-        Some((flow, placement))
+    /// Takes a flow out for a transition; [`FlowTable::put`] puts it back. While out, the flow is
+    /// found by no index.
+    pub(crate) fn take(&mut self, id: FlowId) -> Option<Flow> {
+        self.slots.get_mut(id.0 as usize)?.take()
     }
 
-    /// Puts back a flow taken out (its key and user unchanged, and its device too once it had
-    /// one); a flow bound to a device for the first time enters the device index under it.
-    pub(crate) fn put(&mut self, id: FlowId, flow: Flow, before: Placement) {
-        let first_binding = !before.bound && flow.state.device().is_some();
-        debug_assert!(
-            !before.bound
-                || flow.state.device().map(|d| self.hash_device(&flow.other_user, d))
-                    == Some(self.device_hash[id.0 as usize]),
-            "a bound flow changed or lost its device"
-        );
+    /// Puts back a flow taken out (its key and user unchanged).
+    pub(crate) fn put(&mut self, id: FlowId, flow: Flow) {
         self.slots[id.0 as usize] = Some(flow);
-        if first_binding {
-            self.bind(id);
-        }
     }
 
     /// Forgets a flow entirely; its slot is reused.
     pub(crate) fn forget(&mut self, id: FlowId) -> Option<Flow> {
-        self.unbind(id);
-        let (flow, _) = self.take(id)?;
+        let flow = self.take(id)?;
         if let Ok(entry) = self.by_key.find_entry(self.hash_key(&flow.key), |i| *i == id) {
             entry.remove();
         }
@@ -177,27 +136,6 @@ impl FlowTable {
         self.free.push(id.0);
         self.len -= 1;
         Some(flow)
-    }
-
-    /// Enters the device index, if the flow in slot `id` is bound to a device.
-    fn bind(&mut self, id: FlowId) {
-        let Some(flow) = self.slot(id) else { return };
-        let Some(device) = flow.state.device() else { return };
-        let hash = self.hash_device(&flow.other_user, device);
-        let Self { by_device, device_hash, .. } = self;
-        device_hash[id.0 as usize] = hash;
-        by_device.insert_unique(hash, id, |i| device_hash[i.0 as usize]);
-    }
-
-    /// Leaves the device index, if the flow in slot `id` is in it.
-    fn unbind(&mut self, id: FlowId) {
-        let Some(hash) = self.device_hash.get_mut(id.0 as usize) else { return };
-        let hash = std::mem::take(hash);
-        if hash != 0
-            && let Ok(entry) = self.by_device.find_entry(hash, |i| *i == id)
-        {
-            entry.remove();
-        }
     }
 
     /// Every flow with its handle, in slot order.
@@ -223,7 +161,7 @@ impl FlowTable {
     /// The flows in progress bound to `user`'s `device`, in handle order.
     pub(crate) fn in_progress_with_device(&self, user: &str, device: &str) -> Vec<FlowId> {
         let bound_there = |f: &Flow| f.other_user == user && f.state.device() == Some(device) && !f.state.ended();
-        self.matching(&self.by_device, self.hash_device(user, device), bound_there)
+        self.matching(&self.by_user, self.hash_user(user), bound_there)
     }
 
     /// The handles under `hash` in `index` whose flow satisfies `keep` (the index holds other
@@ -249,18 +187,11 @@ impl FlowTable {
     }
 
     /// Whether every index agrees with the slots (for tests): each flow is found by its key and
-    /// its user, a flow bound to a device by that device, and no index holds anything else.
+    /// its user, and no index holds anything else.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn check(&self) -> Result<(), String> {
-        let (mut flows, mut bound) = (0, 0);
-        for (i, flow) in self.slots.iter().enumerate() {
-            let id = FlowId(i as u32);
-            let Some(flow) = flow else {
-                if self.device_hash[i] != 0 {
-                    return Err(format!("free slot {i} is in the device index"));
-                }
-                continue;
-            };
+        let mut flows = 0;
+        for (id, flow) in self.iter() {
             flows += 1;
             if self.id(&flow.key) != Some(id) {
                 return Err(format!("{:?} is not found by its key", flow.key));
@@ -268,22 +199,13 @@ impl FlowTable {
             if !self.by_user.iter_hash(self.hash_user(&flow.other_user)).any(|x| *x == id) {
                 return Err(format!("{:?} is not in the user index", flow.key));
             }
-            if let Some(device) = flow.state.device() {
-                bound += 1;
-                let hash = self.hash_device(&flow.other_user, device);
-                if self.device_hash[i] != hash || !self.by_device.iter_hash(hash).any(|x| *x == id) {
-                    return Err(format!("{:?} is not in the device index under its device", flow.key));
-                }
-            } else if self.device_hash[i] != 0 {
-                return Err(format!("{:?} is in the device index without a device", flow.key));
-            }
         }
         let free = self.free.len();
-        let sizes = (self.by_key.len(), self.by_user.len(), self.by_device.len());
-        if sizes != (flows, flows, bound) || self.len != flows || flows + free != self.slots.len() {
+        let sizes = (self.by_key.len(), self.by_user.len());
+        if sizes != (flows, flows) || self.len != flows || flows + free != self.slots.len() {
             return Err(format!(
                 "index sizes {sizes:?}, expected {:?}; len {} of {} slots, {free} free",
-                (flows, flows, bound),
+                (flows, flows),
                 self.len,
                 self.slots.len()
             ));
@@ -325,32 +247,29 @@ mod tests {
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a], "a request not yet answered is bound to no device");
         assert_eq!(t.in_progress_with_device("@b:x", "D1"), [c]);
         assert!(t.awaiting_keys(None).is_empty());
-        assert_eq!(t.device_hash.iter().filter(|h| **h != 0).count(), 2, "two flows are bound");
 
-        // A transition: while out the flow is found by no index; a copy of its device string
-        // keeps it where it is.
-        let (mut f, placement) = t.take(a).unwrap();
+        // A transition: while out the flow is found by no index.
+        let mut f = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
         f.state = State::Ready(Ready { device: "D1".into(), methods: Vec::new().into(), shown: None });
-        t.put(a, f, placement);
+        t.put(a, f);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
         assert_eq!(t.awaiting_keys(Some("@a:x")), [a]);
         assert!(t.awaiting_keys(Some("@b:x")).is_empty());
 
-        // Our request answered by one of the devices it went to: bound for the first time, the
-        // flow enters the device index.
-        let (mut f, placement) = t.take(b).unwrap();
+        // Our request answered by one of the devices it went to: now bound to that device.
+        let mut f = t.take(b).unwrap();
         f.state = State::Ready(Ready { device: "D2".into(), methods: Vec::new().into(), shown: None });
-        t.put(b, f, placement);
+        t.put(b, f);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D2"), [b]);
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
 
         // An ended flow stays in the indexes until forgotten, but no question finds it.
-        let (mut f, placement) = t.take(c).unwrap();
+        let mut f = t.take(c).unwrap();
         f.state = State::Done(crate::flow::Finished { device: "D1".into(), keys: vec![] });
-        t.put(c, f, placement);
+        t.put(c, f);
         t.check().unwrap();
         assert!(t.in_progress_with("@b:x").is_empty() && t.in_progress_with_device("@b:x", "D1").is_empty());
         let key = t.by_id(c).unwrap().key.clone();
@@ -374,24 +293,12 @@ mod tests {
 
         let mut t = FlowTable::default();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
-        t.unbind(a);
-        assert!(t.check().unwrap_err().contains("device index"));
+        let hash = t.hash_key(&t.by_id(a).unwrap().key.clone());
+        t.by_key.find_entry(hash, |i| *i == a).unwrap().remove();
+        assert!(t.check().unwrap_err().contains("not found by its key"));
     }
 
-    /// A bound flow keeps its device: a transition that changed it would leave the device index
-    /// behind, so debug builds (the tests, the fuzz targets) stop there.
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "a bound flow changed or lost its device")]
-    fn a_bound_flow_that_changes_device_is_caught() {
-        let mut t = FlowTable::default();
-        let a = t.insert(flow("@a:x", "1", incoming("D1")));
-        let (mut f, placement) = t.take(a).unwrap();
-        f.state = State::Ready(Ready { device: "D2".into(), methods: Vec::new().into(), shown: None });
-        t.put(a, f, placement);
-    }
-
-    /// Many flows of one user, and many devices: the device index answers for one device only.
+    /// Many flows of one user, and many devices: a device's flows are told apart among them.
     #[test]
     fn many_flows_of_one_user() {
         let mut t = FlowTable::default();
