@@ -5,7 +5,7 @@
 //! * by user — the flows with a user: a changed identity ends those in progress, and CX-03 (a new
 //!   attempt from a device cancels those in progress) looks among them for the device's. The
 //!   machine keeps at most `FLOWS_PER_USER` flows a peer opened with one user, so this stays a
-//!   short list; a device index of its own cost every new request two more cache misses.
+//!   short list (a device index of its own cost every new request two more cache misses).
 //!
 //! The indexes store slot numbers only; the data lives once, in the slot. A flow enters them when
 //! it is created and leaves them when it is forgotten, not when it ends: the questions filter on
