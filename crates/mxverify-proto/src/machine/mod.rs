@@ -604,11 +604,7 @@ impl Machine {
         if self.gate.is_closed(&key) {
             return self.dropped(event, DropReason::FlowEnded);
         }
-        // CX-03 first: the attempts it ends can make room for this one.
-        let clashing = self.cancel_parallel_attempts(&event.sender, &req.from_device, now);
-        if !self.make_room_for(&event.sender) {
-            return self.dropped(event, DropReason::FlowLimit);
-        }
+        let Some(clashing) = self.admit_attempt(event, &req.from_device, now) else { return };
         let t = &self.config.timeouts;
         let prompt_deadline = (ts + t.prompt_after_timestamp).min(now + t.prompt_after_receipt);
         let flow_deadline = now + t.flow;
@@ -624,13 +620,7 @@ impl Machine {
         let id = self.insert(flow, flow_deadline);
         self.timers.set(Timer::Prompt(id), prompt_deadline);
         if clashing {
-            self.transition(id, Trigger::Local, false, None, now, |state, _| {
-                (
-                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
-                    Step::default(),
-                )
-            });
-            return;
+            return self.end_parallel_attempt(id, now);
         }
         self.events.push_back(Event::IncomingRequest {
             flow: key,
@@ -643,18 +633,31 @@ impl Machine {
         self.ask_keys_if_unknown(&event.sender, Some(&req.from_device));
     }
 
-    /// CX-03: a new attempt from a device that already has one in progress with us cancels all.
-    fn cancel_parallel_attempts(&mut self, user: &str, device: &str, now: Millis) -> bool {
-        let clashing = self.flows.in_progress_with_device(user, device);
+    /// A flow the sender of `event` opens from `device` (a request, a legacy start). CX-03 first:
+    /// a new attempt from a device that already has one in progress with us cancels all, and the
+    /// attempts it ends can make room under the bound per user. `None`: dropped for that bound
+    /// (reported); `Some(clashing)`: open it, and if it clashed end it as well
+    /// ([`Machine::end_parallel_attempt`]).
+    fn admit_attempt(&mut self, event: &IncomingEvent, device: &str, now: Millis) -> Option<bool> {
+        let clashing = self.flows.in_progress_with_device(&event.sender, device);
         for id in &clashing {
-            self.transition(*id, Trigger::Local, false, None, now, |state, _| {
-                (
-                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
-                    Step::default(),
-                )
-            });
+            self.end_parallel_attempt(*id, now);
         }
-        !clashing.is_empty()
+        if !self.make_room_for(&event.sender) {
+            self.dropped(event, DropReason::FlowLimit);
+            return None;
+        }
+        Some(!clashing.is_empty())
+    }
+
+    /// CX-03: one of several attempts from one device ends.
+    fn end_parallel_attempt(&mut self, id: FlowId, now: Millis) {
+        self.transition(id, Trigger::Local, false, None, now, |state, _| {
+            (
+                Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
+                Step::default(),
+            )
+        });
     }
 
     fn receive_legacy_start(
@@ -668,10 +671,7 @@ impl Machine {
         if !self.keys.has_device(&event.sender, &start.from_device) && !retry {
             return self.hold(event.clone(), now + self.config.timeouts.prompt_after_receipt);
         }
-        let clashing = self.cancel_parallel_attempts(&event.sender, &start.from_device, now);
-        if !self.make_room_for(&event.sender) {
-            return self.dropped(event, DropReason::FlowLimit);
-        }
+        let Some(clashing) = self.admit_attempt(event, &start.from_device, now) else { return };
         let flow = Flow {
             key,
             other_user: event.sender.clone(),
@@ -684,12 +684,7 @@ impl Machine {
         };
         let id = self.insert(flow, now + self.config.timeouts.flow);
         if clashing {
-            self.transition(id, Trigger::Local, false, None, now, |state, _| {
-                (
-                    Next::fail(state.into_peer(), CancelCode::UnexpectedMessage, LocalCause::MultipleAttempts),
-                    Step::default(),
-                )
-            });
+            self.end_parallel_attempt(id, now);
         } else if !self.config.methods.contains(&Method::SasV1) {
             let trigger = Trigger::Incoming(MsgKind::Start);
             self.transition(id, trigger, retry, None, now, |state, _| {

@@ -63,6 +63,11 @@ pub(crate) struct TimerTable {
     others: HashMap<Timer, Millis>,
 }
 
+/// A flow's three timers, in the order of its deadlines' record.
+fn flow_timers(flow: FlowId) -> [Timer; 3] {
+    [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)]
+}
+
 /// A flow timer's slot and index in its deadlines.
 fn flow_timer(timer: Timer) -> Option<(usize, usize)> {
     match timer {
@@ -88,10 +93,7 @@ fn timer_of(entry: u64) -> Timer {
     match entry & KIND {
         PENDING_ROOM => Timer::PendingRoom(id),
         HELD => Timer::Held(id),
-        _ => {
-            let flow = FlowId(id as u32);
-            [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)][(id >> 32) as usize]
-        }
+        _ => flow_timers(FlowId(id as u32))[(id >> 32) as usize],
     }
 }
 
@@ -107,9 +109,7 @@ impl TimerTable {
                 // A flow sets each deadline once; should one move, its old entry goes at once so
                 // that every entry of a flow stays known to its record.
                 let old = std::mem::replace(&mut self.flows[slot][which], when);
-                if old != NONE {
-                    self.queue.remove(&(old & !STOPPED, entry(timer)));
-                }
+                self.remove_entry(timer, old);
             }
             None => {
                 self.others.insert(timer, when);
@@ -123,7 +123,7 @@ impl TimerTable {
     pub(crate) fn stop(&mut self, timer: Timer) {
         match flow_timer(timer) {
             Some((slot, which)) => {
-                if let Some(d) = self.flows.get_mut(slot).map(|d| &mut d[which])
+                if let Some(d) = self.record(slot, which)
                     && *d != NONE
                 {
                     *d |= STOPPED;
@@ -166,13 +166,22 @@ impl TimerTable {
     pub(crate) fn clear(&mut self, flow: FlowId) {
         let Some(deadlines) = self.flows.get_mut(flow.0 as usize) else { return };
         let deadlines = std::mem::replace(deadlines, [NONE; 3]);
-        for (timer, when) in [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)].into_iter().zip(deadlines)
-        {
-            if when != NONE {
-                self.queue.remove(&(when & !STOPPED, entry(timer)));
-            }
+        for (timer, when) in flow_timers(flow).into_iter().zip(deadlines) {
+            self.remove_entry(timer, when);
         }
         self.purge();
+    }
+
+    /// A flow deadline's record, if its slot has one.
+    fn record(&mut self, slot: usize, which: usize) -> Option<&mut Millis> {
+        self.flows.get_mut(slot).map(|d| &mut d[which])
+    }
+
+    /// Takes out of the queue the entry a flow deadline's `record` knows of, running or stale.
+    fn remove_entry(&mut self, timer: Timer, record: Millis) {
+        if record != NONE {
+            self.queue.remove(&(record & !STOPPED, entry(timer)));
+        }
     }
 
     /// Forgets what the records say of a queue entry that just left the queue: a running
@@ -181,7 +190,7 @@ impl TimerTable {
         let timer = timer_of(e);
         match flow_timer(timer) {
             Some((slot, which)) => {
-                if let Some(d) = self.flows.get_mut(slot).map(|d| &mut d[which])
+                if let Some(d) = self.record(slot, which)
                     && *d != NONE
                     && *d & !STOPPED == when
                 {
@@ -224,10 +233,8 @@ impl TimerTable {
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn check(&self) -> Result<usize, String> {
         let mut running = 0;
-        let flows = self.flows.iter().enumerate().flat_map(|(slot, d)| {
-            let flow = FlowId(slot as u32);
-            [Timer::Prompt(flow), Timer::Expire(flow), Timer::Forget(flow)].into_iter().zip(*d)
-        });
+        let flows =
+            self.flows.iter().enumerate().flat_map(|(slot, d)| flow_timers(FlowId(slot as u32)).into_iter().zip(*d));
         for (timer, when) in flows.filter(|(_, w)| *w != NONE).chain(self.others.iter().map(|(t, w)| (*t, *w))) {
             let (when, stopped) = (when & !STOPPED, when & STOPPED != 0);
             running += usize::from(!stopped);
