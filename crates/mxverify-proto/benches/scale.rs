@@ -6,8 +6,8 @@
 //!   of N users), at N = 10³ and 10⁶; more than 512 bytes fails the run.
 //! * Then, for a machine holding N = 10³, 10⁴, 10⁵ and 10⁶ incoming requests waiting for the user
 //!   (set-up excluded), the cost of one input: a new user's request arriving, a waiting request
-//!   cancelled by its sender, the user accepting one (our `ready` goes out), the next deadline,
-//!   and a deadline that closes one prompt. Flat cost means the 10⁶ column within 1.5× of the 10³.
+//!   cancelled by its sender, the user accepting one (our `ready` goes out), our own keys
+//!   arriving, the next deadline, and a deadline that closes one prompt. Flat cost means the 10⁶ column within 1.5× of the 10³.
 //!   Each sample is one input (`next_deadline`, which changes nothing, is timed in batches), so N
 //!   moves by at most the sample count (200) during a benchmark.
 //! * The same inputs for 10³ requests in each of a thousand machines, every input going to the
@@ -228,6 +228,29 @@ fn accept(bencher: divan::Bencher, held: Held) {
         .bench_local_values(|(j, flow)| {
             let m = &mut fleet[j];
             m.accept(&flow, now).unwrap();
+            drain(m);
+        });
+}
+
+/// Our own keys arriving (our device list or cross-signing keys changed): the flows that may now
+/// show a QR code or check a scanned one act, and no other flow is looked at.
+#[divan::bench(args = shapes(), sample_count = 200, sample_size = 1)]
+fn own_keys_arrive(bencher: divan::Bencher, held: Held) {
+    let (mut fleet, mut turns) = (fleet(held), Turns::new(held));
+    let now = NOW + held.n as u64;
+    let own = fleet[0].own_identity().clone();
+    bencher
+        .with_inputs(|| {
+            let (j, round) = turns.next();
+            let mut keys = UserKeys::default();
+            // A new device each time, as a device list that grows.
+            keys.devices.insert(format!("NEW{round}"), Ed25519PublicKey::from_bytes([7; 32]));
+            keys.devices.insert(own.device_id.clone(), own.ed25519.clone());
+            (j, keys)
+        })
+        .bench_local_values(|(j, keys)| {
+            let m = &mut fleet[j];
+            m.update_user_keys(&own.user_id, keys, now);
             drain(m);
         });
 }

@@ -517,3 +517,30 @@ fn the_projection_of_a_qr_flow() {
     net.run();
     assert!(net.lb.a.flow(&fa).unwrap().verified && net.lb.b.flow(&fb).unwrap().verified);
 }
+
+/// Our own keys arriving let a ready flow with another user show its code: Bob's device learns
+/// its master key only after accepting Alice's request. A flow that offered SAS only is left as
+/// it was.
+#[test]
+fn our_own_keys_arriving_let_a_ready_flow_show_its_code() {
+    let mut net = qr_net(Dev::new(ALICE, "A1"), Dev::new(BOB, "B1"));
+    let mut without_msk = net.db.identity();
+    without_msk.master_key = None;
+    net.lb.b = Machine::new(without_msk, qr_config(), Box::new(SeededEntropy::new(9)));
+    let now = net.lb.now;
+    net.lb.b.update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
+    net.lb.a.request_to_device(BOB, &["B1".into()], now).unwrap();
+    net.run();
+    let fb = net.flow_of(Side::B);
+    net.lb.b.accept(&fb, now).unwrap();
+    net.run();
+    assert!(shown(&net, Side::B).is_none(), "no code without our master key");
+
+    net.lb.b.set_own_identity(net.db.identity());
+    net.lb.b.update_user_keys(BOB, keys_of(&[&net.db.clone()]), now);
+    net.run();
+    let (_, mode) = shown(&net, Side::B).expect("our keys arrived: the code shows");
+    assert_eq!(mode, 0);
+    assert!(net.cancels_sent().is_empty());
+    net.lb.b.check_invariants().unwrap();
+}

@@ -1142,12 +1142,15 @@ impl Inner {
                     notices.push(Notice::new("keys", format!("ignored a key of {user}: {r}")));
                 }
                 st.store.save_user_keys(user, &info)?;
-                st.machine.update_user_keys(user, info.for_machine(), now);
+                let for_machine = info.for_machine();
                 st.keys_asked_at.insert(user.clone(), now);
                 st.known.insert(user.clone(), info);
-            }
-            if users.contains(&self.user_id) {
-                refresh_own_identity(&mut st, &self.user_id, &self.device_id);
+                if *user == self.user_id {
+                    // Our identity first: the flows our keys move on (a ready flow that can show a
+                    // QR code now) read our master key from it.
+                    refresh_own_identity(&mut st, &self.user_id, &self.device_id);
+                }
+                st.machine.update_user_keys(user, for_machine, now);
             }
         }
         for n in notices {

@@ -23,10 +23,10 @@ use serde_json::Value;
 
 use crate::cancel::{CancelCode, LocalCause};
 use crate::types::{DropReason, FlowKey};
-use crate::wire::{self, Msg};
+use crate::wire::{self, Method, Msg};
 
 pub(crate) use state::{Ended, Finished, Incoming, Ready, Requested, State};
-pub(crate) use step::{Ctx, End, How, Next, Origin, Peer, Refused, Step, common_methods, map, map_acted};
+pub(crate) use step::{Ctx, End, How, Next, Origin, Peer, Refused, Step, common_methods, corresponds, map, map_acted};
 
 /// A transition of a flow's state.
 pub(crate) type Transition = step::Transition<State>;
@@ -128,6 +128,21 @@ impl State {
         match self {
             State::Ready(r) => r.scan_qr(scanned, ctx),
             other => Err(wrong_state(other, "scan a QR code")),
+        }
+    }
+
+    /// Whether keys arriving may move this flow on ([`State::keys_arrived`]): a ready flow that
+    /// may show a QR code (QR-01) and shows none yet, or a scan waiting for the keys to check it.
+    /// `ours` are our methods.
+    pub(crate) fn awaits_keys(&self, ours: &[Method]) -> bool {
+        match self {
+            State::Ready(r) => {
+                r.shown.is_none()
+                    && ours.contains(&Method::QrShowV1)
+                    && corresponds(ours, &r.methods, &Method::QrShowV1)
+            }
+            State::Qr(q) => q.scan_pending(),
+            _ => false,
         }
     }
 

@@ -269,6 +269,11 @@ impl Qr {
         (Next::fail(self.peer(), CancelCode::UnexpectedMessage, cause), Step::default())
     }
 
+    /// Whether a scanned code waits for the keys to check it.
+    pub(crate) fn scan_pending(&self) -> bool {
+        matches!(self.phase, Phase::ScanPending { .. })
+    }
+
     /// The keys arrived: a scan that waited for them is checked now.
     pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
         match self.phase {

@@ -244,21 +244,23 @@ impl Ctx<'_> {
 /// their scanning and scanning for their showing (each needing `m.reciprocate.v1` on both sides),
 /// and the reciprocation whenever a QR method remains.
 pub(crate) fn common_methods(ours: &[Method], theirs: &Methods) -> Vec<Method> {
-    let both_reciprocate = ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
-    let mut common: Vec<Method> = ours
-        .iter()
-        .filter(|m| match m {
-            Method::QrShowV1 => both_reciprocate && theirs.contains(&Method::QrScanV1),
-            Method::QrScanV1 => both_reciprocate && theirs.contains(&Method::QrShowV1),
-            Method::ReciprocateV1 => false,
-            other => theirs.contains(other),
-        })
-        .cloned()
-        .collect();
+    let mut common: Vec<Method> = ours.iter().filter(|m| corresponds(ours, theirs, m)).cloned().collect();
     if common.iter().any(|m| matches!(m, Method::QrShowV1 | Method::QrScanV1)) {
         common.push(Method::ReciprocateV1);
     }
     common
+}
+
+/// Whether `method`, one of ours, corresponds to one of theirs (the reciprocation never does on
+/// its own: it comes with a QR method).
+pub(crate) fn corresponds(ours: &[Method], theirs: &Methods, method: &Method) -> bool {
+    let both_reciprocate = || ours.contains(&Method::ReciprocateV1) && theirs.contains(&Method::ReciprocateV1);
+    match method {
+        Method::QrShowV1 => theirs.contains(&Method::QrScanV1) && both_reciprocate(),
+        Method::QrScanV1 => theirs.contains(&Method::QrShowV1) && both_reciprocate(),
+        Method::ReciprocateV1 => false,
+        other => theirs.contains(other),
+    }
 }
 
 /// The other side's keys, fixed by value when a method starts (TR-01).

@@ -113,10 +113,10 @@ impl Machine {
     #[must_use]
     pub fn new(own: OwnIdentity, config: Config, entropy: Box<dyn Entropy + Send>) -> Self {
         Self {
+            flows: FlowTable::new(config.methods.clone()),
             own,
             config,
             entropy,
-            flows: FlowTable::default(),
             pending_room: HashMap::new(),
             keys: KeyBook::default(),
             gate: CancelGate::default(),
@@ -133,7 +133,8 @@ impl Machine {
         &self.own
     }
 
-    /// Replaces what we know of our own identity (e.g. after cross-signing was set up).
+    /// Replaces what we know of our own identity (e.g. after cross-signing was set up). Flows act
+    /// on it when our keys next arrive ([`Machine::update_user_keys`] for our own user).
     pub fn set_own_identity(&mut self, own: OwnIdentity) {
         self.own = own;
     }
@@ -143,6 +144,11 @@ impl Machine {
     /// another one (or removed) is reported with [`Event::IdentityChanged`], and every flow with
     /// that user in progress fails with `m.key_mismatch`: the spec requires telling the user of a
     /// changed identity, and never trusting keys that changed during a verification.
+    ///
+    /// Flows that were waiting for these keys act now: a ready flow shows its QR code, a scanned
+    /// code is checked. Our own keys concern every user's flows (our code shows our master key):
+    /// give the machine our new identity ([`Machine::set_own_identity`]) before them. Either way
+    /// only the flows waiting are looked at, however many the machine holds.
     pub fn update_user_keys(&mut self, user_id: &str, keys: UserKeys, now: Millis) {
         self.handle_timeout(now);
         let new_master = keys.master_key.clone();

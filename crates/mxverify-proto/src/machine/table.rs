@@ -11,7 +11,13 @@
 //! it is created and leaves them when it is forgotten, not when it ends: the questions filter on
 //! the state they read anyway, so a transition touches no index. With a million flows every index
 //! access is a cache miss, so the fewer the better.
+//!
+//! One set follows the state instead: the flows that keys arriving may move on (a ready flow that
+//! may show a QR code, a scan waiting to be checked). Our own keys concern every user's flows, and
+//! a homeserver decides how often they change; without the set, each change read every flow.
+//! Few flows are ever in it, and a transition that neither enters nor leaves it does not touch it.
 
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
@@ -19,9 +25,10 @@ use hashbrown::HashTable;
 use super::timers::FlowId;
 use crate::flow::{Flow, State};
 use crate::types::FlowKey;
+use crate::wire::Method;
 
 /// The flows and their indexes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FlowTable {
     /// Slot `i` holds the flow whose handle is `FlowId(i)`; `None` while free or taken out.
     slots: Vec<Option<Flow>>,
@@ -33,6 +40,10 @@ pub(crate) struct FlowTable {
     /// the machine outputs: every list it returns is sorted).
     hasher: RandomState,
     len: usize,
+    /// The flows for which [`State::awaits_keys`] holds, kept in step at each insert and put.
+    awaiting: BTreeSet<FlowId>,
+    /// Our methods, which that depends on.
+    ours: Vec<Method>,
 }
 
 /// A key's parts, as the key index hashes and compares them.
@@ -50,6 +61,20 @@ fn hash_key(hasher: &RandomState, key: &FlowKey) -> u64 {
 }
 
 impl FlowTable {
+    /// An empty table, for a machine offering `ours`.
+    pub(crate) fn new(ours: Vec<Method>) -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashTable::new(),
+            by_user: HashTable::new(),
+            hasher: RandomState::new(),
+            len: 0,
+            awaiting: BTreeSet::new(),
+            ours,
+        }
+    }
+
     fn hash_key(&self, key: &FlowKey) -> u64 {
         hash_key(&self.hasher, key)
     }
@@ -104,6 +129,7 @@ impl FlowTable {
             }
         };
         let (key_hash, user_hash) = (self.hash_key(&flow.key), self.hash_user(&flow.other_user));
+        self.follow_state(id, &flow.state);
         self.slots[id.0 as usize] = Some(flow);
         let Self { slots, by_key, by_user, hasher, .. } = self;
         let flow_of = |i: &FlowId| slots[i.0 as usize].as_ref();
@@ -121,7 +147,17 @@ impl FlowTable {
 
     /// Puts back a flow taken out (its key and user unchanged).
     pub(crate) fn put(&mut self, id: FlowId, flow: Flow) {
+        self.follow_state(id, &flow.state);
         self.slots[id.0 as usize] = Some(flow);
+    }
+
+    /// Enters a flow in the set of those awaiting keys, or takes it out, as its state says.
+    fn follow_state(&mut self, id: FlowId, state: &State) {
+        if state.awaits_keys(&self.ours) {
+            self.awaiting.insert(id);
+        } else if !self.awaiting.is_empty() {
+            self.awaiting.remove(&id);
+        }
     }
 
     /// Forgets a flow entirely; its slot is reused.
@@ -133,6 +169,7 @@ impl FlowTable {
         if let Ok(entry) = self.by_user.find_entry(self.hash_user(&flow.other_user), |i| *i == id) {
             entry.remove();
         }
+        self.awaiting.remove(&id);
         self.free.push(id.0);
         self.len -= 1;
         Some(flow)
@@ -173,16 +210,12 @@ impl FlowTable {
         ids
     }
 
-    /// The flows that may act when keys arrive (`ready` and QR flows), in handle order; with
-    /// `user`, only theirs. Without, every flow is looked at: that is for our own keys, which
-    /// change rarely.
+    /// The flows that keys arriving may move on ([`State::awaits_keys`]), in handle order; with
+    /// `user`, only theirs (for our own keys, every user's).
     pub(crate) fn awaiting_keys(&self, user: Option<&str>) -> Vec<FlowId> {
-        let awaits = |f: &Flow| matches!(f.state, State::Ready(_) | State::Qr(_));
         match user {
-            None => self.iter().filter(|(_, f)| awaits(f)).map(|(id, _)| id).collect(),
-            Some(user) => {
-                self.in_progress_with(user).into_iter().filter(|id| self.slot(*id).is_some_and(awaits)).collect()
-            }
+            None => self.awaiting.iter().copied().collect(),
+            Some(user) => self.in_progress_with(user).into_iter().filter(|id| self.awaiting.contains(id)).collect(),
         }
     }
 
@@ -199,6 +232,16 @@ impl FlowTable {
             if !self.by_user.iter_hash(self.hash_user(&flow.other_user)).any(|x| *x == id) {
                 return Err(format!("{:?} is not in the user index", flow.key));
             }
+            if self.awaiting.contains(&id) != flow.state.awaits_keys(&self.ours) {
+                return Err(format!(
+                    "{:?} ({}) is wrongly in or out of the set awaiting keys",
+                    flow.key,
+                    flow.state.name()
+                ));
+            }
+        }
+        if let Some(id) = self.awaiting.iter().find(|id| self.slot(**id).is_none()) {
+            return Err(format!("slot {} holds no flow but awaits keys", id.0));
         }
         let free = self.free.len();
         let sizes = (self.by_key.len(), self.by_user.len());
@@ -232,13 +275,23 @@ mod tests {
         }
     }
 
+    /// A table for a machine that offers SAS and both QR methods.
+    fn table() -> FlowTable {
+        FlowTable::new(vec![Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1])
+    }
+
+    /// A ready flow whose device offered `methods`, showing no code.
+    fn ready(device: &str, methods: &[Method]) -> State {
+        State::Ready(Ready { device: device.into(), methods: methods.to_vec().into(), shown: None })
+    }
+
     fn incoming(device: &str) -> State {
         State::Incoming(Incoming { device: device.into(), methods: vec![Method::SasV1].into() })
     }
 
     #[test]
     fn indexes_follow_the_state_and_slots_are_reused() {
-        let mut t = FlowTable::default();
+        let mut t = table();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
         let b = t.insert(flow("@a:x", "2", State::Requested(Requested { devices: vec!["D1".into()] })));
         let c = t.insert(flow("@b:x", "3", incoming("D1")));
@@ -251,18 +304,21 @@ mod tests {
         // A transition: while out the flow is found by no index.
         let mut f = t.take(a).unwrap();
         assert!(t.in_progress_with("@a:x") == [b] && t.id(&f.key).is_none(), "a flow taken out is not found");
-        f.state = State::Ready(Ready { device: "D1".into(), methods: Vec::new().into(), shown: None });
+        f.state = ready("D1", &[Method::SasV1, Method::QrScanV1, Method::ReciprocateV1]);
         t.put(a, f);
         t.check().unwrap();
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
-        assert_eq!(t.awaiting_keys(Some("@a:x")), [a]);
+        assert_eq!(t.awaiting_keys(Some("@a:x")), [a], "it may show a QR code once the keys are known");
+        assert_eq!(t.awaiting_keys(None), [a]);
         assert!(t.awaiting_keys(Some("@b:x")).is_empty());
 
-        // Our request answered by one of the devices it went to: now bound to that device.
+        // Our request answered by one of the devices it went to: now bound to that device. It
+        // offered SAS only, so no keys will let it show a code.
         let mut f = t.take(b).unwrap();
-        f.state = State::Ready(Ready { device: "D2".into(), methods: Vec::new().into(), shown: None });
+        f.state = ready("D2", &[Method::SasV1]);
         t.put(b, f);
         t.check().unwrap();
+        assert_eq!(t.awaiting_keys(None), [a]);
         assert_eq!(t.in_progress_with_device("@a:x", "D2"), [b]);
         assert_eq!(t.in_progress_with_device("@a:x", "D1"), [a]);
 
@@ -272,6 +328,20 @@ mod tests {
         t.put(c, f);
         t.check().unwrap();
         assert!(t.in_progress_with("@b:x").is_empty() && t.in_progress_with_device("@b:x", "D1").is_empty());
+        // A flow that leaves the set by a transition, and one forgotten while in it.
+        let mut f = t.take(a).unwrap();
+        f.state = State::Done(crate::flow::Finished { device: "D1".into(), keys: vec![] });
+        t.put(a, f);
+        t.check().unwrap();
+        assert!(t.awaiting_keys(None).is_empty() && t.awaiting_keys(Some("@a:x")).is_empty());
+        let mut f = t.take(c).unwrap();
+        f.state = ready("D1", &[Method::QrScanV1, Method::ReciprocateV1]);
+        t.put(c, f);
+        assert_eq!(t.awaiting_keys(None), [c]);
+        t.forget(c).unwrap();
+        assert!(t.awaiting_keys(None).is_empty());
+        t.check().unwrap();
+        let c = t.insert(flow("@b:x", "3", State::Done(crate::flow::Finished { device: "D1".into(), keys: vec![] })));
         let key = t.by_id(c).unwrap().key.clone();
         assert!(t.forget(c).is_some() && t.forget(c).is_none());
         assert!(t.id(&key).is_none() && t.in_progress_with("@b:x").is_empty());
@@ -284,24 +354,49 @@ mod tests {
 
     #[test]
     fn the_check_finds_an_index_that_disagrees() {
-        let mut t = FlowTable::default();
+        let mut t = table();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
         t.check().unwrap();
         let hash = t.hash_user("@a:x");
         t.by_user.find_entry(hash, |i| *i == a).unwrap().remove();
         assert!(t.check().unwrap_err().contains("user index"));
 
-        let mut t = FlowTable::default();
+        let mut t = table();
         let a = t.insert(flow("@a:x", "1", incoming("D1")));
         let hash = t.hash_key(&t.by_id(a).unwrap().key.clone());
         t.by_key.find_entry(hash, |i| *i == a).unwrap().remove();
         assert!(t.check().unwrap_err().contains("not found by its key"));
+
+        // The set awaiting keys: a flow missing from it, one in it wrongly, one forgotten.
+        let mut t = table();
+        let a = t.insert(flow("@a:x", "1", ready("D1", &[Method::QrScanV1, Method::ReciprocateV1])));
+        t.check().unwrap();
+        t.awaiting.clear();
+        assert!(t.check().unwrap_err().contains("awaiting keys"));
+        let mut t = table();
+        let a2 = t.insert(flow("@a:x", "1", incoming("D1")));
+        t.awaiting.insert(a2);
+        assert!(t.check().unwrap_err().contains("awaiting keys"));
+        t.awaiting.clear();
+        t.awaiting.insert(FlowId(a.0 + 7));
+        assert!(t.check().unwrap_err().contains("holds no flow"));
+    }
+
+    /// A machine that offers SAS only never shows a QR code: none of its flows await keys, however
+    /// many QR methods the other device offers.
+    #[test]
+    fn without_qr_no_flow_awaits_keys() {
+        let mut t = FlowTable::new(vec![Method::SasV1]);
+        let all = [Method::SasV1, Method::QrShowV1, Method::QrScanV1, Method::ReciprocateV1];
+        t.insert(flow("@a:x", "1", ready("D1", &all)));
+        assert!(t.awaiting_keys(None).is_empty() && t.awaiting_keys(Some("@a:x")).is_empty());
+        t.check().unwrap();
     }
 
     /// Many flows of one user, and many devices: a device's flows are told apart among them.
     #[test]
     fn many_flows_of_one_user() {
-        let mut t = FlowTable::default();
+        let mut t = table();
         let ids: Vec<FlowId> =
             (0..1000).map(|i| t.insert(flow("@eve:x", &i.to_string(), incoming(&format!("D{i}"))))).collect();
         assert_eq!(t.in_progress_with_device("@eve:x", "D500"), [ids[500]]);
