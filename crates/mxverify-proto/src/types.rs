@@ -162,11 +162,22 @@ pub struct Config {
     pub sas: SasParams,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// The most flows the machine remembers at once (in progress, and ended ones kept to
+    /// recognise late messages): a bound on its memory, about 400 bytes a flow, whatever the
+    /// network sends. A request or legacy start from another user while the machine is full makes
+    /// it forget the flow that ended first; with none ended, the newcomer is dropped
+    /// ([`DropReason::MachineFull`]). Our own requests are never refused. Default 2^20.
+    pub max_flows: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { methods: vec![Method::SasV1], sas: SasParams::default(), timeouts: Timeouts::default() }
+        Self {
+            methods: vec![Method::SasV1],
+            sas: SasParams::default(),
+            timeouts: Timeouts::default(),
+            max_flows: 1 << 20,
+        }
     }
 }
 
@@ -419,6 +430,10 @@ pub enum DropReason {
     /// keeps for one user (64), too few of them ended to make room by forgetting them early: the
     /// verifications in progress are kept, the newcomer is not.
     FlowLimit,
+    /// A request or start while the machine remembers as many flows as it may
+    /// ([`Config::max_flows`]), none of them ended: the verifications in progress are kept, the
+    /// newcomer is not.
+    MachineFull,
 }
 
 /// Something the user interface (or a bot) should know about.

@@ -1,7 +1,7 @@
 //! One user cannot fill the machine: however many requests or starts one peer sends, the machine
 //! remembers at most 64 flows with them (forgetting their oldest ended flows early to make room),
 //! so its memory and the cost of each of their requests stay bounded, and other users are served
-//! as before.
+//! as before. Nor can many users together: the machine remembers at most `Config::max_flows`.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +14,10 @@ const EVE: &str = "@eve:example.org";
 const BOUND: usize = 64;
 
 fn machine() -> Machine {
+    machine_with(Config::default())
+}
+
+fn machine_with(config: Config) -> Machine {
     let own = OwnIdentity {
         user_id: "@bot:example.org".into(),
         device_id: "BOT".into(),
@@ -21,7 +25,7 @@ fn machine() -> Machine {
         master_key: None,
         trusts_master_key: false,
     };
-    Machine::new(own, Config::default(), Box::new(SeededEntropy::new(5)))
+    Machine::new(own, config, Box::new(SeededEntropy::new(5)))
 }
 
 fn to_device(sender: &str, event_type: &str, content: Value) -> IncomingEvent {
@@ -245,4 +249,101 @@ fn legacy_starts_count_towards_the_bound() {
     assert!(dropped_for_limit(&events), "{events:?}");
     assert!(outgoing.is_empty(), "{outgoing:?}");
     assert!(m.flow(&key(EVE, "legacy")).is_none());
+}
+
+fn user(i: usize) -> String {
+    format!("@u{i}:example.org")
+}
+
+fn cancel_from(sender: &str, txn: &str) -> IncomingEvent {
+    to_device(sender, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": txn}))
+}
+
+/// Many users together fill a machine of `max_flows = 100`: the 101st user's request is dropped
+/// as `MachineFull` (no prompt, nothing on the wire, the 100 untouched); once flows have ended, a
+/// newcomer makes room by forgetting the one that ended first, whose late messages are still
+/// recognised; and our own requests are never refused.
+#[test]
+fn many_users_fill_the_machine_to_its_bound_and_no_further() {
+    const MAX: usize = 100;
+    let mut m = machine_with(Config { max_flows: MAX, ..Config::default() });
+    let now = T0;
+    for i in 0..MAX {
+        m.receive(request(&user(i), "DEV", "t", now), now);
+    }
+    let (events, _) = drain(&mut m);
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::IncomingRequest { .. })).count(), MAX);
+
+    m.receive(request(&user(MAX), "DEV", "t", now), now);
+    let (events, outgoing) = drain(&mut m);
+    assert!(
+        matches!(&events[..], [Event::Dropped { reason: DropReason::MachineFull, sender, .. }] if *sender == user(MAX)),
+        "{events:?}"
+    );
+    assert!(outgoing.is_empty(), "nothing goes out for a dropped request: {outgoing:?}");
+    assert!(m.flow(&key(&user(MAX), "t")).is_none());
+    assert_eq!(m.flows().count(), MAX);
+    assert!((0..MAX).all(|i| matches!(m.flow(&key(&user(i), "t")).unwrap().phase, FlowPhase::Incoming { .. })));
+
+    // Two senders cancel, 7 then 3: each newcomer forgets the flow that ended first.
+    m.receive(cancel_from(&user(7), "t"), now + 1);
+    m.receive(cancel_from(&user(3), "t"), now + 2);
+    drain(&mut m);
+    for (newcomer, gone, kept) in [(MAX, 7, Some(3)), (MAX + 1, 3, None)] {
+        m.receive(request(&user(newcomer), "DEV", "t", now + 3), now + 3);
+        let (events, _) = drain(&mut m);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::IncomingRequest { flow, .. } if *flow == key(&user(newcomer), "t"))),
+            "{events:?}"
+        );
+        assert!(m.flow(&key(&user(gone), "t")).is_none(), "the flow that ended first made room");
+        if let Some(kept) = kept {
+            assert!(matches!(m.flow(&key(&user(kept), "t")).unwrap().phase, FlowPhase::Cancelled(_)));
+        }
+        assert_eq!(m.flows().count(), MAX);
+        m.check_invariants().unwrap();
+    }
+    // None ended now: the next is dropped again.
+    m.receive(request(&user(MAX + 2), "DEV", "t", now + 4), now + 4);
+    let (events, _) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::MachineFull, .. })), "{events:?}");
+
+    // A late message for a flow forgotten early is dropped as for an ended flow, not answered.
+    let key_msg = json!({"key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "transaction_id": "t"});
+    m.receive(to_device(&user(7), "m.key.verification.key", key_msg), now + 5);
+    let (events, outgoing) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowEnded, .. })), "{events:?}");
+    assert!(outgoing.is_empty(), "{outgoing:?}");
+
+    // Our own request goes out even so.
+    let ours = m.request_to_device(&user(1), &["DEV".to_owned()], now + 6).unwrap();
+    assert!(m.flow(&ours).is_some() && m.flows().count() == MAX + 1);
+    m.check_invariants().unwrap();
+}
+
+/// Ten times `max_flows` users each send a request and cancel it at once, then a last one waits:
+/// the machine never holds more than its bound, every request is prompted (ended flows always
+/// make room), and the flows it keeps are the latest.
+#[test]
+fn users_without_end_stay_within_the_bound() {
+    const MAX: usize = 200;
+    let mut m = machine_with(Config { max_flows: MAX, ..Config::default() });
+    for i in 0..10 * MAX {
+        let now = T0 + i as u64;
+        m.receive(request(&user(i), "DEV", "t", now), now);
+        m.receive(cancel_from(&user(i), "t"), now);
+        let (events, _) = drain(&mut m);
+        assert!(events.iter().any(|e| matches!(e, Event::IncomingRequest { .. })), "request {i}: {events:?}");
+        assert!(m.flows().count() <= MAX);
+        if i % 100 == 0 {
+            m.check_invariants().unwrap();
+        }
+    }
+    let survivors: Vec<FlowKey> = m.flows().cloned().collect();
+    assert_eq!(survivors.len(), MAX);
+    assert!(survivors.iter().all(|k| matches!(k, FlowKey::ToDevice { user_id, .. }
+        if user_id.trim_start_matches("@u").trim_end_matches(":example.org").parse::<usize>().unwrap() >= 9 * MAX)));
+    m.check_invariants().unwrap();
 }

@@ -649,8 +649,8 @@ impl Machine {
         for id in &clashing {
             self.end_parallel_attempt(*id, now);
         }
-        if !self.make_room_for(&event.sender) {
-            self.dropped(event, DropReason::FlowLimit);
+        if let Err(reason) = self.make_room_for(&event.sender) {
+            self.dropped(event, reason);
             return None;
         }
         Some(!clashing.is_empty())
@@ -776,26 +776,31 @@ impl Machine {
 
     /// Whether `user` may open one more flow with us (a request, a legacy start): while the
     /// machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows are
-    /// forgotten early to make room; if too few of them have ended, no.
-    fn make_room_for(&mut self, user: &str) -> bool {
+    /// forgotten early to make room; if too few of them have ended, no. Then the same for all
+    /// users together, at [`Config::max_flows`]: the flow that ended first goes.
+    fn make_room_for(&mut self, user: &str) -> Result<(), DropReason> {
         let flows = self.flows.with_user(user);
         let excess = (flows.len() + 1).saturating_sub(FLOWS_PER_USER);
-        if excess == 0 {
-            return true;
+        if excess > 0 {
+            let mut ended: Vec<(Millis, FlowId)> = flows
+                .into_iter()
+                .filter(|id| self.flows.by_id(*id).is_some_and(|f| f.state.ended()))
+                .map(|id| (self.timers.get(Timer::Forget(id)).unwrap_or(Millis::MAX), id))
+                .collect();
+            if ended.len() < excess {
+                return Err(DropReason::FlowLimit);
+            }
+            ended.sort_unstable();
+            for (_, id) in ended.into_iter().take(excess) {
+                self.forget(id);
+            }
         }
-        let mut ended: Vec<(Millis, FlowId)> = flows
-            .into_iter()
-            .filter(|id| self.flows.by_id(*id).is_some_and(|f| f.state.ended()))
-            .map(|id| (self.timers.get(Timer::Forget(id)).unwrap_or(Millis::MAX), id))
-            .collect();
-        if ended.len() < excess {
-            return false;
+        // Every ended flow has a forget time, so none left means all are in progress.
+        while self.flows.len() >= self.config.max_flows {
+            let oldest = self.timers.first_to_forget().ok_or(DropReason::MachineFull)?;
+            self.forget(oldest);
         }
-        ended.sort_unstable();
-        for (_, id) in ended.into_iter().take(excess) {
-            self.forget(id);
-        }
-        true
+        Ok(())
     }
 
     fn dropped(&mut self, event: &IncomingEvent, reason: DropReason) {

@@ -1,6 +1,8 @@
 //! The timer table: every deadline the machine keeps, and the only place they live. The next
 //! deadline is the first entry of an ordered queue; `handle_timeout` pops what is due, in time
-//! order.
+//! order. The queue is kept in two lanes, merged at the front: the times at which ended flows are
+//! forgotten, and all others; so the flow that ended first is at hand when a full machine must
+//! forget one early (`Config::max_flows`).
 //!
 //! Stopping or moving a timer only changes its record: the queue entry it leaves behind is stale
 //! and is dropped when it reaches the front (or is found stale there). So accepting a request or
@@ -53,8 +55,9 @@ const ID: u64 = !KIND;
 
 #[derive(Debug, Default)]
 pub(crate) struct TimerTable {
-    /// `(when, entry)`, live or stale; the first entry is always live.
-    queue: BTreeSet<(Millis, u64)>,
+    /// `(when, entry)`, live or stale, in two lanes ([`lane`]); the first entry of each is always
+    /// live.
+    queues: [BTreeSet<(Millis, u64)>; 2],
     /// A flow's prompt, expiry and forget deadlines, by slot: `NONE` when it has no queue entry,
     /// the time when it runs, the time with `STOPPED` when it was stopped and its stale entry
     /// still waits in the queue.
@@ -88,6 +91,11 @@ fn entry(timer: Timer) -> u64 {
     }
 }
 
+/// The queue lane of an entry: 1 for a forget time, 0 for every other deadline.
+fn lane(entry: u64) -> usize {
+    usize::from(entry & KIND == 0 && (entry >> 32) == 2)
+}
+
 fn timer_of(entry: u64) -> Timer {
     let id = entry & ID;
     match entry & KIND {
@@ -115,7 +123,8 @@ impl TimerTable {
                 self.others.insert(timer, when);
             }
         }
-        self.queue.insert((when, entry(timer)));
+        let e = entry(timer);
+        self.queues[lane(e)].insert((when, e));
         self.purge();
     }
 
@@ -144,21 +153,31 @@ impl TimerTable {
         }
     }
 
+    /// The first entry of the queue: the earlier of the two lanes' first.
+    fn first(&self) -> Option<(Millis, u64)> {
+        self.queues.iter().filter_map(|q| q.first().copied()).min()
+    }
+
     /// The earliest deadline.
     pub(crate) fn next(&self) -> Option<Millis> {
-        self.queue.first().map(|(when, _)| *when)
+        self.first().map(|(when, _)| when)
     }
 
     /// Removes and returns the earliest timer due at `now`.
     pub(crate) fn pop_due(&mut self, now: Millis) -> Option<Timer> {
-        let &(when, e) = self.queue.first()?;
+        let (when, e) = self.first()?;
         if when > now {
             return None;
         }
-        self.queue.pop_first();
+        self.queues[lane(e)].pop_first();
         self.left_queue(when, e);
         self.purge();
         Some(timer_of(e))
+    }
+
+    /// The flow with the earliest forget time: of the ended flows, the one that ended first.
+    pub(crate) fn first_to_forget(&self) -> Option<FlowId> {
+        self.queues[1].first().map(|&(_, e)| FlowId(e as u32))
     }
 
     /// Takes every queue entry of a flow's slot out of the queue, running or stale, and clears
@@ -180,7 +199,8 @@ impl TimerTable {
     /// Takes out of the queue the entry a flow deadline's `record` knows of, running or stale.
     fn remove_entry(&mut self, timer: Timer, record: Millis) {
         if record != NONE {
-            self.queue.remove(&(record & !STOPPED, entry(timer)));
+            let e = entry(timer);
+            self.queues[lane(e)].remove(&(record & !STOPPED, e));
         }
     }
 
@@ -210,15 +230,24 @@ impl TimerTable {
         self.get(timer_of(e)) == Some(when)
     }
 
-    /// Drops stale entries from the front, so that the first entry is a live deadline.
+    /// Drops stale entries from the front of each lane, so that the first entry is a live
+    /// deadline.
     fn purge(&mut self) {
-        while let Some(&(when, e)) = self.queue.first() {
-            if self.live(when, e) {
-                break;
+        for lane in 0..self.queues.len() {
+            while let Some(&(when, e)) = self.queues[lane].first() {
+                if self.live(when, e) {
+                    break;
+                }
+                self.queues[lane].pop_first();
+                self.left_queue(when, e);
             }
-            self.queue.pop_first();
-            self.left_queue(when, e);
         }
+    }
+
+    /// How many entries the queue holds, live or stale (for tests).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.queues.iter().map(BTreeSet::len).sum()
     }
 
     /// The slots whose records still know of a queue entry (for tests: each must hold a flow).
@@ -238,21 +267,22 @@ impl TimerTable {
         for (timer, when) in flows.filter(|(_, w)| *w != NONE).chain(self.others.iter().map(|(t, w)| (*t, *w))) {
             let (when, stopped) = (when & !STOPPED, when & STOPPED != 0);
             running += usize::from(!stopped);
-            if !self.queue.contains(&(when, entry(timer))) {
+            if !self.queues[lane(entry(timer))].contains(&(when, entry(timer))) {
                 return Err(format!("{timer:?} at {when} (stopped: {stopped}) is not in the queue"));
             }
         }
-        for &(when, e) in &self.queue {
+        for (i, &(when, e)) in self.queues.iter().enumerate().flat_map(|(i, q)| q.iter().map(move |x| (i, x))) {
             let timer = timer_of(e);
+            if lane(e) != i {
+                return Err(format!("{timer:?} at {when} is in the wrong lane"));
+            }
             if let Some((slot, which)) = flow_timer(timer)
                 && self.flows.get(slot).is_none_or(|d| d[which] == NONE || d[which] & !STOPPED != when)
             {
                 return Err(format!("{timer:?} at {when} is in the queue, unknown to its record"));
             }
         }
-        if let Some(&(when, e)) = self.queue.first()
-            && !self.live(when, e)
-        {
+        if let Some(&(when, e)) = self.queues.iter().filter_map(|q| q.first()).find(|(when, e)| !self.live(*when, *e)) {
             return Err(format!("the first entry {:?} at {when} is stale", timer_of(e)));
         }
         Ok(running)
@@ -299,9 +329,26 @@ mod tests {
         t.set(Timer::Forget(f), 80);
         assert_eq!(t.pop_due(100), Some(Timer::Expire(f)), "expiry before forgetting at equal times");
         assert_eq!(t.pop_due(100), Some(Timer::Forget(f)));
-        assert_eq!((t.pop_due(u64::MAX), t.next(), t.queue.len()), (None, None, 0));
+        assert_eq!((t.pop_due(u64::MAX), t.next(), t.queued()), (None, None, 0));
         t.stop(Timer::Forget(FlowId(1_000)));
         assert_eq!(t.check(), Ok(0), "stopping a timer never set changes nothing");
+    }
+
+    /// The two lanes merge in time order, and the forget lane gives the flow that ended first.
+    #[test]
+    fn forget_times_in_their_own_lane() {
+        let mut t = TimerTable::default();
+        t.set(Timer::Forget(FlowId(4)), 70);
+        t.set(Timer::Expire(FlowId(5)), 60);
+        t.set(Timer::Forget(FlowId(2)), 90);
+        t.set(Timer::Expire(FlowId(6)), 70);
+        assert_eq!((t.first_to_forget(), t.next(), t.check()), (Some(FlowId(4)), Some(60), Ok(4)));
+        assert_eq!(t.pop_due(100), Some(Timer::Expire(FlowId(5))));
+        assert_eq!(t.pop_due(100), Some(Timer::Expire(FlowId(6))), "an expiry before a forget time at 70");
+        assert_eq!(t.pop_due(100), Some(Timer::Forget(FlowId(4))));
+        assert_eq!(t.first_to_forget(), Some(FlowId(2)));
+        t.clear(FlowId(2));
+        assert_eq!((t.first_to_forget(), t.next(), t.queued()), (None, None, 0));
     }
 
     #[test]
@@ -314,12 +361,12 @@ mod tests {
         t.stop(Timer::Prompt(f));
         t.stop(Timer::Expire(f));
         t.set(Timer::Forget(f), 60);
-        assert_eq!((t.queue.len(), t.check()), (4, Ok(2)), "stopped deadlines leave stale entries behind");
+        assert_eq!((t.queued(), t.check()), (4, Ok(2)), "stopped deadlines leave stale entries behind");
         t.clear(f);
-        assert_eq!((t.queue.len(), t.check()), (1, Ok(1)));
+        assert_eq!((t.queued(), t.check()), (1, Ok(1)));
         assert_eq!(t.slots_with_entries().collect::<Vec<_>>(), [g]);
         assert_eq!(t.pop_due(100), Some(Timer::Expire(g)));
-        assert!(t.queue.is_empty() && t.slots_with_entries().next().is_none());
+        assert!(t.queued() == 0 && t.slots_with_entries().next().is_none());
         t.clear(FlowId(1_000));
     }
 
@@ -331,21 +378,21 @@ mod tests {
         t.set(Timer::Expire(f), 50);
         t.set(Timer::Forget(FlowId(1)), 60);
         t.stop(Timer::Prompt(f));
-        assert_eq!((t.queue.len(), t.flows[0][0]), (2, NONE), "the stale front entry went, and its record with it");
+        assert_eq!((t.queued(), t.flows[0][0]), (2, NONE), "the stale front entry went, and its record with it");
         t.stop(Timer::Expire(f));
-        assert_eq!(t.queue.len(), 1);
+        assert_eq!(t.queued(), 1);
         assert_eq!(t.slots_with_entries().collect::<Vec<_>>(), [FlowId(1)]);
         // A deadline moved: its old entry goes at once.
         t.set(Timer::Forget(FlowId(1)), 70);
         t.set(Timer::Forget(FlowId(1)), 90);
-        assert_eq!((t.queue.len(), t.check()), (1, Ok(1)));
+        assert_eq!((t.queued(), t.check()), (1, Ok(1)));
     }
 
     #[test]
     fn the_check_finds_an_entry_unknown_to_its_record() {
         let mut t = TimerTable::default();
         t.set(Timer::Expire(FlowId(0)), 50);
-        t.queue.insert((80, entry(Timer::Forget(FlowId(0)))));
+        t.queues[1].insert((80, entry(Timer::Forget(FlowId(0)))));
         assert!(t.check().unwrap_err().contains("unknown to its record"));
     }
 
@@ -368,6 +415,6 @@ mod tests {
         assert_eq!(t.check(), Ok(2));
         assert_eq!(t.pop_due(100), Some(Timer::Held(9)));
         assert_eq!(t.pop_due(100), Some(Timer::Expire(f)));
-        assert_eq!((t.pop_due(u64::MAX), t.queue.len()), (None, 0));
+        assert_eq!((t.pop_due(u64::MAX), t.queued()), (None, 0));
     }
 }
