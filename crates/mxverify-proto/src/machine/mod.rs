@@ -645,11 +645,14 @@ impl Machine {
     /// (reported); `Some(clashing)`: open it, and if it clashed end it as well
     /// ([`Machine::end_parallel_attempt`]).
     fn admit_attempt(&mut self, event: &IncomingEvent, device: &str, now: Millis) -> Option<bool> {
-        let clashing = self.flows.in_progress_with_device(&event.sender, device);
+        // The user's flows, read once: CX-03 looks among them, the bound counts them (ending an
+        // attempt changes its state, not who it is with).
+        let flows = self.flows.with_user(&event.sender);
+        let clashing = self.flows.in_progress_on(&flows, device);
         for id in &clashing {
             self.end_parallel_attempt(*id, now);
         }
-        if let Err(reason) = self.make_room_for(&event.sender) {
+        if let Err(reason) = self.make_room(flows) {
             self.dropped(event, reason);
             return None;
         }
@@ -774,12 +777,11 @@ impl Machine {
         }
     }
 
-    /// Whether `user` may open one more flow with us (a request, a legacy start): while the
-    /// machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows are
-    /// forgotten early to make room; if too few of them have ended, no. Then the same for all
+    /// Whether a user with these `flows` may open one more with us (a request, a legacy start):
+    /// while the machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows
+    /// are forgotten early to make room; if too few of them have ended, no. Then the same for all
     /// users together, at [`Config::max_flows`]: the flow that ended first goes.
-    fn make_room_for(&mut self, user: &str) -> Result<(), DropReason> {
-        let flows = self.flows.with_user(user);
+    fn make_room(&mut self, flows: Vec<FlowId>) -> Result<(), DropReason> {
         let excess = (flows.len() + 1).saturating_sub(FLOWS_PER_USER);
         if excess > 0 {
             let mut ended: Vec<(Millis, FlowId)> = flows

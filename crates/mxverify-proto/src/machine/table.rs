@@ -195,10 +195,17 @@ impl FlowTable {
         self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user && !f.state.ended())
     }
 
+    /// Of `flows` (a user's, from [`FlowTable::with_user`]), those in progress bound to their
+    /// `device`, in the same order.
+    pub(crate) fn in_progress_on(&self, flows: &[FlowId], device: &str) -> Vec<FlowId> {
+        let bound_there = |f: &Flow| f.state.device() == Some(device) && !f.state.ended();
+        flows.iter().copied().filter(|id| self.slot(*id).is_some_and(bound_there)).collect()
+    }
+
     /// The flows in progress bound to `user`'s `device`, in handle order.
-    pub(crate) fn in_progress_with_device(&self, user: &str, device: &str) -> Vec<FlowId> {
-        let bound_there = |f: &Flow| f.other_user == user && f.state.device() == Some(device) && !f.state.ended();
-        self.matching(&self.by_user, self.hash_user(user), bound_there)
+    #[cfg(test)]
+    fn in_progress_with_device(&self, user: &str, device: &str) -> Vec<FlowId> {
+        self.in_progress_on(&self.with_user(user), device)
     }
 
     /// The handles under `hash` in `index` whose flow satisfies `keep` (the index holds other
