@@ -166,7 +166,9 @@ pub struct Config {
     /// recognise late messages): a bound on its memory, about 400 bytes a flow, whatever the
     /// network sends. A request or legacy start from another user while the machine is full makes
     /// it forget the flow that ended first; with none ended, the newcomer is dropped
-    /// ([`DropReason::MachineFull`]). Our own requests are never refused. Default 2^20.
+    /// ([`DropReason::MachineFull`]) and nothing is forgotten. Our own requests are never refused
+    /// (they may take the machine past the bound; a peer's request then needs that many more
+    /// ended flows). 0 refuses every peer's. Default 2^20.
     pub max_flows: usize,
 }
 

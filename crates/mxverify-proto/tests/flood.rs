@@ -347,3 +347,44 @@ fn users_without_end_stay_within_the_bound() {
         if user_id.trim_start_matches("@u").trim_end_matches(":example.org").parse::<usize>().unwrap() >= 9 * MAX)));
     m.check_invariants().unwrap();
 }
+
+/// A newcomer the machine cannot make room for is refused before anything is forgotten: our own
+/// requests took it past its bound, and too few flows have ended to get back under it. With a
+/// bound of 0 every peer is refused, and nothing is forgotten either.
+#[test]
+fn a_refused_newcomer_costs_no_remembered_flow() {
+    const MAX: usize = 10;
+    let mut m = machine_with(Config { max_flows: MAX, ..Config::default() });
+    let now = T0;
+    let ours: Vec<FlowKey> =
+        (0..MAX + 3).map(|i| m.request_to_device(&user(i), &["DEV".to_owned()], now).unwrap()).collect();
+    for flow in &ours[..3] {
+        m.cancel(flow, now).unwrap();
+    }
+    drain(&mut m);
+    // 13 flows, 3 ended: getting under 10 takes 4.
+    m.receive(request(&user(100), "DEV", "t", now), now);
+    let (events, outgoing) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::MachineFull, .. })), "{events:?}");
+    assert!(outgoing.is_empty());
+    assert_eq!(m.flows().count(), MAX + 3, "nothing forgotten for a newcomer that is refused");
+    assert!(ours.iter().all(|k| m.flow(k).is_some()));
+    m.check_invariants().unwrap();
+    // One more ended: now there are enough, and the four go.
+    m.cancel(&ours[3], now).unwrap();
+    m.receive(request(&user(101), "DEV", "t", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::IncomingRequest { .. })), "{events:?}");
+    assert_eq!(m.flows().count(), MAX);
+    assert!(ours[..4].iter().all(|k| m.flow(k).is_none()) && ours[4..].iter().all(|k| m.flow(k).is_some()));
+    m.check_invariants().unwrap();
+
+    let mut m = machine_with(Config { max_flows: 0, ..Config::default() });
+    let flow = m.request_to_device(&user(1), &["DEV".to_owned()], now).unwrap();
+    m.cancel(&flow, now).unwrap();
+    drain(&mut m);
+    m.receive(request(&user(2), "DEV", "t", now), now);
+    let (events, _) = drain(&mut m);
+    assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::MachineFull, .. })), "{events:?}");
+    assert!(m.flow(&flow).is_some(), "the ended flow is still remembered");
+}

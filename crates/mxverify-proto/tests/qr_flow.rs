@@ -544,3 +544,22 @@ fn our_own_keys_arriving_let_a_ready_flow_show_its_code() {
     assert!(net.cancels_sent().is_empty());
     net.lb.b.check_invariants().unwrap();
 }
+
+/// A scan waiting for the other user's keys keeps waiting when only our own keys arrive (they are
+/// not the ones it must be checked against), and completes when theirs do.
+#[test]
+fn a_scan_waiting_for_their_keys_is_not_ended_by_ours() {
+    let (mut net, fa, _) = scan_before_keys();
+    let now = net.lb.now;
+    net.lb.b.update_user_keys(BOB, keys_of(&[&net.db.clone()]), now);
+    net.run();
+    assert!(net.cancelled(Side::B).is_none() && net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    assert!(!net.sent_types(Side::B).contains(&"m.key.verification.start"), "still waiting");
+    net.lb.b.update_user_keys(ALICE, keys_of(&[&net.da.clone()]), now);
+    net.run();
+    assert!(net.sent_types(Side::B).contains(&"m.key.verification.start"), "the scan completes");
+    net.lb.a.confirm(&fa, now).unwrap();
+    net.run();
+    assert!(net.cancels_sent().is_empty(), "{:?}", net.cancels_sent());
+    assert!(net.done(Side::A).is_some() && net.done(Side::B).is_some());
+}

@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mxverify_proto::{
-    ActionError, Config, Destination, Entropy, Event, FlowInfo, FlowKey, IncomingEvent, KeyKind, Machine, Outgoing,
-    OwnIdentity, RoomContext,
+    ActionError, Config, Destination, DropReason, Entropy, Event, FlowInfo, FlowKey, IncomingEvent, KeyKind, Machine,
+    Outgoing, OwnIdentity, RoomContext,
 };
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
@@ -1230,6 +1230,11 @@ impl Inner {
                 Event::Done { user_id, device_id, .. } if *user_id == self.user_id => {
                     follow.push(Follow::OwnDevice(device_id.clone()));
                 }
+                Event::Dropped { sender, event_type, reason } => {
+                    if let Some(why) = lost_verification(reason) {
+                        self.notice(Notice::new("dropped", format!("{event_type} from {sender} was not taken: {why}")));
+                    }
+                }
                 _ => {}
             }
             self.emit(DeviceEvent::Verification(event));
@@ -1674,6 +1679,23 @@ fn event_name(e: &Event) -> &'static str {
     }
 }
 
+/// Why the machine gave up a verification message, for the drops worth a notice: a bound it keeps
+/// against floods, or keys that never came (the other reasons are routine: duplicates, our own
+/// echoes, late messages for ended flows).
+fn lost_verification(reason: &DropReason) -> Option<&'static str> {
+    match reason {
+        DropReason::FlowLimit => {
+            Some("its sender already has as many verifications with this device as one user may, all in progress")
+        }
+        DropReason::MachineFull => {
+            Some("this device already holds as many verifications as it may (max_flows), all in progress")
+        }
+        DropReason::HoldLimit => Some("too many messages already wait for their senders' keys"),
+        DropReason::KeysNeverArrived => Some("its sender's keys never arrived"),
+        _ => None,
+    }
+}
+
 /// Our identity for the machine: the published master key, trusted if we hold its private
 /// key or verified it.
 pub(crate) fn refresh_own_identity(st: &mut State, user_id: &str, device_id: &str) {
@@ -1703,6 +1725,10 @@ mod tests {
 
     /// A device opened from a store that looks logged in (no network is used).
     fn offline_device() -> Device {
+        offline_device_with(Config::default())
+    }
+
+    fn offline_device_with(config: Config) -> Device {
         let dir = std::env::temp_dir().join(format!("mxverify-offline-{}-{}", std::process::id(), random_hex(4)));
         let store = Store::open(&dir).unwrap();
         for (k, v) in
@@ -1711,7 +1737,7 @@ mod tests {
             store.set(k, v).unwrap();
         }
         drop(store);
-        Device::open(&dir, Config::default()).unwrap()
+        Device::open(&dir, config).unwrap()
     }
 
     fn keys_answer(user: &str, device: &str, key: &Ed25519SecretKey) -> Value {
@@ -1734,6 +1760,36 @@ mod tests {
         send(&device.bootstrap_cross_signing(None, false));
         let moved = std::thread::spawn(move || device.user_id().to_owned()).join().unwrap();
         assert_eq!(moved, "@me:x");
+    }
+
+    /// A request the machine drops for its bound on flows is reported as a `dropped` notice; a
+    /// routine drop (a duplicate) is not. (A runtime, since unknown senders' keys are asked for in
+    /// the background.)
+    #[tokio::test]
+    async fn a_request_dropped_for_a_full_machine_is_reported() {
+        let device = offline_device_with(Config { max_flows: 2, ..Config::default() });
+        let request = |user: &str| IncomingEvent {
+            sender: user.into(),
+            event_type: "m.key.verification.request".into(),
+            content: json!({"from_device": "D", "methods": ["m.sas.v1"], "timestamp": 1_000, "transaction_id": "t"}),
+            room: None,
+        };
+        let dropped = |device: &Device| {
+            std::iter::from_fn(|| device.try_next_event())
+                .filter_map(|e| match e {
+                    DeviceEvent::Notice(n) if n.kind == "dropped" => Some(n.message),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        for user in ["@a:x", "@b:x"] {
+            device.inner.feed(request(user), 1_000);
+        }
+        device.inner.feed(request("@a:x"), 1_000);
+        assert!(dropped(&device).is_empty(), "a duplicate is routine");
+        device.inner.feed(request("@c:x"), 1_000);
+        let notices = dropped(&device);
+        assert!(matches!(&notices[..], [m] if m.contains("@c:x") && m.contains("max_flows")), "{notices:?}");
     }
 
     #[test]

@@ -146,9 +146,10 @@ impl State {
         }
     }
 
-    /// The keys of the other user (or ours, for a self-verification) arrived: a ready flow may
-    /// now show its code, and a scan that waited for them completes.
-    pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
+    /// Keys arrived: the other user's (`theirs`; ours too for a self-verification), or only ours
+    /// (our code shows our master key). A ready flow may now show its code; a scan that waited for
+    /// the other user's keys is checked when theirs arrive, and keeps waiting otherwise.
+    pub(crate) fn keys_arrived(self, theirs: bool, ctx: &mut Ctx<'_>) -> Transition {
         match self {
             State::Ready(mut ready) if ready.shown.is_none() => {
                 let mut step = Step::default();
@@ -157,7 +158,7 @@ impl State {
                 }
                 (Next::Go(State::Ready(ready)), step)
             }
-            State::Qr(q) => map(q.keys_arrived(ctx), State::Qr),
+            State::Qr(q) => map(q.keys_arrived(theirs, ctx), State::Qr),
             other => (Next::Go(other), Step::default()),
         }
     }

@@ -274,10 +274,11 @@ impl Qr {
         matches!(self.phase, Phase::ScanPending { .. })
     }
 
-    /// The keys arrived: a scan that waited for them is checked now.
-    pub(crate) fn keys_arrived(self, ctx: &mut Ctx<'_>) -> Transition {
+    /// Keys arrived: a scan that waited for the other user's keys is checked now if they are
+    /// `theirs` (only our own arriving changes nothing it is checked against).
+    pub(crate) fn keys_arrived(self, theirs: bool, ctx: &mut Ctx<'_>) -> Transition {
         match self.phase {
-            Phase::ScanPending { payload, shown } => complete_scan(self.device, payload, shown, ctx),
+            Phase::ScanPending { payload, shown } if theirs => complete_scan(self.device, payload, shown, ctx),
             phase => (Next::Go(Box::new(Qr { device: self.device, phase })), Step::default()),
         }
     }
@@ -442,7 +443,7 @@ mod tests {
         assert!(step.ask_keys && step.out.is_empty());
         assert_eq!(state.project().0, FlowPhase::QrScanPending);
         bob.their_keys = known;
-        let (state, step) = going(state.keys_arrived(&mut bob.ctx()));
+        let (state, step) = going(state.keys_arrived(true, &mut bob.ctx()));
         reciprocation(&step);
         assert_eq!(state.project().0, FlowPhase::QrReciprocated);
     }

@@ -170,10 +170,13 @@ impl Machine {
             self.receive_inner(held.event, now, true);
         }
         // Ready flows that could not show a QR code for lack of keys may now; a scan that waited
-        // for them completes.
+        // for the other user's keys is checked when they are theirs.
         let waiting = self.flows.awaiting_keys((user_id != self.own.user_id).then_some(user_id));
         for id in waiting {
-            self.transition(id, Trigger::Local, false, None, now, |state, ctx| state.keys_arrived(ctx));
+            self.transition(id, Trigger::Local, false, None, now, |state, ctx| {
+                let theirs = ctx.other_user == user_id;
+                state.keys_arrived(theirs, ctx)
+            });
         }
     }
 
@@ -232,6 +235,10 @@ impl Machine {
         // flows remembered (three entries each at most), however early flows were forgotten.
         if let Some(id) = self.timers.slots_with_entries().find(|id| self.flows.by_id(*id).is_none()) {
             return Err(format!("slot {} holds no flow but has deadlines queued", id.0));
+        }
+        let ended = self.flows.iter().filter(|(_, f)| f.state.ended()).count();
+        if self.timers.forget_times() != ended {
+            return Err(format!("{} forget times queued for {ended} ended flows", self.timers.forget_times()));
         }
         for (id, flow) in self.flows.iter() {
             let has = |t: Timer| self.timers.get(t).is_some();
@@ -771,8 +778,9 @@ impl Machine {
     /// Forgets a flow, at its forget time or early: its deadlines and their queue entries go, and
     /// its id joins the cancel gate's memory of recently closed ids.
     fn forget(&mut self, id: FlowId) {
+        // The deadlines go whatever the slot holds, so that no stray forget time can come back.
+        self.timers.clear(id);
         if let Some(flow) = self.flows.forget(id) {
-            self.timers.clear(id);
             self.gate.close(flow.key);
         }
     }
@@ -780,24 +788,32 @@ impl Machine {
     /// Whether a user with these `flows` may open one more with us (a request, a legacy start):
     /// while the machine remembers [`FLOWS_PER_USER`] flows with them, their oldest ended flows
     /// are forgotten early to make room; if too few of them have ended, no. Then the same for all
-    /// users together, at [`Config::max_flows`]: the flow that ended first goes.
+    /// users together, at [`Config::max_flows`]: the flows that ended first go. Both are decided
+    /// before anything is forgotten, so a newcomer that is refused costs no remembered flow.
     fn make_room(&mut self, flows: Vec<FlowId>) -> Result<(), DropReason> {
-        let excess = (flows.len() + 1).saturating_sub(FLOWS_PER_USER);
-        if excess > 0 {
-            let mut ended: Vec<(Millis, FlowId)> = flows
+        let for_user = (flows.len() + 1).saturating_sub(FLOWS_PER_USER);
+        let mut theirs = Vec::new();
+        if for_user > 0 {
+            theirs = flows
                 .into_iter()
                 .filter(|id| self.flows.by_id(*id).is_some_and(|f| f.state.ended()))
                 .map(|id| (self.timers.get(Timer::Forget(id)).unwrap_or(Millis::MAX), id))
                 .collect();
-            if ended.len() < excess {
+            if theirs.len() < for_user {
                 return Err(DropReason::FlowLimit);
             }
-            ended.sort_unstable();
-            for (_, id) in ended.into_iter().take(excess) {
-                self.forget(id);
-            }
+            theirs.sort_unstable();
+            theirs.truncate(for_user);
         }
-        // Every ended flow has a forget time, so none left means all are in progress.
+        // The user's forgotten flows count towards this bound too; the rest must be found among
+        // all ended flows (each has one forget time queued).
+        let in_all = (self.flows.len() + 1).saturating_sub(self.config.max_flows);
+        if in_all > for_user && self.timers.forget_times() < in_all {
+            return Err(DropReason::MachineFull);
+        }
+        for (_, id) in theirs {
+            self.forget(id);
+        }
         while self.flows.len() >= self.config.max_flows {
             let oldest = self.timers.first_to_forget().ok_or(DropReason::MachineFull)?;
             self.forget(oldest);

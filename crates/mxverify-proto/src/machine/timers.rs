@@ -180,6 +180,12 @@ impl TimerTable {
         self.queues[1].first().map(|&(_, e)| FlowId(e as u32))
     }
 
+    /// How many forget times are queued: the number of ended flows, since the machine never
+    /// stops a forget time (it moves none either, and a flow forgotten early takes its own out).
+    pub(crate) fn forget_times(&self) -> usize {
+        self.queues[1].len()
+    }
+
     /// Takes every queue entry of a flow's slot out of the queue, running or stale, and clears
     /// its deadlines: for a flow forgotten before its time.
     pub(crate) fn clear(&mut self, flow: FlowId) {
