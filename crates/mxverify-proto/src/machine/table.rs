@@ -187,12 +187,12 @@ impl FlowTable {
 
     /// Every flow the table remembers with `user`, ended ones included, in handle order.
     pub(crate) fn with_user(&self, user: &str) -> Vec<FlowId> {
-        self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user)
+        self.of_user(user, |_| true)
     }
 
     /// The flows in progress with `user`, in handle order.
     pub(crate) fn in_progress_with(&self, user: &str) -> Vec<FlowId> {
-        self.matching(&self.by_user, self.hash_user(user), |f| f.other_user == user && !f.state.ended())
+        self.of_user(user, |f| !f.state.ended())
     }
 
     /// Of `flows` (a user's, from [`FlowTable::with_user`]), those in progress bound to their
@@ -208,11 +208,16 @@ impl FlowTable {
         self.in_progress_on(&self.with_user(user), device)
     }
 
-    /// The handles under `hash` in `index` whose flow satisfies `keep` (the index holds other
-    /// hashes' flows too, and ended ones), in handle order.
-    fn matching(&self, index: &HashTable<FlowId>, hash: u64, keep: impl Fn(&Flow) -> bool) -> Vec<FlowId> {
-        let mut ids: Vec<FlowId> =
-            index.iter_hash(hash).copied().filter(|id| self.slot(*id).is_some_and(&keep)).collect();
+    /// The flows with `user` that satisfy `keep`, in handle order (under a user's hash the index
+    /// may hold other users' flows too).
+    fn of_user(&self, user: &str, keep: impl Fn(&Flow) -> bool) -> Vec<FlowId> {
+        let with_user = |f: &Flow| f.other_user == user && keep(f);
+        let mut ids: Vec<FlowId> = self
+            .by_user
+            .iter_hash(self.hash_user(user))
+            .copied()
+            .filter(|id| self.slot(*id).is_some_and(with_user))
+            .collect();
         ids.sort_unstable();
         ids
     }
