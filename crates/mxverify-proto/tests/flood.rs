@@ -37,6 +37,27 @@ fn request(sender: &str, device: &str, txn: &str, now: Millis) -> IncomingEvent 
     to_device(sender, "m.key.verification.request", content)
 }
 
+fn user(i: usize) -> String {
+    format!("@u{i}:example.org")
+}
+
+fn cancel_from(sender: &str, txn: &str) -> IncomingEvent {
+    to_device(sender, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": txn}))
+}
+
+/// A `key` message for flow `txn`: a late message, for a flow that should be remembered as ended.
+fn late_key(sender: &str, txn: &str) -> IncomingEvent {
+    let content = json!({"key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "transaction_id": txn});
+    to_device(sender, "m.key.verification.key", content)
+}
+
+/// A request waiting from each of Eve's first [`BOUND`] devices: she is at the bound.
+fn eve_at_the_bound(m: &mut Machine, now: Millis) {
+    for i in 0..BOUND {
+        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
+    }
+}
+
 fn flows_with(m: &Machine, user: &str) -> usize {
     m.flows().filter(|k| matches!(k, FlowKey::ToDevice { user_id, .. } if user_id == user)).count()
 }
@@ -95,8 +116,7 @@ fn one_device_flooding_requests_stays_bounded() {
 
     // A late message for a flow forgotten early (its id among the gate's recently closed ones)
     // is dropped as for an ended flow, not answered as an unknown transaction.
-    let key_msg = json!({"key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "transaction_id": "t19930"});
-    m.receive(to_device(EVE, "m.key.verification.key", key_msg), now);
+    m.receive(late_key(EVE, "t19930"), now);
     let (events, outgoing) = drain(&mut m);
     assert!(m.flow(&key(EVE, "t19930")).is_none(), "forgotten early");
     assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowEnded, .. })), "{events:?}");
@@ -120,9 +140,7 @@ fn one_device_flooding_requests_stays_bounded() {
 fn a_user_with_64_verifications_in_progress_opens_no_more() {
     let mut m = machine();
     let now = T0;
-    for i in 0..BOUND {
-        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
-    }
+    eve_at_the_bound(&mut m, now);
     let (events, outgoing) = drain(&mut m);
     assert_eq!(events.iter().filter(|e| matches!(e, Event::IncomingRequest { .. })).count(), BOUND);
     assert!(outgoing.is_empty());
@@ -143,10 +161,7 @@ fn a_user_with_64_verifications_in_progress_opens_no_more() {
     assert!(events.iter().any(|e| matches!(e, Event::IncomingRequest { .. })), "{events:?}");
 
     // Eve cancels one of hers: the next request forgets that one and is prompted.
-    m.receive(
-        to_device(EVE, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": "t0"})),
-        now,
-    );
+    m.receive(cancel_from(EVE, "t0"), now);
     drain(&mut m);
     m.receive(request(EVE, "D65", "t65", now), now);
     let (events, _) = drain(&mut m);
@@ -170,9 +185,7 @@ fn a_user_with_64_verifications_in_progress_opens_no_more() {
 fn a_new_attempt_from_a_device_at_the_bound_still_cancels_its_earlier_one() {
     let mut m = machine();
     let now = T0;
-    for i in 0..BOUND {
-        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
-    }
+    eve_at_the_bound(&mut m, now);
     drain(&mut m);
     m.receive(request(EVE, "D5", "again", now), now);
     let (events, _) = drain(&mut m);
@@ -231,9 +244,7 @@ fn legacy_starts_count_towards_the_bound() {
     let devices: BTreeMap<String, Ed25519PublicKey> =
         (0..=BOUND).map(|i| (format!("D{i}"), Ed25519PublicKey::from_bytes([i as u8 + 1; 32]))).collect();
     m.update_user_keys(EVE, UserKeys { devices, master_key: None, other_cross_signing_keys: vec![] }, now);
-    for i in 0..BOUND {
-        m.receive(request(EVE, &format!("D{i}"), &format!("t{i}"), now), now);
-    }
+    eve_at_the_bound(&mut m, now);
     drain(&mut m);
     let start = json!({
         "from_device": format!("D{BOUND}"),
@@ -249,14 +260,6 @@ fn legacy_starts_count_towards_the_bound() {
     assert!(dropped_for_limit(&events), "{events:?}");
     assert!(outgoing.is_empty(), "{outgoing:?}");
     assert!(m.flow(&key(EVE, "legacy")).is_none());
-}
-
-fn user(i: usize) -> String {
-    format!("@u{i}:example.org")
-}
-
-fn cancel_from(sender: &str, txn: &str) -> IncomingEvent {
-    to_device(sender, "m.key.verification.cancel", json!({"code": "m.user", "reason": "x", "transaction_id": txn}))
 }
 
 /// Many users together fill a machine of `max_flows = 100`: the 101st user's request is dropped
@@ -311,8 +314,7 @@ fn many_users_fill_the_machine_to_its_bound_and_no_further() {
     assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::MachineFull, .. })), "{events:?}");
 
     // A late message for a flow forgotten early is dropped as for an ended flow, not answered.
-    let key_msg = json!({"key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "transaction_id": "t"});
-    m.receive(to_device(&user(7), "m.key.verification.key", key_msg), now + 5);
+    m.receive(late_key(&user(7), "t"), now + 5);
     let (events, outgoing) = drain(&mut m);
     assert!(events.iter().any(|e| matches!(e, Event::Dropped { reason: DropReason::FlowEnded, .. })), "{events:?}");
     assert!(outgoing.is_empty(), "{outgoing:?}");
